@@ -1,0 +1,57 @@
+"""`avlabel`: one command line for the whole loop.
+
+Each subcommand is a module with `make_parser(subparsers=None)` and `main(...)`, in the
+style of TRL's scripts, so `python -m <package>`, `accelerate launch -m <package>` and
+`avlabel <command>` run the same code and read the same YAML configs (`--config`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> module; the module defines make_parser(subparsers=None) and main(*parsed)
+COMMANDS = {
+    "synth": "data_builder.synthetic",
+    "build": "data_builder.build",
+    "tiny-model": "train.tiny_model",
+    "caption": "infer.caption",
+    "train": "train.sft",
+    "metrics": "eval.metrics_cli",
+    "judge": "eval.judge_cli",
+    "compare": "eval.compare",
+    "publish": "hub.publish",
+    "search": "data_builder.catalog",
+    "demo": "hub.demo",
+}
+
+
+def _parse(module, argv):
+    parser = module.make_parser()
+    return parser.parse_args_and_config(args=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from trl import TrlParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    top = TrlParser(dataclass_types=[], prog="avlabel", description=__doc__.splitlines()[0])
+    subparsers = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=TrlParser)
+    modules = {}
+    for name, path in COMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(path)
+        except ModuleNotFoundError as err:
+            if err.name != path:  # a missing dependency, not a command that isn't written yet
+                raise
+            continue
+        modules[name].make_parser(subparsers)
+    if not argv or argv[0] not in modules:
+        top.parse_args(argv or ["--help"])
+        return
+    module = modules[argv[0]]
+    module.main(*_parse(module, argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Frame sampling: the one function that turns a video file into model frames.
+
+The builder, training and inference all call `sample_frames`, so a clip is never seen
+with different frames in training than in inference. The rules are Qwen's (the
+`qwen-vl-utils` reference sampler, which the tests use as an oracle):
+
+* frame count: duration x target fps, clamped to [min_frames, max_frames] and to the
+  number of frames in the file, rounded down to an even number (Qwen's temporal patch
+  merges two frames);
+* frame positions: evenly spaced from the first to the last frame, rounded;
+* frame size: both sides multiples of the patch factor (28 for Qwen2.5-VL, 32 for
+  Qwen3-VL), aspect ratio kept, pixel count within [min_pixels, max_pixels].
+
+Decoding uses PyAV, which bundles FFmpeg and so reads H.264, HEVC, VP9, AV1 and 10-bit
+files the same on every machine. Real-world quirks are handled here: variable frame
+rate (positions are chosen by timestamp), rotation metadata (frames are turned upright),
+odd sizes, audio streams (ignored) and clips shorter than one sampling interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TEMPORAL_PATCH = 2  # Qwen2.5-VL / Qwen3-VL merge two consecutive frames into one token grid
+
+
+class VideoError(RuntimeError):
+    """A clip that can't be decoded; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How frames are taken from a clip. Defaults are the Cosmos recipe's (2 fps, 252x448 for 16:9)."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int = 128 * 28 * 28  # Qwen's video minimum (128 tokens a frame)
+    max_pixels: int = 16 * 9 * 28 * 28  # the recipe's budget: 252x448 for a 16:9 clip
+    factor: int = 28  # patch size x spatial merge: 14x2 for Qwen2.5-VL, 16x2 for Qwen3-VL
+
+    @classmethod
+    def for_model(cls, model_config, **overrides) -> "SamplingConfig":
+        """The sampling that suits a model's vision tower (its patch factor)."""
+        vision = getattr(model_config, "vision_config", None)
+        patch = getattr(vision, "patch_size", 14)
+        merge = getattr(vision, "spatial_merge_size", 2)
+        return cls(**{"factor": patch * merge, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What probing a clip tells: the builder stores these as columns."""
+
+    duration: float
+    fps: float
+    width: int  # as displayed, after rotation
+    height: int
+    codec: str
+    num_frames: int
+    rotation: int
+    has_audio: bool
+
+
+@dataclass
+class SampledClip:
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, T even
+    indices: list[int]  # positions of the frames in the decoded stream
+    timestamps: list[float]  # seconds from the start of the clip
+    info: ClipInfo
+    sample_fps: float = field(default=0.0)
+
+    def processor_metadata(self) -> dict:
+        """`video_metadata` for a Qwen-VL processor called with `do_sample_frames=False`.
+
+        The processor derives the seconds per temporal grid from `fps`; the frames are
+        already sampled, so that is the sampling rate, not the file's.
+        """
+        count = len(self.frames)
+        return {"fps": self.sample_fps, "total_num_frames": count, "frames_indices": list(range(count))}
+
+
+# ----------------------------------------------------------------------------- Qwen's rules
+
+
+def resized_size(height: int, width: int, config: SamplingConfig) -> tuple[int, int]:
+    """Qwen's `smart_resize`: sides multiple of the factor, pixels in budget, aspect kept."""
+    factor = config.factor
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {width}x{height} is too extreme for the vision encoder")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > config.max_pixels:
+        beta = math.sqrt(height * width / config.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < config.min_pixels:
+        beta = math.sqrt(config.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def frame_count(total_frames: int, video_fps: float, config: SamplingConfig) -> int:
+    """Qwen's `smart_nframes`, extended to clips with fewer frames than one temporal patch."""
+    if total_frames < TEMPORAL_PATCH:
+        return TEMPORAL_PATCH  # a single frame is repeated to fill the temporal patch
+    min_frames = math.ceil(config.min_frames / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    max_frames = math.floor(min(config.max_frames, total_frames) / TEMPORAL_PATCH) * TEMPORAL_PATCH
+    wanted = total_frames / video_fps * config.fps
+    count = min(max(wanted, min_frames), max_frames, total_frames)
+    return max(TEMPORAL_PATCH, math.floor(count / TEMPORAL_PATCH) * TEMPORAL_PATCH)
+
+
+def frame_positions(timestamps: list[float], count: int) -> list[int]:
+    """Which decoded frames to keep: evenly spaced in time.
+
+    For a constant frame rate this is exactly Qwen's `linspace(0, n-1, count).round()`.
+    For a variable frame rate, evenly spaced indices would bunch up where frames are
+    dense, so each evenly spaced instant takes the frame nearest to it instead.
+    """
+    total = len(timestamps)
+    if total == 1:
+        return [0] * count
+    steps = np.diff(timestamps)
+    constant_rate = steps.size == 0 or (steps.max() - steps.min()) <= 0.1 * max(float(np.median(steps)), 1e-9)
+    if constant_rate:
+        # torch.linspace(...).round() rounds half to even, as numpy does
+        return [int(i) for i in np.round(np.linspace(0, total - 1, count))]
+    ts = np.asarray(timestamps)
+    wanted = np.linspace(ts[0], ts[-1], count)
+    right = np.clip(np.searchsorted(ts, wanted), 1, total - 1)
+    left = right - 1
+    nearest = np.where(wanted - ts[left] <= ts[right] - wanted, left, right)
+    return [int(i) for i in nearest]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _open(path: Path):
+    import av
+
+    if not path.exists():
+        raise VideoError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as err:
+        raise VideoError(path, f"not a readable video container ({err})") from None
+    if not container.streams.video:
+        container.close()
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise VideoError(path, f"no video stream (streams: {', '.join(kinds)})")
+    return container
+
+
+def _frame_timestamps(container, path: Path) -> list[float]:
+    """Presentation times of every frame, from the packets alone (no decoding)."""
+    import av
+
+    stream = container.streams.video[0]
+    pts = []
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size > 0:
+                pts.append(packet.pts)
+    except av.error.FFmpegError as err:
+        raise VideoError(path, f"corrupt or truncated data ({err})") from None
+    if not pts:
+        raise VideoError(path, "the video stream holds no frames")
+    pts.sort()
+    base = float(stream.time_base)
+    return [(p - pts[0]) * base for p in pts]
+
+
+def probe(path: str | Path) -> ClipInfo:
+    """Read a clip's metadata and check that its frames can be decoded.
+
+    Decodes the first frame (to catch files that demux but don't decode) and walks the
+    packets (to count frames and catch truncation). Raises VideoError naming the file.
+    """
+    path = Path(path)
+    container = _open(path)
+    with container:
+        timestamps = _frame_timestamps(container, path)
+        container.seek(0)
+        stream = container.streams.video[0]
+        first = _first_frame(container, path)
+        return _info(container, stream, first, timestamps)
+
+
+def _first_frame(container, path: Path):
+    import av
+
+    try:
+        for frame in container.decode(video=0):
+            return frame
+    except av.error.FFmpegError as err:
+        raise VideoError(path, f"frames can't be decoded ({err})") from None
+    raise VideoError(path, "no frame could be decoded (truncated or corrupt data)")
+
+
+def _info(container, stream, first_frame, timestamps: list[float]) -> ClipInfo:
+    rotation = int(first_frame.rotation or 0) % 360
+    width, height = first_frame.width, first_frame.height
+    if rotation in (90, 270):
+        width, height = height, width
+    count = len(timestamps)
+    if stream.average_rate:
+        fps = float(stream.average_rate)
+    else:
+        fps = (count - 1) / timestamps[-1] if count > 1 and timestamps[-1] > 0 else 1.0
+    duration = timestamps[-1] + 1.0 / fps if count else 0.0
+    return ClipInfo(
+        duration=round(duration, 3),
+        fps=round(fps, 3),
+        width=width,
+        height=height,
+        codec=stream.codec_context.name,
+        num_frames=count,
+        rotation=rotation,
+        has_audio=bool(container.streams.audio),
+    )
+
+
+def _upright(frame, size: tuple[int, int], rotation: int) -> np.ndarray:
+    """One frame as RGB at the target size, turned upright by its rotation metadata."""
+    height, width = size
+    if rotation in (90, 270):
+        height, width = width, height  # resize in stored orientation, then turn
+    # swscale's bicubic does the resize in the same pass as the colour conversion
+    image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    # display rotation is counter-clockwise in degrees; np.rot90 turns counter-clockwise
+    return np.ascontiguousarray(np.rot90(image, k=rotation // 90)) if rotation else image
+
+
+def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -> SampledClip:
+    """Decode `path` and return the frames the model sees, at the model's size.
+
+    This is the function every stage uses. It raises VideoError, naming the file and
+    the reason, for files with no video stream, no bytes, or data that won't decode.
+    """
+    import av
+
+    path = Path(path)
+    container = _open(path)
+    with container:
+        timestamps = _frame_timestamps(container, path)
+        container.seek(0)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        count = frame_count(len(timestamps), _nominal_fps(stream, timestamps), config)
+        positions = frame_positions(timestamps, count)
+        wanted = set(positions)
+
+        frames: dict[int, np.ndarray] = {}
+        info = None
+        size = None
+        index = -1
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if info is None:
+                    info = _info(container, stream, frame, timestamps)
+                    size = resized_size(info.height, info.width, config)
+                if index in wanted:
+                    frames[index] = _upright(frame, size, info.rotation)
+                    if len(frames) == len(wanted):
+                        break
+        except av.error.FFmpegError as err:
+            raise VideoError(path, f"decoding failed at frame {index + 1} ({err})") from None
+        if len(frames) < len(wanted):
+            raise VideoError(path, f"truncated: decoded {index + 1} of {len(timestamps)} frames")
+
+    sample_fps = count / len(timestamps) * info.fps if len(timestamps) > 1 else config.fps
+    return SampledClip(
+        frames=np.stack([frames[i] for i in positions]),
+        indices=positions,
+        timestamps=[round(timestamps[i], 4) for i in positions],
+        info=info,
+        sample_fps=sample_fps,
+    )
+
+
+def _nominal_fps(stream, timestamps: list[float]) -> float:
+    if stream.average_rate:
+        return float(stream.average_rate)
+    if len(timestamps) > 1 and timestamps[-1] > 0:
+        return (len(timestamps) - 1) / timestamps[-1]
+    return 1.0
