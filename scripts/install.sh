@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the project needs, once: system packages (FFmpeg for torchcodec, Chromium for
+# the catalog's screenshot test) and the Python package with its test extras. Re-running is
+# cheap: it skips everything when pyproject.toml hasn't changed since the last install.
+set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore
+cd "$(dirname "$0")/.."
+
+stamp=.cache/install.stamp
+want=$( (cat pyproject.toml scripts/install.sh; python3 --version) | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python3 -c "import avlabel, torch, trl" 2>/dev/null; then
+    exit 0
+fi
+
+need_apt=()
+command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
+command -v chromium >/dev/null || need_apt+=(chromium)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# torch first and pinned: pip takes these two wheels from the machine's local disk
+python3 -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+mkdir -p .cache && echo "$want" > "$stamp"

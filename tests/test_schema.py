@@ -1,0 +1,117 @@
+"""The label schema and the prompts generated from it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_builder import prompts, schema
+
+REFERENCE = next((Path(__file__).resolve().parents[2] / "shared" / "reference").glob("*.label.json"))
+
+
+def test_reference_label_validates_and_normalizes():
+    label = schema.load_label_file(REFERENCE)
+    assert list(label) == list(schema.FIELD_NAMES)
+    # the reference writes "low\u2011contrast" with a non-breaking hyphen
+    assert label["lighting"] == "Daytime (low-contrast daylight)"
+    assert label["traffic_sign"].endswith("A crossroad ahead sign.")  # trailing newline dropped
+    assert label["additional_traffic_rules"] is None
+    assert label["interactive_expanded_metaaction"] == ["Yield to VRUs", "Vehicle following"]
+    assert label["driving_difficulty"] == 3
+    assert (label["rule_violation"], label["interesting_scenario"]) == ("False", "True")
+
+
+def test_schema_has_the_recipe_fields_and_categories():
+    assert len(schema.FIELDS) == 15
+    by_name = schema.FIELDS_BY_NAME
+    assert len(by_name["weather"].choices) == 8
+    assert len(by_name["lighting"].choices) == 5
+    assert len(by_name["interactive_expanded_metaaction"].choices) == 9
+    assert by_name["driving_difficulty"].choices == ("1", "2", "3", "4")
+    nullable = {f.name for f in schema.FIELDS if f.nullable}
+    assert nullable == {"additional_traffic_rules", "additional_map_rules", "interactive_expanded_metaaction"}
+    assert all(f.question.endswith("?") for f in schema.FIELDS)
+
+
+@pytest.mark.parametrize(
+    "field, raw, expected",
+    [
+        ("weather", "  light RAIN ", "Light rain"),
+        ("lighting", "night (well lit by streetlights)", "Night (well-lit by streetlights)"),
+        ("rule_violation", True, "True"),
+        ("rule_violation", "true", "True"),
+        ("interesting_scenario", "FALSE", "False"),
+        ("driving_difficulty", "3", 3),
+        ("driving_difficulty", 2.0, 2),
+        ("interactive_expanded_metaaction", [], None),
+        ("interactive_expanded_metaaction", "yield to vrus", ["Yield to VRUs"]),
+        ("interactive_expanded_metaaction", ["Vehicle following", "vehicle following"], ["Vehicle following"]),
+        ("additional_map_rules", "   ", None),
+        ("additional_map_rules", "null", None),
+        ("traffic_sign", "A stop sign.\n\n", "A stop sign."),
+        ("safety_analysis", "Ego  vehicle\u00a0stops.", "Ego vehicle stops."),
+    ],
+)
+def test_normalization(field, raw, expected):
+    label = json.loads(REFERENCE.read_text())
+    label[field] = raw
+    assert schema.normalize_label(label)[field] == expected
+
+
+def test_every_problem_is_reported_per_field():
+    label = json.loads(REFERENCE.read_text())
+    label["weather"] = "Sunny"
+    label["driving_difficulty"] = 7
+    label["rule_violation"] = "maybe"
+    label["safety_analysis"] = None
+    del label["lane_type"]
+    label["mood"] = "calm"
+    normalized, problems = schema.check_label(label)
+    assert set(problems) == {"weather", "driving_difficulty", "rule_violation", "safety_analysis", "lane_type", "mood"}
+    assert "unknown category 'Sunny'" in problems["weather"][0]
+    assert "is missing" in problems["lane_type"][0]
+    assert "required" in problems["safety_analysis"][0]
+    assert normalized["road_type"]  # the valid fields are still read
+    with pytest.raises(schema.LabelError, match="clip.json: invalid label"):
+        schema.normalize_label(label, source="clip.json")
+
+
+def test_bad_json_file_is_named(tmp_path):
+    bad = tmp_path / "x.label.json"
+    bad.write_text("{not json")
+    with pytest.raises(schema.LabelError, match=r"x\.label\.json.*not valid JSON"):
+        schema.load_label_file(bad)
+
+
+def test_rows_round_trip_and_json_keeps_schema_order():
+    label = schema.load_label_file(REFERENCE)
+    row = schema.label_to_row(label)
+    assert row["rule_violation"] is False and row["interesting_scenario"] is True
+    assert schema.row_to_label(row) == label
+    assert list(json.loads(schema.label_to_json(label))) == list(schema.FIELD_NAMES)
+    features = schema.dataset_features()
+    assert set(features) == set(schema.FIELD_NAMES)
+    assert features["driving_difficulty"].dtype == "int8"
+
+
+def test_json_schema_accepts_normalized_labels_and_lists_categories():
+    js = schema.json_schema()
+    assert js["required"] == list(schema.FIELD_NAMES)
+    assert js["properties"]["weather"]["enum"] == list(schema.FIELDS_BY_NAME["weather"].choices)
+    assert {"type": "null"} in js["properties"]["additional_map_rules"]["anyOf"]
+
+
+def test_rubric_is_generated_from_the_schema(tmp_path):
+    rubric = prompts.rubric_prompt()
+    for f in schema.FIELDS:
+        assert f'"{f.name}"' in rubric
+        for choice in f.choices if f.kind in ("category", "multi_category") else ():
+            assert f'"{choice}"' in rubric
+    assert rubric.index('"weather"') < rubric.index('"interesting_scenario"')
+    default = prompts.load_prompts()
+    own = tmp_path / "user.txt"
+    own.write_text("Describe the clip as JSON.\n")
+    custom = prompts.load_prompts(user_file=own)
+    assert custom.user == "Describe the clip as JSON." and custom.system == default.system
+    assert custom.sha != default.sha and len(default.sha) == 12
