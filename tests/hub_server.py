@@ -1,0 +1,593 @@
+"""An in-memory server that speaks the part of the Hugging Face Hub protocol our clients use.
+
+No package on the registries runs a writable Hub offline (see STACK_NOTES.md), so the tests
+start this one on 127.0.0.1 and point the real `huggingface_hub`, `datasets`, `transformers`
+and `peft` clients at it through `HF_ENDPOINT`. It keeps git-like history (commits, branches,
+blob ids, LFS objects uploaded through the LFS batch protocol) and rejects what the Hub rejects
+that matters to publishing: a missing repo (404 `RepoNotFound`), a missing revision (404
+`RevisionNotFound`), a missing file (404 `EntryNotFound`), creating a repo or branch that
+exists (409), writes without a token (401), malformed card metadata (400 from validate-yaml),
+a commit naming an LFS object that was never uploaded (422).
+
+Every request is recorded in `HubServer.requests` (and every token sent in `HubServer.tokens`)
+so tests can assert what was, and was not, sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+USER = "tester"
+# The patterns the Hub writes into a new repo's .gitattributes (the ones that matter here).
+GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+    for pattern in (
+        "*.bin", "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.onnx", "*.msgpack", "*.npz",
+        "*.arrow", "*.parquet", "*.mp4", "*.avi", "*.mkv", "*.webm", "*.png", "*.jpg", "*.jpeg",
+        "*.zip", "*.tar", "*.gz", "*.zst", "*tfevents*",
+    )
+)
+LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files above 10 MB in LFS whatever their name
+YAML_BLOCK = re.compile(r"\A\s*---[\n\r]+([\S\s]*?)[\n\r]+---([\n\r]|\Z)")
+
+
+def git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Blob:
+    data: bytes
+    lfs: bool
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def pointer(self) -> bytes:
+        return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
+
+    @property
+    def oid(self) -> str:
+        """The git blob id: of the pointer file for LFS files, as in git."""
+        return git_blob_oid(self.pointer if self.lfs else self.data)
+
+    def entry(self, path: str) -> dict:
+        out = {"type": "file", "path": path, "oid": self.oid, "size": len(self.data)}
+        if self.lfs:
+            out["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(self.pointer)}
+        return out
+
+
+@dataclass
+class Commit:
+    oid: str
+    parent: str | None
+    title: str
+    files: dict[str, Blob]
+    date: str
+
+
+@dataclass
+class Repo:
+    type: str
+    id: str
+    private: bool
+    branches: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, Commit] = field(default_factory=dict)
+    created: str = ""
+
+    def resolve(self, revision: str) -> Commit | None:
+        if revision in self.branches:
+            return self.commits[self.branches[revision]]
+        return self.commits.get(revision)
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra or {}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def card_metadata(readme: bytes | None) -> dict | None:
+    if readme is None:
+        return None
+    match = YAML_BLOCK.search(readme.decode("utf-8", errors="replace"))
+    if not match:
+        return None
+    data = yaml.safe_load(match.group(1))
+    return data if isinstance(data, dict) else None
+
+
+def metadata_errors(content: str) -> list[str]:
+    """What the Hub's validate-yaml refuses and that a card writer can get wrong."""
+    match = YAML_BLOCK.search(content)
+    if not match:
+        return []
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as err:
+        return [f"YAML is not valid: {err}"]
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        return ["metadata must be a YAML mapping"]
+    errors = []
+    for key in ("base_model", "datasets", "tags"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            errors.append(f'"{key}" must be a string or a list of strings')
+    index = data.get("model-index")
+    if index is not None:
+        if not isinstance(index, list):
+            return errors + ['"model-index" must be a list']
+        for i, entry in enumerate(index):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                errors.append(f'"model-index[{i}].name" is required')
+                continue
+            for j, result in enumerate(entry.get("results") or []):
+                where = f"model-index[{i}].results[{j}]"
+                if not isinstance((result.get("task") or {}).get("type"), str):
+                    errors.append(f'"{where}.task.type" is required')
+                dataset = result.get("dataset") or {}
+                if not (isinstance(dataset.get("type"), str) and isinstance(dataset.get("name"), str)):
+                    errors.append(f'"{where}.dataset" needs "type" and "name"')
+                metrics = result.get("metrics")
+                if not isinstance(metrics, list) or not metrics:
+                    errors.append(f'"{where}.metrics" must be a non-empty list')
+                    continue
+                for k, metric in enumerate(metrics):
+                    if not isinstance(metric, dict) or not isinstance(metric.get("type"), str) or "value" not in metric:
+                        errors.append(f'"{where}.metrics[{k}]" needs "type" and "value"')
+    return errors
+
+
+class HubState:
+    """Repos, their commits, and the LFS object store, guarded by one lock."""
+
+    def __init__(self):
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.lfs: dict[str, bytes] = {}
+        self.lock = threading.RLock()
+        self._counter = 0
+
+    def repo(self, repo_type: str, repo_id: str, authorized: bool) -> Repo:
+        repo = self.repos.get((repo_type, repo_id))
+        if repo is None or (repo.private and not authorized):
+            raise HubError(404, f"Repository Not Found: {repo_type}s/{repo_id}", "RepoNotFound")
+        return repo
+
+    def commit(self, repo: Repo, revision: str) -> Commit:
+        commit = repo.resolve(revision)
+        if commit is None:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit
+
+    def new_commit(self, repo: Repo, parent: Commit | None, title: str, files: dict[str, Blob]) -> Commit:
+        self._counter += 1
+        oid = hashlib.sha1(f"{repo.type}/{repo.id}/{self._counter}/{time.time_ns()}".encode()).hexdigest()
+        commit = Commit(oid, parent.oid if parent else None, title, files, _now())
+        repo.commits[oid] = commit
+        return commit
+
+
+def _is_utf8(sample: bytes) -> bool:
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as err:  # a sample may end inside a multi-byte character
+        return err.start >= len(sample) - 3 and err.reason == "unexpected end of data"
+    return True
+
+
+def _lfs_patterns(files: dict[str, Blob]) -> list[str]:
+    attributes = files.get(".gitattributes")
+    if attributes is None:
+        return []
+    return [line.split()[0] for line in attributes.data.decode().splitlines() if "filter=lfs" in line]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: HubServer
+
+    def log_message(self, format, *args):  # the default handler writes every request to stderr
+        pass
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _send(self, status: int, body: bytes | str | dict | list = b"", headers: dict | None = None, head=False):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        elif isinstance(body, str):
+            body = body.encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, str(value))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _dispatch(self, method: str):
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query)
+        body = self._body() if method in ("POST", "PUT", "DELETE") else b""
+        self.server.requests.append((method, url.path))
+        if self.authorized:
+            self.server.tokens.add(self.headers["Authorization"].removeprefix("Bearer "))
+        try:
+            for pattern, verb, handler in ROUTES:
+                match = pattern.fullmatch(url.path)
+                if match and verb == method.replace("HEAD", "GET"):
+                    with self.server.state.lock:
+                        groups = [unquote(g) if g is not None else None for g in match.groups()]
+                        return handler(self, body, *groups, head=(method == "HEAD"))
+            self.server.unhandled.append((method, self.path))
+            raise HubError(404, f"test Hub has no route for {method} {url.path}")
+        except HubError as err:
+            headers = {"X-Error-Message": err.message}
+            if err.code:
+                headers["X-Error-Code"] = err.code
+            self._send(err.status, {"error": err.message, **err.extra}, headers, head=(method == "HEAD"))
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    @property
+    def authorized(self) -> bool:
+        return self.headers.get("Authorization", "").startswith("Bearer ")
+
+    def _require_auth(self):
+        if not self.authorized:
+            raise HubError(401, "Invalid username or password.")
+
+    def _repo(self, kind: str, repo_id: str) -> Repo:
+        return self.server.state.repo(kind.rstrip("s"), repo_id, self.authorized)
+
+    def _url(self, repo: Repo) -> str:
+        prefix = "" if repo.type == "model" else f"{repo.type}s/"
+        return f"{self.server.endpoint}/{prefix}{repo.id}"
+
+    # ----------------------------------------------------------------- routes
+
+    def whoami(self, body, head=False):
+        self._require_auth()
+        self._send(200, {"type": "user", "id": "0", "name": USER, "fullname": "Test User", "orgs": [],
+                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+
+    def agent_harnesses(self, body, head=False):
+        # huggingface_hub asks the Hub which AI-agent harnesses to detect for its user agent; none here
+        self._send(200, {"standardEnvVars": [], "harnesses": {}})
+
+    def create_repo(self, body, head=False):
+        self._require_auth()
+        payload = json.loads(body or b"{}")
+        repo_type = payload.get("type") or "model"
+        repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
+        state = self.server.state
+        if (repo_type, repo_id) in state.repos:
+            url = self._url(state.repos[(repo_type, repo_id)])
+            raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
+        private = payload.get("visibility", "private" if payload.get("private") else "public") != "public"
+        repo = Repo(repo_type, repo_id, private, created=_now())
+        first = state.new_commit(repo, None, "initial commit", {".gitattributes": Blob(GITATTRIBUTES.encode(), False)})
+        repo.branches["main"] = first.oid
+        state.repos[(repo_type, repo_id)] = repo
+        self._send(200, {"url": self._url(repo), "name": repo_id, "id": repo_id})
+
+    def delete_repo(self, body, head=False):
+        self._require_auth()
+        payload = json.loads(body or b"{}")
+        key = (payload.get("type") or "model", f"{payload.get('organization') or USER}/{payload['name']}")
+        if self.server.state.repos.pop(key, None) is None:
+            raise HubError(404, f"Repository Not Found: {key[1]}", "RepoNotFound")
+        self._send(200, {})
+
+    def validate_yaml(self, body, head=False):
+        errors = metadata_errors(json.loads(body).get("content", ""))
+        self._send(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
+
+    def repo_info(self, body, kind, repo_id, revision="main", head=False):
+        repo = self._repo(kind, repo_id)
+        commit = self.server.state.commit(repo, revision)
+        card = card_metadata(commit.files["README.md"].data if "README.md" in commit.files else None)
+        info = {
+            "_id": hashlib.sha1(repo.id.encode()).hexdigest()[:24], "id": repo.id, "author": repo.id.split("/")[0],
+            "sha": commit.oid, "lastModified": commit.date, "createdAt": repo.created, "private": repo.private,
+            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": list((card or {}).get("tags") or []),
+            # siblings name the LFS hash "sha256" where tree entries call it "oid", as on the Hub
+            "siblings": [{"rfilename": p, "size": len(b.data), "blobId": b.oid,
+                          **({"lfs": {"sha256": b.sha256, "size": len(b.data), "pointerSize": len(b.pointer)}} if b.lfs else {})}
+                         for p, b in sorted(commit.files.items())],
+        }
+        if card is not None:
+            info["cardData"] = card
+            if repo.type == "model" and "model-index" in card:
+                info["model-index"] = card["model-index"]
+        if repo.type == "model":
+            info["modelId"] = repo.id
+            info["pipeline_tag"] = (card or {}).get("pipeline_tag")
+            info["library_name"] = (card or {}).get("library_name")
+        self._send(200, info)
+
+    def refs(self, body, kind, repo_id, head=False):
+        repo = self._repo(kind, repo_id)
+        self._send(200, {"branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in repo.branches.items()],
+                         "converts": [], "tags": []})
+
+    def commits(self, body, kind, repo_id, revision, head=False):
+        repo = self._repo(kind, repo_id)
+        commit, out = self.server.state.commit(repo, revision), []
+        while commit is not None:
+            out.append({"id": commit.oid, "title": commit.title, "message": commit.title, "authors": [{"user": USER}], "date": commit.date})
+            commit = repo.commits.get(commit.parent) if commit.parent else None
+        self._send(200, out)
+
+    def create_branch(self, body, kind, repo_id, branch, head=False):
+        self._require_auth()
+        repo = self._repo(kind, repo_id)
+        if branch in repo.branches:
+            raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+        start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
+        repo.branches[branch] = self.server.state.commit(repo, start).oid
+        self._send(200, {})
+
+    def tree(self, body, kind, repo_id, revision, path=None, head=False):
+        path = path or ""
+        repo = self._repo(kind, repo_id)
+        files = self.server.state.commit(repo, revision).files
+        recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        if prefix and not any(p.startswith(prefix) for p in files):
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
+        entries, folders = [], set()
+        for name, blob in sorted(files.items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            if len(parts) == 1 or recursive:
+                entries.append(blob.entry(name))
+            for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+                folders.add(prefix + "/".join(parts[:depth]))
+        entries += [{"type": "directory", "path": f, "oid": git_blob_oid(f.encode()), "size": 0} for f in sorted(folders)]
+        self._send(200, entries)
+
+    def paths_info(self, body, kind, repo_id, revision, head=False):
+        repo = self._repo(kind, repo_id)
+        files = self.server.state.commit(repo, revision).files
+        form = parse_qs(body.decode()) if body and not body.lstrip().startswith(b"{") else json.loads(body or b"{}")
+        out = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in files:
+                out.append(files[path].entry(path))
+            elif any(p.startswith(path + "/") for p in files):
+                out.append({"type": "directory", "path": path, "oid": git_blob_oid(path.encode()), "size": 0})
+        self._send(200, out)
+
+    def preupload(self, body, kind, repo_id, revision, head=False):
+        self._require_auth()
+        repo = self._repo(kind, repo_id)
+        commit = self.server.state.commit(repo, revision)
+        patterns = _lfs_patterns(commit.files)
+        out = []
+        for item in json.loads(body)["files"]:
+            sample = base64.b64decode(item["sample"])
+            binary = b"\0" in sample or not _is_utf8(sample)
+            lfs = item["size"] >= LFS_THRESHOLD or binary or any(fnmatch.fnmatch(item["path"].split("/")[-1], p) for p in patterns)
+            existing = commit.files.get(item["path"])
+            remote_oid = None if existing is None else (existing.sha256 if existing.lfs else existing.oid)
+            out.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": remote_oid})
+        self._send(200, {"files": out, "commitOid": commit.oid})
+
+    def lfs_batch(self, body, kind, repo_id, head=False):
+        self._require_auth()
+        self._repo(kind or "models", repo_id)
+        objects = []
+        for obj in json.loads(body)["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.server.state.lfs:
+                entry["actions"] = {"upload": {"href": f"{self.server.endpoint}/_lfs/{obj['oid']}", "header": {}}}
+            objects.append(entry)
+        self._send(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def lfs_put(self, body, oid, head=False):
+        if hashlib.sha256(body).hexdigest() != oid:
+            raise HubError(400, f"uploaded content does not match sha256 {oid}")
+        self.server.state.lfs[oid] = body
+        self._send(200, b"")
+
+    def commit(self, body, kind, repo_id, revision, head=False):
+        self._require_auth()
+        state = self.server.state
+        repo = self._repo(kind, repo_id)
+        if revision not in repo.branches:
+            if revision in repo.commits:
+                raise HubError(400, f"Cannot commit to a commit id ({revision}): name a branch")
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        parent = repo.commits[repo.branches[revision]]
+        files, title = dict(parent.files), ""
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                title = value["summary"]
+                if value.get("parentCommit") not in (None, parent.oid):
+                    raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            elif key == "file":
+                files[value["path"]] = Blob(base64.b64decode(value["content"]), False)
+            elif key == "lfsFile":
+                data = state.lfs.get(value["oid"])
+                if data is None:
+                    raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                files[value["path"]] = Blob(data, True)
+            elif key == "deletedFile":
+                if files.pop(value["path"], None) is None:
+                    raise HubError(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
+            elif key == "deletedFolder":
+                files = {p: b for p, b in files.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+            else:
+                raise HubError(400, f"unknown commit operation {key!r}")
+        if "README.md" in files and (errors := metadata_errors(files["README.md"].data.decode("utf-8", "replace"))):
+            raise HubError(400, "Invalid metadata in README.md: " + "; ".join(errors))
+        new = state.new_commit(repo, parent, title, files)
+        repo.branches[revision] = new.oid
+        self._send(200, {"commitUrl": f"{self._url(repo)}/commit/{new.oid}", "commitOid": new.oid, "pullRequestUrl": None})
+
+    def resolve(self, body, kind, repo_id, revision, path, head=False):
+        repo = self.server.state.repo({"datasets/": "dataset", "": "model"}[kind or ""], repo_id, self.authorized)
+        commit = self.server.state.commit(repo, revision)
+        blob = commit.files.get(path)
+        if blob is None:
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound")
+        data = blob.data
+        headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{blob.sha256 if blob.lfs else blob.oid}"',
+                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if blob.lfs:
+            headers.update({"X-Linked-Size": len(data), "X-Linked-Etag": f'"{blob.sha256}"'})
+        status = 200
+        byte_range = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if byte_range and data:
+            start_s, end_s = byte_range.groups()
+            if start_s:
+                start, end = int(start_s), min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
+            else:  # a suffix range: the last N bytes
+                start, end = max(len(data) - int(end_s), 0), len(data) - 1
+            if start >= len(data):
+                raise HubError(416, "Requested range not satisfiable")
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start:end + 1], 206
+        self._send(status, data, headers, head=head)
+
+
+_REPO = r"([\w.-]+/[\w.-]+)"
+_KIND = r"(models|datasets)"
+ROUTES = [
+    (re.compile(p), verb, handler)
+    for p, verb, handler in (
+        (r"/api/whoami-v2", "GET", _Handler.whoami),
+        (r"/api/agent-harnesses", "GET", _Handler.agent_harnesses),
+        (r"/api/repos/create", "POST", _Handler.create_repo),
+        (r"/api/repos/delete", "DELETE", _Handler.delete_repo),
+        (r"/api/validate-yaml", "POST", _Handler.validate_yaml),
+        (rf"/api/{_KIND}/{_REPO}/preupload/([^/]+)", "POST", _Handler.preupload),
+        (rf"/api/{_KIND}/{_REPO}/commit/([^/]+)", "POST", _Handler.commit),
+        (rf"/api/{_KIND}/{_REPO}/paths-info/([^/]+)", "POST", _Handler.paths_info),
+        (rf"/api/{_KIND}/{_REPO}/branch/([^/]+)", "POST", _Handler.create_branch),
+        (rf"/api/{_KIND}/{_REPO}/refs", "GET", _Handler.refs),
+        (rf"/api/{_KIND}/{_REPO}/commits/([^/]+)", "GET", _Handler.commits),
+        (rf"/api/{_KIND}/{_REPO}/tree/([^/]+)(?:/(.*))?", "GET", _Handler.tree),
+        (rf"/api/{_KIND}/{_REPO}", "GET", _Handler.repo_info),
+        (rf"/api/{_KIND}/{_REPO}/revision/([^/]+)", "GET", _Handler.repo_info),
+        (rf"/(datasets/)?{_REPO}\.git/info/lfs/objects/batch", "POST", lambda h, b, kind, repo_id, head=False: h.lfs_batch(b, "datasets" if kind else "models", repo_id)),
+        (r"/_lfs/([0-9a-f]{64})", "PUT", _Handler.lfs_put),
+        (rf"/(datasets/)?{_REPO}/resolve/([^/]+)/(.+)", "GET", _Handler.resolve),
+    )
+]
+
+
+class HubServer(ThreadingHTTPServer):
+    """`with HubServer() as hub:` serves on 127.0.0.1 at `hub.endpoint` from a daemon thread."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+        self.state = HubState()
+        self.requests: list[tuple[str, str]] = []
+        self.unhandled: list[tuple[str, str]] = []
+        self.tokens: set[str] = set()  # every token a client sent
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+    def files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> dict[str, bytes]:
+        """The files of a repo at a revision, for tests to inspect exactly what was pushed."""
+        with self.state.lock:
+            repo = self.state.repos[(repo_type, repo_id)]
+            return {p: b.data for p, b in repo.resolve(revision).files.items()}
+
+
+
+def point_clients_at(endpoint: str, monkeypatch, cache_dir) -> None:
+    """Send huggingface_hub, datasets, transformers and peft to `endpoint` for one test.
+
+    The libraries read HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET and the cache folders
+    into module constants at import, which happened long before a fixture runs; setting the
+    environment alone changes nothing in this process. So the constants are patched where the
+    clients read them at call time, and the environment is set too for subprocesses.
+    """
+    import datasets.config
+    import huggingface_hub.hf_api
+    from huggingface_hub import constants
+
+    cache_dir = str(cache_dir)
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "TRANSFORMERS_OFFLINE": "0", "HF_HUB_CACHE": f"{cache_dir}/hub", "HF_DATASETS_CACHE": f"{cache_dir}/datasets",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # else binary uploads go to Xet storage
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    # module-level helpers (`huggingface_hub.file_exists`, used by peft) are methods of an
+    # HfApi made at import, which copied the endpoint then
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL", endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", __import__("pathlib").Path(env["HF_DATASETS_CACHE"]))

@@ -1,0 +1,475 @@
+"""Publishing to the Hub, for real, against the in-memory Hub-protocol server (tests/hub_server.py).
+
+The fixtures are made by the project's own pieces: the tiny model (merged weights), a PEFT
+adapter saved from it, the real resolved training arguments (`train.sft`), the real loss plot,
+and a real `avlabel compare` run with the LLM judge served by tests/openai_server.py. Credentials
+and machine paths are planted where careless code would carry them along; every pushed byte is
+searched for them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from data_builder import schema
+from hub.publish import (
+    PublishArguments,
+    PublishError,
+    main,
+    make_parser,
+    publish_dataset,
+    publish_eval,
+    publish_model,
+)
+
+FAKE_OPENAI_KEY = "sk-planted-" + "Z9q" * 12
+FAKE_HF_TOKEN = "hf_planted" + "Kx7" * 10
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("hub")
+
+
+@pytest.fixture(scope="module")
+def train_output(work, tiny_model_dir, synthetic_dataset_dir):
+    """A training output folder as `avlabel train` leaves it, with a token planted where Trainer puts one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState
+    from trl import ModelConfig, SFTConfig
+
+    from train.plots import plot_loss
+    from train.sft import TrainScriptArguments, _resolved_arguments
+
+    out = work / "train_out"
+    shutil.copytree(tiny_model_dir, out / "merged")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))  # non-zero B: the weights say something
+    lora.save_pretrained(out / "adapter")  # adapter_config.json names the local base model's path
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out / "adapter")
+
+    args = SFTConfig(output_dir=str(out), hub_token=FAKE_HF_TOKEN, bf16=False, report_to=[], learning_rate=1e-4)
+    script = TrainScriptArguments(dataset_name=str(synthetic_dataset_dir))
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4)
+    recipe = _resolved_arguments(script, args, model_args)  # the real resolved arguments: it hides the token...
+    recipe["hub_token"] = FAKE_HF_TOKEN  # ...which dumping the dataclass as it is would not
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    for folder in (out / "checkpoint-4", out / "adapter"):
+        folder.mkdir(exist_ok=True)
+        torch.save(args, folder / "training_args.bin")  # what Trainer saves: pickled arguments, token included
+    history = [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-4} for s in range(1, 5)] + [{"step": 4, "eval_loss": 1.1}]
+    TrainerState(global_step=4, log_history=history, best_model_checkpoint=str(out / "checkpoint-4")).save_to_json(
+        str(out / "trainer_state.json"))
+    plot_loss(history, out / "loss_curve.png", title="lora fine-tuning")
+    (out / "train_results.json").write_text(json.dumps({
+        "method": "lora", "base_model": str(tiny_model_dir), "dataset": str(synthetic_dataset_dir),
+        "train_samples": 9, "epochs": 1.0, "steps": 4, "hardware": "cpu, 1 process(es), 2 cores",
+        "prompt_sha": "0123abcd", "short_prompt": False, "answer_format": "fenced",
+        "hyperparameters": {"learning_rate": 1e-4, "per_device_train_batch_size": 2, "lora_r": 4,
+                            "lora_target_modules": ["q_proj", "v_proj"], "sampling": {"fps": 2.0, "max_frames": 4}},
+        "final_loss": 0.75, "eval_loss": 1.1,
+    }, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_output(work):
+    """A real `avlabel compare` folder: two runs against references, judged, with the trust checks."""
+    from eval_labels import perturbed, random_label, write_labels
+    from openai_server import OpenAIServer
+
+    from eval.compare import compare_runs
+    from eval.judge import JudgeConfig
+    from eval.trust import TrustConfig
+
+    rng = np.random.default_rng(7)
+    references = {f"clip{i:02d}": random_label(rng) for i in range(10)}
+    refs = write_labels(work / "references", references)
+    runs = {"baseline": write_labels(work / "baseline", {k: perturbed(v, rng, 0.7) for k, v in references.items()}),
+            "sft": write_labels(work / "sft", {k: perturbed(v, rng, 0.2) for k, v in references.items()})}
+    out = work / "compare"
+    with OpenAIServer() as judge_server:
+        config = JudgeConfig(judge_model="test-judge", judge_base_url=judge_server.base_url, judge_api_key=FAKE_OPENAI_KEY,
+                             judge_cache=str(work / "judge_cache.sqlite"), judge_per_clip=True, judge_progress=False)
+        compare_runs(runs, refs, out, judge=config, bootstrap_samples=200, trust=TrustConfig(clips=4, repeats=2))
+    results = json.loads((out / "results.json").read_text())
+    results["judge"]["api_key"] = FAKE_OPENAI_KEY  # a careless evaluator that dumps its whole config
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return out
+
+
+def _repo_id(name: str, request) -> str:
+    return f"tester/{name}-{request.node.name[:40].replace('[', '-').replace(']', '')}"
+
+
+# ----------------------------------------------------------------------------- the server itself
+
+
+def test_server_rejects_what_the_hub_rejects(hub, tmp_path):
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi()
+    assert api.whoami()["name"] == "tester"
+    api.create_repo("tester/rejects")
+    with pytest.raises(HfHubHTTPError) as conflict:
+        api.create_repo("tester/rejects")
+    assert conflict.value.response.status_code == 409
+    api.create_repo("tester/rejects", exist_ok=True)  # the 409 that exist_ok swallows
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("tester/no-such-repo")
+    with pytest.raises(RevisionNotFoundError):
+        api.model_info("tester/rejects", revision="no-such-branch")
+    with pytest.raises(EntryNotFoundError):
+        hf_hub_download("tester/rejects", "missing.json", cache_dir=tmp_path)
+    bad_card = b"---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []\n---\n# card\n"
+    with pytest.raises(ValueError, match="task.type"):  # the Hub's validate-yaml refuses a broken model-index
+        api.upload_file(path_or_fileobj=bad_card, path_in_repo="README.md", repo_id="tester/rejects")
+    assert hub.unhandled == []
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_push_merged_model_with_eval_and_load_back(hub, request, train_output, eval_output, tiny_model_dir):
+    import torch
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    repo_id = _repo_id("merged", request)
+    published = publish_model(train_output, repo_id, eval_dir=eval_output, dataset_repo="tester/dashcam-clips")
+    assert published.url and "/commit/" in published.url
+
+    model = AutoModelForImageTextToText.from_pretrained(repo_id)
+    processor = AutoProcessor.from_pretrained(repo_id)
+    original = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    for (name, loaded), (_, source) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(loaded, source), name
+    assert processor.tokenizer.convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
+
+    info = HfApi().model_info(repo_id)
+    files = {s.rfilename for s in info.siblings}
+    assert {"model.safetensors", "config.json", "loss_curve.png", "recipe.yaml", "train_results.json",
+            "eval/results.json", "eval/report.html", "README.md"} <= files
+    assert not any(f.endswith("training_args.bin") for f in files)
+    card = info.card_data
+    assert card.pipeline_tag == "video-text-to-text" and card.datasets == ["tester/dashcam-clips"]
+    assert "test-model" in card.tags and card.license == "apache-2.0"
+    assert card.base_model is None  # trained from a local folder: no Hub id to name
+
+    # model-index: the fine-tuned run's judge score and exact metric of every field, with intervals and the judge
+    results = json.loads((eval_output / "results.json").read_text())
+    for section in ("fields", "deterministic"):
+        entries = {r.metric_name.split(" ")[0]: r for r in card.eval_results
+                   if (r.metric_type == "judge_score") == (section == "fields")}
+        assert set(entries) == set(schema.FIELD_NAMES)
+        for field_name, result in entries.items():
+            expected = results[section][field_name]["sft"]
+            assert result.metric_type == expected["metric"]
+            assert result.metric_value == pytest.approx(expected["value"], abs=1e-4)
+            assert result.metric_args["ci_low"] == pytest.approx(expected["ci_low"], abs=1e-4)
+            assert result.metric_args["ci_high"] == pytest.approx(expected["ci_high"], abs=1e-4)
+            assert result.metric_args.get("judge") == ("test-judge" if section == "fields" else None)
+            assert result.dataset_type == "tester/dashcam-clips" and result.task_type == "video-text-to-text"
+
+    readme = hub.files(repo_id, "model")["README.md"].decode()
+    assert "randomly initialised test model" in readme
+    assert "](loss_curve.png)" in readme and "](eval/judge_scores.png)" in readme and "](eval/report.html)" in readme
+    assert "LoRA" in readme and "learning_rate" in readme and "```yaml" in readme  # method, hyperparameters, recipe
+    assert "Judge trust" in readme and "`test-judge`" in readme
+    assert "## Intended use" in readme and "## Limitations" in readme and "## License" in readme
+
+
+def test_push_adapter_and_load_back(hub, request, train_output, tiny_model_dir):
+    import torch
+    from huggingface_hub import HfApi
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    base_repo = _repo_id("base", request)
+    HfApi().create_repo(base_repo)
+    HfApi().upload_folder(folder_path=str(tiny_model_dir), repo_id=base_repo, commit_message="tiny base")
+    repo_id = _repo_id("adapter", request)
+    publish_model(train_output, repo_id, weights="adapter", base_model=base_repo)
+
+    config = PeftConfig.from_pretrained(repo_id)
+    assert config.base_model_name_or_path == base_repo  # the local path was replaced by the Hub id
+    base = AutoModelForImageTextToText.from_pretrained(config.base_model_name_or_path)
+    model = PeftModel.from_pretrained(base, repo_id)
+    saved = load_file(train_output / "adapter" / "adapter_model.safetensors")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved) > 0
+    for key, value in saved.items():
+        match = [v for k, v in loaded.items() if k.startswith(key.removesuffix(".weight")) and k.endswith(".weight")]
+        assert len(match) == 1 and torch.equal(match[0], value), key
+
+    card = HfApi().model_info(repo_id).card_data
+    assert card.library_name == "peft" and card.base_model == base_repo and card.base_model_relation == "adapter"
+    assert not card.eval_results  # no evaluation published with this one
+
+
+def test_dry_run_writes_the_exact_repo_folder_and_pushes_nothing(hub, request, train_output, eval_output, tmp_path):
+    repo_id = _repo_id("dry", request)
+    before = len(hub.requests)
+    published = publish_model(train_output, repo_id, eval_dir=eval_output, dry_run_dir=tmp_path / "dry")
+    assert hub.requests[before:] == []  # not a single request: nothing created, nothing pushed
+    assert ("model", repo_id) not in hub.state.repos
+    folder = published.folder
+    assert folder == tmp_path / "dry" / "models" / repo_id
+    written = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sorted(written) == published.files
+
+    publish_model(train_output, repo_id, eval_dir=eval_output)  # the same plan, pushed
+    pushed = hub.files(repo_id, "model")
+    pushed.pop(".gitattributes")
+    assert pushed == written
+
+
+def test_dry_run_refuses_a_folder_with_stale_files(train_output, eval_output, tmp_path):
+    publish_model(train_output, "tester/stale", eval_dir=eval_output, dry_run_dir=tmp_path)
+    with pytest.raises(PublishError, match="already holds files"):
+        publish_model(train_output, "tester/stale", dry_run_dir=tmp_path)  # without eval/: those files are stale
+
+
+def test_card_of_a_real_base_model_without_a_judge(eval_output):
+    """A Cosmos Reason fine-tune: its license and base model, no test-model wording; deterministic results only."""
+    from huggingface_hub import ModelCard
+
+    from hub.cards import model_card
+
+    judged = json.loads((eval_output / "results.json").read_text())
+    # what compare writes without a judge: the deterministic metrics are the headline
+    results = {**judged, "fields": judged["deterministic"], "headline": "deterministic", "judge": None, "trust": None}
+    train = {"method": "qlora", "base_model": "nvidia/Cosmos-Reason1-7B", "train_samples": 9273, "short_prompt": True}
+    card = model_card(repo_id="me/cosmos-av", train=train, weights="merged", base_model_id="nvidia/Cosmos-Reason1-7B",
+                      base_model_name="Cosmos-Reason1-7B", dataset_id="me/clips", dataset_name="clips", test_model=False,
+                      results=results, eval_run="sft")
+    data = ModelCard(str(card)).data  # parsed back from the YAML, as the Hub does
+    assert (data.license, data.license_name) == ("other", "nvidia-open-model-license")
+    assert data.base_model == "nvidia/Cosmos-Reason1-7B" and data.base_model_relation == "finetune"
+    assert "test-model" not in data.tags and "qlora" in data.tags
+    assert "randomly initialised" not in card.text and "QLoRA" in card.text
+    assert "--model me/cosmos-av --short_prompt" in card.text  # how to caption with the prompt it was trained on
+    assert "No LLM judge was used" in card.text and "### Deterministic metrics" not in card.text
+    assert {r.metric_type for r in data.eval_results} == {"accuracy", "f1", "balanced_accuracy", "sentence_chrf"}
+    assert len(data.eval_results) == len(schema.FIELD_NAMES)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _rows(dataset) -> dict[str, dict]:
+    return {row["clip_id"]: schema.row_to_label(row) for row in dataset.select_columns(["clip_id", *schema.FIELD_NAMES])}
+
+
+def test_publish_builder_folder_and_load_dataset(hub, request, synthetic_dataset_dir):
+    import datasets
+    from huggingface_hub import HfApi
+
+    repo_id = _repo_id("clips", request)
+    published = publish_dataset(synthetic_dataset_dir, repo_id, private=True)
+    local = datasets.load_dataset(str(synthetic_dataset_dir))
+    remote = datasets.load_dataset(repo_id)
+    assert set(remote) == set(local) == {"train", "test"}
+    assert isinstance(remote["train"].features["video"], datasets.Video)
+    for split in local:
+        assert _rows(remote[split]) == _rows(local[split])
+    frame = remote["test"][0]["video"].get_frame_at(0).data
+    assert frame.ndim == 3 and frame.shape[0] == 3
+
+    streamed = next(iter(datasets.load_dataset(repo_id, split="train", streaming=True)))
+    assert streamed["clip_id"] in _rows(local["train"]) and streamed["video"].get_frame_at(0).data.shape == frame.shape
+
+    info = HfApi().dataset_info(repo_id)
+    assert info.private is True
+    assert {c["config_name"] for c in info.card_data.configs} == {"default"}
+    features = {f["name"]: f for f in info.card_data.dataset_info["features"]}  # the builder's card, read back
+    assert features["video"]["dtype"] == "video" and set(schema.FIELD_NAMES) <= set(features)
+    assert {s.rfilename for s in info.siblings} - {".gitattributes"} == set(published.files)
+    from huggingface_hub.errors import RepositoryNotFoundError
+    with pytest.raises(RepositoryNotFoundError):  # private: invisible without a token
+        HfApi(token=False).dataset_info(repo_id)
+
+
+def test_dataset_push_to_hub_with_video_column(hub, request, synthetic_dataset_dir):
+    import datasets
+
+    repo_id = _repo_id("parquet", request)
+    local = datasets.load_dataset(str(synthetic_dataset_dir))
+    local.push_to_hub(repo_id)
+    remote = datasets.load_dataset(repo_id)
+    assert isinstance(remote["test"].features["video"], datasets.Video)
+    assert _rows(remote["test"]) == _rows(local["test"])
+    streamed = next(iter(datasets.load_dataset(repo_id, split="test", streaming=True)))
+    assert streamed["video"].get_frame_at(0).data.ndim == 3
+
+
+# ----------------------------------------------------------------------------- evaluation runs and errors
+
+
+def test_publish_eval_run_to_its_own_repo(hub, request, eval_output):
+    from huggingface_hub import HfApi
+
+    repo_id = _repo_id("eval", request)
+    publish_eval(eval_output, repo_id, model_repo="tester/some-model")
+    info = HfApi().dataset_info(repo_id)
+    files = {s.rfilename for s in info.siblings}
+    assert {"results.json", "report.html", "judge_scores.png", "README.md"} <= files
+    assert info.card_data.viewer is False
+    readme = hub.files(repo_id, "dataset")["README.md"].decode()
+    assert "tester/some-model" in readme and "](judge_scores.png)" in readme and "| weather |" in readme
+
+
+def test_missing_repo_without_create_is_a_clear_error(hub, request, train_output):
+    repo_id = _repo_id("absent", request)
+    with pytest.raises(PublishError, match=rf"model repo '{repo_id}' .* does not exist"):
+        publish_model(train_output, repo_id, create_repo=False)
+    assert ("model", repo_id) not in hub.state.repos
+
+
+def test_revisions(hub, request, train_output):
+    from huggingface_hub import HfApi
+
+    repo_id = _repo_id("branches", request)
+    HfApi().create_repo(repo_id)
+    with pytest.raises(PublishError, match="has no branch 'experiment': name an existing branch.*--create_branch true"):
+        publish_model(train_output, repo_id, revision="experiment", create_branch=False)
+    publish_model(train_output, repo_id, revision="experiment", commit_message="try a branch")
+    on_branch = {s.rfilename for s in HfApi().model_info(repo_id, revision="experiment").siblings}
+    on_main = {s.rfilename for s in HfApi().model_info(repo_id).siblings}
+    assert "model.safetensors" in on_branch and on_main == {".gitattributes"}
+    assert HfApi().list_repo_commits(repo_id, revision="experiment")[0].title == "try a branch"
+
+
+def test_token_from_the_stored_login_or_a_clear_error(hub, request, monkeypatch, eval_output, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    repo_id = _repo_id("login", request)
+    with pytest.raises(PublishError, match="no Hugging Face token: set HF_TOKEN or run `hf auth login`"):
+        publish_eval(eval_output, repo_id)
+    assert ("dataset", repo_id) not in hub.state.repos
+
+    huggingface_hub.login(token="hf_stored_login_token")  # what `hf auth login` stores
+    publish_eval(eval_output, repo_id)
+    assert ("dataset", repo_id) in hub.state.repos and "hf_stored_login_token" in hub.tokens
+
+
+def test_cli_in_a_fresh_process_reads_the_environment(hub, request, eval_output, tmp_path):
+    """`python -m hub publish` with HF_ENDPOINT set before any import: the way users run it."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    repo_id = _repo_id("cli", request)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "hub", "publish", "--eval_dir", str(eval_output), "--eval_repo", repo_id]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"dataset {repo_id}@main" in done.stdout
+    assert "results.json" in {s.rfilename for s in HfApi().dataset_info(repo_id).siblings}
+
+    failed = subprocess.run(command + ["--no_create_repo", "--eval_repo", repo_id + "-absent"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    assert failed.returncode == 1 and "does not exist" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_cli_arguments_are_checked(tmp_path):
+    parser = make_parser()
+    (args,) = parser.parse_args_and_config(args=["--model_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--model_dir needs --model_repo"):
+        main(args)
+    with pytest.raises(SystemExit, match="nothing to publish"):
+        main(PublishArguments())
+
+
+# ----------------------------------------------------------------------------- secrets and paths
+
+
+def test_no_secret_or_machine_path_in_any_pushed_file(hub, request, monkeypatch, work, train_output, eval_output,
+                                                       synthetic_dataset_dir, tiny_model_dir):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
+    monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+    planted = [p for p in (train_output / "recipe.yaml", train_output / "adapter" / "training_args.bin",
+                           eval_output / "results.json") if FAKE_HF_TOKEN.encode() in p.read_bytes()
+               or FAKE_OPENAI_KEY.encode() in p.read_bytes()]
+    assert len(planted) == 3  # the fixtures really carry the credentials
+    assert str(tiny_model_dir).encode() in (train_output / "adapter" / "adapter_config.json").read_bytes()
+
+    repos = [(_repo_id("s-merged", request), "model"), (_repo_id("s-adapter", request), "model"),
+             (_repo_id("s-data", request), "dataset"), (_repo_id("s-eval", request), "dataset")]
+    publish_model(train_output, repos[0][0], eval_dir=eval_output)
+    publish_model(train_output, repos[1][0], weights="adapter")
+    publish_dataset(synthetic_dataset_dir, repos[2][0])
+    publish_eval(eval_output, repos[3][0], model_repo=repos[0][0])
+
+    needles = [FAKE_OPENAI_KEY, FAKE_HF_TOKEN, str(work), str(tiny_model_dir), str(synthetic_dataset_dir),
+               str(Path.home()) + "/"]
+    for repo_id, repo_type in repos:
+        files = hub.files(repo_id, repo_type)
+        assert len(files) > 3
+        for name, data in files.items():
+            for needle in needles:
+                assert needle.encode() not in data, f"{needle!r} pushed in {repo_type}s/{repo_id}/{name}"
+    assert HfApi().model_info(repos[0][0]).card_data.eval_results  # the scrubbed results still make the card
+
+
+def test_text_files_are_scrubbed_and_binary_files_with_secrets_refused(hub, request, monkeypatch, train_output,
+                                                                       eval_output, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
+    careless = tmp_path / "compare"
+    shutil.copytree(eval_output, careless)
+    (careless / "notes.txt").write_text(f"judge key {FAKE_OPENAI_KEY}, clips in {tmp_path}/clips/a.mp4\n")
+    repo_id = _repo_id("scrubbed", request)
+    publish_model(train_output, repo_id, eval_dir=careless)
+    assert hub.files(repo_id, "model")["eval/notes.txt"] == b"judge key <redacted>, clips in a.mp4\n"
+
+    weights = tmp_path / "train_out"
+    shutil.copytree(train_output, weights)
+    import torch
+    torch.save({"api_key": FAKE_OPENAI_KEY}, weights / "merged" / "extra_state.pt")  # cannot be edited safely
+    blocked = _repo_id("blocked", request)
+    with pytest.raises(PublishError, match=r"extra_state\.pt: contains a credential"):
+        publish_model(weights, blocked)
+    assert ("model", blocked) not in hub.state.repos  # checked before anything is sent
+
+
+def test_vocabulary_tokens_that_look_like_paths_are_left_alone(tiny_model_dir, tmp_path):
+    """Qwen's real vocabulary has "/tmp" and "/root" tokens: scrubbing them would break the tokenizer."""
+    from hub.publish import Scrubber
+
+    tokenizer = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"].update({"/tmp": 90001, "/root/": 90002, str(Path.home()) + "/x": 90003})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (tmp_path / "notes.md").write_text(f"cache in {Path.home()}/.cache/hf/model.bin, tokens like /tmp stay\n")
+    scrub = Scrubber([tmp_path / "train_out"])
+    assert scrub.file(tmp_path / "tokenizer.json") == tmp_path / "tokenizer.json"
+    scrub.check("tokenizer.json", tmp_path / "tokenizer.json", "tokenizer.json")  # does not raise
+    assert scrub.file(tmp_path / "notes.md") == b"cache in model.bin, tokens like /tmp stay\n"
+
