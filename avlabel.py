@@ -17,11 +17,11 @@ COMMANDS = {
     "tiny-model": "train.tiny_model",
     "caption": "infer.caption",
     "train": "train.sft",
-    "metrics": "eval.metrics_cli",
-    "judge": "eval.judge_cli",
+    "metrics": "eval.metrics",
+    "judge": "eval.judge",
     "compare": "eval.compare",
     "publish": "hub.publish",
-    "search": "data_builder.catalog",
+    "search": "catalog.cli",
     "demo": "hub.demo",
 }
 
@@ -31,14 +31,15 @@ def _parse(module, argv):
     return parser.parse_args_and_config(args=argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, commands: dict[str, str] | None = None, prog: str = "avlabel") -> None:
+    """Run a subcommand; a package's `__main__` passes its own subset of `commands` and its `prog`."""
     from trl import TrlParser
 
     argv = sys.argv[1:] if argv is None else argv
-    top = TrlParser(dataclass_types=[], prog="avlabel", description=__doc__.splitlines()[0])
+    top = TrlParser(dataclass_types=[], prog=prog, description=__doc__.splitlines()[0])
     subparsers = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=TrlParser)
     modules = {}
-    for name, path in COMMANDS.items():
+    for name, path in (COMMANDS if commands is None else commands).items():
         try:
             modules[name] = importlib.import_module(path)
         except ModuleNotFoundError as err:

@@ -100,6 +100,11 @@ def resized_size(height: int, width: int, config: SamplingConfig) -> tuple[int, 
     factor = config.factor
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio {width}x{height} is too extreme for the vision encoder")
+    if height % factor == 0 and width % factor == 0 and height * width <= config.max_pixels:
+        # Already model-sized (a clip presampled by the builder, say). Qwen would scale it up
+        # to min_pixels, which adds tokens but no detail, and would make a presampled clip
+        # look different in training than the original does in inference.
+        return height, width
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > config.max_pixels:

@@ -296,3 +296,13 @@ def test_bad_files_fail_naming_the_file_and_the_reason(tmp_path, make, reason):
         assert caught.value.path == str(path)
         assert str(path) in str(caught.value)
         assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize("height, width", [(272, 640), (1080, 1920), (480, 640), (144, 256)])
+def test_resizing_is_idempotent(height, width):
+    """A frame already at the model's size is left alone, so a presampled clip keeps its size."""
+    from data_builder.sampling import resized_size
+
+    config = SamplingConfig()
+    once = resized_size(height, width, config)
+    assert resized_size(*once, config) == once

