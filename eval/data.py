@@ -145,9 +145,9 @@ def load_references(path: str | Path, split: str = "test") -> tuple[dict[str, di
                 problems.append(Problem(str(file), str(err).removeprefix(f"{file}: ")))
         return references, problems
 
-    import datasets
+    from data_builder.loading import load_clip_dataset
 
-    dataset = datasets.load_dataset(str(path), split=split)
+    dataset = load_clip_dataset(path, split=split)
     # only the label columns: touching `video` would decode every clip
     dataset = dataset.select_columns(["clip_id", *schema.FIELD_NAMES])
     for index, row in enumerate(dataset):

@@ -1,0 +1,356 @@
+"""Putting captions and human labels into the catalog, incrementally.
+
+A caption run (`captions.jsonl` from `avlabel caption`) or a builder dataset becomes one
+*source*. Re-indexing a source compares each clip's record with what is stored, by a hash
+(of the JSON line for captions, so unchanged lines are not even parsed; of the stored values
+for human labels): new clips are added, changed ones replaced, clips gone from the input
+removed, and the rest left alone, so indexing the same input twice changes nothing.
+Each source is indexed in one transaction: an interrupted run leaves the previous state.
+Embeddings are a separate, resumable step (`embed_pending`), because on a CPU they are
+the slow part; they are committed batch by batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from data_builder import schema
+from data_builder.schema import FIELDS
+
+from . import embeddings
+from .store import MULTI_FIELDS, TEXT_FIELDS, CatalogError, connect, members_table, to_column
+
+# Column order of an annotations insert (id first, then provenance, then the label fields).
+_COLUMNS = (
+    "id", "source", "kind", "clip_id", "video", "split", "model", "adapter", "prompt_sha",
+    "status", "valid", "errors", "record_sha", "text_sha", *schema.FIELD_NAMES,
+)
+_QUOTED_COLUMNS = ", ".join('"%s"' % column for column in _COLUMNS)
+_INSERT = f"INSERT INTO annotations ({_QUOTED_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+@dataclass
+class IndexReport:
+    """What indexing one source did; `problems` are input lines set aside or corrected, with why."""
+
+    source: str
+    kind: str
+    records: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+    def summary(self) -> str:
+        return (
+            f"{self.source} ({self.kind}): {self.records} records, {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {self.removed} removed, {len(self.problems)} problems, {self.seconds:.1f}s"
+        )
+
+
+@dataclass
+class _Entry:
+    """One clip of a source, ready to store."""
+
+    clip_id: str
+    video: str | None
+    split: str | None
+    model: str | None
+    adapter: str | None
+    prompt_sha: str | None
+    status: str
+    valid: bool
+    errors: dict[str, list[str]]
+    label: dict[str, Any]
+    sha: str | None = None  # the record's hash; by default, of every stored value
+
+    def stored(self) -> tuple[str, tuple]:
+        """(record_sha, the stored values after `id, source, kind`)."""
+        text = embeddings.embedding_text(self.label)
+        fields = tuple(to_column(spec, self.label.get(spec.name)) for spec in FIELDS)
+        head = (self.clip_id, self.video, self.split, self.model, self.adapter, self.prompt_sha,
+                self.status, int(self.valid), json.dumps(self.errors, sort_keys=True, ensure_ascii=False))
+        sha = self.sha or hashlib.sha256(json.dumps([head, fields], ensure_ascii=False).encode()).hexdigest()
+        return sha, (*head, sha, embeddings.text_sha(text), *fields)
+
+
+def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
+    clip_id = record["clip_id"]
+    status = record.get("status") or "ok"
+    if status not in ("ok", "failed"):
+        report.problems.append(f"{where}: unknown status {status!r}; stored as failed")
+        status = "failed"
+    errors = {k: list(v) for k, v in (record.get("errors") or {}).items()}
+    if record.get("error"):
+        errors.setdefault("<caption>", []).append(str(record["error"]))
+    raw_label = record.get("label") or {}
+    if not isinstance(raw_label, dict):
+        report.problems.append(f"{where}: label is not an object; stored without fields")
+        raw_label = {}
+    # infer stores normalised labels; normalising again is a no-op for them and keeps a
+    # hand-edited or older file from putting an unknown value into a typed column
+    label, problems = schema.check_label(raw_label)
+    bad = False
+    for name, msgs in problems.items():
+        if name not in raw_label:
+            continue
+        if name not in schema.FIELDS_BY_NAME:
+            report.problems.append(f"{where}: clip {clip_id}: {name!r} is not a field of the schema; ignored")
+            continue
+        bad = True
+        report.problems.append(f"{where}: clip {clip_id}: {name} {'; '.join(msgs)}; stored as missing")
+        errors.setdefault(name, []).extend(msgs)
+    # a field is answered exactly when `errors` doesn't name it: null ("none apply") stays
+    # distinguishable from no answer, which a NULL column alone can't tell
+    for name in schema.FIELD_NAMES:
+        if name not in label and name not in errors:
+            errors[name] = ["is missing"]
+    return _Entry(clip_id, record.get("video"), None, record.get("model"), record.get("adapter"),
+                  record.get("prompt_sha"), status, bool(record.get("valid")) and status == "ok" and not bad,
+                  errors, label)
+
+
+def _read_captions(path: Path, stored: dict[str, str], report: IndexReport) -> tuple[dict[str, _Entry], set[str]]:
+    """(entries to write, clips whose stored record is still current), the later record of a clip winning.
+
+    A record's hash is the hash of its line, so a line already in the catalog (`stored`: line hash
+    -> clip id) is recognised without parsing it: re-indexing a grown or partly rewritten run file
+    only parses the lines that are new.
+    """
+    latest: dict[str, _Entry | None] = {}  # clip -> entry to write, or None: the stored record stands
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            sha = hashlib.sha256(line.rstrip(b"\r\n")).hexdigest()
+            clip_id = stored.get(sha)
+            if clip_id is None:
+                try:
+                    record = json.loads(line)
+                    clip_id = record["clip_id"]
+                    if not isinstance(clip_id, str) or not clip_id:
+                        raise ValueError(f"clip_id must be a non-empty string, got {clip_id!r}")
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    report.problems.append(f"{where}: not a caption record ({err}); set aside")
+                    continue
+            if clip_id in latest:
+                report.problems.append(f"{where}: clip {clip_id} appears again; the later record is used")
+            latest[clip_id] = None if sha in stored else _caption_entry(record, where, report)
+            if latest[clip_id] is not None:
+                latest[clip_id].sha = sha
+    entries = {clip: entry for clip, entry in latest.items() if entry is not None}
+    return entries, {clip for clip, entry in latest.items() if entry is None}
+
+
+def _read_dataset(dataset: str, splits: Iterable[str] | None, report: IndexReport) -> dict[str, _Entry]:
+    """Human labels of a builder dataset (a folder or Hub id), every split unless told."""
+    from data_builder.loading import load_clip_dataset
+
+    return _dataset_entries(load_clip_dataset(dataset), dataset, splits, report)
+
+
+def _dataset_entries(loaded, dataset: str, splits: Iterable[str] | None, report: IndexReport) -> dict[str, _Entry]:
+    import datasets
+
+    entries: dict[str, _Entry] = {}
+    for split in splits or list(loaded):
+        if split not in loaded:
+            raise CatalogError(f"{dataset}: no split {split!r} (splits: {', '.join(loaded)})")
+        # decode=False gives the file path; decoding every clip just to index it would be slow
+        rows = loaded[split].cast_column("video", datasets.Video(decode=False))
+        rows = rows.select_columns(["video", "clip_id", *schema.FIELD_NAMES])
+        for index, row in enumerate(rows):
+            where = f"{dataset}[{split}][{index}]"
+            try:
+                label = schema.normalize_label(schema.row_to_label(row), where)
+            except (schema.LabelError, KeyError, TypeError, ValueError) as err:
+                report.problems.append(f"{err}; set aside")
+                continue
+            clip_id = row["clip_id"]
+            if clip_id in entries:
+                report.problems.append(f"{where}: clip {clip_id} is also in split {entries[clip_id].split}; set aside")
+                continue
+            entries[clip_id] = _Entry(clip_id, (row["video"] or {}).get("path"), split, None, None, None, "ok", True, {}, label)
+    return entries
+
+
+def _store(con: sqlite3.Connection, name: str, kind: str, path: str, content_sha: str,
+           read, report: IndexReport) -> None:
+    """Make the stored rows of `name` equal what `read(stored)` returns, touching only what differs.
+
+    `read` gets {record_sha: clip_id} of the stored rows and returns (entries, kept): the records
+    to write and the clips whose stored record is current as it is.
+    """
+    with con:  # one transaction: an interrupted run leaves the previous state
+        known = con.execute("SELECT kind, records FROM sources WHERE name = ?", (name,)).fetchone()
+        if known and known[0] != kind:
+            raise CatalogError(f"source name {name!r} is already used by a {known[0]} source; choose another name")
+        rows = con.execute("SELECT id, clip_id, record_sha FROM annotations WHERE source = ?", (name,)).fetchall()
+        stored = {clip: (row_id, sha) for row_id, clip, sha in rows}
+        entries, kept = read({sha: clip for _, clip, sha in rows})
+        report.records = len(entries) + len(kept)
+        report.unchanged = len(kept)
+        next_id = (con.execute("SELECT max(id) FROM annotations").fetchone()[0] or 0) + 1
+        inserts, members, stale = [], {f: [] for f in MULTI_FIELDS}, []
+        for clip_id in kept:
+            stored.pop(clip_id)
+        for clip_id, entry in entries.items():
+            sha, values = entry.stored()
+            old = stored.pop(clip_id, None)
+            if old and old[1] == sha:
+                report.unchanged += 1
+                continue
+            if old:
+                stale.append(old[0])
+                report.updated += 1
+            else:
+                report.added += 1
+            inserts.append((next_id, name, kind, *values))
+            for f in MULTI_FIELDS:
+                members[f].extend((value, next_id) for value in entry.label.get(f) or ())
+            next_id += 1
+        stale.extend(row_id for row_id, _ in stored.values())
+        report.removed = len(stored)
+        if stale:
+            ids = [(row_id,) for row_id in stale]
+            for f in MULTI_FIELDS:
+                con.executemany(f"DELETE FROM {members_table(f)} WHERE annotation_id = ?", ids)
+            con.executemany("DELETE FROM annotations WHERE id = ?", ids)
+        con.executemany(_INSERT, inserts)
+        for f in MULTI_FIELDS:
+            con.executemany(f"INSERT INTO {members_table(f)} VALUES (?, ?)", members[f])
+        if report.changed or not known or known[1] != report.records:
+            provenance = {
+                attr: json.dumps([row[0] for row in con.execute(
+                    f"SELECT DISTINCT {attr} FROM annotations WHERE source = ? AND {attr} IS NOT NULL ORDER BY 1", (name,))])
+                for attr in ("model", "adapter", "prompt_sha")
+            }
+            con.execute(
+                "INSERT OR REPLACE INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, kind, path, content_sha, provenance["model"], provenance["adapter"], provenance["prompt_sha"],
+                 report.records, datetime.now(timezone.utc).isoformat(timespec="seconds")),
+            )
+        elif known:  # same rows, another file (e.g. re-ordered): remember it, so the next run can skip it
+            con.execute("UPDATE sources SET content_sha = ?, path = ? WHERE name = ?", (content_sha, path, name))
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def captions_file(path: str | Path) -> Path:
+    """`captions.jsonl` itself, or the `avlabel caption` output folder holding it."""
+    path = Path(path)
+    file = path / "captions.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
+    return file
+
+
+def index_run(db: str | Path, captions: str | Path, run: str | None = None) -> IndexReport:
+    """Index one caption run; `run` names it (default: the folder holding captions.jsonl)."""
+    started = time.perf_counter()
+    file = captions_file(captions)
+    name = run or file.resolve().parent.name
+    report = IndexReport(name, "model")
+    con = connect(db)
+    try:
+        content_sha = _file_sha(file)
+        row = con.execute("SELECT content_sha, records FROM sources WHERE name = ?", (name,)).fetchone()
+        if row and row[0] == content_sha:  # the very same file: nothing to compare
+            report.records = report.unchanged = row[1]
+        else:
+            _store(con, name, "model", str(file.resolve()), content_sha,
+                   lambda stored: _read_captions(file, stored, report), report)
+    finally:
+        con.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def index_dataset(db: str | Path, dataset: str | Path, name: str | None = None,
+                  splits: Iterable[str] | None = None) -> IndexReport:
+    """Index the human labels of a builder dataset (every split unless `splits` says)."""
+    started = time.perf_counter()
+    name = name or Path(str(dataset)).resolve().name
+    report = IndexReport(name, "human")
+    entries = _read_dataset(str(dataset), splits, report)
+    for entry in entries.values():
+        entry.sha = entry.stored()[0]
+    content_sha = hashlib.sha256(json.dumps([e.sha for e in entries.values()]).encode()).hexdigest()
+    con = connect(db)
+    try:
+        _store(con, name, "human", str(dataset), content_sha, lambda stored: (entries, set()), report)
+    finally:
+        con.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass
+class EmbedReport:
+    texts: int  # texts embedded now
+    seconds: float
+    pending: int  # texts still without a vector (after `limit`)
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"embedded {self.texts} texts in {self.seconds:.1f}s ({self.texts_per_s:.1f} texts/s, "
+                f"{embeddings.MODEL_ID}); {self.pending} pending")
+
+
+def embed_pending(db: str | Path, batch_size: int = 64, limit: int | None = None, progress: bool = False) -> EmbedReport:
+    """Embed every indexed text that has no vector yet; resumable (commits per chunk)."""
+    con = connect(db, create=False)
+    try:
+        text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
+        pending = {}
+        for row in con.execute(
+            f"SELECT a.text_sha, {text_columns} FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
+            "WHERE a.text_sha IS NOT NULL AND e.text_sha IS NULL ORDER BY a.id"
+        ):
+            pending.setdefault(row[0], embeddings.embedding_text(dict(zip(TEXT_FIELDS, row[1:]))))
+        todo = list(pending.items())[:limit]
+        if todo:
+            embeddings.load_model()  # loading (seconds) is not part of the throughput
+        started = time.perf_counter()
+        chunk = batch_size * 8
+        bar = None
+        if progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="embedding", unit="text")
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            vectors = embeddings.encode([text for _, text in part], batch_size=batch_size)
+            with con:
+                con.executemany("INSERT OR IGNORE INTO embeddings VALUES (?, ?)",
+                                [(sha, embeddings.to_blob(v)) for (sha, _), v in zip(part, vectors)])
+            if bar:
+                bar.update(len(part))
+        if bar:
+            bar.close()
+        return EmbedReport(len(todo), time.perf_counter() - started, len(pending) - len(todo))
+    finally:
+        con.close()

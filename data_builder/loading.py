@@ -1,0 +1,35 @@
+"""Loading a builder dataset: the one `load_dataset` call that training, inference, evaluation
+and the catalog share.
+
+datasets (5.2) keys its cache of a local folder by the card and the file names inside it, not
+by the folder's path: two folders built the same way (two demo runs, a copy, a rebuilt folder)
+then share the first one's prepared table, video paths included, and a model would be trained
+or scored on another folder's clips. A local folder therefore gets a cache of its own, keyed
+by its absolute path and the state of its metadata files; Hub ids use the normal cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def _cache_dir(folder: Path) -> str:
+    state = [str(folder.resolve())]
+    for path in sorted([folder / "README.md", *folder.glob("*/metadata.jsonl")]):
+        if path.exists():
+            stat = path.stat()
+            state.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
+    key = hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("AVLABEL_CACHE", Path.home() / ".cache" / "avlabel")) / "datasets"
+    return str(root / key)
+
+
+def load_clip_dataset(source: str | Path, split: str | None = None, *, name: str | None = None, streaming: bool = False):
+    """`datasets.load_dataset` of a builder folder or Hub id (a DatasetDict when `split` is None)."""
+    import datasets
+
+    folder = Path(source)
+    cache_dir = _cache_dir(folder) if folder.is_dir() else None
+    return datasets.load_dataset(str(source), name=name, split=split, streaming=streaming, cache_dir=cache_dir)

@@ -1,0 +1,323 @@
+"""The clip catalog: indexing, filters, full text, meaning, gallery, export and slices.
+
+A caption run is made from the synthetic dataset's own labels with known changes (every
+third clip's lighting flipped between day and night, one caption failed, one missing a
+field), so every expected answer below is computed from those labels in plain Python,
+independently of the SQL that the catalog runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+
+import catalog
+from catalog import QueryError, index_dataset, index_run, search
+from data_builder import schema
+
+DAY, NIGHT = "Daytime (diffused light)", "Night (well-lit by streetlights)"
+FOLLOWING = "Vehicle following"
+
+
+def _human_labels(dataset_dir, cache_dir):
+    import datasets
+
+    # a private cache: datasets would hand back another folder's video paths for an identical card
+    loaded = datasets.load_dataset(str(dataset_dir), cache_dir=str(cache_dir))
+    out = {}
+    for split in loaded:
+        rows = loaded[split].cast_column("video", datasets.Video(decode=False))
+        for row in rows:
+            out[row["clip_id"]] = (schema.row_to_label(row), row["video"]["path"])
+    return out
+
+
+def _caption_record(clip_id, video, label, **changes):
+    record = {"clip_id": clip_id, "video": video, "model": "tiny-test-model", "adapter": "runs/sft/adapter",
+              "prompt_sha": "0123abcd", "generation": {"temperature": 0.1}, "raw": schema.label_to_json(label),
+              "label": label, "valid": True, "errors": {}, "prompt_tokens": 100, "completion_tokens": 50,
+              "seconds": 0.1, "status": "ok", "error": None}
+    return record | changes
+
+
+def _write_run(path, records):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(synthetic_dataset_dir, tmp_path_factory):
+    """A catalog holding the human labels and one caption run made from them with known changes."""
+    root = tmp_path_factory.mktemp("catalog")
+    humans = _human_labels(synthetic_dataset_dir, root / "hf_cache")
+    clips = sorted(humans)
+    # one caption sees a pedestrian the human did not label: both manoeuvres at once, whatever the clips
+    both = next(c for i, c in enumerate(clips) if i > 2 and humans[c][0]["interactive_expanded_metaaction"] == [FOLLOWING])
+    captions, records = {}, []
+    for index, clip_id in enumerate(clips):
+        human, video = humans[clip_id]
+        label = dict(human)
+        if index % 3 == 0:  # a known disagreement with the human label
+            label["lighting"] = DAY if label["lighting"].startswith("Night") else NIGHT
+        if clip_id == both:
+            label["interactive_expanded_metaaction"] = ["Yield to VRUs", FOLLOWING]
+        if index == 1:
+            records.append(_caption_record(clip_id, video, {}, status="failed", valid=False, raw="",
+                                           error=f"{video}: decoding failed"))
+            captions[clip_id] = {}
+            continue
+        if index == 2:
+            del label["weather"]
+            records.append(_caption_record(clip_id, video, label, valid=False, errors={"weather": ["is missing"]}))
+            captions[clip_id] = label
+            continue
+        records.append(_caption_record(clip_id, video, label))
+        captions[clip_id] = label
+    run_dir = _write_run(root / "sft", records)
+    db = root / "catalog.db"
+    first = index_run(db, run_dir)
+    humans_report = index_dataset(db, synthetic_dataset_dir, name="synthetic")
+    embedded = catalog.embed_pending(db)
+    return dict(db=db, root=root, run_dir=run_dir, captions=captions, humans={c: h for c, (h, _) in humans.items()},
+                videos={c: v for c, (_, v) in humans.items()}, first=first, humans_report=humans_report,
+                embedded=embedded, dataset=synthetic_dataset_dir)
+
+
+def _ids(result):
+    return {hit.clip_id for hit in result.hits}
+
+
+def _all(db, **query):
+    return search(db, limit=None, **query)
+
+
+def test_index_reports_and_embeds_everything(world):
+    assert (world["first"].added, world["first"].problems) == (len(world["captions"]), [])
+    assert world["humans_report"].added == len(world["humans"])
+    assert world["embedded"].texts > 0 and world["embedded"].pending == 0
+    con = sqlite3.connect(world["db"])
+    # typed columns from the schema: a category outside the list is refused by the database itself
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        con.execute("UPDATE annotations SET weather = 'Sunny' WHERE id = (SELECT min(id) FROM annotations)")
+    provenance = con.execute("SELECT DISTINCT source, model, adapter, prompt_sha FROM annotations WHERE kind = 'model'").fetchall()
+    assert provenance == [("sft", "tiny-test-model", "runs/sft/adapter", "0123abcd")]
+    con.close()
+
+
+FILTER_CASES = [
+    (["weather=heavy rain"], lambda c, h: c.get("weather") == "Heavy rain"),
+    (["lighting=Night*"], lambda c, h: c.get("lighting", "").startswith("Night")),
+    (["metaaction=Yield to VRUs"], lambda c, h: "Yield to VRUs" in (c.get("interactive_expanded_metaaction") or [])),
+    (["metaaction=Yield to VRUs&Vehicle following"],
+     lambda c, h: {"Yield to VRUs", "Vehicle following"} <= set(c.get("interactive_expanded_metaaction") or [])),
+    (["metaaction!=Vehicle following"],
+     lambda c, h: "interactive_expanded_metaaction" in c and "Vehicle following" not in (c["interactive_expanded_metaaction"] or [])),
+    (["metaaction=null"], lambda c, h: "interactive_expanded_metaaction" in c and c["interactive_expanded_metaaction"] is None),
+    (["driving_difficulty>=3"], lambda c, h: c.get("driving_difficulty", 0) >= 3),
+    (["difficulty=2..3", "interesting=true"], lambda c, h: c.get("driving_difficulty") in (2, 3) and c.get("interesting_scenario") == "True"),
+    (["rule_violation=false", "weather!=Partly cloudy"],
+     lambda c, h: c.get("rule_violation") == "False" and "weather" in c and c["weather"] != "Partly cloudy"),
+    (["human.lighting=Night*", "lighting=Daytime*"], lambda c, h: h["lighting"].startswith("Night") and c.get("lighting", "").startswith("Daytime")),
+    (["valid=false"], lambda c, h: c == {} or "weather" not in c),
+    (["run=sft", "road_type~highway"], lambda c, h: "highway" in c.get("road_type", "").lower()),
+]
+
+
+@pytest.mark.parametrize("where,expected", FILTER_CASES, ids=[" & ".join(w) for w, _ in FILTER_CASES])
+def test_filters_return_the_expected_clips(world, where, expected):
+    result = _all(world["db"], where=where)
+    wanted = {clip for clip, label in world["captions"].items() if expected(label, world["humans"][clip])}
+    assert wanted, f"the synthetic clips should hold a case for {where}"
+    assert _ids(result) == wanted
+    assert result.total == len(wanted)
+
+
+def test_counts_cover_the_whole_matching_set(world):
+    result = search(world["db"], where=["driving_difficulty>=2"], limit=2)
+    matching = [c for c in world["captions"].values() if c.get("driving_difficulty", 0) >= 2]
+    assert len(result.hits) == 2 and result.total == len(matching)
+    weather = {}
+    for label in matching:
+        key = label.get("weather", "(missing)")
+        weather[key] = weather.get(key, 0) + 1
+    assert result.counts["weather"] == weather
+    manoeuvres = {}
+    for label in matching:
+        for value in label.get("interactive_expanded_metaaction") or []:
+            manoeuvres[value] = manoeuvres.get(value, 0) + 1
+    assert result.counts["interactive_expanded_metaaction"] == manoeuvres
+    assert result.counts["run"] == {"sft": len(matching)}
+
+
+def _texts(label):
+    return " ".join(label.get(f.name) or "" for f in schema.FIELDS if f.kind == "text")
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("pedestrian", r"\bpedestrians?\b"),
+    ('"zebra crossing"', r"\bzebra crossing\b"),
+    ("snow OR fog", r"\b(snow|fog)\b"),
+    ("road_type:highway", None),
+])
+def test_full_text_returns_the_expected_clips(world, text, pattern):
+    result = _all(world["db"], text=text)
+    if pattern is None:
+        wanted = {c for c, label in world["captions"].items() if "highway" in label.get("road_type", "").lower()}
+    else:
+        wanted = {c for c, label in world["captions"].items() if re.search(pattern, _texts(label), re.IGNORECASE)}
+    assert wanted and _ids(result) == wanted
+    assert all("\x02" in "".join(hit.highlights.values()) for hit in result.hits)  # matches are marked
+
+
+def test_semantic_search_finds_the_situation_in_other_words(world):
+    def with_word(word):
+        return {c for c, label in world["captions"].items() if word in _texts(label).lower()}
+
+    walkers = with_word("pedestrian")
+    result = search(world["db"], semantic="somebody on foot walks across the street in front of the car", limit=3)
+    assert len(walkers) >= 3 and _ids(result) <= walkers
+    assert all(hit.similarity >= 0.25 for hit in result.hits)
+    snowy = with_word("snow")
+    result = search(world["db"], semantic="winter driving with snowfall", limit=len(snowy))
+    assert snowy and _ids(result) == snowy
+
+
+def test_filters_text_and_meaning_combine_in_one_ranked_query(world):
+    where = ["lighting=Night*"]
+    result = _all(world["db"], where=where, text="car", semantic="a car drives ahead of us in the dark")
+    night_with_car = {c for c, label in world["captions"].items()
+                      if label.get("lighting", "").startswith("Night") and re.search(r"\bcars?\b", _texts(label), re.I)}
+    assert _ids(result) <= night_with_car and result.total >= 1
+    scores = [hit.score for hit in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(hit.bm25 is not None and hit.similarity is not None for hit in result.hits)
+
+
+@pytest.mark.parametrize("where,message", [
+    (["weather=Heavy snow"], r"weather: unknown category 'Heavy snow' \(expected one of: Clear skies, .*Heavy rain"),
+    (["lighting=Dusk*"], r"'Dusk\*' matches none of: Daytime"),
+    (["driving_difficulty>=5"], r"driving_difficulty: must be an integer from 1 to 4"),
+    (["metaaction=Overtake bicycles"], r"unknown category 'Overtake bicycles'"),
+    (["wether=Clear skies"], r"unknown field 'wether'; fields are: weather, lighting"),
+    (["weather>Overcast"], r"operator > does not apply to weather"),
+])
+def test_a_value_the_schema_does_not_know_fails_clearly(world, where, message):
+    with pytest.raises(QueryError, match=message):
+        search(world["db"], where=where)
+
+
+def test_command_line_query_writes_json_and_rejects_unknown_values(world, tmp_path, capsys):
+    import avlabel
+
+    out = tmp_path / "result.json"
+    avlabel.main(["search", "--db", str(world["db"]), "--where", "weather=Heavy rain", "--text", "wet",
+                  "--json_out", str(out)])
+    written = json.loads(out.read_text())
+    api = _all(world["db"], where=["weather=Heavy rain"], text="wet")
+    assert {h["clip_id"] for h in written["hits"]} == _ids(api) and written["total"] == api.total
+    assert "matching" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: weather: unknown category 'Sunny'"):
+        avlabel.main(["search", "--db", str(world["db"]), "--where", "weather=Sunny"])
+
+
+def test_indexing_twice_changes_nothing_and_reindexing_is_incremental(world, tmp_path):
+    db = tmp_path / "copy.db"
+    shutil.copy(world["db"], db)
+    con = sqlite3.connect(db)
+    before = list(con.iterdump())
+    again = index_run(db, world["run_dir"])
+    humans = index_dataset(db, world["dataset"], name="synthetic")
+    assert not again.changed and not humans.changed
+    assert again.unchanged == len(world["captions"]) and humans.unchanged == len(world["humans"])
+    assert list(con.iterdump()) == before
+
+    # one caption rewritten, one gone: only those two rows change
+    lines = (world["run_dir"] / "captions.jsonl").read_text().splitlines()
+    changed = json.loads(lines[3])
+    changed["label"]["safety_analysis"] = "A moose crosses the road and the ego vehicle brakes hard."
+    run = tmp_path / "sft"
+    _write_run(run, [json.loads(line) for line in lines[:3]] + [changed] + [json.loads(line) for line in lines[5:]])
+    report = index_run(db, run, run="sft")
+    assert (report.added, report.updated, report.removed) == (0, 1, 1)
+    assert _ids(_all(db, text="moose")) == {changed["clip_id"]}
+    assert json.loads(lines[4])["clip_id"] not in _ids(_all(db, runs=["sft"]))
+    assert not index_run(db, run, run="sft").changed
+    con.close()
+
+
+def _chromium():
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed here (apt-get install -y chromium)")
+    return binary
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run", "--mute-audio"]
+
+
+def test_gallery_renders_thumbnails_fields_and_disagreements_in_chromium(world, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from catalog.view import write_gallery
+
+    result = search(world["db"], where=["human.lighting=Night*"], text="car", limit=3)
+    assert any("lighting" in hit.disagreements for hit in result.hits)
+    page = write_gallery(result, tmp_path / "gallery.html")
+    html = page.read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained
+    chromium = _chromium()
+    url = page.resolve().as_uri()
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
+    assert dom.count('class="thumb"') >= 4 * len(result.hits)
+    assert dom.count('data-field="safety_analysis"') == len(result.hits)
+    assert dom.count('class="disagree" data-field="lighting"') == sum("lighting" in h.disagreements for h in result.hits)
+    assert "<mark>car</mark>" in dom
+    shot = tmp_path / "gallery.png"
+    subprocess.run([chromium, *CHROMIUM_FLAGS, "--window-size=1200,1000", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=60, check=True)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape == (1000, 1200, 3)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 2000  # photographs, not just text on a plain page
+    # the disagreement rows' background colour (#ffe3de) is on screen
+    assert np.all(image == (255, 227, 222), axis=-1).sum() > 500
+
+
+def test_export_builds_a_dataset_of_the_matching_clips(world, tmp_path):
+    import datasets
+
+    from catalog.use import export_dataset
+
+    result = _all(world["db"], where=["human.lighting=Night*"])
+    exported = export_dataset(result.hits, tmp_path / "night", labels="human", test_size=0)
+    assert exported.clips == len(_ids(result)) and exported.human_labels == exported.clips
+    loaded = datasets.load_dataset(str(tmp_path / "night"), cache_dir=str(tmp_path / "hf_cache"))
+    rows = loaded["train"]
+    assert isinstance(rows.features["video"], datasets.Video)
+    assert set(rows["clip_id"]) == {c for c, h in world["humans"].items() if h["lighting"].startswith("Night")}
+    for row in rows.select_columns(["clip_id", *schema.FIELD_NAMES]):
+        assert schema.row_to_label(row) == world["humans"][row["clip_id"]]
+    assert (tmp_path / "night" / "README.md").is_file()
+
+
+def test_slice_metrics_match_hand_counts(world):
+    from catalog.use import parse_slice, slice_metrics
+
+    slices = dict(parse_slice(s) for s in ["night: human.lighting=Night*", "day: human.lighting=Daytime*"])
+    results = slice_metrics(world["db"], slices, run="sft")
+    for name, prefix in (("night", "Night"), ("day", "Daytime")):
+        clips = [c for c, h in world["humans"].items() if h["lighting"].startswith(prefix)]
+        right = sum(world["captions"][c].get("lighting") == world["humans"][c]["lighting"] for c in clips)
+        assert results[name]["n"] == len(clips)
+        assert results[name]["fields"]["lighting"]["value"] == pytest.approx(right / len(clips))
+        assert results[name]["fields"]["lighting"]["metric"] == "accuracy"
