@@ -122,7 +122,8 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         "runs": names,
         "baseline": names[0],
         "clips": len(clip_ids),
-        "references": str(references),
+        # a Hub id as given; a local folder by its name only, so results.json can be published as is
+        "references": Path(references).name if Path(references).exists() else str(references),
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "headline": "judge" if judge_table else "deterministic",
