@@ -1,0 +1,337 @@
+"""Training (train/): the video collator, the three methods, resume, export, two processes.
+
+Everything runs for real on the randomly initialised tiny model and the synthetic dataset
+(tests/conftest.py), with a few optimizer steps per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
+QWEN2_5_VL_TEMPLATE = "qwen2_5_vl"  # the chat template Cosmos-Reason1-7B ships (no generation markers)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rows(dataset_dir, split="train"):
+    from datasets import Video, load_dataset
+
+    # force_redownload: the cache of a video folder would keep the video paths of an identical earlier build
+    dataset = load_dataset(str(dataset_dir), split=split, download_mode="force_redownload")
+    return dataset.cast_column("video", Video(decode=False))
+
+
+def _collator(model_dir, cache_dir=None, **kwargs):
+    from transformers import AutoConfig, AutoProcessor
+
+    from data_builder.prompts import load_prompts
+    from train.collator import FrameCache, VideoSFTCollator
+
+    sampling = kwargs.pop("sampling", None)
+    if sampling is None:
+        from train.sft import TrainScriptArguments, sampling_config
+
+        # the tiny recipe's sampling: 4 frames of at most 112x112
+        sampling = sampling_config(
+            TrainScriptArguments(max_frames=4, min_pixels=3136, max_pixels=12544), AutoConfig.from_pretrained(model_dir)
+        )
+    processor = kwargs.pop("processor", None) or AutoProcessor.from_pretrained(model_dir)
+    return VideoSFTCollator(
+        processor=processor, prompts=load_prompts(short=kwargs.pop("short", True)), frames=FrameCache(cache_dir, sampling),
+        **kwargs,
+    )
+
+
+def _overrides(model_dir, dataset_dir, output_dir, **extra):
+    """The tiny recipe cut to 6 optimizer steps, evaluated before and after, saved every 3 steps."""
+    return {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(dataset_dir),
+        "output_dir": str(output_dir),
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "max_train_samples": 12,
+        "logging_steps": 1,
+        "eval_strategy": "steps",
+        "eval_steps": 6,
+        "eval_on_start": True,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "save_total_limit": None,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "constant",
+        "report_to": ["none"],
+        **extra,
+    }
+
+
+METHODS = {
+    "full": {},
+    "lora": {"use_peft": True},
+    # bitsandbytes 0.50 quantizes to NF4 on the CPU too: QLoRA itself runs here, no fallback
+    "qlora": {"use_peft": True, "load_in_4bit": True, "use_bnb_nested_quant": True},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, synthetic_dataset_dir, tmp_path_factory):
+    """One training run per method, made on first use and shared by the tests below."""
+    from train.sft import train
+
+    made: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in made:
+            out = tmp_path_factory.mktemp(f"train_{method}")
+            made[method] = train(TINY_RECIPE, _overrides(tiny_model_dir, synthetic_dataset_dir, out, **METHODS[method]))
+        return made[method]
+
+    return run
+
+
+# ----------------------------------------------------------------------------- collator
+
+
+@pytest.mark.parametrize("template", ["model", QWEN2_5_VL_TEMPLATE])
+def test_label_mask_covers_exactly_the_answer(tiny_model_dir, synthetic_dataset_dir, template):
+    from transformers import AutoProcessor
+
+    from data_builder.schema import row_to_label
+    from train.collator import format_answer
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    if template == QWEN2_5_VL_TEMPLATE:
+        # Cosmos Reason's own template has no {% generation %} markers: TRL's training copy must be used
+        import trl
+
+        processor.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
+    collator = _collator(tiny_model_dir, processor=processor, answer_format="fenced", short=False)
+    rows = [_rows(synthetic_dataset_dir)[i] for i in range(2)]
+    batch = collator(rows)
+    tokenizer = processor.tokenizer
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
+
+    for row, ids, labels, attention in zip(rows, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids, labels = ids.tolist(), labels.tolist()
+        # independently of the template machinery: the answer starts after the last
+        # "<|im_start|>assistant\n" and ends with the next <|im_end|>
+        start = max(i for i, token in enumerate(ids) if token == im_start) + 1 + len(header)
+        assert ids[start - len(header) : start] == header
+        end = ids.index(im_end, start)
+        if template == QWEN2_5_VL_TEMPLATE:  # TRL's copy also marks the newline after <|im_end|>
+            end += 1
+            assert tokenizer.decode(ids[end]) == "\n"
+        for position, (token, label) in enumerate(zip(ids, labels)):
+            expected = token if start <= position <= end else -100
+            assert label == expected, f"position {position}: label {label}, expected {expected}"
+        answer = tokenizer.decode(ids[start : ids.index(im_end, start)])
+        assert answer == format_answer(row_to_label(row), "fenced")
+        assert json.loads(answer.removeprefix("```json\n").removesuffix("\n```"))["weather"] == row["weather"]
+        assert labels[int(attention.sum()) :] == [-100] * (len(labels) - int(attention.sum()))  # padding
+    assert batch["mm_token_type_ids"].eq(2).sum() == batch["input_ids"].eq(processor.video_token_id).sum() > 0
+    # the model's clock: a grid of 2 frames spans 2 / (frames sampled per second of the clip)
+    frames = batch["video_grid_thw"][:, 0] * 2
+    expected = [2 / (int(count) / row["duration"]) for count, row in zip(frames, rows)]
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx(expected, rel=1e-3)
+
+
+def test_estimated_length_is_the_collated_length(tiny_model_dir, synthetic_dataset_dir):
+    collator = _collator(tiny_model_dir, answer_format="plain")
+    rows = _rows(synthetic_dataset_dir)
+    for index in range(3):
+        row = rows[index]
+        assert collator.estimated_length(row) == collator.encode(row)["input_ids"].shape[1]
+
+
+def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    from train.sft import with_lengths
+
+    rows = _rows(synthetic_dataset_dir)
+    probe = _collator(tiny_model_dir, answer_format="plain")
+    lengths = sorted(probe.estimated_length(row) for row in rows)
+    limit = lengths[len(lengths) // 2]  # about half the rows are over
+    over = sum(length > limit for length in lengths)
+    assert over > 0
+    report = tmp_path / "skipped.jsonl"
+    collator = _collator(tiny_model_dir, answer_format="plain", max_length=limit, report_path=report)
+
+    kept = with_lengths(rows, collator, report, strict=False, is_main=True)
+    assert len(kept) == len(rows) - over and max(kept["length"]) <= limit
+    reported = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(reported) == over and all("not truncated" in entry["reason"] for entry in reported)
+    with pytest.raises(ValueError, match="strict"):
+        with_lengths(rows, collator, None, strict=True, is_main=True)
+
+    # the collator checks the real length too: an over-long row is left out whole, the others kept whole
+    long_row = next(row for row in rows if probe.estimated_length(row) > limit)
+    short_row = kept[0]
+    batch = collator([long_row, short_row])
+    assert batch["input_ids"].shape == (1, probe.estimated_length(short_row))
+    assert json.loads(report.read_text().splitlines()[-1])["clip_id"] == long_row["clip_id"]
+    with pytest.raises(ValueError, match="none of the 1 samples"):
+        collator([long_row])
+    collator.strict = True
+    with pytest.raises(ValueError, match=long_row["clip_id"]):
+        collator([long_row, short_row])
+
+
+def test_frame_cache_serves_later_epochs_without_decoding(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    from data_builder.sampling import VideoError
+
+    row = dict(_rows(synthetic_dataset_dir)[0])
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(row["video"]["path"], clip)
+    row["video"] = {"path": str(clip), "bytes": None}
+    cached = _collator(tiny_model_dir, cache_dir=tmp_path / "cache", answer_format="plain")
+    first = cached([row])
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    # Wreck the file but keep its size and modification time: only a cache hit can still collate it.
+    stat = clip.stat()
+    clip.write_bytes(b"\0" * stat.st_size)
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = cached([row])
+    for key, value in first.items():
+        assert torch.equal(value, again[key]), key
+    uncached = _collator(tiny_model_dir, answer_format="plain", strict=True)
+    with pytest.raises((VideoError, ValueError)):
+        uncached([row])
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def _logged(output_dir: Path, key: str) -> list[tuple[int, float]]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], entry[key]) for entry in history if key in entry]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_and_the_loss_falls(runs, method):
+    out = runs(method)
+    train_loss = [loss for _, loss in _logged(out, "loss")]
+    eval_loss = _logged(out, "eval_loss")
+    assert len(train_loss) == 6
+    assert sum(train_loss[-2:]) < sum(train_loss[:2]), train_loss
+    assert [step for step, _ in eval_loss] == [0, 6] and eval_loss[1][1] < eval_loss[0][1], eval_loss
+
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["method"] == method and results["train_samples"] == 12
+    assert results["eval_loss"] == pytest.approx(eval_loss[-1][1])
+    assert results["final_loss"] == pytest.approx(train_loss[-1])
+    assert {"learning_rate", "per_device_train_batch_size", "sampling"} <= results["hyperparameters"].keys()
+    quantization = results["hyperparameters"]["quantization"]
+    if method == "qlora":
+        assert quantization["quant_type"] == "nf4" and quantization["double_quant"] and quantization["quantized_layers"] > 0
+    else:
+        assert quantization is None
+    assert (out / "adapter" / "adapter_config.json").exists() == (method != "full")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "merged" / "config.json").exists() and (out / "merged" / "processor_config.json").exists()
+    recipe = (out / "recipe.yaml").read_text()
+    assert f"model_name_or_path: {results['base_model']}" in recipe and "max_steps: 6" in recipe
+
+
+def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.sft import train
+
+    first = runs("full")
+    resumed = train(
+        TINY_RECIPE,
+        _overrides(tiny_model_dir, synthetic_dataset_dir, tmp_path / "resumed",
+                   resume_from_checkpoint=str(first / "checkpoint-3"), eval_on_start=False),
+    )
+    # the resumed log carries steps 1-3 over from the checkpoint and adds 4-6, with the same losses
+    expected, got = _logged(first, "loss"), _logged(resumed, "loss")
+    assert [step for step, _ in got] == [step for step, _ in expected] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
+    # Steps 4-6 after restoring weights, AdamW moments, schedule and data position give the
+    # weights of the uninterrupted run; fresh optimizer state would not.
+    expected = load_file(first / "checkpoint-6" / "model.safetensors")
+    got = load_file(resumed / "checkpoint-6" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    start = load_file(first / "checkpoint-3" / "model.safetensors")
+    assert any(not torch.equal(start[name], got[name]) for name in got)
+
+
+def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from train.collator import build_conversation
+
+    out = runs("lora")
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
+    processor = AutoProcessor.from_pretrained(out / "merged")
+    assert merged.dtype == torch.bfloat16
+
+    # merged = base + scale * B @ A, for a layer the adapter targets
+    config = PeftConfig.from_pretrained(out / "adapter")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    base = AutoModelForImageTextToText.from_pretrained(config.base_model_name_or_path)
+    name = "model.language_model.layers.0.self_attn.q_proj"
+    lora_a = next(v for k, v in adapter.items() if name in k and "lora_A" in k).float()
+    lora_b = next(v for k, v in adapter.items() if name in k and "lora_B" in k).float()
+    expected = base.get_submodule(name).weight + config.lora_alpha / config.r * lora_b @ lora_a
+    torch.testing.assert_close(merged.get_submodule(name).weight.float(), expected, rtol=2e-2, atol=2e-3)
+    assert not torch.allclose(merged.get_submodule(name).weight.float(), base.get_submodule(name).weight, atol=1e-4)
+
+    collator = _collator(out / "merged", answer_format="plain")
+    row = _rows(synthetic_dataset_dir, "test")[0]
+    clip = collator.frames.load(row["video"])
+    inputs = processor.apply_chat_template(
+        [build_conversation(collator.prompts, clip.frames)], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"videos_kwargs": {"do_sample_frames": False, "do_resize": False,
+                                            "video_metadata": [clip.processor_metadata()]}},
+    )
+    generated = merged.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_two_processes_train_through_the_distributed_path(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    out = tmp_path / "ddp"
+    overrides = _overrides(tiny_model_dir, synthetic_dataset_dir, out, max_steps=2, eval_on_start=False, save_steps=2)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+        "--num_processes", "2", "-m", "train", "--config", str(TINY_RECIPE), "--use_cpu", "true",
+    ]
+    for key, value in overrides.items():
+        command += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["hardware"].startswith("cpu, 2 process")
+    assert results["hyperparameters"]["global_batch_size"] == 4  # 2 per process
+    assert [step for step, _ in _logged(out, "loss")] == [1, 2]
+    assert (out / "merged" / "model.safetensors").exists()
+
+
+def test_console_command_exposes_train(capsys):
+    import avlabel
+
+    with pytest.raises(SystemExit) as exit_info:
+        avlabel.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--answer_format" in text and "--use_peft" in text and "--max_length" in text

@@ -1,0 +1,273 @@
+"""The video collator: builder rows in, model-ready batches out.
+
+TRL's own vision collator handles images only, so this is the one place where a clip
+becomes training input:
+
+* the conversation is the one inference uses (system prompt, user turn with the video
+  and the rubric, assistant turn with the label as JSON);
+* frames come from `data_builder.sampling.sample_frames` only, at the model's patch
+  factor, and reach the processor as they are (`do_sample_frames=False`,
+  `do_resize=False`, with the sampling rate as metadata);
+* labels are -100 everywhere except the assistant's answer, found through the chat
+  template's `{% generation %}` markers;
+* a sample longer than `max_length` is never cut (the cut could fall in its answer or
+  its video tokens): it is reported and left out, or stops the run when `strict`;
+* decoded frames are cached on disk, so later epochs and resumed runs read arrays
+  instead of decoding video again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from data_builder.prompts import Prompts
+from data_builder.sampling import TEMPORAL_PATCH, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
+from data_builder.schema import label_to_json, row_to_label
+
+logger = logging.getLogger(__name__)
+
+AnswerFormat = Literal["fenced", "plain"]
+
+
+def format_answer(label: dict[str, Any], answer_format: AnswerFormat = "fenced") -> str:
+    """The assistant's answer: the label as JSON.
+
+    "fenced" is the Cosmos recipe's target (a ```json block, indented by two); "plain" is
+    one line of JSON, about a third fewer tokens.
+    """
+    if answer_format == "fenced":
+        return f"```json\n{label_to_json(label, indent=2)}\n```"
+    if answer_format == "plain":
+        return label_to_json(label)
+    raise ValueError(f"unknown answer_format {answer_format!r} (expected 'fenced' or 'plain')")
+
+
+def build_conversation(prompts: Prompts, video: Any = None, answer: str | None = None) -> list[dict]:
+    """System, user (video, then the rubric) and, when `answer` is given, the assistant turn."""
+    video_part = {"type": "video"} if video is None else {"type": "video", "video": video}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": prompts.system}]},
+        {"role": "user", "content": [video_part, {"type": "text", "text": prompts.user}]},
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def training_chat_template(processor) -> str:
+    """The processor's chat template if it marks the assistant turn, else TRL's training variant.
+
+    Qwen2.5-VL's own template (Cosmos Reason 1's) has no `{% generation %}` markers; TRL
+    ships a copy of it that has them.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = processor.chat_template
+    if has_generation_markers(template):
+        return template
+    return get_training_chat_template(processor)
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@dataclass
+class Clip:
+    """Frames ready for the processor, and the `video_metadata` that goes with them."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    sample_fps: float
+
+    def processor_metadata(self) -> dict:
+        count = len(self.frames)
+        return {"fps": self.sample_fps, "total_num_frames": count, "frames_indices": list(range(count))}
+
+
+class FrameCache:
+    """Sampled frames on disk, keyed by the clip and the sampling settings.
+
+    A key covers the file's path, size and modification time (or its bytes, for clips
+    stored inside the dataset) and every sampling setting, so a changed clip or a
+    changed setting never reads stale frames. Entries are written to a temporary name
+    and renamed, so concurrent dataloader workers and ranks never see half a file.
+    """
+
+    def __init__(self, directory: str | Path | None, sampling: SamplingConfig):
+        self.directory = Path(directory) if directory else None
+        self.sampling = sampling
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, video: dict) -> str:
+        digest = hashlib.sha1(json.dumps(self.sampling.to_dict(), sort_keys=True).encode())
+        if video.get("bytes"):
+            digest.update(video["bytes"])
+        else:
+            path = Path(video["path"]).resolve()
+            stat = path.stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+    def load(self, video: dict) -> Clip:
+        """Frames of a dataset `video` value ({"path", "bytes"}), from the cache or by decoding."""
+        if self.directory is None:
+            return self._decode(video)
+        entry = self.directory / f"{self._key(video)}.npz"
+        if entry.exists():
+            with np.load(entry) as data:
+                return Clip(frames=data["frames"], sample_fps=float(data["sample_fps"]))
+        clip = self._decode(video)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, frames=clip.frames, sample_fps=np.float64(clip.sample_fps))
+        os.replace(tmp, entry)
+        return clip
+
+    def _decode(self, video: dict) -> Clip:
+        if video.get("bytes"):
+            # Clips embedded in the dataset (a Hub dataset's parquet) have no file to open.
+            suffix = Path(video.get("path") or "clip.mp4").suffix or ".mp4"
+            with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
+                handle.write(video["bytes"])
+                handle.flush()
+                sampled = sample_frames(handle.name, self.sampling)
+        else:
+            sampled = sample_frames(video["path"], self.sampling)
+        return Clip(frames=sampled.frames, sample_fps=sampled.sample_fps)
+
+
+def video_tokens_from_probe(row: dict, sampling: SamplingConfig) -> int:
+    """Video tokens a clip will take, from the builder's probe columns (no decoding).
+
+    The same rules as `sample_frames`; exact for a constant frame rate, an estimate for
+    a variable one (the collator checks the real count).
+    """
+    total = max(1, round(float(row["duration"]) * float(row["fps"])))
+    frames = frame_count(total, float(row["fps"]), sampling)
+    height, width = resized_size(int(row["height"]), int(row["width"]), sampling)
+    return frames // TEMPORAL_PATCH * (height // sampling.factor) * (width // sampling.factor)
+
+
+# ----------------------------------------------------------------------------- collator
+
+
+@dataclass
+class VideoSFTCollator:
+    """Collates builder rows (`video`, label columns) into a Qwen-VL training batch.
+
+    Output: `input_ids`, `attention_mask`, `labels` (-100 outside the answer),
+    `mm_token_type_ids` (the model needs it for its 3-D positions), `pixel_values_videos`,
+    `video_grid_thw`, `second_per_grid_ts`. Rows that can't be used (over-long, or a clip
+    that won't decode) are reported to `report_path` and left out; with `strict` they
+    raise instead.
+    """
+
+    processor: Any
+    prompts: Prompts
+    frames: FrameCache
+    max_length: int | None = None
+    answer_format: AnswerFormat = "fenced"
+    strict: bool = False
+    pad_to_multiple_of: int | None = None
+    report_path: str | Path | None = None
+    chat_template: str = field(default="")
+
+    def __post_init__(self):
+        self.chat_template = self.chat_template or training_chat_template(self.processor)
+        tokenizer = self.processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, row: dict) -> dict:
+        """One row as unpadded tensors (batch dimension 1), labels masked to the answer."""
+        clip = self.frames.load(row["video"])
+        answer = format_answer(row_to_label(row), self.answer_format)
+        encoded = self.processor.apply_chat_template(
+            [build_conversation(self.prompts, clip.frames, answer)],
+            chat_template=self.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+            processor_kwargs={
+                "videos_kwargs": {
+                    "do_sample_frames": False,  # frames come from our sampler, as inference gets them
+                    "do_resize": False,
+                    "video_metadata": [clip.processor_metadata()],
+                }
+            },
+        )
+        mask = encoded.pop("assistant_masks")
+        labels = encoded["input_ids"].clone()
+        labels[mask == 0] = -100
+        encoded["labels"] = labels
+        return encoded
+
+    def estimated_length(self, row: dict) -> int:
+        """Tokens of a row without decoding its video: text tokens plus `video_tokens_from_probe`.
+
+        Lets the dataset drop over-long rows (and group by length) before training starts.
+        """
+        answer = format_answer(row_to_label(row), self.answer_format)
+        text = self.processor.apply_chat_template(
+            build_conversation(self.prompts, None, answer), chat_template=self.chat_template, tokenize=False
+        )
+        text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text_tokens - 1 + video_tokens_from_probe(row, self.frames.sampling)  # one placeholder becomes the video
+
+    def _skip(self, row: dict, reason: str) -> None:
+        where = f"clip {row.get('clip_id', '?')} ({(row.get('video') or {}).get('path')})"
+        if self.strict:
+            raise ValueError(f"{where}: {reason} (run without --strict to skip such samples)")
+        logger.warning("skipping %s: %s", where, reason)
+        if self.report_path:
+            with open(self.report_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"clip_id": row.get("clip_id"), "stage": "collate", "reason": reason}) + "\n")
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        encoded = []
+        for row in rows:
+            try:
+                sample = self.encode(row)
+            except VideoError as err:
+                self._skip(row, f"video can't be decoded: {err.reason}")
+                continue
+            length = sample["input_ids"].shape[1]
+            if self.max_length is not None and length > self.max_length:
+                self._skip(row, f"{length} tokens, over max_length {self.max_length}; not truncated")
+                continue
+            encoded.append(sample)
+        if not encoded:
+            raise ValueError(
+                f"none of the {len(rows)} samples of this batch could be used (see the warnings above"
+                + (f" and {self.report_path}" if self.report_path else "")
+                + "); rebuild the dataset or raise max_length"
+            )
+
+        longest = max(sample["input_ids"].shape[1] for sample in encoded)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        padding = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+        batch = {}
+        for key, value in padding.items():
+            if key not in encoded[0]:
+                continue
+            rows_of_key = [
+                torch.nn.functional.pad(sample[key][0], (0, longest - sample[key].shape[1]), value=value)
+                for sample in encoded
+            ]
+            batch[key] = torch.stack(rows_of_key)
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            if key in encoded[0]:
+                batch[key] = torch.cat([torch.as_tensor(sample[key]) for sample in encoded])
+        return batch

@@ -1,0 +1,486 @@
+"""`avlabel train`: supervised fine-tuning of Cosmos Reason on the builder's dataset.
+
+In the style of TRL's `trl/scripts/sft.py`: script arguments, `SFTConfig` and
+`ModelConfig`, read by `TrlParser` from a YAML recipe and the command line. One recipe
+runs on one GPU or many:
+
+    python -m train --config recipes/cosmos_reason1_7b/qlora.yaml
+    accelerate launch --config_file accelerate_config.yaml -m train --config recipes/cosmos_reason1_7b/lora.yaml
+    accelerate launch --config_file recipes/accelerate/fsdp.yaml -m train --config recipes/cosmos_reason1_7b/full.yaml
+
+The method follows from `ModelConfig`: `use_peft` gives LoRA, `use_peft` with
+`load_in_4bit` gives QLoRA, neither gives full fine-tuning. The output folder holds the
+Trainer's checkpoints, `adapter/` (LoRA and QLoRA), `merged/` (a bf16 model plus the
+processor, loadable with `from_pretrained`), `loss_curve.png`, `trainer_state.json`,
+`recipe.yaml` (every resolved argument) and `train_results.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Qwen2.5-VL's language-model projections; LoRA on these alone leaves the vision tower as it was.
+LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class TrainScriptArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "The builder's dataset: a local folder or a Hub dataset id."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split for the evaluation loss during training."})
+    dataset_streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset instead of loading it (Hub datasets larger than the disk)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    answer_format: str = field(
+        default="fenced",
+        metadata={"help": "Assistant target: 'fenced' (```json block, as the Cosmos recipe) or 'plain' (one-line JSON).",
+                  "choices": ["fenced", "plain"]},
+    )
+    system_prompt_file: str | None = field(default=None, metadata={"help": "Replace the system prompt with this file."})
+    user_prompt_file: str | None = field(default=None, metadata={"help": "Replace the rubric prompt with this file."})
+    short_prompt: bool = field(
+        default=False,
+        metadata={"help": "Train with the short user prompt instead of the rubric (saves ~1,300 tokens a sample; "
+                  "inference must then use the short prompt too)."},
+    )
+    fps: float | None = field(default=None, metadata={"help": "Frames per second sampled from each clip (default 2)."})
+    max_frames: int | None = field(default=None, metadata={"help": "Most frames taken from a clip."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Fewest pixels a frame is resized to."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Most pixels a frame is resized to (default 252x448)."})
+    frame_cache: bool = field(
+        default=True, metadata={"help": "Keep decoded frames on disk so later epochs and resumed runs skip decoding."}
+    )
+    frame_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the frame cache lives (default: <output_dir>/frame_cache)."}
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Stop on a sample that is over max_length or won't decode, instead of reporting and skipping it."},
+    )
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Full fine-tuning: keep the vision blocks fixed."})
+    freeze_projector: bool = field(
+        default=False, metadata={"help": "Full fine-tuning: keep the vision-to-language projector (merger) fixed."}
+    )
+    kbit_fp32_upcast: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: run PEFT's prepare_model_for_kbit_training, which keeps every non-quantized weight "
+                  "in fp32 (about 2 GiB more on the 7B model; bf16 compute does not need it)."},
+    )
+    use_liger: bool = field(
+        default=True, metadata={"help": "Use Liger's Triton kernels for the model's layers when liger-kernel is installed."}
+    )
+    export_merged: bool = field(
+        default=True, metadata={"help": "At the end, write merged/: the fine-tuned model in bf16 with the processor."}
+    )
+
+
+def method_of(model_args) -> str:
+    """'full', 'lora' or 'qlora', from TRL's ModelConfig."""
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        if not model_args.use_peft:
+            raise ValueError("quantized weights can't be trained directly: set use_peft: true (QLoRA)")
+        return "qlora"
+    return "lora" if model_args.use_peft else "full"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(model_args, script_args, training_args):
+    """The model, loaded for the method: bf16/fp32, 4-bit for QLoRA, vision parts frozen on request."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForImageTextToText
+    from trl import get_quantization_config
+
+    quantization_config = get_quantization_config(model_args)
+    kwargs: dict[str, Any] = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
+        "trust_remote_code": training_args.trust_remote_code,
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        # 4-bit weights are placed at load time: on this process's GPU, except under FSDP, which shards
+        # them itself (it then needs bnb_4bit_quant_storage equal to the dtype of the other weights).
+        state = PartialState()
+        if torch.cuda.is_available() and state.distributed_type != DistributedType.FSDP:
+            kwargs["device_map"] = {"": state.local_process_index}
+    model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+    visual = model.model.visual
+    if script_args.freeze_vision_tower:
+        for name, param in visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if script_args.freeze_projector:
+        visual.merger.requires_grad_(False)
+    if quantization_config is not None:
+        prepare_kbit(model, script_args, training_args)
+        if not torch.cuda.is_available():
+            # bitsandbytes repacks a 4-bit layer for CPU inference the first time it runs in eval mode and
+            # never unpacks it, so training after an evaluation fails; keep the trainable layout
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def prepare_kbit(model, script_args, training_args) -> None:
+    """k-bit preparation for QLoRA: freeze the base weights, feed gradients through checkpointing.
+
+    PEFT's `prepare_model_for_kbit_training` also copies every non-quantized weight
+    (embeddings, LM head, norms; the 7B model's embeddings and head alone are 1.1B
+    parameters) to fp32, which fp16 training needed and bf16 compute does not; that path
+    stays available as `kbit_fp32_upcast`.
+    """
+    if script_args.kbit_fp32_upcast:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+        return
+    model.requires_grad_(False)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
+def quantization_summary(model) -> dict | None:
+    """How the loaded weights are quantized (None for bf16/fp32), counted from the layers themselves."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    layers = sum(type(module).__name__ in ("Linear4bit", "Linear8bitLt") for module in model.modules())
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {
+        "load_in_4bit": settings.get("load_in_4bit"),
+        "quant_type": settings.get("bnb_4bit_quant_type"),
+        "double_quant": settings.get("bnb_4bit_use_double_quant"),
+        "compute_dtype": str(settings.get("bnb_4bit_compute_dtype")),
+        "quantized_layers": layers,
+    }
+
+
+def keep_frozen_vision_out_of_backward(model) -> bool:
+    """Stop the backward pass at a vision tower none of whose blocks train.
+
+    For adapters with checkpointing, transformers' `enable_input_require_grads` hooks the
+    input embeddings of every sub-model, the vision tower's patch embedding included, so
+    the backward pass runs through all 32 vision blocks (recomputing each) for gradients
+    nothing uses. The projector may still train: its weight gradients need only its input.
+    Returns whether a hook was removed.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = base.model.visual
+    if any(param.requires_grad for name, param in visual.named_parameters() if not name.startswith("merger.")):
+        return False
+    hooks = visual.get_input_embeddings()._forward_hooks
+    hooked = [key for key, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]
+    for key in hooked:
+        del hooks[key]
+    return bool(hooked)
+
+
+def frozen_vision_callback():
+    """A callback applying `keep_frozen_vision_out_of_backward` once the Trainer has set up checkpointing."""
+    from transformers import TrainerCallback
+
+    class FrozenVisionCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if keep_frozen_vision_out_of_backward(model):
+                logger.info("vision tower frozen: the backward pass stops at its output")
+
+    return FrozenVisionCallback()
+
+
+def default_lora_targets(model_args) -> None:
+    """LoRA on the language model's linear layers unless the recipe names targets (e.g. all-linear)."""
+    if model_args.use_peft and not model_args.lora_target_modules:
+        model_args.lora_target_modules = LANGUAGE_LINEAR_LAYERS
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sampling_config(script_args, model_config):
+    from data_builder.sampling import SamplingConfig
+
+    overrides = {
+        name: getattr(script_args, name)
+        for name in ("fps", "max_frames", "min_pixels", "max_pixels")
+        if getattr(script_args, name) is not None
+    }
+    return SamplingConfig.for_model(model_config, **overrides)
+
+
+def load_splits(script_args, training_args):
+    """(train, eval or None) from the builder's dataset, with the `video` column left undecoded."""
+    from datasets import Video
+
+    from data_builder.loading import load_clip_dataset
+
+    dataset = load_clip_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                                streaming=script_args.dataset_streaming)
+    splits = []
+    for split, limit in (
+        (script_args.dataset_train_split, script_args.max_train_samples),
+        (script_args.dataset_test_split if training_args.eval_strategy != "no" else None, script_args.max_eval_samples),
+    ):
+        if split is None:
+            splits.append(None)
+            continue
+        if split not in dataset:
+            raise ValueError(f"{script_args.dataset_name}: no split {split!r} (it has {', '.join(dataset)})")
+        part = dataset[split].cast_column("video", Video(decode=False))  # the collator samples frames itself
+        if limit is not None:
+            part = part.take(limit) if script_args.dataset_streaming else part.select(range(min(limit, len(part))))
+        splits.append(part)
+    return splits[0], splits[1]
+
+
+def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_main: bool):
+    """Add a `length` column (for `train_sampling_strategy: group_by_length`) and set aside rows over `max_length`.
+
+    Lengths come from the probe columns, so nothing is decoded here; each row set aside
+    is logged and written to `report_path`.
+    """
+    from datasets import IterableDataset
+
+    def add_length(row):
+        return {"length": collator.estimated_length(row)}
+
+    def report(row, length):
+        reason = f"{length} tokens, over max_length {collator.max_length}; not truncated"
+        if strict:
+            raise ValueError(f"clip {row['clip_id']}: {reason} (run without --strict to skip such samples)")
+        if is_main:
+            logger.warning("skipping clip %s: %s", row["clip_id"], reason)
+            if report_path:
+                with open(report_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"clip_id": row["clip_id"], "stage": "length", "reason": reason}) + "\n")
+
+    if isinstance(dataset, IterableDataset):
+        dataset = dataset.map(add_length)
+        if collator.max_length is None:
+            return dataset
+
+        def fits(row):
+            ok = row["length"] <= collator.max_length
+            if not ok:
+                report(row, row["length"])
+            return ok
+
+        return dataset.filter(fits)
+
+    # datasets can't hash a function holding a processor; name the result by everything the lengths depend on
+    settings = [dataset._fingerprint, collator.answer_format, collator.prompts.sha, collator.chat_template,
+                json.dumps(collator.frames.sampling.to_dict(), sort_keys=True), str(len(collator.processor.tokenizer))]
+    dataset = dataset.map(add_length, new_fingerprint=hashlib.sha1("|".join(settings).encode()).hexdigest())
+    if collator.max_length is None:
+        return dataset
+    keep = []
+    for index, length in enumerate(dataset["length"]):
+        if length <= collator.max_length:
+            keep.append(index)
+        else:
+            report(dataset[index], length)
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _resolved_arguments(*parsed) -> dict:
+    """Every argument of the run as one flat mapping that `--config` reads back."""
+    resolved: dict[str, Any] = {}
+    for args in parsed:
+        # TrainingArguments.to_dict turns enums and nested configs into plain values and hides tokens
+        values = args.to_dict() if hasattr(args, "to_dict") else dataclasses.asdict(args)
+        for name, value in values.items():
+            if name.startswith("_") or (isinstance(value, str) and value.startswith("<") and value.endswith("_TOKEN>")):
+                continue
+            resolved[name] = value
+    return resolved
+
+
+def _hardware(world_size: int) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{world_size} x {torch.cuda.get_device_name(0)}"
+    return f"cpu, {world_size} process(es), {os.cpu_count()} cores"
+
+
+def _last_logged(log_history: list[dict], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return values[-1] if values else None
+
+
+def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
+    import torch
+    import yaml
+    from trl import get_peft_config
+    from transformers import AutoProcessor
+
+    from data_builder.prompts import load_prompts
+
+    from .collator import FrameCache, VideoSFTCollator
+    from .export import export_model
+    from .plots import plot_loss
+    from .trainer import VideoSFTTrainer
+
+    if not script_args.dataset_name:
+        raise ValueError("dataset_name is required: the builder's dataset folder or a Hub dataset id")
+    method = method_of(model_args)
+    default_lora_targets(model_args)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # What SFTTrainer needs for a custom video collator: raw rows reach the collator, which
+    # tokenizes, masks and enforces max_length itself.
+    training_args.remove_unused_columns = False
+    training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() in ("true", "last"):
+        training_args.resume_from_checkpoint = True  # the newest checkpoint-* in output_dir
+    if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true":
+        # FSDP checkpoints its wrapped layers itself; transformers refuses both at once
+        training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+    if script_args.use_liger and torch.cuda.is_available():
+        import importlib.util
+
+        training_args.use_liger_kernel = importlib.util.find_spec("liger_kernel") is not None
+
+    is_main = training_args.process_index == 0
+    if is_main:
+        resolved = _resolved_arguments(script_args, training_args, model_args)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    model = load_model(model_args, script_args, training_args)
+    quantization = quantization_summary(model)
+    prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
+    report_path = output_dir / "skipped.jsonl"
+    cache_dir = (script_args.frame_cache_dir or output_dir / "frame_cache") if script_args.frame_cache else None
+    collator = VideoSFTCollator(
+        processor=processor,
+        prompts=prompts,
+        frames=FrameCache(cache_dir, sampling_config(script_args, model.config)),
+        max_length=training_args.max_length,
+        answer_format=script_args.answer_format,
+        strict=script_args.strict,
+        pad_to_multiple_of=training_args.pad_to_multiple_of,
+        report_path=report_path,
+    )
+
+    with training_args.main_process_first(desc="dataset lengths"):
+        train_dataset, eval_dataset = load_splits(script_args, training_args)
+        train_dataset = with_lengths(train_dataset, collator, report_path, script_args.strict, is_main)
+        if eval_dataset is not None:
+            eval_dataset = with_lengths(eval_dataset, collator, report_path, script_args.strict, is_main)
+
+    trainer = VideoSFTTrainer(
+        model=model,
+        args=training_args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=get_peft_config(model_args),
+        callbacks=[frozen_vision_callback()],
+    )
+    train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    log_history = trainer.state.log_history
+    eval_loss = None
+    if eval_dataset is not None:
+        logged = [entry for entry in log_history if "eval_loss" in entry]
+        if logged and logged[-1]["step"] == trainer.state.global_step:
+            eval_loss = logged[-1]["eval_loss"]
+        else:
+            eval_loss = trainer.evaluate()["eval_loss"]
+
+    trainer.save_state()  # trainer_state.json: the whole log history
+    export_model(trainer, processor, model_args, output_dir, method, merged=script_args.export_merged)
+    if is_main:
+        plot_loss(trainer.state.log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
+        results = {
+            "method": method,
+            "base_model": model_args.model_name_or_path,
+            "dataset": script_args.dataset_name,
+            "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+            "epochs": training_args.num_train_epochs,
+            "steps": trainer.state.global_step,
+            "hardware": _hardware(training_args.world_size),
+            "prompt_sha": prompts.sha,
+            "short_prompt": script_args.short_prompt,
+            "answer_format": script_args.answer_format,
+            "hyperparameters": {
+                "learning_rate": training_args.learning_rate,
+                "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+                "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+                "global_batch_size": training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps
+                * training_args.world_size,
+                "max_length": training_args.max_length,
+                "bf16": training_args.bf16,
+                "gradient_checkpointing": training_args.gradient_checkpointing,
+                "lora_r": model_args.lora_r if model_args.use_peft else None,
+                "lora_alpha": model_args.lora_alpha if model_args.use_peft else None,
+                "lora_target_modules": model_args.lora_target_modules if model_args.use_peft else None,
+                "quantization": quantization,
+                "sampling": collator.frames.sampling.to_dict(),
+            },
+            "final_loss": _last_logged(log_history, "loss") or train_output.training_loss,
+            "eval_loss": eval_loss,
+        }
+        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def make_parser(subparsers=None):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    dataclass_types = [TrainScriptArguments, SFTConfig, ModelConfig]
+    if subparsers is not None:
+        return subparsers.add_parser(
+            "train", help="Fine-tune Cosmos Reason on a built dataset (LoRA, QLoRA or full)", dataclass_types=dataclass_types
+        )
+    return TrlParser(dataclass_types=dataclass_types)
+
+
+def train(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the recipe at `recipe_path` with `overrides` (argument name -> value); returns the output folder."""
+    import yaml
+
+    config = yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")) or {}
+    for name, value in config.pop("env", {}).items():
+        os.environ[name] = str(value)
+    config.update(overrides or {})
+    return main(*make_parser().parse_dict(config))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
