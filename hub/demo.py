@@ -1,0 +1,191 @@
+"""`avlabel demo`: the whole loop on this machine, with nothing downloaded.
+
+    synthetic clips -> dataset -> tiny model -> baseline captions -> SFT -> captions again
+    -> metrics (+ LLM judge when an endpoint is configured) -> report -> publish --dry_run
+    -> catalog query
+
+Everything runs on a CPU in a few minutes. The model is a *randomly initialised* tiny
+Qwen2.5-VL built locally, so the numbers show that the machinery learns what the pixels
+show, not how good Cosmos Reason is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# The closed questions whose answers the synthetic pixels determine: the demo's yardstick.
+VISUAL_FIELDS = ("weather", "lighting", "traffic_light")
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="demo_output", metadata={"help": "Folder for every artifact of the demo."})
+    num_clips: int = field(default=240, metadata={"help": "Synthetic clips to draw."})
+    test_clips: int = field(default=40, metadata={"help": "Clips held out for captioning and scoring."})
+    seed: int = field(default=0, metadata={"help": "Seed of the clips, the model and training."})
+    recipe: str = field(default=str(RECIPES / "tiny" / "sft.yaml"), metadata={"help": "Training recipe for the tiny model."})
+    max_steps: int | None = field(default=None, metadata={"help": "Cap the training steps (default: the recipe's epochs)."})
+    judge_base_url: str | None = field(
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint for the LLM judge (default OPENAI_BASE_URL; none: metrics only)."},
+    )
+    judge_model: str = field(default="gpt-5", metadata={"help": "Judge model name at that endpoint."})
+
+
+def _step(title: str):
+    print(f"\n\033[1m== {title}\033[0m", flush=True)
+    return time.perf_counter()
+
+
+def visual_accuracy(per_clip_path: Path, runs: list[str]) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy on the visual fields per run, and for always giving the most common answer."""
+    rows = [json.loads(line) for line in per_clip_path.read_text().splitlines()]
+    out: dict[str, dict[str, float]] = {}
+    for name in VISUAL_FIELDS:
+        mine = [r for r in rows if r["field"] == name]
+        references = {r["clip_id"]: r["reference"] for r in mine}
+        majority = Counter(references.values()).most_common(1)[0][0]
+        out[name] = {"majority answer": sum(v == majority for v in references.values()) / len(references)}
+        for run in runs:
+            answers = [r for r in mine if r["run"] == run]
+            out[name][run] = sum(r["answered"] and r["prediction"] == r["reference"] for r in answers) / len(answers)
+    return out
+
+
+def main(args: DemoArguments) -> dict:
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from catalog.index import embed_pending, index_dataset, index_run
+    from catalog.query import search
+    from catalog.view import print_result, write_gallery
+    from data_builder.build import BuildArguments, build, print_summary
+    from data_builder.synthetic import generate
+    from eval.compare import compare_runs
+    from eval.judge import JudgeConfig
+    from hub.publish import publish_dataset, publish_model
+    from infer.caption import CaptionArguments
+    from infer.caption import main as caption
+    from infer.settings import GenerationSettings
+    from train.sft import train
+    from train.tiny_model import build_tiny_model
+
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    artifacts: dict[str, Path] = {}
+
+    t = _step(f"1/8 Drawing {args.num_clips} synthetic dashcam clips")
+    generate(out / "clips", num_clips=args.num_clips, seed=args.seed)
+    artifacts["synthetic clips (recipe layout)"] = out / "clips"
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("2/8 Building the dataset")
+    dataset = out / "dataset"
+    result = build(BuildArguments(input=str(out / "clips"), output_dir=str(dataset), test_size=args.test_clips,
+                                  pretty_name="Synthetic dashcam clips (avlabel demo)", license="apache-2.0"))
+    print_summary(result)
+    artifacts["dataset + card (load_dataset-ready)"] = dataset / "README.md"
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("3/8 Building a randomly initialised tiny Qwen2.5-VL (a test model, not Cosmos Reason)")
+    base = build_tiny_model(out / "tiny-model", seed=args.seed)
+    artifacts["tiny base model"] = base
+
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    settings = GenerationSettings(
+        temperature=0.0, max_new_tokens=400, seed=args.seed,
+        **{k: recipe[k] for k in ("fps", "max_frames", "min_pixels", "max_pixels") if k in recipe},
+    )  # greedy decoding, and exactly the frames the recipe trains on
+
+    def captions(model: Path, name: str) -> Path:
+        folder = out / "captions" / name
+        caption(CaptionArguments(input=str(dataset), split="test", output_dir=str(folder), model=str(model),
+                                 short_prompt=recipe.get("short_prompt", False), batch_size=16, num_workers=0),
+                settings)
+        return folder
+
+    t = _step("4/8 Captioning the held-out clips with the untrained model (baseline)")
+    runs = {"baseline": captions(base, "baseline")}
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("5/8 Fine-tuning with TRL's SFTTrainer on the training split")
+    overrides = {"model_name_or_path": str(base), "dataset_name": str(dataset), "output_dir": str(out / "sft"),
+                 "seed": args.seed}
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    trained = train(args.recipe, overrides)
+    artifacts["fine-tuned model (merged)"] = trained / "merged"
+    artifacts["loss curve"] = trained / "loss_curve.png"
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("6/8 Captioning again with the fine-tuned model")
+    runs["fine-tuned"] = captions(trained / "merged", "fine-tuned")
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("7/8 Scoring both runs against the human (here: synthetic) labels")
+    base_url = args.judge_base_url or os.environ.get("OPENAI_BASE_URL")
+    judge = JudgeConfig(judge_base_url=base_url, judge_model=args.judge_model,
+                        judge_cache=str(out / "judge_cache.sqlite")) if base_url else None
+    if judge is None:
+        print("   no judge endpoint configured: deterministic metrics only. To add the LLM judge, point "
+              "--judge_base_url (or OPENAI_BASE_URL, with OPENAI_API_KEY) at any OpenAI-compatible server.")
+    results = compare_runs({k: str(v) for k, v in runs.items()}, dataset, out / "eval", judge=judge)
+    accuracy = visual_accuracy(out / "eval" / "per_clip.jsonl", list(runs))
+    (out / "eval" / "visual_accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    table = Table(title="Exact-match accuracy on held-out clips")
+    table.add_column("field")
+    for column in ("majority answer", *runs):
+        table.add_column(column, justify="right")
+    for name, row in accuracy.items():
+        table.add_row(name, *(f"{row[c]:.0%}" for c in ("majority answer", *runs)))
+    Console().print(table)
+    artifacts["report (HTML)"] = out / "eval" / "report.html"
+    artifacts["results.json"] = out / "eval" / "results.json"
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    t = _step("8/8 Preparing the Hub upload (dry run: nothing is pushed) and querying the clip catalog")
+    model_repo = publish_model(trained, "your-name/tiny-av-labeler", eval_dir=out / "eval",
+                               dataset_repo="your-name/synthetic-dashcam", dry_run_dir=out / "publish")
+    dataset_repo = publish_dataset(dataset, "your-name/synthetic-dashcam", dry_run_dir=out / "publish")
+    artifacts["model repo as it would be pushed"] = model_repo.folder
+    artifacts["dataset repo as it would be pushed"] = dataset_repo.folder
+
+    db = out / "catalog.sqlite"
+    index_run(db, runs["fine-tuned"] / "captions.jsonl", run="fine-tuned")
+    index_dataset(db, dataset, name="human")
+    embed_pending(db)
+    query = dict(where=["lighting=Night (well-lit by streetlights)"], semantic="a pedestrian crossing in front of the car")
+    print(f"   query: {query}")
+    found = search(db, **query, limit=8)
+    print_result(found)
+    artifacts["catalog gallery"] = write_gallery(found, out / "catalog_gallery.html", title="Night clips with pedestrians")
+    print(f"   {time.perf_counter() - t:.0f} s")
+
+    listing = Table(title=f"Demo finished in {time.perf_counter() - started:.0f} s. Artifacts")
+    listing.add_column("what")
+    listing.add_column("where")
+    for what, where in artifacts.items():
+        listing.add_row(what, os.path.relpath(where))
+    Console().print(listing)
+    return {"results": results, "visual_accuracy": accuracy, "artifacts": artifacts}
+
+
+def make_parser(subparsers=None):
+    from trl import TrlParser
+
+    if subparsers is not None:
+        return subparsers.add_parser("demo", help="Run the whole loop on synthetic clips and a tiny model (CPU, offline)",
+                                     dataclass_types=[DemoArguments])
+    return TrlParser(dataclass_types=[DemoArguments])
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
