@@ -1,0 +1,301 @@
+"""Short real runs of the training command under FSDP: full, LoRA and QLoRA on the 7B architecture.
+
+For each method this runs the shipped recipe (recipes/cosmos_reason1_7b/<method>.yaml) with
+its FSDP launcher config (recipes/accelerate/fsdp.yaml, fsdp_qlora.yaml for QLoRA) through
+`accelerate launch -m train`, exactly as the README tells users to, on every GPU of the
+machine, with a randomly initialised Qwen2.5-VL-7B (Cosmos-Reason1-7B's architecture) and a
+small synthetic dataset:
+
+  1. 3 optimizer steps, a checkpoint at step 3;
+  2. the same command with `--resume_from_checkpoint <out>/checkpoint-3 --max_steps 5`:
+     2 more steps from the saved weights, optimizer, scheduler and data position.
+
+The log of each run, the losses per step (finite?), the checkpoint's files, the GPU memory
+in use (nvidia-smi, sampled every half second) and the wall time go to `--out`.
+
+Two stages, because PyAV (35 MB) and bitsandbytes (43 MB) don't both fit the 64 MiB that
+travels to the GPU machine:
+
+    python bench/fsdp_runs.py prepare .scaling_data         # here: synthetic clips, dataset, frames
+    python bench/fsdp_runs.py run .scaling_data --out $OUT/fsdp_runs.json --logs $OUT   # on the GPUs
+
+`prepare` builds the dataset with data_builder (synthetic clips, `avlabel build`) and
+decodes each clip with the training collator's own sampler; `run` hands those frames to
+the training run's frame cache, so training never needs PyAV. `run --tiny` runs the same
+sequence on the CPU with the tiny test model and the DDP config (FSDP needs GPUs), to check
+the launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.scaling import NCCL_SAFETY, run_process_group
+
+METHODS = {  # method: (recipe, launcher config)
+    "lora": ("recipes/cosmos_reason1_7b/lora.yaml", "recipes/accelerate/fsdp.yaml"),
+    "qlora": ("recipes/cosmos_reason1_7b/qlora.yaml", "recipes/accelerate/fsdp_qlora.yaml"),
+    "full": ("recipes/cosmos_reason1_7b/full.yaml", "recipes/accelerate/fsdp.yaml"),
+}
+# Small frames keep the runs short (4 frames of at most 112x112: 32 video tokens; the rubric
+# prompt and the answer make ~1,500 tokens a sample); the sequence length is not what is tested.
+SAMPLING = {"max_frames": 4, "min_pixels": 3136, "max_pixels": 12544}
+FIRST_STEPS, RESUMED_STEPS = 3, 5
+
+
+def model_config(tiny_dir: Path | None = None):
+    from transformers import AutoConfig, Qwen2_5_VLConfig
+
+    if tiny_dir is not None:
+        return AutoConfig.from_pretrained(tiny_dir)
+    values = json.loads((REPO / "bench" / "configs" / "qwen2_5_vl_7b.json").read_text())
+    return Qwen2_5_VLConfig(**{k: v for k, v in values.items() if not k.startswith("_")})
+
+
+def sampling_for(config):
+    from train.sft import TrainScriptArguments, sampling_config
+
+    return sampling_config(TrainScriptArguments(**SAMPLING), config)
+
+
+# ----------------------------------------------------------------------------- prepare (CPU, with PyAV)
+
+
+def prepare(data: Path, clips: int = 12, test_clips: int = 4) -> None:
+    """Synthetic clips -> builder dataset in data/dataset, their sampled frames in data/frames.npz."""
+    import numpy as np
+    from datasets import Video, load_dataset
+
+    from data_builder.build import BuildArguments, build
+    from data_builder.synthetic import generate
+    from train.collator import FrameCache
+
+    shutil.rmtree(data, ignore_errors=True)
+    raw = data / "raw"
+    generate(raw, num_clips=clips, seed=0, width=224, height=128, seconds=2.0, fps=10, progress=False)
+    result = build(BuildArguments(input=str(raw), output_dir=str(data / "dataset"), test_size=test_clips))
+    if result.problems:
+        raise SystemExit(f"build set clips aside: {result.problems}")
+    shutil.rmtree(raw)
+    dataset = load_dataset(str(data / "dataset"), download_mode="force_redownload")
+    decoder = FrameCache(None, sampling_for(model_config()))  # no directory: decodes, as the collator would
+    arrays = {}
+    for split in dataset:
+        for row in dataset[split].cast_column("video", Video(decode=False)):
+            clip = decoder.load(row["video"])
+            arrays[f"frames/{row['clip_id']}"] = clip.frames
+            arrays[f"fps/{row['clip_id']}"] = np.float64(clip.sample_fps)
+    np.savez_compressed(data / "frames.npz", **arrays)
+    size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    print(f"{data}: {len(arrays) // 2} clips, {size / 1e6:.2f} MB")
+
+
+# ----------------------------------------------------------------------------- run (GPUs)
+
+
+def build_model(model_dir: Path, tiny: bool) -> None:
+    """The 7B architecture with random bf16 weights and the Qwen vocabulary, saved for `from_pretrained`."""
+    if (model_dir / "config.json").exists():
+        return
+    if tiny:
+        from train.tiny_model import build_tiny_model
+
+        build_tiny_model(model_dir, "qwen2_5_vl", "small")
+        return
+    import torch
+
+    from bench.infer_7b import build_7b, processor_7b
+
+    model = build_7b(torch.device("cuda"))
+    model.save_pretrained(model_dir)
+    processor_7b().save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache()
+
+
+def fill_frame_cache(data: Path, cache_dir: Path, config) -> int:
+    """Put the frames decoded by `prepare` into the training run's frame cache, under the run's own keys."""
+    import numpy as np
+    from datasets import Video, load_dataset
+
+    from train.collator import Clip, FrameCache
+
+    cache = FrameCache(cache_dir, sampling_for(config))
+    frames = np.load(data / "frames.npz")
+    dataset = load_dataset(str(data / "dataset"), download_mode="force_redownload")
+    count = 0
+    for split in dataset:
+        for row in dataset[split].cast_column("video", Video(decode=False)):
+            clip_id = row["clip_id"]
+            # stands in for PyAV decoding (not on the GPU machine); the cache writes its entry as usual
+            cache._decode = lambda video, c=clip_id: Clip(frames=frames[f"frames/{c}"], sample_fps=float(frames[f"fps/{c}"]))
+            cache.load(row["video"])
+            count += 1
+    return count
+
+
+class GpuMemory:
+    """Most GPU memory in use per GPU (MiB, nvidia-smi) while a run lasts."""
+
+    def __init__(self):
+        self.peak: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10, check=False).stdout
+                used = [int(line) for line in out.split()]
+                self.peak = [max(a, b) for a, b in zip(self.peak, used)] if self.peak else used
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def losses(output_dir: Path) -> list[list]:
+    state = output_dir / "trainer_state.json"
+    if not state.exists():
+        return []
+    history = json.loads(state.read_text())["log_history"]
+    return [[entry["step"], entry["loss"]] for entry in history if "loss" in entry]
+
+
+def launch(method: str, args, output_dir: Path, log, timeout: float, extra: list[str]) -> dict:
+    recipe, launcher = METHODS[method]
+    if args.tiny:
+        launcher = "accelerate_config.yaml"  # FSDP needs GPUs; the CPU check runs the DDP path
+    overrides = {
+        "model_name_or_path": args.model_dir, "dataset_name": Path(args.data) / "dataset", "output_dir": output_dir,
+        "max_steps": FIRST_STEPS, "save_strategy": "steps", "save_steps": FIRST_STEPS, "eval_strategy": "no",
+        "logging_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+        "dataloader_num_workers": 0, "report_to": "none", "frame_cache_dir": Path(args.work) / "frame_cache",
+        "export_merged": "false", **SAMPLING,
+    }
+    if args.tiny:
+        overrides.update(use_cpu="true", bf16="false", dtype="float32")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launcher,
+               "--num_processes", str(args.num_processes), "-m", "train", "--config", recipe]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    command += extra  # later flags win
+    env = {**os.environ, **NCCL_SAFETY, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    if args.tiny:
+        env["OMP_NUM_THREADS"] = "1"
+    log.write(f"\n$ {' '.join(command)}\n")
+    log.flush()
+    start = time.perf_counter()
+    with GpuMemory() as memory:
+        rc = run_process_group(command, env, max(timeout, 1), stdout=log, stderr=subprocess.STDOUT)
+    return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "gpu_mib_peak": memory.peak}
+
+
+def run_method(method: str, args, deadline: float) -> dict:
+    output_dir = Path(args.work) / method
+    shutil.rmtree(output_dir, ignore_errors=True)
+    outcome: dict = {"recipe": METHODS[method][0], "launcher": METHODS[method][1], "processes": args.num_processes}
+    log_path = Path(args.logs) / f"fsdp_{method}.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        # full fine-tuning keeps fp32 weights and AdamW state: a checkpoint of the 7B model is ~100 GB,
+        # more than the time (and, on 2 GPUs, the disk) of this check; it trains, and exports merged/
+        first_extra = (["--save_strategy", "no", "--export_merged", "true"] if method == "full" and not args.tiny else [])
+        first = launch(method, args, output_dir, log, deadline - time.perf_counter(), first_extra)
+        first["losses"] = losses(output_dir)
+        checkpoint = output_dir / f"checkpoint-{FIRST_STEPS}"
+        first["checkpoint_files"] = sorted(p.name for p in checkpoint.iterdir()) if checkpoint.is_dir() else []
+        outcome["first"] = first
+        if checkpoint.is_dir() and first["rc"] == 0 and time.perf_counter() < deadline:
+            resumed = launch(method, args, output_dir, log, deadline - time.perf_counter(),
+                             ["--max_steps", str(RESUMED_STEPS), "--resume_from_checkpoint", str(checkpoint)])
+            resumed["losses"] = [entry for entry in losses(output_dir) if entry[0] > FIRST_STEPS]
+            outcome["resumed"] = resumed
+    every = first["losses"] + outcome.get("resumed", {}).get("losses", [])
+    outcome["losses_finite"] = bool(every) and all(math.isfinite(loss) for _, loss in every)
+    outcome["resumed_steps"] = [step for step, _ in outcome.get("resumed", {}).get("losses", [])]
+    merged = output_dir / "merged"
+    outcome["merged_files"] = sorted(p.name for p in merged.iterdir()) if merged.is_dir() else []
+    outcome["log"] = log_path.name
+    return outcome
+
+
+def run(args) -> None:
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    for name, value in NCCL_SAFETY.items():
+        os.environ.setdefault(name, value)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.tiny and shutil.disk_usage(work).free < 60e9:  # the model (17 GB) and a merged export (17 GB)
+        args.work = "/tmp/fsdp_runs"
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
+    if args.model_dir is None:
+        args.model_dir = str(work / "model")
+    if args.num_processes is None:
+        import torch
+
+        args.num_processes = 2 if args.tiny else torch.cuda.device_count()
+    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": args.num_processes, "methods": {}}
+    build_model(Path(args.model_dir), args.tiny)
+    report["model_build_s"] = round(time.perf_counter() - start, 1)
+    report["frames_cached"] = fill_frame_cache(Path(args.data), work / "frame_cache",
+                                               model_config(Path(args.model_dir) if args.tiny else None))
+    for method in args.methods.split(","):
+        if time.perf_counter() > deadline - args.min_run_s:
+            report["methods"][method] = {"skipped": f"less than {args.min_run_s} s of the budget left"}
+            continue
+        report["methods"][method] = run_method(method, args, deadline)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(method, json.dumps(report["methods"][method]), flush=True)
+        shutil.rmtree(work / method / "merged", ignore_errors=True)  # 16 GB each in /dev/shm
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    prep = sub.add_parser("prepare", help="build the synthetic dataset and its frames (needs PyAV)")
+    prep.add_argument("data")
+    go = sub.add_parser("run", help="train each method under FSDP, then resume it")
+    go.add_argument("data")
+    go.add_argument("--out", required=True, help="summary JSON")
+    go.add_argument("--logs", required=True, help="folder for fsdp_<method>.log")
+    go.add_argument("--work", default="/dev/shm/fsdp_runs", help="model, frame cache and outputs")
+    go.add_argument("--model_dir", default=None, help="where the random 7B model is saved (default <work>/model)")
+    go.add_argument("--methods", default="lora,qlora,full")
+    go.add_argument("--num_processes", type=int, default=None, help="default: every GPU")
+    go.add_argument("--budget_s", type=float, default=3600, help="stop starting runs after this many seconds")
+    go.add_argument("--min_run_s", type=float, default=60, help="don't start a method with less time left")
+    go.add_argument("--tiny", action="store_true", help="CPU check: tiny model, 2 gloo processes, DDP config")
+    args = parser.parse_args()
+    if args.stage == "prepare":
+        prepare(Path(args.data))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
