@@ -10,7 +10,7 @@ Output, the `videofolder` layout that `datasets.load_dataset(folder)` reads with
 streaming, and that `huggingface_hub.upload_folder` can push unchanged (nothing in it names a local path):
   README.md                  dataset card written by `card.py`: YAML configs, features and splits, statistics
   statistics.png             the card's histograms
-  train/metadata.jsonl       one row per clip: file_name, clip_id, the label columns, the probe columns
+  train/metadata.parquet     one row per clip: file_name, clip_id, the label columns, the probe columns
   train/<clip_id>.mp4        the clip: a hardlink or copy of the original, or (`--presample`) re-encoded at
                              the model's frame rate and resolution so training never decodes the original
   test/...                   the held-out split, chosen by a hash of the clip id
@@ -45,7 +45,10 @@ CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after 
 # What datasets' videofolder recognises as a video (datasets/packaged_modules/videofolder); a test checks it.
 VIDEO_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
 SPLITS = ("train", "test")
-METADATA_NAME = "metadata.jsonl"
+# Parquet, not JSON lines: datasets infers a JSON metadata file's types from its first rows, so
+# a split whose manoeuvre lists happen to be all empty would get another type than the other
+# split and fail to load ("Metadata files ... have different features"). Parquet states them.
+METADATA_NAME = "metadata.parquet"
 QUARANTINE_NAME = "quarantine.jsonl"
 CACHE_NAME = ".build_cache.jsonl"
 CACHE_VERSION = 1  # raise when what a probe records changes: older entries then stop matching
@@ -446,13 +449,30 @@ class _Cache:
         _write_text(self.path, "".join(line + "\n" for line in lines))
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_metadata(path: Path, rows: list[dict]) -> None:
+    """A split's metadata as Parquet with the declared column types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Features, Value
+
+    columns = {"file_name": Value("string"), **{k: v for k, v in column_features().items() if k != "video"}}
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=Features(columns).arrow_schema), buffer)
+    _write_bytes(path, buffer.getvalue())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     """Write only when the content changes, through a temporary file (an interrupted build leaves no half file)."""
-    if path.exists() and path.read_text(encoding="utf-8") == text:
+    if path.exists() and path.read_bytes() == data:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
-    partial.write_text(text, encoding="utf-8")
+    partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode("utf-8"))
 
 
 def _link_or_copy(source: Path, target: Path, copy: bool, probed: dict) -> dict:
@@ -569,8 +589,7 @@ def build(args: BuildArguments) -> BuildResult:
     for split in SPLITS:
         metadata = out / split / METADATA_NAME
         if split in rows:
-            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[split])
-            _write_text(metadata, text)
+            _write_metadata(metadata, rows[split])
         else:
             metadata.unlink(missing_ok=True)
     problems = sorted(set(problems), key=lambda p: (p.path, p.stage, p.reason))

@@ -14,10 +14,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from .build import METADATA_NAME
+
 
 def _cache_dir(folder: Path) -> str:
     state = [str(folder.resolve())]
-    for path in sorted([folder / "README.md", *folder.glob("*/metadata.jsonl")]):
+    for path in sorted([folder / "README.md", *folder.glob(f"*/{METADATA_NAME}")]):
         if path.exists():
             stat = path.stat()
             state.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")

@@ -36,6 +36,8 @@ from typing import Literal
 
 import yaml
 
+from data_builder.build import METADATA_NAME
+
 NAME = "publish"
 MODEL_SKIP = {  # what a weights folder may hold that is not part of a model repo
     "training_args.bin": "pickled training arguments (may hold a hub token)",
@@ -397,9 +399,9 @@ def plan_model(output_dir: str | Path, repo_id: str, *, weights: str = "merged",
 
 def plan_dataset(dataset_dir: str | Path, repo_id: str) -> tuple[Plan, Scrubber]:
     dataset_dir = _folder(dataset_dir, "dataset")
-    if not (dataset_dir / "README.md").is_file() or not list(dataset_dir.glob("*/metadata.jsonl")):
+    if not (dataset_dir / "README.md").is_file() or not list(dataset_dir.glob(f"*/{METADATA_NAME}")):
         raise PublishError(f"{dataset_dir}: not a dataset folder of `avlabel build` "
-                           "(expected README.md and <split>/metadata.jsonl)")
+                           f"(expected README.md and <split>/{METADATA_NAME})")
     scrub = Scrubber([dataset_dir])
     plan = Plan(repo_id, "dataset")
     for name, path in _visible_files(dataset_dir):

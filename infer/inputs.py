@@ -1,7 +1,7 @@
 """Which clips to caption: resolve the `--input` argument to (clip id, video path) pairs.
 
 Accepted inputs, tried in this order:
-* a dataset from the builder: a local folder holding `<split>/metadata.jsonl` (or a
+* a dataset from the builder: a local folder holding `<split>/metadata.parquet` (or a
   dataset card with `configs`), read with `datasets.load_dataset`;
 * a folder of clips (searched recursively for video files);
 * a manifest file: `.txt` (one path per line), `.jsonl` or `.csv` (a `video` or `path`
@@ -21,6 +21,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_builder.build import METADATA_NAME
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,7 +53,7 @@ def _unique(clips: list[ClipRef], source: str) -> list[ClipRef]:
 
 
 def _is_dataset_folder(folder: Path, split: str) -> bool:
-    if (folder / split / "metadata.jsonl").exists():
+    if (folder / split / METADATA_NAME).exists():
         return True
     card = folder / "README.md"
     return card.exists() and re.search(r"^configs:", card.read_text(encoding="utf-8"), re.MULTILINE) is not None

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from data_builder import build, schema, synthetic
@@ -82,9 +83,9 @@ def _add_broken_inputs(root: Path, donor: str) -> None:
 
 def _metadata(out: Path) -> dict[str, list[dict]]:
     return {
-        split: [json.loads(line) for line in (out / split / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+        split: pq.read_table(out / split / build.METADATA_NAME).to_pylist()
         for split in build.SPLITS
-        if (out / split / "metadata.jsonl").exists()
+        if (out / split / build.METADATA_NAME).exists()
     }
 
 
@@ -193,9 +194,11 @@ def test_folder_is_self_contained(acceptance, tmp_path):
     import datasets
 
     root, _, result = acceptance
-    for name in ("README.md", "quarantine.jsonl", ".build_cache.jsonl", "train/metadata.jsonl", "test/metadata.jsonl"):
-        text = (result.output_dir / name).read_text(encoding="utf-8")
-        assert str(root) not in text and str(result.output_dir) not in text and "/tmp" not in text, name
+    for name in ("README.md", "quarantine.jsonl", ".build_cache.jsonl", f"train/{build.METADATA_NAME}",
+                 f"test/{build.METADATA_NAME}"):
+        data = (result.output_dir / name).read_bytes()
+        assert str(root).encode() not in data and str(result.output_dir).encode() not in data, name
+        assert b"/tmp" not in data, name
     moved = tmp_path / "moved"
     shutil.copytree(result.output_dir, moved)
     loaded = datasets.load_dataset(str(moved), split="test", cache_dir=str(tmp_path / "cache"))
@@ -358,3 +361,16 @@ def test_folder_pushes_to_the_hub_unchanged(synthetic_dataset_dir, hub, tmp_path
     assert loaded.features == build.column_features()
     assert sorted(loaded["clip_id"]) == sorted(row["clip_id"] for row in _metadata(synthetic_dataset_dir)["test"])
     assert loaded[0]["video"][0].shape == (3, 144, 256)
+
+
+def test_a_split_whose_manoeuvre_lists_are_all_empty_still_loads(tmp_path):
+    """Column types are stored, not inferred per split: 2 test clips without manoeuvres load beside the rest."""
+    from data_builder.loading import load_clip_dataset
+
+    synthetic.generate(tmp_path / "raw", num_clips=16, seed=0, width=64, height=36, seconds=1.0)
+    result = build.build(BuildArguments(input=str(tmp_path / "raw"), output_dir=str(tmp_path / "out"), test_size=2,
+                                        num_proc=1))
+    assert all(not row["interactive_expanded_metaaction"] for row in result.rows["test"])  # the case itself
+    loaded = load_clip_dataset(result.output_dir)
+    assert loaded["test"].features["interactive_expanded_metaaction"] == loaded["train"].features["interactive_expanded_metaaction"]
+    assert loaded["test"][0]["interactive_expanded_metaaction"] == []
