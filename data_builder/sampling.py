@@ -201,6 +201,18 @@ def _frame_timestamps(container, path: Path) -> list[float]:
     return [(p - pts[0]) * base for p in pts]
 
 
+def _open_indexed(path: Path):
+    """The open container, rewound, and the presentation time of each of its frames."""
+    container = _open(path)
+    try:
+        timestamps = _frame_timestamps(container, path)
+    except VideoError:
+        container.close()
+        raise
+    container.seek(0)
+    return container, timestamps
+
+
 def probe(path: str | Path) -> ClipInfo:
     """Read a clip's metadata and check that its frames can be decoded.
 
@@ -208,13 +220,10 @@ def probe(path: str | Path) -> ClipInfo:
     packets (to count frames and catch truncation). Raises VideoError naming the file.
     """
     path = Path(path)
-    container = _open(path)
+    container, timestamps = _open_indexed(path)
     with container:
-        timestamps = _frame_timestamps(container, path)
-        container.seek(0)
-        stream = container.streams.video[0]
         first = _first_frame(container, path)
-        return _info(container, stream, first, timestamps)
+        return _info(container, container.streams.video[0], first, timestamps)
 
 
 def _first_frame(container, path: Path):
@@ -234,10 +243,7 @@ def _info(container, stream, first_frame, timestamps: list[float]) -> ClipInfo:
     if rotation in (90, 270):
         width, height = height, width
     count = len(timestamps)
-    if stream.average_rate:
-        fps = float(stream.average_rate)
-    else:
-        fps = (count - 1) / timestamps[-1] if count > 1 and timestamps[-1] > 0 else 1.0
+    fps = _nominal_fps(stream, timestamps)
     duration = timestamps[-1] + 1.0 / fps if count else 0.0
     return ClipInfo(
         duration=round(duration, 3),
@@ -271,10 +277,8 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
     import av
 
     path = Path(path)
-    container = _open(path)
+    container, timestamps = _open_indexed(path)
     with container:
-        timestamps = _frame_timestamps(container, path)
-        container.seek(0)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         count = frame_count(len(timestamps), _nominal_fps(stream, timestamps), config)
