@@ -10,7 +10,7 @@ run on one GPU:
   recipe's sampling settings;
 * engine: `infer.engine.CaptionEngine.run` at each `--batch_sizes`, frames prepared by
   DataLoader workers (synthetic frames stand in for PyAV decoding, which the GPU machine
-  lacks; bench/infer_7b.md gives PyAV's own rate).
+  lacks; BENCHMARKS.md gives PyAV's own rate).
 
 Writes bench/results/infer_7b.json. `--tiny` runs the same code on a CPU with the tiny
 test model, to check the script before spending GPU time.

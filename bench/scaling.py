@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=400, help="completion length forced on every clip")
     parser.add_argument("--clips_per_gpu", type=int, default=128, help="clips each process captions (one decode batch)")
-    parser.add_argument("--infer_batch", type=int, default=128, help="decode batch per GPU (bench/infer_7b.md's best)")
+    parser.add_argument("--infer_batch", type=int, default=128, help="decode batch per GPU (BENCHMARKS.md: the best)")
     parser.add_argument("--prefill_batch", type=int, default=8)
     parser.add_argument("--num_workers", type=int, default=8, help="frame workers per process")
     parser.add_argument("--run_timeout", type=int, default=900, help="seconds before one N-process run is stopped")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single GPU-machine call behind bench/results/scaling.json and the FSDP logs (bench/scaling.md):
+# The single GPU-machine call behind bench/results/scaling.json and the FSDP logs (BENCHMARKS.md):
 # scaling over every GPU count the machine has, then the training command under FSDP (LoRA,
 # QLoRA, full; train, checkpoint, resume) until the time budget runs out. Results in $OUT.
 #   carry: .whl (trl, peft, datasets, dill, multiprocess, bitsandbytes), .whl_infer (transformers 5.24,

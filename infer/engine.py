@@ -3,7 +3,7 @@
 `transformers`' `generate` runs a whole batch's prefill at once (batch 128 of ~2.5k-token
 clips runs out of memory on an H100) and its decode steps are launch- and copy-bound.
 This engine keeps the model and its attention code from `transformers` and changes how
-they are driven (bench/infer_7b.md: 17,472 clips/hour on one H100 against 245 for the
+they are driven (BENCHMARKS.md: 17,472 clips/hour on one H100 against 245 for the
 one-clip `generate` loop):
 
 * prefill in micro-batches of `prefill_batch_size` clips, each writing its rows of one

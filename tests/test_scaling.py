@@ -1,6 +1,6 @@
 """Scaling benchmark (bench/scaling.py): the multi-process path on the CPU, and its arithmetic.
 
-The GPU numbers come from the device run (bench/scaling.md); here the same launcher and
+The GPU numbers come from the device run (BENCHMARKS.md); here the same launcher and
 workers run with tiny models in two gloo processes, so the sharding, the DDP wrapping and
 the gathering of per-rank results are exercised for real.
 """
