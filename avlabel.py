@@ -26,8 +26,9 @@ COMMANDS = {
 }
 
 
-def _parse(module, argv):
+def _parse(module, prog: str, argv):
     parser = module.make_parser()
+    parser.prog = prog
     return parser.parse_args_and_config(args=argv)
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None, commands: dict[str, str] | None = None, 
         top.parse_args(argv or ["--help"])
         return
     module = modules[argv[0]]
-    module.main(*_parse(module, argv[1:]))
+    module.main(*_parse(module, f"{prog} {argv[0]}", argv[1:]))
 
 
 if __name__ == "__main__":

@@ -2,4 +2,6 @@
 
 from .caption import main, make_parser
 
-main(*make_parser().parse_args_and_config())
+parser = make_parser()
+parser.prog = "python -m infer"
+main(*parser.parse_args_and_config())
