@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None, commands: dict[str, str] | None = None, 
     subparsers = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=TrlParser)
     modules = {}
     for name, path in (COMMANDS if commands is None else commands).items():
-        try:
-            modules[name] = importlib.import_module(path)
-        except ModuleNotFoundError as err:
-            if err.name != path:  # a missing dependency, not a command that isn't written yet
-                raise
-            continue
+        modules[name] = importlib.import_module(path)
         modules[name].make_parser(subparsers)
     if not argv or argv[0] not in modules:
         top.parse_args(argv or ["--help"])

@@ -42,6 +42,7 @@ from .schema import check_label, label_to_row
 
 NAME = "build"
 CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after the camera that filmed it
+LABEL_SUFFIX = ".label.json"
 # What datasets' videofolder recognises as a video (datasets/packaged_modules/videofolder); a test checks it.
 VIDEO_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
 SPLITS = ("train", "test")
@@ -223,8 +224,9 @@ def _bad_clip_id(clip_id: str) -> str | None:
     return None
 
 
-def _video_id(name: str) -> str:
-    stem = name.rsplit(".", 1)[0]
+def clip_id_of(name: str) -> str:
+    """A clip's id from its file name: without the extension and the recipe's camera suffix."""
+    stem = Path(name).name.rsplit(".", 1)[0]
     return stem.removesuffix(CAMERA_SUFFIX)
 
 
@@ -237,15 +239,15 @@ def _scan_recipe(scan: _Scan) -> None:
     labels: dict[str, Path] = {}
     for path in scan.files(scan.root / "videos"):
         if _is_video(path):
-            scan.collect(videos, _video_id(path.name), path)
+            scan.collect(videos, clip_id_of(path.name), path)
         else:
             scan.problem(path, "scan", f"not a video file (extension {path.suffix or 'none'})")
     for path in scan.files(scan.root / "metas"):
-        if path.name.endswith(".label.json"):
-            scan.collect(labels, path.name[: -len(".label.json")], path)
+        if path.name.endswith(LABEL_SUFFIX):
+            scan.collect(labels, path.name[: -len(LABEL_SUFFIX)], path)
         else:
             scan.problem(path, "scan", "not a label file (expected <id>.label.json)")
-    scan.pair(videos, labels, f"videos/{{id}}{CAMERA_SUFFIX}.mp4", "metas/{id}.label.json")
+    scan.pair(videos, labels, f"videos/{{id}}{CAMERA_SUFFIX}.mp4", f"metas/{{id}}{LABEL_SUFFIX}")
 
 
 def _scan_flat(scan: _Scan) -> None:
@@ -253,7 +255,7 @@ def _scan_flat(scan: _Scan) -> None:
     labels: dict[str, Path] = {}
     for path in scan.files(scan.root):
         if _is_video(path):
-            scan.collect(videos, _video_id(path.name), path)
+            scan.collect(videos, clip_id_of(path.name), path)
         elif path.suffix.lower() == ".json":
             stem = path.name[: -len(".json")]
             scan.collect(labels, stem.removesuffix(".label"), path)
@@ -298,7 +300,7 @@ def _scan_manifest(scan: _Scan, manifest: Path) -> None:
         if isinstance(label, str) and not label.lstrip().startswith("{"):
             label = scan.root / label  # a label file; anything else is the label itself
         video_path = scan.root / video if video else None
-        clip_id = str(record.get("clip_id") or (_video_id(Path(video).name) if video else ""))
+        clip_id = str(record.get("clip_id") or (clip_id_of(Path(video).name) if video else ""))
         if not clip_id and isinstance(label, Path):
             clip_id = label.name.removesuffix(".json").removesuffix(".label")
         if not video:

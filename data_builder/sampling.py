@@ -19,12 +19,14 @@ odd sizes, audio streams (ignored) and clips shorter than one sampling interval.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+SAMPLING_FILE = "sampling_config.json"  # in a model folder: the sampling it was trained with
 TEMPORAL_PATCH = 2  # Qwen2.5-VL / Qwen3-VL merge two consecutive frames into one token grid
 
 
@@ -49,15 +51,44 @@ class SamplingConfig:
     factor: int = 28  # patch size x spatial merge: 14x2 for Qwen2.5-VL, 16x2 for Qwen3-VL
 
     @classmethod
-    def for_model(cls, model_config, **overrides) -> "SamplingConfig":
-        """The sampling that suits a model's vision tower (its patch factor)."""
+    def for_model(cls, model_config, *sources: str | Path | None, **overrides) -> SamplingConfig:
+        """The sampling for a model: the `sampling_config.json` saved with it, else the defaults, then `overrides`.
+
+        A model carries the sampling it was trained on, so captioning it with no settings
+        given sees the frames training saw. `sources` are model folders or Hub ids, searched
+        in order (an adapter before its base model); overrides that are None are ignored; the
+        patch factor always comes from the vision tower.
+        """
+        saved = next((found for found in map(_saved_sampling, filter(None, sources)) if found is not None), {})
         vision = getattr(model_config, "vision_config", None)
-        patch = getattr(vision, "patch_size", 14)
-        merge = getattr(vision, "spatial_merge_size", 2)
-        return cls(**{"factor": patch * merge, **overrides})
+        factor = getattr(vision, "patch_size", 14) * getattr(vision, "spatial_merge_size", 2)
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return cls(**{**saved, **given, "factor": factor})
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `sampling_config.json` into a model folder, next to its config.json."""
+        path = Path(folder) / SAMPLING_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _saved_sampling(source: str | Path) -> dict | None:
+    """The settings a model folder or Hub repo saved in `sampling_config.json`, or None if it has none."""
+    from transformers.utils import cached_file
+
+    path = cached_file(str(source), SAMPLING_FILE, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        SamplingConfig(**saved)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{source}/{SAMPLING_FILE}: not a valid sampling config ({err})") from None
+    return saved
 
 
 @dataclass(frozen=True)

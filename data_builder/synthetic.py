@@ -34,19 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import label_to_json, normalize_label
+from .build import CAMERA_SUFFIX, LABEL_SUFFIX
+from .schema import FIELDS_BY_NAME, label_to_json, normalize_label
 
-VIDEO_SUFFIX = ".camera_front_wide_120fov.mp4"
-LABEL_SUFFIX = ".label.json"
+VIDEO_SUFFIX = CAMERA_SUFFIX + ".mp4"
 
-WEATHERS = ("Clear skies", "Overcast", "Partly cloudy", "Light rain", "Heavy rain", "Light snow", "Dense fog")
-LIGHTINGS = (
-    "Daytime (diffused light)",
-    "Daytime (low-contrast daylight)",
-    "Daytime (direct sunlight)",
-    "Night (poorly lit; few/no streetlights)",
-    "Night (well-lit by streetlights)",
-)
+# every weather the renderer can draw ("N/A" is for clips where the sky can't be judged)
+WEATHERS = tuple(w for w in FIELDS_BY_NAME["weather"].choices if w != "N/A")
+LIGHTINGS = FIELDS_BY_NAME["lighting"].choices
 SUNNY_WEATHERS = ("Clear skies", "Partly cloudy")  # direct sunlight needs a sky the sun gets through
 LIGHT_STATES = ("none", "red", "yellow", "green")
 

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_builder import schema
-
-LABEL_SUFFIX = ".label.json"
+from data_builder.build import LABEL_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _label_files(folder: Path) -> list[Path]:
     return []
 
 
-def _prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Prediction:
+def prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Prediction:
     label, problems = schema.check_label(raw)
     return Prediction(clip_id, label, not problems if valid is None else valid and not problems, problems)
 
@@ -111,7 +110,7 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
                     # a failed caption is a real answer of the run: every field missing
                     predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})
                     continue
-                predictions[clip_id] = _prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
+                predictions[clip_id] = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
     if caption_files:
         return predictions, problems
     if not path.is_dir():
@@ -127,7 +126,7 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
             # the model wrote something that is not JSON: an invalid answer, not an input error
             predictions[clip_id] = Prediction(clip_id, errors={"<label>": [f"{file}: not valid JSON ({err})"]})
             continue
-        predictions[clip_id] = _prediction_from_raw(clip_id, raw)
+        predictions[clip_id] = prediction_from_raw(clip_id, raw)
     return predictions, problems
 
 

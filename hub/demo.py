@@ -100,10 +100,8 @@ def main(args: DemoArguments) -> dict:
     artifacts["tiny base model"] = base
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    settings = GenerationSettings(
-        temperature=0.0, max_new_tokens=400, seed=args.seed,
-        **{k: recipe[k] for k in ("fps", "max_frames", "min_pixels", "max_pixels") if k in recipe},
-    )  # greedy decoding, and exactly the frames the recipe trains on
+    # greedy decoding; the frames are the ones each model carries (its sampling_config.json)
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=400, seed=args.seed)
 
     def captions(model: Path, name: str) -> Path:
         folder = out / "captions" / name

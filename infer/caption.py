@@ -4,7 +4,9 @@
     accelerate launch -m infer --config recipes/infer/cosmos_reason1_7b.yaml --input clips/ --output_dir captions/
 
 Writes `captions.jsonl` (one record per clip), `labels/<clip_id>.label.json` and
-`summary.json` to the output folder. Rerunning the same command resumes: clips already
+`summary.json` to the output folder. Frames are sampled as the model was trained (the
+`sampling_config.json` that training saves in its model or adapter folder) unless --fps,
+--max_frames, --min_pixels or --max_pixels say otherwise. Rerunning the same command resumes: clips already
 captioned with the same model, adapter, prompts and settings are skipped, failed ones
 are retried. Under `accelerate launch` every process captions its share of the clips
 into its own shard, and the main process merges the shards at the end.
@@ -95,6 +97,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
+    from transformers import AutoConfig
 
     from data_builder.prompts import load_prompts
 
@@ -115,11 +118,13 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
 
     prompts = load_prompts(args.system_prompt_file, args.user_prompt_file, args.short_prompt)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
+    # resolved before any record is read: a rerun with the same effective frames resumes however they were given
+    sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
     identity = {
         "model": args.model,
         "adapter": args.adapter,
         "prompt_sha": prompts.sha,
-        "generation": {**settings.to_dict(), "dtype": dtype, "quantization": args.quantization},
+        "generation": {**settings.to_dict(), **sampling.to_dict(), "dtype": dtype, "quantization": args.quantization},
     }
     earlier = records.read_all(out)
     records.check_same_run(earlier, identity, out)
@@ -132,7 +137,8 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
         if mine:
             model, processor = load_model(args.model, args.adapter, args.quantization, state.device, dtype)
             engine = CaptionEngine(
-                model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs
+                model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
+                sampling=sampling,
             )
             writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
             progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)

@@ -306,6 +306,7 @@ class CaptionEngine:
         prefill_batch_size: int = 8,
         cuda_graphs: bool = True,
         padded_vision_windows: bool = True,
+        sampling: SamplingConfig | None = None,
     ):
         self.model, self.processor, self.prompts, self.settings = model, processor, prompts, settings
         self.batch_size, self.prefill_batch_size, self.cuda_graphs = batch_size, prefill_batch_size, cuda_graphs
@@ -313,7 +314,7 @@ class CaptionEngine:
         self.dtype = model.dtype  # of activations and so of the KV cache (4-bit weights still compute in it)
         self.text_config = model.config.get_text_config()
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.sampling = settings.sampling(model.config)
+        self.sampling = sampling or settings.sampling(model.config)  # caption.py resolves it with the model's folder
         self.prepare = ClipPreparer(processor, chat_text(processor, prompts), self.dtype)
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])

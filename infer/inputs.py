@@ -22,9 +22,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_builder.build import METADATA_NAME
+from data_builder.build import METADATA_NAME, VIDEO_EXTENSIONS, clip_id_of
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts"}
+# PyAV reads these as well; the builder keeps to what datasets' videofolder loads
+VIDEO_SUFFIXES = {*VIDEO_EXTENSIONS, ".webm", ".m4v", ".ts"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -32,10 +33,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ClipRef:
     clip_id: str
     path: str
-
-
-def clip_id_of(path: str | Path) -> str:
-    return Path(path).name.split(".")[0]
 
 
 def _unique(clips: list[ClipRef], source: str) -> list[ClipRef]:
@@ -94,7 +91,12 @@ def _from_manifest(path: Path) -> list[ClipRef]:
         entries = [(line, None) for line in lines if line and not line.startswith("#")]
     else:
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    rows.append(json.loads(line)) if line.strip() else None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
         elif path.suffix == ".csv":
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))

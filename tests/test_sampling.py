@@ -306,3 +306,30 @@ def test_resizing_is_idempotent(height, width):
     config = SamplingConfig()
     once = resized_size(height, width, config)
     assert resized_size(*once, config) == once
+
+
+def test_for_model_takes_the_model_folder_then_the_given_settings(tmp_path):
+    """The model folder's file over the defaults, settings given over the file, None ignored, factor from the model."""
+    from types import SimpleNamespace
+
+    from data_builder.sampling import SAMPLING_FILE
+
+    qwen3 = SimpleNamespace(vision_config=SimpleNamespace(patch_size=16, spatial_merge_size=2))
+    assert SamplingConfig.for_model(qwen3, tmp_path) == SamplingConfig(factor=32)  # no file: the defaults
+
+    SamplingConfig(fps=1.0, max_frames=6, min_pixels=56 * 56, max_pixels=112 * 112, factor=28).save(tmp_path)
+    assert (tmp_path / SAMPLING_FILE).is_file()
+    from_file = SamplingConfig.for_model(qwen3, tmp_path, fps=None, max_frames=None)
+    assert from_file == SamplingConfig(fps=1.0, max_frames=6, min_pixels=56 * 56, max_pixels=112 * 112, factor=32)
+    overridden = SamplingConfig.for_model(qwen3, tmp_path, fps=4.0, max_pixels=None)
+    assert (overridden.fps, overridden.max_frames, overridden.max_pixels) == (4.0, 6, 112 * 112)
+
+
+def test_a_broken_saved_sampling_config_is_named(tmp_path):
+    from transformers import Qwen2_5_VLConfig
+
+    from data_builder.sampling import SAMPLING_FILE
+
+    (tmp_path / SAMPLING_FILE).write_text('{"fps": 2, "frames_per_clip": 4}')
+    with pytest.raises(ValueError, match=rf"{SAMPLING_FILE}: not a valid sampling config"):
+        SamplingConfig.for_model(Qwen2_5_VLConfig(), tmp_path)

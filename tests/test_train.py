@@ -42,10 +42,8 @@ def _collator(model_dir, cache_dir=None, **kwargs):
     if sampling is None:
         from train.sft import TrainScriptArguments, sampling_config
 
-        # the tiny recipe's sampling: 4 frames of at most 112x112
-        sampling = sampling_config(
-            TrainScriptArguments(max_frames=4, min_pixels=3136, max_pixels=12544), AutoConfig.from_pretrained(model_dir)
-        )
+        # the model folder's own sampling (the tiny model's: 4 frames of at most 112x112), as training takes it
+        sampling = sampling_config(TrainScriptArguments(), AutoConfig.from_pretrained(model_dir), str(model_dir))
     processor = kwargs.pop("processor", None) or AutoProcessor.from_pretrained(model_dir)
     return VideoSFTCollator(
         processor=processor, prompts=load_prompts(short=kwargs.pop("short", True)), frames=FrameCache(cache_dir, sampling),
@@ -232,6 +230,11 @@ def test_each_method_trains_and_the_loss_falls(runs, method):
     assert results["eval_loss"] == pytest.approx(eval_loss[-1][1])
     assert results["final_loss"] == pytest.approx(train_loss[-1])
     assert {"learning_rate", "per_device_train_batch_size", "sampling"} <= results["hyperparameters"].keys()
+    # the exported model carries the frames it was trained on: the tiny model's own (4 frames), unless overridden
+    assert results["hyperparameters"]["sampling"]["max_frames"] == 4
+    for folder in ("merged", "adapter") if method != "full" else ("merged",):
+        saved = json.loads((out / folder / "sampling_config.json").read_text())
+        assert saved == results["hyperparameters"]["sampling"], folder
     quantization = results["hyperparameters"]["quantization"]
     if method == "qlora":
         assert quantization["quant_type"] == "nf4" and quantization["double_quant"] and quantization["quantized_layers"] > 0

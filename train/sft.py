@@ -57,10 +57,16 @@ class TrainScriptArguments:
         metadata={"help": "Train with the short user prompt instead of the rubric (saves ~1,300 tokens a sample; "
                   "inference must then use the short prompt too)."},
     )
-    fps: float | None = field(default=None, metadata={"help": "Frames per second sampled from each clip (default 2)."})
-    max_frames: int | None = field(default=None, metadata={"help": "Most frames taken from a clip."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Fewest pixels a frame is resized to."})
-    max_pixels: int | None = field(default=None, metadata={"help": "Most pixels a frame is resized to (default 252x448)."})
+    # frame sampling: unset means the model folder's sampling_config.json, else the recipe's 2 fps / 252x448;
+    # the resolved settings are saved with the trained model, so captioning it sees the same frames
+    fps: float | None = field(
+        default=None, metadata={"help": "Frames per second sampled from each clip (default: the model's own, else 2)."}
+    )
+    max_frames: int | None = field(default=None, metadata={"help": "Most frames taken from a clip (default: the model's own)."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Fewest pixels a frame is resized to (default: the model's own)."})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Most pixels a frame is resized to (default: the model's own, else 252x448)."}
+    )
     frame_cache: bool = field(
         default=True, metadata={"help": "Keep decoded frames on disk so later epochs and resumed runs skip decoding."}
     )
@@ -221,15 +227,13 @@ def default_lora_targets(model_args) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def sampling_config(script_args, model_config):
+def sampling_config(script_args, model_config, model_name_or_path: str | None = None):
+    """The model folder's sampling (or the defaults), with the script's settings on top."""
     from data_builder.sampling import SamplingConfig
 
-    overrides = {
-        name: getattr(script_args, name)
-        for name in ("fps", "max_frames", "min_pixels", "max_pixels")
-        if getattr(script_args, name) is not None
-    }
-    return SamplingConfig.for_model(model_config, **overrides)
+    return SamplingConfig.for_model(
+        model_config, model_name_or_path, **{name: getattr(script_args, name) for name in ("fps", "max_frames", "min_pixels", "max_pixels")}
+    )
 
 
 def load_splits(script_args, training_args):
@@ -383,7 +387,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     collator = VideoSFTCollator(
         processor=processor,
         prompts=prompts,
-        frames=FrameCache(cache_dir, sampling_config(script_args, model.config)),
+        frames=FrameCache(cache_dir, sampling_config(script_args, model.config, model_args.model_name_or_path)),
         max_length=training_args.max_length,
         answer_format=script_args.answer_format,
         strict=script_args.strict,
@@ -420,6 +424,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     trainer.save_state()  # trainer_state.json: the whole log history
     export_model(trainer, processor, model_args, output_dir, method, merged=script_args.export_merged)
     if is_main:
+        for folder in (output_dir / "adapter", output_dir / "merged"):
+            if folder.is_dir():  # the exported model carries its frames: captioning it uses them by default
+                collator.frames.sampling.save(folder)
         plot_loss(trainer.state.log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
         results = {
             "method": method,

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_builder.sampling import SamplingConfig
+
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+TINY_SAMPLING = {"fps": 2.0, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
 TOKENIZERS = ("small", "qwen")
 
 # Qwen's special tokens, in the order (and so at the ids, offset by the base vocabulary)
@@ -313,6 +316,9 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", tokenizer:
     )
     model.save_pretrained(out)
     _processor(family, tok).save_pretrained(out)
+    # the small sampling that suits this model (4 frames of at most 112x112): training and
+    # captioning both start from the model folder's sampling_config.json
+    SamplingConfig.for_model(config, **TINY_SAMPLING).save(out)
     params = sum(p.numel() for p in model.parameters())
     (out / "README.md").write_text(_readme(family, tokenizer, seed, params), encoding="utf-8")
     return out

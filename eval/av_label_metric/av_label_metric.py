@@ -15,7 +15,7 @@ import evaluate
 import numpy as np
 
 from data_builder import schema
-from eval.data import Prediction
+from eval.data import Prediction, prediction_from_raw
 from eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
 from eval.metrics import evaluate_predictions
 
@@ -68,8 +68,7 @@ def _prediction(index: int, text: str) -> Prediction:
         raw = json.loads(text)
     except (TypeError, json.JSONDecodeError) as err:
         return Prediction(str(index), errors={"<label>": [f"not valid JSON ({err})"]})
-    label, problems = schema.check_label(raw)
-    return Prediction(str(index), label, not problems, problems)
+    return prediction_from_raw(str(index), raw)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
