@@ -77,17 +77,20 @@ def _write(path: Path, count: int, width: int = 160, height: int = 96, fps: int 
         for packet in stream.encode():
             container.mux(packet)
         if audio:
-            samples = count * 16000 // fps
-            tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
-            chunk = 1024
-            for start in range(0, samples, chunk):
-                block = av.AudioFrame.from_ndarray(tone[:, start : start + chunk], format="fltp", layout="mono")
-                block.sample_rate, block.pts = 16000, start
-                for packet in sound.encode(block):
-                    container.mux(packet)
-            for packet in sound.encode():
-                container.mux(packet)
+            _mux_tone(container, sound, count * 16000 // fps)
     return path
+
+
+def _mux_tone(container, sound, samples: int) -> None:
+    """Encode and mux a mono sine tone of `samples` samples at 16 kHz into the audio stream `sound`."""
+    tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
+    for start in range(0, samples, 1024):
+        block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
+        block.sample_rate, block.pts = 16000, start
+        for packet in sound.encode(block):
+            container.mux(packet)
+    for packet in sound.encode():
+        container.mux(packet)
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -255,14 +258,7 @@ def _audio_only(tmp_path: Path) -> Path:
     with av.open(str(path), "w") as container:
         sound = container.add_stream("aac", rate=16000)
         sound.layout = "mono"
-        tone = (0.2 * np.sin(np.arange(16000) / 8.0)).astype(np.float32)[None]
-        for start in range(0, 16000, 1024):
-            block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
-            block.sample_rate, block.pts = 16000, start
-            for packet in sound.encode(block):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
+        _mux_tone(container, sound, 16000)
     return path
 
 
