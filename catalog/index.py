@@ -158,14 +158,11 @@ def _read_captions(path: Path, stored: dict[str, str], report: IndexReport) -> t
 
 def _read_dataset(dataset: str, splits: Iterable[str] | None, report: IndexReport) -> dict[str, _Entry]:
     """Human labels of a builder dataset (a folder or Hub id), every split unless told."""
-    from data_builder.loading import load_clip_dataset
-
-    return _dataset_entries(load_clip_dataset(dataset), dataset, splits, report)
-
-
-def _dataset_entries(loaded, dataset: str, splits: Iterable[str] | None, report: IndexReport) -> dict[str, _Entry]:
     import datasets
 
+    from data_builder.loading import load_clip_dataset
+
+    loaded = load_clip_dataset(dataset)
     entries: dict[str, _Entry] = {}
     for split in splits or list(loaded):
         if split not in loaded:

@@ -436,19 +436,24 @@ class _Cache:
         self.probes: dict[str, dict] = {}
         self.outputs: dict[str, dict] = {}  # stored file (relative) -> {"source", "recipe", "info"}
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                if "probe" in record:
-                    self.probes[record.pop("probe")] = record
-                else:
-                    self.outputs[record.pop("output")] = record
+            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    if "probe" in record:
+                        self.probes[record.pop("probe")] = record
+                    else:
+                        self.outputs[record.pop("output")] = record
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                    raise BuildError(
+                        f"{self.path}:{number}: not a build cache record ({err}); delete the file to rebuild"
+                    ) from None
 
     def save(self, used_probes: set[str] | None = None) -> None:
         """Write the cache, keeping only `used_probes` when given (the final save of a build)."""
         keys = sorted(self.probes if used_probes is None else used_probes)
         lines = [json.dumps({"probe": key, **self.probes[key]}, sort_keys=True) for key in keys]
         lines += [json.dumps({"output": name, **self.outputs[name]}, sort_keys=True) for name in sorted(self.outputs)]
-        _write_text(self.path, "".join(line + "\n" for line in lines))
+        write_if_changed(self.path, "".join(line + "\n" for line in lines))
 
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
@@ -460,21 +465,20 @@ def _write_metadata(path: Path, rows: list[dict]) -> None:
     columns = {"file_name": Value("string"), **{k: v for k, v in column_features().items() if k != "video"}}
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=Features(columns).arrow_schema), buffer)
-    _write_bytes(path, buffer.getvalue())
+    write_if_changed(path, buffer.getvalue())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write only when the content changes, through a temporary file (an interrupted build leaves no half file)."""
+def write_if_changed(path: Path, data: bytes | str) -> None:
+    """Write only when the content changes (an unchanged file keeps its mtime, which keys the load cache),
+    through a temporary file (an interrupted build leaves no half file). Text is written as UTF-8."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     if path.exists() and path.read_bytes() == data:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     partial.write_bytes(data)
     os.replace(partial, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
 
 
 def _link_or_copy(source: Path, target: Path, copy: bool, probed: dict) -> dict:
@@ -595,7 +599,7 @@ def build(args: BuildArguments) -> BuildResult:
         else:
             metadata.unlink(missing_ok=True)
     problems = sorted(set(problems), key=lambda p: (p.path, p.stage, p.reason))
-    _write_text(out / QUARANTINE_NAME, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
+    write_if_changed(out / QUARANTINE_NAME, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
     cache.save(set(keys.values()))
     write_card(
         out,

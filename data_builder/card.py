@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .build import column_features, write_if_changed
 from .schema import FIELDS
 
 CARD_NAME = "README.md"
@@ -60,14 +61,15 @@ def compute_statistics(rows: dict[str, list[dict]]) -> dict:
             stats["categories"][spec.name] = table
     if not every:
         return stats
-    edges = _duration_edges([row["duration"] for row in every])
+    durations = [row["duration"] for row in every]
+    edges = _duration_edges(durations)
     stats["duration"] = {
         "edges": edges,
         "counts": {
             split: np.histogram([row["duration"] for row in rows[split]], bins=edges)[0].tolist() for split in splits
         },
-        "total_s": round(sum(row["duration"] for row in every), 3),
-        "mean_s": round(sum(row["duration"] for row in every) / len(every), 3),
+        "total_s": round(sum(durations), 3),
+        "mean_s": round(sum(durations) / len(durations), 3),
     }
     for column, key in (("resolution", lambda r: f"{r['width']}x{r['height']}"), ("fps", lambda r: f"{r['fps']:g}"),
                         ("codec", lambda r: r["codec"])):  # fmt: skip
@@ -180,8 +182,7 @@ def plot_statistics(stats: dict, path: Path) -> None:
     buffer = io.BytesIO()
     # no version stamp in the file: the same statistics give the same bytes
     figure.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
-    if not path.exists() or path.read_bytes() != buffer.getvalue():
-        path.write_bytes(buffer.getvalue())
+    write_if_changed(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- card
@@ -275,8 +276,6 @@ def write_card(
     from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from .build import column_features
-
     features = column_features()
     total = sum(len(split_rows) for split_rows in rows.values())
     data = DatasetCardData(
@@ -347,7 +346,5 @@ label = row_to_label(row)  # the row's label as the recipe's JSON object
 """
     card = DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = out / CARD_NAME
-    text = str(card)
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    write_if_changed(path, str(card))
     return path

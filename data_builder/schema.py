@@ -15,6 +15,7 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 FieldKind = Literal["category", "multi_category", "text", "difficulty", "boolean"]
@@ -180,6 +181,7 @@ FIELDS: tuple[LabelField, ...] = (
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+WHOLE_LABEL = "<label>"  # where problems of the label as a whole (not one field) are reported
 FIELDS_BY_NAME: dict[str, LabelField] = {f.name: f for f in FIELDS}
 
 
@@ -289,7 +291,7 @@ def check_label(raw: Any) -> tuple[dict[str, Any], dict[str, list[str]]]:
     for a valid label. Unknown keys are reported under their own name.
     """
     if not isinstance(raw, dict):
-        return {}, {"<label>": [f"must be a JSON object, got {type(raw).__name__}"]}
+        return {}, {WHOLE_LABEL: [f"must be a JSON object, got {type(raw).__name__}"]}
     label: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
     for spec in FIELDS:
@@ -314,15 +316,13 @@ def normalize_label(raw: Any, source: str | None = None) -> dict[str, Any]:
     return label
 
 
-def load_label_file(path) -> dict[str, Any]:
+def load_label_file(path: str | Path) -> dict[str, Any]:
     """Read and normalise a `<id>.label.json` file; errors name the file."""
-    from pathlib import Path
-
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LabelError({"<label>": [f"is not valid JSON ({err})"]}, str(path)) from None
+        raise LabelError({WHOLE_LABEL: [f"is not valid JSON ({err})"]}, str(path)) from None
     return normalize_label(raw, str(path))
 
 

@@ -339,16 +339,22 @@ def _ego_travel(scene: Scene, times: np.ndarray, duration: float) -> np.ndarray:
     return v0 * times
 
 
-def _fill_disc(img, depth, cx, cy, radius, colour, z=None, alpha=1.0):
+def _box(img, cx, cy, radius, pad):
+    """Pixel bounds (x0, x1, y0, y1) of a circle's square clipped to the image, or None when off screen."""
     h, w = img.shape[:2]
-    x0, x1 = max(0, int(cx - radius)), min(w, int(cx + radius) + 2)
-    y0, y1 = max(0, int(cy - radius)), min(h, int(cy + radius) + 2)
-    if x0 >= x1 or y0 >= y1:
+    x0, x1 = max(0, int(cx - radius)), min(w, int(cx + radius) + pad)
+    y0, y1 = max(0, int(cy - radius)), min(h, int(cy + radius) + pad)
+    return None if x0 >= x1 or y0 >= y1 else (x0, x1, y0, y1)
+
+
+def _fill_disc(img, depth, cx, cy, radius, colour, z=None):
+    box = _box(img, cx, cy, radius, pad=2)
+    if box is None:
         return
+    x0, x1, y0, y1 = box
     yy, xx = np.ogrid[y0:y1, x0:x1]
     mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-    region = img[y0:y1, x0:x1]
-    region[mask] = region[mask] * (1 - alpha) + np.asarray(colour) * alpha
+    img[y0:y1, x0:x1][mask] = colour
     if z is not None:
         depth[y0:y1, x0:x1][mask] = z
 
@@ -366,11 +372,10 @@ def _fill_rect(img, depth, x0, y0, x1, y1, colour, z=None):
 
 def _glow(img, cx, cy, radius, colour, strength):
     """Additive soft halo around a light source."""
-    h, w = img.shape[:2]
-    x0, x1 = max(0, int(cx - radius)), min(w, int(cx + radius) + 1)
-    y0, y1 = max(0, int(cy - radius)), min(h, int(cy + radius) + 1)
-    if x0 >= x1 or y0 >= y1:
+    box = _box(img, cx, cy, radius, pad=1)
+    if box is None:
         return
+    x0, x1, y0, y1 = box
     yy, xx = np.ogrid[y0:y1, x0:x1]
     falloff = np.clip(1 - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius, 0, 1) ** 2
     img[y0:y1, x0:x1] += falloff[..., None] * np.asarray(colour) * strength

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,15 @@ import numpy as np
 
 from data_builder import schema
 
-from .data import Run, load_references, load_run, print_problems, render_value
+from .data import (
+    REFERENCES_HELP,
+    SPLIT_HELP,
+    Run,
+    load_references,
+    load_run,
+    print_problems,
+    render_value,
+)
 from .judge import Judge, JudgeConfig, JudgeError, run_items, score_arrays
 from .metrics import RunMetrics, evaluate_run
 from .stats import bootstrap, paired
@@ -99,25 +108,28 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         own_judge = not isinstance(judge, Judge)
         judge_obj = Judge(judge) if own_judge else judge
         try:
-            judgments = {name: judge_obj.judge(run_items(run), desc=f"judging {name}") for name, run in loaded.items()}
+            items = {name: run_items(run) for name, run in loaded.items()}
+            judgments = {name: judge_obj.judge(items[name], desc=f"judging {name}") for name in names}
             if trust is not None and trust.clips > 0:
                 trust_section = judge_trust(judge_obj, list(loaded.values()), judgments, det, trust)
-            usage = judge_obj.usage_of([item for run in loaded.values() for item in run_items(run)])
+            usage = judge_obj.usage_of([item for run_list in items.values() for item in run_list])
         finally:
             if own_judge:
                 judge_obj.close()
         arrays = {name: score_arrays(js, clip_ids) for name, js in judgments.items()}
         judge_table = {f: {n: _Scores("judge_score", arrays[n][f]) for n in names} for f in schema.FIELD_NAMES}
+        statuses = {n: Counter((j.field, j.status) for j in judgments[n]) for n in names}
         judge_section = {
             **judge_obj.describe(),
-            "fields": {f: {n: {status: sum(1 for j in judgments[n] if j.field == f and j.status == status)
-                               for status in ("scored", "unscored", "missing", "failed")} for n in names}
+            "fields": {f: {n: {status: statuses[n][(f, status)] for status in ("scored", "unscored", "missing", "failed")}
+                           for n in names}
                        for f in schema.FIELD_NAMES},
             "this_run": asdict(judge_obj.total),
             "all_calls": usage,
         }
 
     headline = judge_table or det_table
+    det_fields = {n: det[n].to_dict()["fields"] for n in names}
     results: dict[str, Any] = {
         "runs": names,
         "baseline": names[0],
@@ -133,7 +145,7 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         "fields": {f: {n: _estimate(headline[f][n], bootstrap_samples, seed) for n in names} for f in schema.FIELD_NAMES},
         "comparisons": _comparisons("judge", judge_table, names, bootstrap_samples, seed) if judge_table else [],
         "deterministic": {
-            f: {n: {**_estimate(det_table[f][n], bootstrap_samples, seed), "metrics": det[n].to_dict()["fields"][f]}
+            f: {n: {**_estimate(det_table[f][n], bootstrap_samples, seed), "metrics": det_fields[n][f]}
                 for n in names} for f in schema.FIELD_NAMES
         },
         "judge": judge_section,
@@ -208,10 +220,11 @@ def _chart(section: Mapping[str, Mapping[str, Mapping]], names: list[str], ylabe
 def _per_clip(loaded: Mapping[str, Run], det: Mapping[str, RunMetrics], judgments: Mapping[str, list],
               clip_ids: list[str]) -> list[dict[str, Any]]:
     main = {(n, j.clip_id, j.field): j for n, js in judgments.items() for j in js if j.repeat == 0}
+    references = next(iter(loaded.values())).references  # every run holds the same references
     records = []
     for i, clip in enumerate(clip_ids):
         for f in schema.FIELD_NAMES:
-            reference = loaded[next(iter(loaded))].references[clip][f]
+            reference = references[clip][f]
             for n, run in loaded.items():
                 prediction = run.predictions[clip]
                 j = main.get((n, clip, f))
@@ -355,9 +368,9 @@ def _html(results: Mapping[str, Any], tables: Mapping[str, Mapping], charts: Map
 @dataclass
 class CompareArguments:
     runs: list[str] = field(metadata={"help": "runs as NAME=PATH (captions folder/jsonl or label folder); the first is the baseline"})
-    references: str = field(metadata={"help": "the builder's dataset (folder or Hub id) or a folder of human <clip_id>.label.json"})
+    references: str = field(metadata={"help": REFERENCES_HELP})
     output_dir: str = field(metadata={"help": "where results.json, report.md, report.html and the charts are written"})
-    split: str = field(default="test", metadata={"help": "dataset split holding the references"})
+    split: str = field(default="test", metadata={"help": SPLIT_HELP})
     judge: bool = field(default=False, metadata={"help": "score the answers with the LLM judge too (see the judge_* options)"})
     trust_clips: int = field(default=30, metadata={"help": "clips sampled for the judge-trust checks (0: skip them)"})
     trust_repeats: int = field(default=3, metadata={"help": "judgments per item for the repeat-variance check"})

@@ -76,6 +76,15 @@ def prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Pr
     return Prediction(clip_id, label, not problems if valid is None else valid and not problems, problems)
 
 
+def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Prediction:
+    """A label the model wrote as JSON text; text that is not JSON is an invalid answer, not an input error."""
+    try:
+        raw = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return Prediction(clip_id, errors={schema.WHOLE_LABEL: [f"{source}: not valid JSON ({err})"]})
+    return prediction_from_raw(clip_id, raw)
+
+
 def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Problem]]:
     """Read a run's predictions; returns ({clip_id: Prediction}, problems)."""
     from infer.records import record_files
@@ -120,13 +129,7 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
         raise FileNotFoundError(f"{path}: no captions.jsonl and no {LABEL_SUFFIX} files")
     for file in files:
         clip_id = _clip_id(file)
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            # the model wrote something that is not JSON: an invalid answer, not an input error
-            predictions[clip_id] = Prediction(clip_id, errors={"<label>": [f"{file}: not valid JSON ({err})"]})
-            continue
-        predictions[clip_id] = prediction_from_raw(clip_id, raw)
+        predictions[clip_id] = prediction_from_json(clip_id, file.read_bytes(), str(file))
     return predictions, problems
 
 
@@ -167,6 +170,20 @@ def join(name: str, references: dict[str, dict[str, Any]], predictions: dict[str
     return Run(name, clip_ids, references, joined, missing, extra, list(problems or []))
 
 
+REFERENCES_HELP = "the builder's dataset (folder or Hub id) or a folder of human <clip_id>.label.json"
+SPLIT_HELP = "dataset split holding the references"
+
+
+@dataclass
+class RunArguments:
+    """What `avlabel metrics` and `avlabel judge` read (one run against the references); each names its outputs."""
+
+    predictions: str = field(metadata={"help": "captions folder or captions.jsonl from `avlabel caption`, or a folder of <clip_id>.label.json"})
+    references: str = field(metadata={"help": REFERENCES_HELP})
+    output_dir: str = field(metadata={"help": "where the outputs are written"})
+    split: str = field(default="test", metadata={"help": SPLIT_HELP})
+
+
 def load_run(name: str, predictions: str | Path, references: dict[str, dict[str, Any]]) -> Run:
     preds, problems = load_predictions(predictions)
     return join(name, references, preds, problems)
@@ -185,12 +202,11 @@ def read_run(predictions: str | Path, references: str | Path, split: str = "test
 def print_problems(run: Run) -> None:
     for problem in run.problems:
         print(f"set aside: {problem}", file=sys.stderr)
-    if run.missing:
-        print(f"{run.name}: {len(run.missing)} clip(s) have no prediction (scored as missing): "
-              + ", ".join(run.missing[:10]) + (" ..." if len(run.missing) > 10 else ""), file=sys.stderr)
-    if run.extra:
-        print(f"{run.name}: {len(run.extra)} prediction(s) have no reference and are ignored: "
-              + ", ".join(run.extra[:10]) + (" ..." if len(run.extra) > 10 else ""), file=sys.stderr)
+    for clips, what in ((run.missing, "clip(s) have no prediction (scored as missing)"),
+                        (run.extra, "prediction(s) have no reference and are ignored")):
+        if clips:
+            print(f"{run.name}: {len(clips)} {what}: " + ", ".join(clips[:10]) + (" ..." if len(clips) > 10 else ""),
+                  file=sys.stderr)
 
 
 def render_value(value: Any) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 
 from data_builder import schema
 
-from .data import Run, read_run, render_value
+from .data import Run, RunArguments, read_run, render_value
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEFAULT_PRICE_TABLE = Path(__file__).parent / "prices.json"
@@ -518,11 +518,8 @@ def score_arrays(judgments: Sequence[Judgment], clip_ids: Sequence[str], repeat:
 
 
 @dataclass
-class JudgeArguments:
-    predictions: str = field(metadata={"help": "captions folder or captions.jsonl from `avlabel caption`, or a folder of <clip_id>.label.json"})
-    references: str = field(metadata={"help": "the builder's dataset (folder or Hub id) or a folder of human <clip_id>.label.json"})
+class JudgeArguments(RunArguments):
     output_dir: str = field(metadata={"help": "where judgments.jsonl and judge_summary.json are written"})
-    split: str = field(default="test", metadata={"help": "dataset split holding the references"})
     trust: bool = field(default=False, metadata={"help": "also run the judge-trust checks (identity, shuffled, order swap, repeats, agreement)"})
     trust_clips: int = field(default=30, metadata={"help": "clips sampled for the trust checks"})
     trust_repeats: int = field(default=3, metadata={"help": "times each sampled item is judged for the repeat-variance check"})

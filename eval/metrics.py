@@ -32,7 +32,7 @@ import numpy as np
 from data_builder import schema
 from data_builder.schema import LabelField
 
-from .data import Prediction, Run, read_run
+from .data import Prediction, Run, RunArguments, read_run
 
 # the headline metric of each kind: a per-clip score in [0, 1] whose (group-)mean is the value
 PRIMARY = {
@@ -95,7 +95,7 @@ def _num(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
@@ -109,6 +109,11 @@ def _confusion(labels: Sequence[str], refs: Sequence[str], preds: Sequence[str])
     return {"labels": labels, "matrix": matrix.tolist()}
 
 
+def _exact(refs: list, answers: list) -> np.ndarray:
+    """Per clip 1.0 where the answer equals the reference (a missing answer is wrong)."""
+    return np.array([a is not MISSING and a == r for r, a in zip(refs, answers)], dtype=float)
+
+
 def _majority(values: Sequence[Any]) -> Any:
     counts = Counter(values)
     return max(counts, key=lambda v: (counts[v], str(v)))  # ties broken by name, deterministically
@@ -120,7 +125,7 @@ def _class_groups(refs: Sequence[Any]) -> np.ndarray:
 
 
 def _category(spec: LabelField, refs: list, answers: list) -> tuple[np.ndarray, None, dict]:
-    correct = np.array([a is not MISSING and a == r for r, a in zip(refs, answers)], dtype=float)
+    correct = _exact(refs, answers)
     answered = [(str(r), str(a)) for r, a in zip(refs, answers) if a is not MISSING]
     majority = _majority(refs)
     metrics = {
@@ -161,7 +166,7 @@ def _multi_category(spec: LabelField, refs: list, answers: list) -> tuple[np.nda
 def _difficulty(spec: LabelField, refs: list, answers: list) -> tuple[np.ndarray, None, dict]:
     from sklearn.metrics import cohen_kappa_score
 
-    correct = np.array([a is not MISSING and a == r for r, a in zip(refs, answers)], dtype=float)
+    correct = _exact(refs, answers)
     pairs = [(int(r), int(a)) for r, a in zip(refs, answers) if a is not MISSING]
     levels = [int(c) for c in spec.choices]
     kappa = None
@@ -172,7 +177,7 @@ def _difficulty(spec: LabelField, refs: list, answers: list) -> tuple[np.ndarray
     majority = _majority(refs)
     metrics = {
         "accuracy": float(correct.mean()),
-        "mae": _mean([abs(r - a) for r, a in pairs]),
+        "mae": mean_or_none([abs(r - a) for r, a in pairs]),
         "qwk": kappa,
         "majority_class": majority,
         "majority_baseline": {
@@ -201,12 +206,12 @@ def _boolean_scores(refs: list, preds: list) -> dict[str, float | None]:
 def _boolean(spec: LabelField, refs: list, answers: list) -> tuple[np.ndarray, np.ndarray, dict]:
     from .stats import statistic
 
-    correct = np.array([a is not MISSING and a == r for r, a in zip(refs, answers)], dtype=float)
+    correct = _exact(refs, answers)
     groups = _class_groups(refs)
     answered = [(r, a) for r, a in zip(refs, answers) if a is not MISSING]
     majority = _majority(refs)
     majority_correct = np.array([r == majority for r in refs], dtype=float)
-    agreement = _boolean_scores(*map(list, zip(*answered))) if answered else _boolean_scores([], [])
+    agreement = _boolean_scores([r for r, _ in answered], [a for _, a in answered])
     metrics = {
         "accuracy": float(correct.mean()),
         # mean recall of the two classes: always answering the majority scores 0.5
@@ -260,7 +265,7 @@ def _text(spec: LabelField, refs: list, answers: list) -> tuple[np.ndarray, None
         metrics |= {"bleu": None, "chrf": None, "rougeL": None}
     if spec.nullable:
         answered = [(r, a) for r, a in zip(refs, answers) if a is not MISSING]
-        metrics["null_agreement"] = _mean([(r is None) == (a is None) for r, a in answered])
+        metrics["null_agreement"] = mean_or_none([(r is None) == (a is None) for r, a in answered])
         metrics["null_rate_reference"] = float(np.mean([r is None for r in refs]))
     return scores, None, metrics
 
@@ -307,11 +312,8 @@ def evaluate_run(run: Run) -> RunMetrics:
 
 
 @dataclass
-class MetricsArguments:
-    predictions: str = field(metadata={"help": "captions folder or captions.jsonl from `avlabel caption`, or a folder of <clip_id>.label.json"})
-    references: str = field(metadata={"help": "the builder's dataset (folder or Hub id) or a folder of human <clip_id>.label.json"})
+class MetricsArguments(RunArguments):
     output_dir: str = field(metadata={"help": "where metrics.json is written"})
-    split: str = field(default="test", metadata={"help": "dataset split holding the references"})
 
 
 def make_parser(subparsers=None):

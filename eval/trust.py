@@ -29,7 +29,7 @@ from data_builder import schema
 
 from .data import Run, render_value
 from .judge import Judge, JudgeItem, Judgment
-from .metrics import RunMetrics
+from .metrics import RunMetrics, mean_or_none
 
 
 @dataclass
@@ -46,10 +46,6 @@ class TrustConfig:
     @property
     def thresholds(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k.startswith(("min_", "max_"))}
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, float | None]:
@@ -132,10 +128,10 @@ def judge_trust(judge: Judge, runs: Sequence[Run], judgments: Mapping[str, Seque
 
         entry = {
             "kind": spec.kind,
-            "identity": {"mean": _mean(scores("identity", name)), "n": len(scores("identity", name))},
-            "shuffled": {"mean": _mean(scores("shuffled", name)), "n": len(scores("shuffled", name))},
-            "swap": {"mean_abs_diff": _mean(swaps), "n": len(swaps)},
-            "repeat": {"mean_std": _mean(stds), "n": len(stds)},
+            "identity": {"mean": mean_or_none(scores("identity", name)), "n": len(scores("identity", name))},
+            "shuffled": {"mean": mean_or_none(scores("shuffled", name)), "n": len(scores("shuffled", name))},
+            "swap": {"mean_abs_diff": mean_or_none(swaps), "n": len(swaps)},
+            "repeat": {"mean_std": mean_or_none(stds), "n": len(stds)},
             "agreement": {"spearman": rho, "p_value": p_value, "n": len(judge_x),
                           "against": metrics[runs[0].name].fields[name].metric},
         }

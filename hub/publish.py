@@ -321,14 +321,15 @@ def _eval_files(plan: Plan, eval_dir: Path, prefix: str, scrub: Scrubber) -> tup
 
     results_path = eval_dir / "results.json"
     results = check_results(scrub.value(read_json(results_path, "the results.json of `avlabel compare`")), str(results_path))
-    for name, path in _visible_files(eval_dir):
+    files = list(_visible_files(eval_dir))
+    for name, path in files:
         if path.suffix.lower() not in EVAL_SUFFIXES or (not prefix and name == "README.md"):
             plan.skipped.append(f"{path} (not part of an evaluation run's files)")
             continue
         plan.add(prefix + name, scrub.file(path), str(path))
     artifacts = results.get("artifacts") or {}
     # compare lists its charts headline first; without that list, every picture in the folder
-    listed = artifacts.get("charts") or [n for n, _ in _visible_files(eval_dir) if n.endswith((".png", ".svg"))]
+    listed = artifacts.get("charts") or [n for n, _ in files if n.endswith((".png", ".svg"))]
     charts = [prefix + n for n in listed if prefix + n in plan.files]
     report = prefix + (artifacts.get("report_html") or "report.html")
     return results, charts, report if report in plan.files else None

@@ -313,6 +313,8 @@ class CaptionEngine:
         self.device = next(model.parameters()).device
         self.dtype = model.dtype  # of activations and so of the KV cache (4-bit weights still compute in it)
         self.text_config = model.config.get_text_config()
+        config = self.text_config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.sampling = sampling or settings.sampling(model.config)  # caption.py resolves it with the model's folder
         self.prepare = ClipPreparer(processor, chat_text(processor, prompts), self.dtype)
@@ -353,8 +355,7 @@ class CaptionEngine:
         if self.device.type != "cuda":
             return requested
         config = self.text_config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * self.dtype.itemsize
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * self.head_dim * self.dtype.itemsize
         per_row = capacity * per_token + self.vocab_size * 8  # + logits and sampling buffers
         prefill = self.prefill_batch_size * capacity * (3 * config.intermediate_size + 6 * config.hidden_size) * 2
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -449,9 +450,8 @@ class CaptionEngine:
     def _generate_rows(self, items, length: int, capacity: int) -> list[Generation]:
         settings, rows = self.settings, len(items)
         config = self.text_config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache = SlotCache(
-            config.num_hidden_layers, rows, config.num_key_value_heads, head_dim, capacity, self.dtype, self.device
+            config.num_hidden_layers, rows, config.num_key_value_heads, self.head_dim, capacity, self.dtype, self.device
         )
         step_fn = _DecodeStep(self.model, cache, rows, capacity, self.cuda_graphs)
         logits = torch.empty(rows, self.vocab_size, device=self.device)

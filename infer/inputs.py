@@ -93,10 +93,15 @@ def _from_manifest(path: Path) -> list[ClipRef]:
         if path.suffix == ".jsonl":
             rows = []
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
                 try:
-                    rows.append(json.loads(line)) if line.strip() else None
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+                if not isinstance(row, dict):  # a ValueError, as the manifest's other faults are
+                    raise ValueError(f"{path}:{number}: not a JSON object with 'video' or 'path'")  # noqa: TRY004
+                rows.append(row)
         elif path.suffix == ".csv":
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = list(csv.DictReader(handle))

@@ -15,9 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_builder.schema import FIELDS_BY_NAME, check_label
+from data_builder.schema import FIELDS_BY_NAME, WHOLE_LABEL, check_label
 
-WHOLE_LABEL = "<label>"  # key of problems that concern the output as a whole, not one field
 
 _THINK_END = re.compile(r"</think\s*>", re.IGNORECASE)
 _THINK_START = re.compile(r"<think\s*>", re.IGNORECASE)

@@ -66,15 +66,11 @@ def read_all(out_dir: Path) -> list[dict[str, Any]]:
     return [record for path in record_files(out_dir) for record in read_records(path)]
 
 
-def run_identity(record: dict[str, Any]) -> dict[str, Any]:
-    return {key: record.get(key) for key in RUN_KEYS}
-
-
 def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], out_dir: Path) -> None:
     """Refuse to mix captions made with other settings into one folder."""
     for record in records:
-        if run_identity(record) != identity:
-            differing = [key for key in RUN_KEYS if record.get(key) != identity[key]]
+        differing = [key for key in RUN_KEYS if record.get(key) != identity[key]]
+        if differing:
             raise ValueError(
                 f"{out_dir} already holds captions made with a different {', '.join(differing)} "
                 f"(clip {record.get('clip_id')!r}); use another --output_dir, or --overwrite to start over"
@@ -158,6 +154,7 @@ def summarize(records: list[dict[str, Any]], inputs: int, this_run: dict[str, in
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
     rate = (lambda n: round(n / len(ok), 4)) if ok else (lambda n: None)
+    valid = sum(bool(r.get("valid")) for r in ok)
     return {
         **identity,
         "inputs": inputs,
@@ -165,8 +162,8 @@ def summarize(records: list[dict[str, Any]], inputs: int, this_run: dict[str, in
         "failed": len(failed),
         "missing": inputs - len(ok) - len(failed),
         "this_run": this_run,
-        "valid": sum(bool(r.get("valid")) for r in ok),
-        "valid_rate": rate(sum(bool(r.get("valid")) for r in ok)),
+        "valid": valid,
+        "valid_rate": rate(valid),
         "field_valid_rate": {name: rate(sum(name in (r.get("label") or {}) for r in ok)) for name in FIELD_NAMES},
         "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in ok),
         "completion_tokens": sum(r.get("completion_tokens") or 0 for r in ok),

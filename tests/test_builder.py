@@ -317,6 +317,15 @@ def test_presample_stores_the_model_frames(tmp_path):
     assert rebuilt.packed == 0 and rebuilt.probed == 0
 
 
+def test_a_corrupt_build_cache_is_named(tmp_path):
+    (tmp_path / "raw").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / build.CACHE_NAME).write_text('{"probe": "k"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(build.BuildError, match=rf"{build.CACHE_NAME}:2: not a build cache record"):
+        build.build(BuildArguments(input=str(tmp_path / "raw"), output_dir=str(out), num_proc=1))
+
+
 def test_splits_are_deterministic_by_clip_id():
     ids = [f"c{i}" for i in range(400)]
     by_count = build.assign_splits(ids, 40)

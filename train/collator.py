@@ -77,6 +77,17 @@ def training_chat_template(processor) -> str:
     return get_training_chat_template(processor)
 
 
+def over_length_reason(length: int, max_length: int) -> str:
+    return f"{length} tokens, over max_length {max_length}; not truncated"
+
+
+def report_skipped(report_path: str | Path | None, clip_id: str | None, stage: str, reason: str) -> None:
+    """Append a left-out sample to the run's report (`skipped.jsonl`), when there is one."""
+    if report_path:
+        with open(report_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"clip_id": clip_id, "stage": stage, "reason": reason}) + "\n")
+
+
 # ----------------------------------------------------------------------------- frames
 
 
@@ -228,9 +239,7 @@ class VideoSFTCollator:
         if self.strict:
             raise ValueError(f"{where}: {reason} (run without --strict to skip such samples)")
         logger.warning("skipping %s: %s", where, reason)
-        if self.report_path:
-            with open(self.report_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"clip_id": row.get("clip_id"), "stage": "collate", "reason": reason}) + "\n")
+        report_skipped(self.report_path, row.get("clip_id"), "collate", reason)
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -244,7 +253,7 @@ class VideoSFTCollator:
                 continue
             length = sample["input_ids"].shape[1]
             if self.max_length is not None and length > self.max_length:
-                self._skip(row, f"{length} tokens, over max_length {self.max_length}; not truncated")
+                self._skip(row, over_length_reason(length, self.max_length))
                 continue
             encoded.append(sample)
         if not encoded:

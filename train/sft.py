@@ -269,18 +269,18 @@ def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_m
     """
     from datasets import IterableDataset
 
+    from .collator import over_length_reason, report_skipped
+
     def add_length(row):
         return {"length": collator.estimated_length(row)}
 
     def report(row, length):
-        reason = f"{length} tokens, over max_length {collator.max_length}; not truncated"
+        reason = over_length_reason(length, collator.max_length)
         if strict:
             raise ValueError(f"clip {row['clip_id']}: {reason} (run without --strict to skip such samples)")
         if is_main:
             logger.warning("skipping clip %s: %s", row["clip_id"], reason)
-            if report_path:
-                with open(report_path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"clip_id": row["clip_id"], "stage": "length", "reason": reason}) + "\n")
+            report_skipped(report_path, row["clip_id"], "length", reason)
 
     if isinstance(dataset, IterableDataset):
         dataset = dataset.map(add_length)
@@ -427,7 +427,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         for folder in (output_dir / "adapter", output_dir / "merged"):
             if folder.is_dir():  # the exported model carries its frames: captioning it uses them by default
                 collator.frames.sampling.save(folder)
-        plot_loss(trainer.state.log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
+        plot_loss(log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
         results = {
             "method": method,
             "base_model": model_args.model_name_or_path,

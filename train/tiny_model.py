@@ -338,18 +338,15 @@ def measure_step_time(model_dir: str | Path, steps: int = 5, batch: int = 4) -> 
     from data_builder.prompts import load_prompts
     from data_builder.schema import FIELDS, label_to_json
 
+    from .collator import build_conversation
+
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     model.train()
     prompts = load_prompts()
     label = {f.name: (f.examples or f.choices or ("x",))[0] for f in FIELDS}
     label["driving_difficulty"] = 2
-    messages = [
-        {"role": "system", "content": prompts.system},
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompts.user}]},
-        {"role": "assistant", "content": label_to_json(label)},
-    ]
-    text = processor.apply_chat_template(messages, tokenize=False)
+    text = processor.apply_chat_template(build_conversation(prompts, None, label_to_json(label)), tokenize=False)
     frames = np.random.default_rng(0).integers(0, 255, (4, 112, 112, 3), dtype=np.uint8)
     metadata = {"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}
     inputs = processor(

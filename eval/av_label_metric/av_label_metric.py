@@ -15,7 +15,7 @@ import evaluate
 import numpy as np
 
 from data_builder import schema
-from eval.data import Prediction, prediction_from_raw
+from eval.data import prediction_from_json
 from eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
 from eval.metrics import evaluate_predictions
 
@@ -63,14 +63,6 @@ def _flatten(prefix: str, metrics: dict[str, Any], out: dict[str, Any]) -> None:
             out[f"{prefix}/{key}"] = value
 
 
-def _prediction(index: int, text: str) -> Prediction:
-    try:
-        raw = json.loads(text)
-    except (TypeError, json.JSONDecodeError) as err:
-        return Prediction(str(index), errors={"<label>": [f"not valid JSON ({err})"]})
-    return prediction_from_raw(str(index), raw)
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class AvLabelMetric(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
@@ -89,7 +81,7 @@ class AvLabelMetric(evaluate.Metric):
                 refs.append(schema.normalize_label(json.loads(text), source=f"references[{index}]"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"references[{index}]: not valid JSON ({err})") from None
-        preds = [_prediction(i, text) for i, text in enumerate(predictions)]
+        preds = [prediction_from_json(str(i), text, f"predictions[{i}]") for i, text in enumerate(predictions)]
         run = evaluate_predictions("predictions", refs, preds)
         out: dict[str, Any] = {"n": run.n, "json_valid_rate": run.json_valid_rate}
         for name, fields in run.to_dict()["fields"].items():
