@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from data_builder.schema import FIELD_NAMES, check_label
-from infer.parse import WHOLE_LABEL, parse_output
+from data_builder.schema import FIELD_NAMES, WHOLE_LABEL, check_label
+from infer.parse import parse_output
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "infer" / "tiny.yaml"
