@@ -6,12 +6,15 @@ its FSDP launcher config (recipes/accelerate/fsdp.yaml, fsdp_qlora.yaml for QLoR
 machine, with a randomly initialised Qwen2.5-VL-7B (Cosmos-Reason1-7B's architecture) and a
 small synthetic dataset:
 
-  1. 3 optimizer steps, a checkpoint at step 3;
+  1. 3 optimizer steps, a checkpoint at step 3 (sharded: each GPU writes its part);
   2. the same command with `--resume_from_checkpoint <out>/checkpoint-3 --max_steps 5`:
-     2 more steps from the saved weights, optimizer, scheduler and data position.
+     2 more steps from the saved weights, optimizer, scheduler and data position, then the
+     export: `adapter/` (LoRA, QLoRA) or `merged/` (full), gathered from the shards.
 
-The log of each run, the losses per step (finite?), the checkpoint's files, the GPU memory
-in use (nvidia-smi, sampled every half second) and the wall time go to `--out`.
+The log of each run, the losses per step (finite?), the checkpoint's files and size, the
+exported files, the GPU memory in use (nvidia-smi, sampled every half second) and the wall
+time go to `--out`. It runs on every GPU the process sees: CUDA_VISIBLE_DEVICES=0,1 makes
+it a 2-GPU run on a bigger machine.
 
 Two stages, because PyAV (35 MB) and bitsandbytes (43 MB) don't both fit the 64 MiB that
 travels to the GPU machine:
@@ -146,6 +149,17 @@ def fill_frame_cache(data: Path, cache_dir: Path, config) -> int:
     return count
 
 
+def gpu_names() -> str:
+    """"4 x NVIDIA H100 80GB HBM3": the GPUs this process sees (nvidia-smi), or "cpu"."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *([f"--id={visible}"] if visible else [])]
+    try:
+        names = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return f"{len(names)} x {names[0]}" if names else "cpu"
+
+
 class GpuMemory:
     """Most GPU memory in use per GPU (MiB, nvidia-smi) while a run lasts."""
 
@@ -155,9 +169,12 @@ class GpuMemory:
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # nvidia-smi ignores it: ask for those GPUs by index
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        query += [f"--id={visible}"] if visible else []
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                out = subprocess.run(query,
                                      capture_output=True, text=True, timeout=10, check=False).stdout
                 used = [int(line) for line in out.split()]
                 self.peak = [max(a, b) for a, b in zip(self.peak, used)] if self.peak else used
@@ -212,30 +229,38 @@ def launch(method: str, args, output_dir: Path, log, timeout: float, extra: list
     return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "gpu_mib_peak": memory.peak}
 
 
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def size_gb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9, 2)
+
+
 def run_method(method: str, args, deadline: float) -> dict:
     output_dir = Path(args.work) / method
     shutil.rmtree(output_dir, ignore_errors=True)
     outcome: dict = {"recipe": METHODS[method][0], "launcher": METHODS[method][1], "processes": args.num_processes}
     log_path = Path(args.logs) / f"fsdp_{method}.log"
     with open(log_path, "w", encoding="utf-8") as log:
-        # full fine-tuning keeps fp32 weights and AdamW state: a checkpoint of the 7B model is ~100 GB,
-        # more than the time (and, on 2 GPUs, the disk) of this check; it trains, and exports merged/
-        first_extra = (["--save_strategy", "no", "--export_merged", "true"] if method == "full" and not args.tiny else [])
-        first = launch(method, args, output_dir, log, deadline - time.perf_counter(), first_extra)
+        first = launch(method, args, output_dir, log, deadline - time.perf_counter(), [])
         first["losses"] = losses(output_dir)
         checkpoint = output_dir / f"checkpoint-{FIRST_STEPS}"
-        first["checkpoint_files"] = sorted(p.name for p in checkpoint.iterdir()) if checkpoint.is_dir() else []
+        first["checkpoint_files"] = listing(checkpoint)
+        first["checkpoint_gb"] = size_gb(checkpoint) if checkpoint.is_dir() else None
         outcome["first"] = first
         if checkpoint.is_dir() and first["rc"] == 0 and time.perf_counter() < deadline:
+            # full fine-tuning exports merged/ from the sharded weights; the adapters export themselves
+            export = ["--export_merged", "true"] if method == "full" else []
             resumed = launch(method, args, output_dir, log, deadline - time.perf_counter(),
-                             ["--max_steps", str(RESUMED_STEPS), "--resume_from_checkpoint", str(checkpoint)])
+                             ["--max_steps", str(RESUMED_STEPS), "--resume_from_checkpoint", str(checkpoint), *export])
             resumed["losses"] = [entry for entry in losses(output_dir) if entry[0] > FIRST_STEPS]
             outcome["resumed"] = resumed
     every = first["losses"] + outcome.get("resumed", {}).get("losses", [])
     outcome["losses_finite"] = bool(every) and all(math.isfinite(loss) for _, loss in every)
     outcome["resumed_steps"] = [step for step, _ in outcome.get("resumed", {}).get("losses", [])]
-    merged = output_dir / "merged"
-    outcome["merged_files"] = sorted(p.name for p in merged.iterdir()) if merged.is_dir() else []
+    outcome["adapter_files"] = listing(output_dir / "adapter")
+    outcome["merged_files"] = listing(output_dir / "merged")
     outcome["log"] = log_path.name
     return outcome
 
@@ -245,12 +270,16 @@ def run(args) -> None:
     deadline = start + args.budget_s
     for name, value in NCCL_SAFETY.items():
         os.environ.setdefault(name, value)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    if not args.tiny and shutil.disk_usage(work).free < 60e9:  # the model (17 GB) and a merged export (17 GB)
-        args.work = "/tmp/fsdp_runs"
-        work = Path(args.work)
-        work.mkdir(parents=True, exist_ok=True)
+    # the model (17 GB), a merged export (17 GB) and, for full fine-tuning, a ~100 GB checkpoint
+    needed = 0 if args.tiny else 40e9 + (110e9 if "full" in args.methods else 0)
+    for folder in (args.work, "/tmp/fsdp_runs"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder).free >= needed:
+            break
+    else:
+        raise SystemExit(f"{args.work} and /tmp/fsdp_runs: less than {needed / 1e9:.0f} GB free for {args.methods}")
+    args.work = folder
+    work = Path(folder)
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     if args.model_dir is None:
         args.model_dir = str(work / "model")
@@ -258,7 +287,8 @@ def run(args) -> None:
         import torch
 
         args.num_processes = 2 if args.tiny else torch.cuda.device_count()
-    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "processes": args.num_processes, "methods": {}}
+    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": gpu_names(), "processes": args.num_processes,
+                    "methods": {}}
     build_model(Path(args.model_dir), args.tiny)
     report["model_build_s"] = round(time.perf_counter() - start, 1)
     report["frames_cached"] = fill_frame_cache(Path(args.data), work / "frame_cache",
@@ -270,7 +300,7 @@ def run(args) -> None:
         report["methods"][method] = run_method(method, args, deadline)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(method, json.dumps(report["methods"][method]), flush=True)
-        shutil.rmtree(work / method / "merged", ignore_errors=True)  # 16 GB each in /dev/shm
+        shutil.rmtree(work / method, ignore_errors=True)  # checkpoints and exports: up to ~120 GB in /dev/shm
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

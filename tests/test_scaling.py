@@ -48,3 +48,23 @@ def test_efficiency_is_throughput_over_n_times_one_gpu():
 
     assert efficiencies({"1": 100.0, "2": 180.0, "4": 340.0}) == {"1": 1.0, "2": 0.9, "4": 0.85}
     assert efficiencies({"2": 180.0}) == {}  # no single-GPU baseline, no efficiency
+
+
+def test_sharded_captioning_benchmark_compares_records_and_reruns(synthetic_dataset_dir, tmp_path):
+    """bench/sharded_infer.py on the CPU: 1 and 2 processes give the same records, a rerun skips every clip."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset").symlink_to(synthetic_dataset_dir)
+    out = tmp_path / "sharded_infer.json"
+    done = subprocess.run(
+        [sys.executable, "bench/sharded_infer.py", str(data), "--tiny", "--out", str(out), "--logs", str(tmp_path / "logs"),
+         "--work", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    clips = len(list(synthetic_dataset_dir.glob("*/*.mp4")))
+    assert [report["runs"][n]["this_run"]["processes"] for n in ("1", "2")] == [1, 2]
+    assert report["same_as_1_gpu"]["2"] == {"clips": clips, "identical": clips, "differing": [], "missing": []}
+    rerun = report["rerun"]
+    assert rerun["this_run"]["skipped"] == clips and rerun["this_run"]["captioned"] == 0 and rerun["records_unchanged"]

@@ -338,3 +338,41 @@ def test_console_command_exposes_train(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--answer_format" in text and "--use_peft" in text and "--max_length" in text
+
+
+def test_sharded_optimizer_state_is_restored_in_place(tmp_path):
+    """The FSDP resume path: optimizer state saved as accelerate does (torch.distributed.checkpoint),
+    read back into a fresh optimizer, which then takes exactly the step the original takes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from train.trainer import load_sharded_optimizer_state
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, optimizer, seed):
+        generator = torch.Generator().manual_seed(seed)
+        loss = model(torch.randn(5, 8, generator=generator)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    original, original_opt = model_and_optimizer()
+    for seed in range(3):
+        step(original, original_opt, seed)
+    folder = tmp_path / "checkpoint" / "optimizer_0"
+    dcp.save({"optimizer": get_optimizer_state_dict(original, original_opt)}, storage_writer=dcp.FileSystemWriter(str(folder)))
+
+    resumed, resumed_opt = model_and_optimizer()
+    resumed.load_state_dict(original.state_dict())
+    load_sharded_optimizer_state(resumed, resumed_opt, folder)
+    for p_original, p_resumed in zip(original.parameters(), resumed.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(original_opt.state[p_original][key], resumed_opt.state[p_resumed][key]), key
+    step(original, original_opt, 3)
+    step(resumed, resumed_opt, 3)
+    for p_original, p_resumed in zip(original.parameters(), resumed.parameters()):
+        assert torch.equal(p_original, p_resumed)

@@ -29,23 +29,28 @@ def export_model(trainer, processor, model_args, output_dir: Path, method: str, 
     import torch
 
     is_main = trainer.accelerator.is_main_process
-    if method in ("lora", "qlora"):
+    peft = method in ("lora", "qlora")
+    if not (peft or merged):
+        return
+    # The whole state dict, gathered on the main process however FSDP shards it. `trainer.save_model`
+    # writes no weights under SHARDED_STATE_DICT (its checkpoints are per-rank shards), so the
+    # adapter is saved from this too.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if peft:
         adapter_dir = output_dir / "adapter"
-        trainer.save_model(str(adapter_dir))
         if is_main:
+            model.save_pretrained(adapter_dir, state_dict=state_dict)  # PEFT keeps only the adapter's weights
             processor.save_pretrained(adapter_dir)
             if merged:
                 merge_adapter(model_args.model_name_or_path, adapter_dir, output_dir / "merged", processor, model_args.model_revision)
-    elif merged:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathered on the main process under FSDP
-        if is_main:
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            state_dict = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
-            model.save_pretrained(output_dir / "merged", state_dict=state_dict)
-            processor.save_pretrained(output_dir / "merged")
-            # save_pretrained records the dtype of the parameters in memory (fp32 master weights)
-            config = type(model.config).from_pretrained(output_dir / "merged")
-            for part in (config, *(getattr(config, name) for name in config.sub_configs)):
-                part.dtype = torch.bfloat16
-            config.save_pretrained(output_dir / "merged")
+    elif is_main:
+        state_dict = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
+        model.save_pretrained(output_dir / "merged", state_dict=state_dict)
+        processor.save_pretrained(output_dir / "merged")
+        # save_pretrained records the dtype of the parameters in memory (fp32 master weights)
+        config = type(model.config).from_pretrained(output_dir / "merged")
+        for part in (config, *(getattr(config, name) for name in config.sub_configs)):
+            part.dtype = torch.bfloat16
+        config.save_pretrained(output_dir / "merged")
     trainer.accelerator.wait_for_everyone()
