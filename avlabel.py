@@ -17,6 +17,7 @@ COMMANDS = {
     "tiny-model": "train.tiny_model",
     "caption": "infer.caption",
     "train": "train.sft",
+    "export": "train.export",
     "metrics": "eval.metrics",
     "judge": "eval.judge",
     "compare": "eval.compare",

@@ -275,6 +275,69 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
     assert any(not torch.equal(start[name], got[name]) for name in got)
 
 
+def _as_sharded_checkpoint(checkpoint: Path, state_dict: dict, out: Path) -> Path:
+    """A copy of `checkpoint` whose weights are an FSDP-sharded folder, written the way accelerate
+    writes one (torch.distributed.checkpoint, the state dict under "model"), in a run folder."""
+    import torch.distributed.checkpoint as dcp
+
+    shutil.copy(checkpoint.parent / "recipe.yaml", out / "recipe.yaml")
+    copy = out / checkpoint.name
+    copy.mkdir()
+    shutil.copy(checkpoint / "trainer_state.json", copy)
+    dcp.save({"model": state_dict}, storage_writer=dcp.FileSystemWriter(str(copy / "pytorch_model_fsdp_0")))
+    return copy
+
+
+def runs_base_model(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "recipe.yaml").read_text())["model_name_or_path"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from train.export import ExportArguments, export_checkpoint
+
+    run = runs(method)
+    checkpoint = run / "checkpoint-3"
+    plain = export_checkpoint(ExportArguments(checkpoint=str(checkpoint), output_dir=str(tmp_path / "plain")))
+
+    if method == "full":  # a full fine-tune's shards hold every weight under its in-memory name
+        state_dict = AutoModelForImageTextToText.from_pretrained(checkpoint).state_dict()
+    else:  # a PEFT model's hold only the adapter, as accelerate saves it (adapter_only)
+        base = AutoModelForImageTextToText.from_pretrained(runs_base_model(run))
+        state_dict = get_peft_model_state_dict(PeftModel.from_pretrained(base, str(checkpoint)))
+    sharded_run = tmp_path / "sharded_run"
+    sharded_run.mkdir()
+    sharded = export_checkpoint(ExportArguments(checkpoint=str(_as_sharded_checkpoint(checkpoint, state_dict, sharded_run))))
+    assert sharded == sharded_run / "checkpoint-3" / "merged"
+
+    # both give the same bf16 model of step 3, with the run's processor and frame sampling, not the end of the run
+    expected, got = load_file(plain / "model.safetensors"), load_file(sharded / "model.safetensors")
+    assert expected.keys() == got.keys() and all(t.dtype == torch.bfloat16 for t in got.values() if t.is_floating_point())
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    final = load_file(run / "merged" / "model.safetensors")
+    assert any(not torch.equal(final[name], got[name]) for name in got)
+    for folder in (plain, sharded):
+        assert (folder / "sampling_config.json").read_text() == (run / "merged" / "sampling_config.json").read_text()
+        assert (folder / "processor_config.json").exists()
+    if method == "full":  # the plain export is the checkpoint's weights, in bf16
+        saved = load_file(checkpoint / "model.safetensors")
+        assert all(torch.equal(expected[name], saved[name].to(torch.bfloat16)) for name in saved)
+
+
+def test_export_names_what_is_not_a_checkpoint(tmp_path):
+    from train.export import ExportArguments, export_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="not a checkpoint of a training run"):
+        export_checkpoint(ExportArguments(checkpoint=str(tmp_path)))
+
+
 def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
     from peft import PeftConfig
     from safetensors.torch import load_file

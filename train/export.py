@@ -3,11 +3,21 @@
 `merged/` is a plain checkpoint plus the processor, so `from_pretrained` (and the `infer`
 package) load it like the base model. An adapter trained on 4-bit weights is merged into
 the base model's bf16 weights, as QLoRA intends: the 4-bit copy was only a training aid.
+
+A run exports its last step itself. Any `checkpoint-N` of it, sharded by FSDP or not, is
+exported the same way, on the CPU, with
+
+    avlabel export --checkpoint runs/sft/checkpoint-400 [--output_dir runs/sft/merged-400]
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+# accelerate's names for an FSDP checkpoint's sharded parts (torch.distributed.checkpoint folders)
+from accelerate.utils.constants import FSDP_MODEL_NAME
 
 
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, processor=None, revision: str = "main") -> Path:
@@ -54,3 +64,83 @@ def export_model(trainer, processor, model_args, output_dir: Path, method: str, 
             part.dtype = torch.bfloat16
         config.save_pretrained(output_dir / "merged")
     trainer.accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- checkpoint-N -> merged model
+
+
+@dataclass
+class ExportArguments:
+    checkpoint: str = field(metadata={"help": "A checkpoint-N folder of a training run (FSDP-sharded or not)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where the merged bf16 model goes (default: <checkpoint>/merged)."})
+
+
+def read_sharded_weights(folder: Path) -> dict:
+    """The whole state dict of an FSDP-sharded model folder, under the names the model had in memory."""
+    from accelerate.utils import merge_fsdp_weights
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        merge_fsdp_weights(str(folder), scratch)  # what `accelerate merge-weights` runs
+        return load_file(Path(scratch) / "model.safetensors")
+
+
+def export_checkpoint(args: ExportArguments) -> Path:
+    """Merge `args.checkpoint` into a bf16 model with the run's processor and frame sampling."""
+    import torch
+    import yaml
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import get_peft_config
+
+    from .sft import make_parser, method_of, sampling_config
+
+    checkpoint = Path(args.checkpoint)
+    recipe = checkpoint.parent / "recipe.yaml"
+    if not (checkpoint / "trainer_state.json").exists() or not recipe.exists():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint of a training run (needs trainer_state.json and ../recipe.yaml)")
+    config = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    script_args, _, model_args = make_parser().parse_dict(config, allow_extra_keys=True)
+    base_id, revision = model_args.model_name_or_path, model_args.model_revision
+    model = AutoModelForImageTextToText.from_pretrained(base_id, revision=revision, dtype=torch.bfloat16)
+    sharded = checkpoint / f"{FSDP_MODEL_NAME}_0"
+    if method_of(model_args) != "full":
+        if sharded.is_dir():  # adapter weights only, as accelerate saves a PEFT model
+            model = get_peft_model(model, get_peft_config(model_args))
+            weights = read_sharded_weights(sharded)
+            result = set_peft_model_state_dict(model, weights)
+            if result.unexpected_keys or not weights:
+                raise ValueError(f"{sharded}: {len(result.unexpected_keys)} weights match no adapter layer")
+        else:
+            model = PeftModel.from_pretrained(model, str(checkpoint))
+        model = model.merge_and_unload()
+    elif sharded.is_dir():
+        result = model.load_state_dict(read_sharded_weights(sharded), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{sharded}: {len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} unexpected "
+                             f"(e.g. {(result.missing_keys + result.unexpected_keys)[:3]})")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    out = Path(args.output_dir) if args.output_dir else checkpoint / "merged"
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base_id, revision=revision).save_pretrained(out)
+    sampling_config(script_args, model.config, base_id).save(out)
+    return out
+
+
+def make_parser(subparsers=None):
+    from trl import TrlParser
+
+    if subparsers is not None:
+        return subparsers.add_parser("export", help="Merge a training checkpoint into a bf16 model", dataclass_types=[ExportArguments])
+    return TrlParser(dataclass_types=[ExportArguments])
+
+
+def main(args: ExportArguments) -> Path:
+    out = export_checkpoint(args)
+    print(f"{args.checkpoint} -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
