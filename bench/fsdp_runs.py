@@ -45,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.scaling import NCCL_SAFETY, run_process_group
+from bench.scaling import NCCL_SAFETY, child_env, run_process_group
 
 METHODS = {  # method: (recipe, launcher config)
     "lora": ("recipes/cosmos_reason1_7b/lora.yaml", "recipes/accelerate/fsdp.yaml"),
@@ -149,12 +149,17 @@ def fill_frame_cache(data: Path, cache_dir: Path, config) -> int:
     return count
 
 
-def gpu_names() -> str:
-    """"4 x NVIDIA H100 80GB HBM3": the GPUs this process sees (nvidia-smi), or "cpu"."""
+def nvidia_smi(field: str) -> list[str]:
+    """`field` of each GPU this process sees (nvidia-smi ignores CUDA_VISIBLE_DEVICES: those are asked for by index)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *([f"--id={visible}"] if visible else [])]
+    query = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", *([f"--id={visible}"] if visible else [])]
+    return subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+
+
+def gpu_names() -> str:
+    """"4 x NVIDIA H100 80GB HBM3": the GPUs this process sees, or "cpu"."""
     try:
-        names = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+        names = nvidia_smi("name")
     except (OSError, subprocess.SubprocessError):
         return "cpu"
     return f"{len(names)} x {names[0]}" if names else "cpu"
@@ -169,16 +174,11 @@ class GpuMemory:
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # nvidia-smi ignores it: ask for those GPUs by index
-        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-        query += [f"--id={visible}"] if visible else []
         while not self._stop.is_set():
             try:
-                out = subprocess.run(query,
-                                     capture_output=True, text=True, timeout=10, check=False).stdout
-                used = [int(line) for line in out.split()]
+                used = [int(line) for line in nvidia_smi("memory.used")]
                 self.peak = [max(a, b) for a, b in zip(self.peak, used)] if self.peak else used
-            except (OSError, ValueError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.SubprocessError):
                 return
             self._stop.wait(0.5)
 
@@ -217,8 +217,7 @@ def launch(method: str, args, output_dir: Path, log, timeout: float, extra: list
     for key, value in overrides.items():
         command += [f"--{key}", str(value)]
     command += extra  # later flags win
-    env = {**os.environ, **NCCL_SAFETY, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env = child_env()
     if args.tiny:
         env["OMP_NUM_THREADS"] = "1"
     log.write(f"\n$ {' '.join(command)}\n")

@@ -45,6 +45,12 @@ GPU_COUNTS = (1, 2, 4, 8)
 NCCL_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a launched run: NCCL_SAFETY, this repository importable, output unbuffered."""
+    return {**os.environ, **NCCL_SAFETY, "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+
+
 # ----------------------------------------------------------------------------- workers (one per GPU)
 
 
@@ -182,7 +188,7 @@ def launch(count: int, args, result: Path) -> dict:
         "--clips_per_gpu", str(args.clips_per_gpu), "--infer_batch", str(args.infer_batch),
         "--prefill_batch", str(args.prefill_batch), "--num_workers", str(args.num_workers),
     ] + (["--tiny"] if args.tiny else [])
-    env = {**os.environ, **NCCL_SAFETY, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env = child_env()
     # torchrun sets OMP_NUM_THREADS=1 only when it starts several processes; the same for every N keeps runs comparable
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()

@@ -35,18 +35,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.fsdp_runs import GpuMemory, build_model, gpu_names
-from bench.scaling import NCCL_SAFETY, run_process_group
+from bench.scaling import NCCL_SAFETY, child_env, counts_for, run_process_group
+from infer.records import CAPTIONS, SUMMARY, read_records
 
-GPU_COUNTS = (1, 2, 4, 8)
 MAX_NEW_TOKENS = 64
 
 
 def records(output_dir: Path) -> dict[str, dict]:
     """clip id -> its record, without the timings (which differ from run to run)."""
-    path = output_dir / "captions.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = output_dir / CAPTIONS
+    rows = read_records(path) if path.exists() else []
     return {row["clip_id"]: {k: v for k, v in row.items() if k != "seconds"} for row in rows}
 
 
@@ -59,8 +57,7 @@ def caption(args, processes: int, output_dir: Path, name: str, extra: list[str])
     command += ["-m", "infer", "--config", recipe, "--model", args.model_dir, "--input", args.clips,
                 "--output_dir", str(output_dir), "--temperature", "0", "--max_new_tokens", str(MAX_NEW_TOKENS),
                 "--num_workers", "2", *extra]
-    env = {**os.environ, **NCCL_SAFETY, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env = child_env()
     if args.tiny:
         env["OMP_NUM_THREADS"] = "1"
     start = time.perf_counter()
@@ -69,7 +66,7 @@ def caption(args, processes: int, output_dir: Path, name: str, extra: list[str])
         log.flush()
         with GpuMemory() as memory:
             rc = run_process_group(command, env, args.run_timeout, stdout=log, stderr=log)
-    summary_path = output_dir / "summary.json"
+    summary_path = output_dir / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {"processes": processes, "rc": rc, "seconds": round(time.perf_counter() - start, 1),
             "gpu_mib_peak": memory.peak, "this_run": summary.get("this_run"), "captioned": summary.get("captioned")}
@@ -105,14 +102,7 @@ def main() -> None:
         args.model_dir = str(work / "model")
     build_model(Path(args.model_dir), args.tiny)
     args.clips = str(Path(args.data).resolve() / "dataset" / "*" / "*.mp4")
-    if args.gpus:
-        counts = [int(n) for n in args.gpus.split(",")]
-    elif args.tiny:
-        counts = [1, 2]
-    else:
-        import torch
-
-        counts = [n for n in GPU_COUNTS if n <= torch.cuda.device_count()]
+    counts = counts_for(args)
     report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": gpu_names(), "model_dir": args.model_dir,
                     "max_new_tokens": MAX_NEW_TOKENS, "runs": {}, "same_as_1_gpu": {}}
 
