@@ -102,9 +102,18 @@ def export_checkpoint(args: ExportArguments) -> Path:
     config = yaml.safe_load(recipe.read_text(encoding="utf-8"))
     script_args, _, model_args = make_parser().parse_dict(config, allow_extra_keys=True)
     base_id, revision = model_args.model_name_or_path, model_args.model_revision
-    model = AutoModelForImageTextToText.from_pretrained(base_id, revision=revision, dtype=torch.bfloat16)
     sharded = checkpoint / f"{FSDP_MODEL_NAME}_0"
-    if method_of(model_args) != "full":
+    full = method_of(model_args) == "full"
+    if full and not sharded.is_dir():  # a plain full checkpoint is a model folder already
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(base_id, revision=revision, dtype=torch.bfloat16)
+    if full and sharded.is_dir():
+        result = model.load_state_dict(read_sharded_weights(sharded), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{sharded}: {len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} unexpected "
+                             f"(e.g. {(result.missing_keys + result.unexpected_keys)[:3]})")
+    elif not full:
         if sharded.is_dir():  # adapter weights only, as accelerate saves a PEFT model
             model = get_peft_model(model, get_peft_config(model_args))
             weights = read_sharded_weights(sharded)
@@ -114,13 +123,6 @@ def export_checkpoint(args: ExportArguments) -> Path:
         else:
             model = PeftModel.from_pretrained(model, str(checkpoint))
         model = model.merge_and_unload()
-    elif sharded.is_dir():
-        result = model.load_state_dict(read_sharded_weights(sharded), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"{sharded}: {len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} unexpected "
-                             f"(e.g. {(result.missing_keys + result.unexpected_keys)[:3]})")
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16)
     out = Path(args.output_dir) if args.output_dir else checkpoint / "merged"
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(base_id, revision=revision).save_pretrained(out)
