@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_builder import build, synthetic
+from avlabel.data_builder import build
+from avlabel.demo import synthetic
 
 
 def _link_input(raw: Path, ids: list[str], count: int, target: Path) -> None:

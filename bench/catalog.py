@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_builder import schema  # noqa: E402
-from data_builder.prompts import load_prompts  # noqa: E402
+from avlabel.core import schema  # noqa: E402
+from avlabel.core.prompts import load_prompts  # noqa: E402
 
 HAZARDS = ("a pedestrian crossing ahead", "a cyclist on the right", "parked cars narrowing the lane",
            "a delivery van stopped in the lane", "a bus pulling out from a stop", "children near the curb",
@@ -150,8 +150,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "catalog.json"))
     args = parser.parse_args()
 
-    import catalog
-    from catalog import embeddings
+    from avlabel import catalog
+    from avlabel.catalog import embeddings
 
     load_start = os.getloadavg()[0]  # other work on the machine slows every number below
 

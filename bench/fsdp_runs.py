@@ -68,7 +68,7 @@ def model_config(tiny_dir: Path | None = None):
 
 
 def sampling_for(config):
-    from train.sft import TrainScriptArguments, sampling_config
+    from avlabel.train.sft import TrainScriptArguments, sampling_config
 
     return sampling_config(TrainScriptArguments(**SAMPLING), config)
 
@@ -81,9 +81,9 @@ def prepare(data: Path, clips: int = 12, test_clips: int = 4) -> None:
     import numpy as np
     from datasets import Video, load_dataset
 
-    from data_builder.build import BuildArguments, build
-    from data_builder.synthetic import generate
-    from train.collator import FrameCache
+    from avlabel.data_builder.build import BuildArguments, build
+    from avlabel.demo.synthetic import generate
+    from avlabel.train.collator import FrameCache
 
     shutil.rmtree(data, ignore_errors=True)
     raw = data / "raw"
@@ -113,7 +113,7 @@ def build_model(model_dir: Path, tiny: bool) -> None:
     if (model_dir / "config.json").exists():
         return
     if tiny:
-        from train.tiny_model import build_tiny_model
+        from avlabel.demo.tiny_model import build_tiny_model
 
         build_tiny_model(model_dir, "qwen2_5_vl", "small")
         return
@@ -133,7 +133,7 @@ def fill_frame_cache(data: Path, cache_dir: Path, config) -> int:
     import numpy as np
     from datasets import Video, load_dataset
 
-    from train.collator import Clip, FrameCache
+    from avlabel.train.collator import Clip, FrameCache
 
     cache = FrameCache(cache_dir, sampling_for(config))
     frames = np.load(data / "frames.npz")

@@ -35,11 +35,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_builder.prompts import load_prompts
-from data_builder.sampling import ClipInfo, SampledClip
-from infer.engine import CaptionEngine, ClipPreparer, chat_text
-from infer.inputs import ClipRef
-from infer.settings import GenerationSettings
+from avlabel.core.prompts import load_prompts
+from avlabel.core.sampling import ClipInfo, SampledClip
+from avlabel.infer.engine import CaptionEngine, ClipPreparer, chat_text
+from avlabel.infer.inputs import ClipRef
+from avlabel.infer.settings import GenerationSettings
 
 CONFIG = REPO / "bench" / "configs" / "qwen2_5_vl_7b.json"
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
@@ -85,7 +85,7 @@ def processor_7b():
         Qwen2VLVideoProcessor,
     )
 
-    from train.tiny_model import CHAT_TEMPLATE, build_tokenizer
+    from avlabel.demo.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(), tokenizer=build_tokenizer("qwen2_5_vl", "qwen"),
@@ -96,7 +96,7 @@ def processor_7b():
 def build_tiny(folder: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from train.tiny_model import build_tiny_model
+    from avlabel.demo.tiny_model import build_tiny_model
 
     path = build_tiny_model(folder, "qwen2_5_vl", "small")
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)

@@ -32,9 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from data_builder import schema  # noqa: E402
-from eval.data import render_value  # noqa: E402
-from eval.judge import Judge, JudgeConfig, JudgeItem  # noqa: E402
+from avlabel.core import schema  # noqa: E402
+from avlabel.eval.data import render_value  # noqa: E402
+from avlabel.eval.judge import Judge, JudgeConfig, JudgeItem  # noqa: E402
 from eval_labels import perturbed, random_label  # noqa: E402
 
 

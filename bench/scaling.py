@@ -96,10 +96,10 @@ def infer_worker(args) -> dict:
     from accelerate.utils import gather_object
 
     from bench import infer_7b
-    from data_builder.prompts import load_prompts
-    from infer.engine import CaptionEngine
-    from infer.inputs import ClipRef
-    from infer.settings import GenerationSettings
+    from avlabel.core.prompts import load_prompts
+    from avlabel.infer.engine import CaptionEngine
+    from avlabel.infer.inputs import ClipRef
+    from avlabel.infer.settings import GenerationSettings
 
     state = PartialState(cpu=args.tiny)
     if args.tiny:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.fsdp_runs import GpuMemory, build_model, gpu_names
 from bench.scaling import NCCL_SAFETY, child_env, counts_for, run_process_group
-from infer.records import CAPTIONS, SUMMARY, read_records
+from avlabel.infer.records import CAPTIONS, SUMMARY, read_records
 
 MAX_NEW_TOKENS = 64
 

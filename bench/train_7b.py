@@ -224,7 +224,7 @@ def peft_language_lora(model, bf16_adapters: bool):
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from train.sft import LANGUAGE_LINEAR_LAYERS
+    from avlabel.train.sft import LANGUAGE_LINEAR_LAYERS
 
     add_fused_lm_head(model)  # before PEFT, as SFTTrainer does
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LANGUAGE_LINEAR_LAYERS))
@@ -237,7 +237,7 @@ def peft_language_lora(model, bf16_adapters: bool):
 
 def set_checkpointing(model, enabled: bool):
     """Checkpointing as the Trainer sets it up, then our training path's frozen-vision fix."""
-    from train.sft import keep_frozen_vision_out_of_backward
+    from avlabel.train.sft import keep_frozen_vision_out_of_backward
 
     if enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,7 +5,7 @@ SQLite file, search them with structured filters, full text and sentence embeddi
 at the results in an HTML gallery or a terminal table, and turn them into a new dataset or
 per-slice metrics.
 
-    import catalog
+    from avlabel import catalog
     catalog.index_run("catalog.db", "runs/sft", run="sft")          # captions.jsonl of `avlabel caption`
     catalog.index_dataset("catalog.db", "data/synthetic")            # human labels of a built dataset
     catalog.embed_pending("catalog.db")                              # sentence vectors, resumable

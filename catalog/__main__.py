@@ -1,5 +1,5 @@
 """`python -m catalog`: the `avlabel search` command (see catalog/cli.py)."""
 
-from catalog.cli import main, make_parser
+from avlabel.catalog.cli import main, make_parser
 
 main(*make_parser().parse_args_and_config())

@@ -130,7 +130,7 @@ def main(args: SearchArguments):
                 everything = result if result.total <= len(result.hits) else search(args.db, limit=None, **common)
                 exported = export_dataset(everything.hits, args.export, labels=args.export_labels,
                                           test_size=args.export_test_size)
-                from data_builder.build import print_summary
+                from avlabel.data_builder.build import print_summary
 
                 print_summary(exported.build)
                 print(f"exported {exported.clips} clips ({exported.human_labels} human labels, "

@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from data_builder import schema
-from data_builder.schema import FIELDS
+from avlabel.core import schema
+from avlabel.core.schema import FIELDS
 
 from . import embeddings
 from .store import MULTI_FIELDS, TEXT_FIELDS, CatalogError, connect, members_table, to_column
@@ -160,7 +160,7 @@ def _read_dataset(dataset: str, splits: Iterable[str] | None, report: IndexRepor
     """Human labels of a builder dataset (a folder or Hub id), every split unless told."""
     import datasets
 
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     loaded = load_clip_dataset(dataset)
     entries: dict[str, _Entry] = {}

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from data_builder import schema
-from data_builder.schema import FIELDS, FIELDS_BY_NAME, LabelField
+from avlabel.core import schema
+from avlabel.core.schema import FIELDS, FIELDS_BY_NAME, LabelField
 
 from . import embeddings
 from .store import CLOSED_FIELDS, MULTI_FIELDS, TEXT_FIELDS, connect, members_table, row_label

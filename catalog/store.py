@@ -23,7 +23,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from data_builder.schema import FIELDS, LabelField
+from avlabel.core.schema import FIELDS, LabelField
 
 # Bump when the layout below changes; a catalog written by another layout is refused.
 LAYOUT_VERSION = 1

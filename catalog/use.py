@@ -51,7 +51,7 @@ def export_dataset(hits: Sequence[Hit], output_dir: str | Path, labels: LabelCho
     A caption with missing or invalid fields is handed over as it is and lands in the builder's
     quarantine report with the reason, like any bad label.
     """
-    from data_builder.build import BuildArguments, build
+    from avlabel.data_builder.build import BuildArguments, build
 
     out = Path(output_dir)
     manifest = out.parent / f"{out.name}.manifest.jsonl"
@@ -95,8 +95,8 @@ def slice_metrics(db: str | Path | sqlite3.Connection, slices: dict[str, Sequenc
     Slice on the human label (`human.lighting=Night*`) to slice by what is true; slicing on the
     caption's own answer selects by what the model believed, which flatters it.
     """
-    from eval.data import Prediction
-    from eval.metrics import evaluate_predictions
+    from avlabel.eval.data import Prediction
+    from avlabel.eval.metrics import evaluate_predictions
 
     results: dict[str, dict[str, Any]] = {}
     for name, filters in slices.items():

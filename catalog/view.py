@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_builder.sampling import SamplingConfig, VideoError, sample_frames
-from data_builder.schema import FIELDS
+from avlabel.core.sampling import SamplingConfig, VideoError, sample_frames
+from avlabel.core.schema import FIELDS
 
 from .query import Hit, SearchResult
 

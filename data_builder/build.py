@@ -37,19 +37,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from .sampling import SamplingConfig, VideoError, probe, sample_frames
-from .schema import check_label, label_to_row
+from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, METADATA_NAME, VIDEO_EXTENSIONS, clip_id_of
+from avlabel.core.sampling import SamplingConfig, VideoError, probe, sample_frames
+from avlabel.core.schema import check_label, label_to_row
 
 NAME = "build"
-CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after the camera that filmed it
-LABEL_SUFFIX = ".label.json"
-# What datasets' videofolder recognises as a video (datasets/packaged_modules/videofolder); a test checks it.
-VIDEO_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
 SPLITS = ("train", "test")
-# Parquet, not JSON lines: datasets infers a JSON metadata file's types from its first rows, so
-# a split whose manoeuvre lists happen to be all empty would get another type than the other
-# split and fail to load ("Metadata files ... have different features"). Parquet states them.
-METADATA_NAME = "metadata.parquet"
 QUARANTINE_NAME = "quarantine.jsonl"
 CACHE_NAME = ".build_cache.jsonl"
 CACHE_VERSION = 1  # raise when what a probe records changes: older entries then stop matching
@@ -142,7 +135,7 @@ def column_features():
     """`datasets.Features` of a built dataset: video, clip id, the label columns, the probe columns."""
     from datasets import Features, Value, Video
 
-    from .schema import dataset_features
+    from avlabel.core.schema import dataset_features
 
     return Features(
         {
@@ -222,12 +215,6 @@ def _bad_clip_id(clip_id: str) -> str | None:
     if not clip_id or clip_id.startswith(".") or any(c in clip_id for c in "/\\\0"):
         return f"clip id {clip_id!r} can't be used as a file name"
     return None
-
-
-def clip_id_of(name: str) -> str:
-    """A clip's id from its file name: without the extension and the recipe's camera suffix."""
-    stem = Path(name).name.rsplit(".", 1)[0]
-    return stem.removesuffix(CAMERA_SUFFIX)
 
 
 def _is_video(path: Path) -> bool:

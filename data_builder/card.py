@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import column_features, write_if_changed
-from .schema import FIELDS
+from avlabel.core.schema import FIELDS
 
 CARD_NAME = "README.md"
 PLOT_NAME = "statistics.png"
@@ -316,7 +316,7 @@ dataset = load_dataset("path/to/this/folder")  # or the Hub repo id; add streami
 row = dataset["train"][0]
 row["video"]  # a torchcodec VideoDecoder
 
-from data_builder.schema import row_to_label  # from the avlabel repository
+from avlabel.core.schema import row_to_label  # from the avlabel repository
 label = row_to_label(row)  # the row's label as the recipe's JSON object
 ```
 

@@ -1,6 +1,6 @@
 """`python -m eval metrics|judge|compare ...`: the evaluation commands of `avlabel`, without installing the command."""
 
-from avlabel import COMMANDS, main
+from avlabel.cli import COMMANDS, main
 
 if __name__ == "__main__":
     main(commands={name: COMMANDS[name] for name in ("metrics", "judge", "compare")}, prog="python -m eval")

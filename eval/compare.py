@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data_builder import schema
+from avlabel.core import schema
 
 from .data import (
     REFERENCES_HELP,

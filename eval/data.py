@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_builder import schema
-from data_builder.build import LABEL_SUFFIX
+from avlabel.core import schema
+from avlabel.core.layouts import LABEL_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Predic
 
 def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Problem]]:
     """Read a run's predictions; returns ({clip_id: Prediction}, problems)."""
-    from infer.records import record_files
+    from avlabel.infer.records import record_files
 
     path = Path(path)
     # a captions folder: captions.jsonl, plus the per-process shards of an unfinished multi-process run
@@ -147,7 +147,7 @@ def load_references(path: str | Path, split: str = "test") -> tuple[dict[str, di
                 problems.append(Problem(str(file), str(err).removeprefix(f"{file}: ")))
         return references, problems
 
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     dataset = load_clip_dataset(path, split=split)
     # only the label columns: touching `video` would decode every clip

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from data_builder import schema
+from avlabel.core import schema
 
 from .data import Run, RunArguments, read_run, render_value
 

@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_builder import schema
-from data_builder.schema import LabelField
+from avlabel.core import schema
+from avlabel.core.schema import LabelField
 
 from .data import Prediction, Run, RunArguments, read_run
 

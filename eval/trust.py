@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data_builder import schema
+from avlabel.core import schema
 
 from .data import Run, render_value
 from .judge import Judge, JudgeItem, Judgment

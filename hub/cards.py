@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data_builder.schema import FIELD_NAMES, FIELDS_BY_NAME
+from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME
 
 TEMPLATES = Path(__file__).parent  # model_card.md.jinja, eval_card.md.jinja (package data)
 TASK_TYPE = "video-text-to-text"

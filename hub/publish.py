@@ -36,7 +36,7 @@ from typing import Literal
 
 import yaml
 
-from data_builder.build import METADATA_NAME
+from avlabel.core.layouts import METADATA_NAME
 
 NAME = "publish"
 MODEL_SKIP = {  # what a weights folder may hold that is not part of a model repo

@@ -1,6 +1,6 @@
 """`python -m infer` and `accelerate launch -m infer`: the `avlabel caption` command."""
 
-from .caption import main, make_parser
+from avlabel.infer.caption import main, make_parser
 
 parser = make_parser()
 parser.prog = "python -m infer"

@@ -99,7 +99,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
-    from data_builder.prompts import load_prompts
+    from avlabel.core.prompts import load_prompts
 
     from . import records
     from .engine import CaptionEngine, load_model

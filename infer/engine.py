@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from data_builder.prompts import Prompts
-from data_builder.sampling import SampledClip, SamplingConfig, sample_frames
+from avlabel.core.prompts import Prompts
+from avlabel.core.sampling import SampledClip, SamplingConfig, sample_frames
 
 from .inputs import ClipRef
 from .settings import GenerationSettings
@@ -98,7 +98,7 @@ def load_model(
 
 def chat_text(processor, prompts: Prompts) -> str:
     """The prompt as the chat template writes it, from the conversation training uses."""
-    from train.collator import build_conversation
+    from avlabel.train.collator import build_conversation
 
     return processor.apply_chat_template(build_conversation(prompts), tokenize=False, add_generation_prompt=True)
 
@@ -334,7 +334,7 @@ class CaptionEngine:
         """The label JSON schema as an xgrammar grammar over this tokenizer."""
         import xgrammar as xgr
 
-        from data_builder.schema import json_schema
+        from avlabel.core.schema import json_schema
 
         schema = json_schema()
         for prop in schema["properties"].values():

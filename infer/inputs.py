@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_builder.build import METADATA_NAME, VIDEO_EXTENSIONS, clip_id_of
+from avlabel.core.layouts import METADATA_NAME, VIDEO_EXTENSIONS, clip_id_of
 
 # PyAV reads these as well; the builder keeps to what datasets' videofolder loads
 VIDEO_SUFFIXES = {*VIDEO_EXTENSIONS, ".webm", ".m4v", ".ts"}
@@ -60,7 +60,7 @@ def _from_dataset(name: str, split: str, cache_dir: Path) -> list[ClipRef]:
     """Clips of a `datasets` split; clips stored as bytes (parquet on the Hub) are written out once."""
     import datasets
 
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     try:
         ds = load_clip_dataset(name, split)

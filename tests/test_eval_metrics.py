@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from data_builder import schema
-from eval import data, metrics
-from eval.metrics import MISSING, field_result
+from avlabel.core import schema
+from avlabel.eval import data, metrics
+from avlabel.eval.metrics import MISSING, field_result
 
-REFERENCE = next((Path(__file__).resolve().parents[2] / "shared" / "reference").glob("*.label.json"))
+REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
 SPEC = schema.FIELDS_BY_NAME
 
 

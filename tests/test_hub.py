@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
-from data_builder import schema
-from hub.publish import (
+from avlabel.core import schema
+from avlabel.hub.publish import (
     PublishArguments,
     PublishError,
     main,
@@ -51,8 +51,8 @@ def train_output(work, tiny_model_dir, synthetic_dataset_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerState
     from trl import ModelConfig, SFTConfig
 
-    from train.plots import plot_loss
-    from train.sft import TrainScriptArguments, _resolved_arguments
+    from avlabel.train.plots import plot_loss
+    from avlabel.train.sft import TrainScriptArguments, _resolved_arguments
 
     out = work / "train_out"
     shutil.copytree(tiny_model_dir, out / "merged")
@@ -93,9 +93,9 @@ def eval_output(work):
     from eval_labels import perturbed, random_label, write_labels
     from openai_server import OpenAIServer
 
-    from eval.compare import compare_runs
-    from eval.judge import JudgeConfig
-    from eval.trust import TrustConfig
+    from avlabel.eval.compare import compare_runs
+    from avlabel.eval.judge import JudgeConfig
+    from avlabel.eval.trust import TrustConfig
 
     rng = np.random.default_rng(7)
     references = {f"clip{i:02d}": random_label(rng) for i in range(10)}
@@ -256,7 +256,7 @@ def test_card_of_a_real_base_model_without_a_judge(eval_output):
     """A Cosmos Reason fine-tune: its license and base model, no test-model wording; deterministic results only."""
     from huggingface_hub import ModelCard
 
-    from hub.cards import model_card
+    from avlabel.hub.cards import model_card
 
     judged = json.loads((eval_output / "results.json").read_text())
     # what compare writes without a judge: the deterministic metrics are the headline
@@ -462,7 +462,7 @@ def test_text_files_are_scrubbed_and_binary_files_with_secrets_refused(hub, requ
 
 def test_vocabulary_tokens_that_look_like_paths_are_left_alone(tiny_model_dir, tmp_path):
     """Qwen's real vocabulary has "/tmp" and "/root" tokens: scrubbing them would break the tokenizer."""
-    from hub.publish import Scrubber
+    from avlabel.hub.publish import Scrubber
 
     tokenizer = json.loads((tiny_model_dir / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"].update({"/tmp": 90001, "/root/": 90002, str(Path.home()) + "/x": 90003})

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from data_builder.schema import FIELD_NAMES, WHOLE_LABEL, check_label
-from infer.parse import parse_output
+from avlabel.core.schema import FIELD_NAMES, WHOLE_LABEL, check_label
+from avlabel.infer.parse import parse_output
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "infer" / "tiny.yaml"
@@ -126,7 +126,7 @@ def test_parse_without_a_label_says_why(raw, reason):
 
 
 def test_records_survive_a_torn_last_line(tmp_path):
-    from infer.records import RecordWriter, read_records
+    from avlabel.infer.records import RecordWriter, read_records
 
     path = tmp_path / "captions.jsonl"
     path.write_text('{"clip_id": "a", "status": "ok"}\n{"clip_id": "b", "sta', encoding="utf-8")
@@ -146,7 +146,7 @@ def test_records_survive_a_torn_last_line(tmp_path):
 def _clip_inputs(engine, video: Path, max_frames: int):
     from dataclasses import replace
 
-    from data_builder.sampling import sample_frames
+    from avlabel.core.sampling import sample_frames
 
     return engine.prepare(sample_frames(video, replace(engine.sampling, max_frames=max_frames)))
 
@@ -156,7 +156,7 @@ def model_of_each_family(request, tiny_model_dir, tmp_path_factory):
     """Cosmos Reason 1 is a Qwen2.5-VL, Cosmos Reason 2 a Qwen3-VL: the engine serves both."""
     if request.param == "qwen2_5_vl":
         return tiny_model_dir
-    from train.tiny_model import build_tiny_model
+    from avlabel.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), family="qwen3_vl", tokenizer="small", seed=0)
 
@@ -166,9 +166,9 @@ def test_batched_greedy_equals_one_clip_at_a_time(model_of_each_family, syntheti
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data_builder.prompts import load_prompts
-    from infer.engine import CaptionEngine
-    from infer.settings import GenerationSettings
+    from avlabel.core.prompts import load_prompts
+    from avlabel.infer.engine import CaptionEngine
+    from avlabel.infer.settings import GenerationSettings
 
     model = AutoModelForImageTextToText.from_pretrained(model_of_each_family).eval()
     reference = AutoModelForImageTextToText.from_pretrained(model_of_each_family).eval()  # transformers' own attention
@@ -200,7 +200,7 @@ def test_batched_greedy_equals_one_clip_at_a_time(model_of_each_family, syntheti
 
 
 def _caption(tiny_model_dir, **overrides):
-    from infer.caption import main, make_parser
+    from avlabel.infer.caption import main, make_parser
 
     argv = ["--config", str(TINY_RECIPE), "--model", str(tiny_model_dir)]
     for key, value in overrides.items():

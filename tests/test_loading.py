@@ -4,7 +4,7 @@ import shutil
 
 import datasets
 
-from data_builder.loading import load_clip_dataset
+from avlabel.core.loading import load_clip_dataset
 
 
 def test_copies_of_a_dataset_load_their_own_videos(synthetic_dataset_dir, tmp_path):

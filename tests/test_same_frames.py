@@ -18,7 +18,7 @@ TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft.ya
 def first_test_row(synthetic_dataset_dir):
     import datasets
 
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     ds = load_clip_dataset(synthetic_dataset_dir, "test")
     return ds.cast_column("video", datasets.Video(decode=False))[0]
@@ -29,12 +29,12 @@ def test_training_and_captioning_see_the_same_clip(tiny_model_dir, first_test_ro
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from data_builder.prompts import load_prompts
-    from data_builder.sampling import sample_frames
-    from infer.engine import ClipPreparer, chat_text
-    from infer.settings import GenerationSettings
-    from train.collator import FrameCache, VideoSFTCollator
-    from train.sft import TrainScriptArguments, sampling_config
+    from avlabel.core.prompts import load_prompts
+    from avlabel.core.sampling import sample_frames
+    from avlabel.infer.engine import ClipPreparer, chat_text
+    from avlabel.infer.settings import GenerationSettings
+    from avlabel.train.collator import FrameCache, VideoSFTCollator
+    from avlabel.train.sft import TrainScriptArguments, sampling_config
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -67,14 +67,14 @@ def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, 
     import torch
     from transformers import AutoConfig, AutoProcessor
 
-    from data_builder.prompts import load_prompts
-    from data_builder.sampling import SamplingConfig, sample_frames
-    from infer.caption import CaptionArguments
-    from infer.caption import main as caption
-    from infer.engine import ClipPreparer, chat_text
-    from infer.settings import GenerationSettings
-    from train.collator import FrameCache, VideoSFTCollator
-    from train.sft import train
+    from avlabel.core.prompts import load_prompts
+    from avlabel.core.sampling import SamplingConfig, sample_frames
+    from avlabel.infer.caption import CaptionArguments
+    from avlabel.infer.caption import main as caption
+    from avlabel.infer.engine import ClipPreparer, chat_text
+    from avlabel.infer.settings import GenerationSettings
+    from avlabel.train.collator import FrameCache, VideoSFTCollator
+    from avlabel.train.sft import train
 
     out = train(TINY_RECIPE, {
         "model_name_or_path": str(tiny_model_dir), "dataset_name": str(synthetic_dataset_dir),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_builder.sampling import SamplingConfig, VideoError, probe, sample_frames
+from avlabel.core.sampling import SamplingConfig, VideoError, probe, sample_frames
 
 # qwen-vl-utils reads this when imported; torchcodec is its backend that works with torchvision >= 0.26
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
@@ -297,7 +297,7 @@ def test_bad_files_fail_naming_the_file_and_the_reason(tmp_path, make, reason):
 @pytest.mark.parametrize("height, width", [(272, 640), (1080, 1920), (480, 640), (144, 256)])
 def test_resizing_is_idempotent(height, width):
     """A frame already at the model's size is left alone, so a presampled clip keeps its size."""
-    from data_builder.sampling import resized_size
+    from avlabel.core.sampling import resized_size
 
     config = SamplingConfig()
     once = resized_size(height, width, config)
@@ -308,7 +308,7 @@ def test_for_model_takes_the_model_folder_then_the_given_settings(tmp_path):
     """The model folder's file over the defaults, settings given over the file, None ignored, factor from the model."""
     from types import SimpleNamespace
 
-    from data_builder.sampling import SAMPLING_FILE
+    from avlabel.core.sampling import SAMPLING_FILE
 
     qwen3 = SimpleNamespace(vision_config=SimpleNamespace(patch_size=16, spatial_merge_size=2))
     assert SamplingConfig.for_model(qwen3, tmp_path) == SamplingConfig(factor=32)  # no file: the defaults
@@ -324,7 +324,7 @@ def test_for_model_takes_the_model_folder_then_the_given_settings(tmp_path):
 def test_a_broken_saved_sampling_config_is_named(tmp_path):
     from transformers import Qwen2_5_VLConfig
 
-    from data_builder.sampling import SAMPLING_FILE
+    from avlabel.core.sampling import SAMPLING_FILE
 
     (tmp_path / SAMPLING_FILE).write_text('{"fps": 2, "frames_per_clip": 4}')
     with pytest.raises(ValueError, match=rf"{SAMPLING_FILE}: not a valid sampling config"):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from data_builder import prompts, schema
+from avlabel.core import prompts, schema
 
-REFERENCE = next((Path(__file__).resolve().parents[2] / "shared" / "reference").glob("*.label.json"))
+REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
 
 
 def test_reference_label_validates_and_normalizes():
@@ -15,7 +15,7 @@ def test_reference_label_validates_and_normalizes():
     assert list(label) == list(schema.FIELD_NAMES)
     # the reference writes "low\u2011contrast" with a non-breaking hyphen
     assert label["lighting"] == "Daytime (low-contrast daylight)"
-    assert label["traffic_sign"].endswith("A crossroad ahead sign.")  # trailing newline dropped
+    assert label["traffic_sign"].endswith("A no parking sign.")  # trailing newline dropped
     assert label["additional_traffic_rules"] is None
     assert label["interactive_expanded_metaaction"] == ["Yield to VRUs", "Vehicle following"]
     assert label["driving_difficulty"] == 3

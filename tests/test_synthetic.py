@@ -10,9 +10,9 @@ import av
 import numpy as np
 import pytest
 
-from data_builder import synthetic
-from data_builder.sampling import SamplingConfig, probe, sample_frames
-from data_builder.schema import load_label_file
+from avlabel.demo import synthetic
+from avlabel.core.sampling import SamplingConfig, probe, sample_frames
+from avlabel.core.schema import load_label_file
 
 # the tiny training recipe's view of a clip: 2 fps, at most 112x112 pixels (140x84 for 16:9)
 TINY_VIEW = SamplingConfig(min_pixels=56 * 56, max_pixels=112 * 112)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from data_builder.prompts import load_prompts
-from data_builder.sampling import SamplingConfig, sample_frames
-from data_builder.schema import FIELDS, label_to_json
-from train.tiny_model import TEST_MODEL_NOTE, build_tiny_model, build_tokenizer
+from avlabel.core.prompts import load_prompts
+from avlabel.core.sampling import SamplingConfig, sample_frames
+from avlabel.core.schema import FIELDS, label_to_json
+from avlabel.demo.tiny_model import TEST_MODEL_NOTE, build_tiny_model, build_tokenizer
 
 
 def _write_clip(path, width=256, height=144, frames=25, fps=10):

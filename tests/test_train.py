@@ -35,12 +35,12 @@ def _rows(dataset_dir, split="train"):
 def _collator(model_dir, cache_dir=None, **kwargs):
     from transformers import AutoConfig, AutoProcessor
 
-    from data_builder.prompts import load_prompts
-    from train.collator import FrameCache, VideoSFTCollator
+    from avlabel.core.prompts import load_prompts
+    from avlabel.train.collator import FrameCache, VideoSFTCollator
 
     sampling = kwargs.pop("sampling", None)
     if sampling is None:
-        from train.sft import TrainScriptArguments, sampling_config
+        from avlabel.train.sft import TrainScriptArguments, sampling_config
 
         # the model folder's own sampling (the tiny model's: 4 frames of at most 112x112), as training takes it
         sampling = sampling_config(TrainScriptArguments(), AutoConfig.from_pretrained(model_dir), str(model_dir))
@@ -85,7 +85,7 @@ METHODS = {
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, synthetic_dataset_dir, tmp_path_factory):
     """One training run per method, made on first use and shared by the tests below."""
-    from train.sft import train
+    from avlabel.train.sft import train
 
     made: dict[str, Path] = {}
 
@@ -105,8 +105,8 @@ def runs(tiny_model_dir, synthetic_dataset_dir, tmp_path_factory):
 def test_label_mask_covers_exactly_the_answer(tiny_model_dir, synthetic_dataset_dir, template):
     from transformers import AutoProcessor
 
-    from data_builder.schema import row_to_label
-    from train.collator import format_answer
+    from avlabel.core.schema import row_to_label
+    from avlabel.train.collator import format_answer
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     if template == QWEN2_5_VL_TEMPLATE:
@@ -154,7 +154,7 @@ def test_estimated_length_is_the_collated_length(tiny_model_dir, synthetic_datas
 
 
 def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, synthetic_dataset_dir, tmp_path):
-    from train.sft import with_lengths
+    from avlabel.train.sft import with_lengths
 
     rows = _rows(synthetic_dataset_dir)
     probe = _collator(tiny_model_dir, answer_format="plain")
@@ -186,7 +186,7 @@ def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, syn
 
 
 def test_frame_cache_serves_later_epochs_without_decoding(tiny_model_dir, synthetic_dataset_dir, tmp_path):
-    from data_builder.sampling import VideoError
+    from avlabel.core.sampling import VideoError
 
     row = dict(_rows(synthetic_dataset_dir)[0])
     clip = tmp_path / "clip.mp4"
@@ -251,7 +251,7 @@ def test_each_method_trains_and_the_loss_falls(runs, method):
 def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_model_dir, synthetic_dataset_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from train.sft import train
+    from avlabel.train.sft import train
 
     first = runs("full")
     resumed = train(
@@ -300,7 +300,7 @@ def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from train.export import ExportArguments, export_checkpoint
+    from avlabel.train.export import ExportArguments, export_checkpoint
 
     run = runs(method)
     checkpoint = run / "checkpoint-3"
@@ -332,7 +332,7 @@ def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
 
 
 def test_export_names_what_is_not_a_checkpoint(tmp_path):
-    from train.export import ExportArguments, export_checkpoint
+    from avlabel.train.export import ExportArguments, export_checkpoint
 
     with pytest.raises(FileNotFoundError, match="not a checkpoint of a training run"):
         export_checkpoint(ExportArguments(checkpoint=str(tmp_path)))
@@ -343,7 +343,7 @@ def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from train.collator import build_conversation
+    from avlabel.train.collator import build_conversation
 
     out = runs("lora")
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
@@ -394,10 +394,10 @@ def test_two_processes_train_through_the_distributed_path(tiny_model_dir, synthe
 
 
 def test_console_command_exposes_train(capsys):
-    import avlabel
+    from avlabel import cli
 
     with pytest.raises(SystemExit) as exit_info:
-        avlabel.main(["train", "--help"])
+        cli.main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--answer_format" in text and "--use_peft" in text and "--max_length" in text
@@ -409,7 +409,7 @@ def test_sharded_optimizer_state_is_restored_in_place(tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from train.trainer import load_sharded_optimizer_state
+    from avlabel.train.trainer import load_sharded_optimizer_state
 
     def model_and_optimizer():
         torch.manual_seed(0)

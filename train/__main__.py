@@ -1,6 +1,6 @@
 """`python -m train` and `accelerate launch -m train`: the training script (see train/sft.py)."""
 
-from train.sft import main, make_parser
+from avlabel.train.sft import main, make_parser
 
 parser = make_parser()
 parser.prog = "python -m train"

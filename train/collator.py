@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data_builder.prompts import Prompts
-from data_builder.sampling import TEMPORAL_PATCH, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
-from data_builder.schema import label_to_json, row_to_label
+from avlabel.core.prompts import Prompts
+from avlabel.core.sampling import TEMPORAL_PATCH, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
+from avlabel.core.schema import label_to_json, row_to_label
 
 logger = logging.getLogger(__name__)
 

@@ -229,7 +229,7 @@ def default_lora_targets(model_args) -> None:
 
 def sampling_config(script_args, model_config, model_name_or_path: str | None = None):
     """The model folder's sampling (or the defaults), with the script's settings on top."""
-    from data_builder.sampling import SamplingConfig
+    from avlabel.core.sampling import SamplingConfig
 
     return SamplingConfig.for_model(
         model_config, model_name_or_path, **{name: getattr(script_args, name) for name in ("fps", "max_frames", "min_pixels", "max_pixels")}
@@ -240,7 +240,7 @@ def load_splits(script_args, training_args):
     """(train, eval or None) from the builder's dataset, with the `video` column left undecoded."""
     from datasets import Video
 
-    from data_builder.loading import load_clip_dataset
+    from avlabel.core.loading import load_clip_dataset
 
     dataset = load_clip_dataset(script_args.dataset_name, name=script_args.dataset_config,
                                 streaming=script_args.dataset_streaming)
@@ -345,7 +345,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     from trl import get_peft_config
     from transformers import AutoProcessor
 
-    from data_builder.prompts import load_prompts
+    from avlabel.core.prompts import load_prompts
 
     from .collator import FrameCache, VideoSFTCollator
     from .export import export_model

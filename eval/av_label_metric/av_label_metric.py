@@ -14,10 +14,10 @@ import datasets
 import evaluate
 import numpy as np
 
-from data_builder import schema
-from eval.data import prediction_from_json
-from eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
-from eval.metrics import evaluate_predictions
+from avlabel.core import schema
+from avlabel.eval.data import prediction_from_json
+from avlabel.eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
+from avlabel.eval.metrics import evaluate_predictions
 
 _DESCRIPTION = """
 Compares a model's labels of driving clips with human labels, field by field, using the schema of

@@ -18,7 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from avlabel import recipes
+
+RECIPES = Path(recipes.__file__).parent  # recipes/ in a checkout, avlabel/recipes/ when installed
 # The closed questions whose answers the synthetic pixels determine: the demo's yardstick.
 VISUAL_FIELDS = ("weather", "lighting", "traffic_light")
 
@@ -63,19 +65,19 @@ def main(args: DemoArguments) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from catalog.index import embed_pending, index_dataset, index_run
-    from catalog.query import search
-    from catalog.view import print_result, write_gallery
-    from data_builder.build import BuildArguments, build, print_summary
-    from data_builder.synthetic import generate
-    from eval.compare import compare_runs
-    from eval.judge import JudgeConfig
-    from hub.publish import publish_dataset, publish_model
-    from infer.caption import CaptionArguments
-    from infer.caption import main as caption
-    from infer.settings import GenerationSettings
-    from train.sft import train
-    from train.tiny_model import build_tiny_model
+    from avlabel.catalog.index import embed_pending, index_dataset, index_run
+    from avlabel.catalog.query import search
+    from avlabel.catalog.view import print_result, write_gallery
+    from avlabel.data_builder.build import BuildArguments, build, print_summary
+    from avlabel.demo.synthetic import generate
+    from avlabel.eval.compare import compare_runs
+    from avlabel.eval.judge import JudgeConfig
+    from avlabel.hub.publish import publish_dataset, publish_model
+    from avlabel.infer.caption import CaptionArguments
+    from avlabel.infer.caption import main as caption
+    from avlabel.infer.settings import GenerationSettings
+    from avlabel.train.sft import train
+    from avlabel.demo.tiny_model import build_tiny_model
 
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .build import METADATA_NAME
+from .layouts import METADATA_NAME
 
 
 def _cache_dir(folder: Path) -> str:

@@ -12,18 +12,18 @@ import sys
 
 # command -> module; the module defines make_parser(subparsers=None) and main(*parsed)
 COMMANDS = {
-    "synth": "data_builder.synthetic",
-    "build": "data_builder.build",
-    "tiny-model": "train.tiny_model",
-    "caption": "infer.caption",
-    "train": "train.sft",
-    "export": "train.export",
-    "metrics": "eval.metrics",
-    "judge": "eval.judge",
-    "compare": "eval.compare",
-    "publish": "hub.publish",
-    "search": "catalog.cli",
-    "demo": "hub.demo",
+    "synth": "avlabel.demo.synthetic",
+    "build": "avlabel.data_builder.build",
+    "tiny-model": "avlabel.demo.tiny_model",
+    "caption": "avlabel.infer.caption",
+    "train": "avlabel.train.sft",
+    "export": "avlabel.train.export",
+    "metrics": "avlabel.eval.metrics",
+    "judge": "avlabel.eval.judge",
+    "compare": "avlabel.eval.compare",
+    "publish": "avlabel.hub.publish",
+    "search": "avlabel.catalog.cli",
+    "demo": "avlabel.demo.run",
 }
 
 

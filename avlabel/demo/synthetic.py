@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import CAMERA_SUFFIX, LABEL_SUFFIX
-from .schema import FIELDS_BY_NAME, label_to_json, normalize_label
+from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX
+from avlabel.core.schema import FIELDS_BY_NAME, label_to_json, normalize_label
 
 VIDEO_SUFFIX = CAMERA_SUFFIX + ".mp4"
 

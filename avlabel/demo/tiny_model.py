@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_builder.sampling import SamplingConfig
+from avlabel.core.sampling import SamplingConfig
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 TINY_SAMPLING = {"fps": 2.0, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
@@ -133,9 +133,9 @@ def tokenizer_corpus() -> list[str]:
     The prompts, the schema's questions, guidance, categories and examples, and labels
     as JSON, so a label costs few tokens. Anything else still tokenizes (byte fallback).
     """
-    from data_builder.prompts import SHORT_PROMPT, SYSTEM_PROMPT, rubric_prompt
-    from data_builder.schema import FIELDS, label_to_json
-    from data_builder.synthetic import scene_labels
+    from avlabel.core.prompts import SHORT_PROMPT, SYSTEM_PROMPT, rubric_prompt
+    from avlabel.core.schema import FIELDS, label_to_json
+    from avlabel.demo.synthetic import scene_labels
 
     texts = [SYSTEM_PROMPT, rubric_prompt(), SHORT_PROMPT]
     for spec in FIELDS:
@@ -335,10 +335,10 @@ def measure_step_time(model_dir: str | Path, steps: int = 5, batch: int = 4) -> 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data_builder.prompts import load_prompts
-    from data_builder.schema import FIELDS, label_to_json
+    from avlabel.core.prompts import load_prompts
+    from avlabel.core.schema import FIELDS, label_to_json
 
-    from .collator import build_conversation
+    from avlabel.train.collator import build_conversation
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)

@@ -1,0 +1,1 @@
+"""The training and captioning recipes (YAML), shipped inside the package as `avlabel.recipes`."""
