@@ -1,31 +1,30 @@
 """`avlabel build`: turn dashcam clips and their labels into a Hugging Face dataset folder.
 
-Input, one of three layouts (`--layout auto` tells them apart):
-  recipe    `videos/<id>.camera_front_wide_120fov.mp4` + `metas/<id>.label.json`, as the Cosmos recipe ships them
-  flat      `<id>.mp4` + `<id>.json` side by side in one folder
-  manifest  a CSV or JSONL file with a `video` column (a path) and a `label` column (a path to a label
-            file, or the label itself as JSON), optionally `clip_id`; relative paths start at the manifest
+Input: any layout `avlabel.core.layouts.read_inputs` reads (`--layout auto` tells them apart): the recipe's
+`videos/` + `metas/`, a flat folder of `<id>.mp4` + `<id>.json`, a CSV/JSONL manifest of videos and labels,
+a single clip, or a dataset this command built. A clip is any container and codec the bundled FFmpeg decodes.
 
 Output, the `videofolder` layout that `datasets.load_dataset(folder)` reads without any code, normal or
 streaming, and that `huggingface_hub.upload_folder` can push unchanged (nothing in it names a local path):
   README.md                  dataset card written by `card.py`: YAML configs, features and splits, statistics
   statistics.png             the card's histograms
-  train/metadata.parquet     one row per clip: file_name, clip_id, the label columns, the probe columns
-  train/<clip_id>.mp4        the clip: a hardlink or copy of the original, or (`--presample`) re-encoded at
-                             the model's frame rate and resolution so training never decodes the original
+  train/metadata.parquet     one row per clip: file_name, clip_id, the label columns, `extra`, the probe columns
+  train/<clip_id>.mp4        the clip: a hardlink or copy of the original; remuxed (streams copied, frames
+                             untouched) into .mkv when its container is one videofolder does not list (.webm,
+                             .ts, ...); or (`--presample`) re-encoded at the model's frame rate and resolution
   test/...                   the held-out split, chosen by a hash of the clip id
-  quarantine.jsonl           everything set aside, one {"path", "stage", "reason"} per problem
+  quarantine.jsonl           every input file set aside, one {"path", "stage", "reason"[, "partner"]} each
   .build_cache.jsonl         probe results keyed by file, size and mtime: a re-run only probes new clips
 
-Bad input loses nothing: every clip is probed and every label validated, and whatever fails (unreadable
-video, invalid label, a clip without a label or a label without a clip) is written to the quarantine report
-and printed; the build goes on with the rest. `--strict` turns any problem into a non-zero exit.
+Bad input loses nothing: every clip is probed and every label validated, and every input file ends up
+either in a row or in the quarantine report with its reason (or its partner's: the video of a bad label,
+the label of a bad video); the build goes on with the rest. Keys beyond the schema in a label are kept in
+the `extra` column. `--strict` refuses such labels and turns anything set aside into a non-zero exit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import json
@@ -35,30 +34,37 @@ import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, METADATA_NAME, VIDEO_EXTENSIONS, clip_id_of
-from avlabel.core.sampling import SamplingConfig, VideoError, probe, sample_frames
-from avlabel.core.schema import check_label, label_to_row
+from avlabel.core.layouts import (
+    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, read_inputs,
+)
+from avlabel.core.problems import InputError, Problem
+from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, probe, sample_frames
+from avlabel.core.schema import label_to_row, read_label
 
 NAME = "build"
 SPLITS = ("train", "test")
 QUARANTINE_NAME = "quarantine.jsonl"
 CACHE_NAME = ".build_cache.jsonl"
-CACHE_VERSION = 1  # raise when what a probe records changes: older entries then stop matching
+CACHE_VERSION = 2  # raise when what a probe records changes: older entries then stop matching
 CHECKPOINT_EVERY = 200  # clips probed or presampled between saves of the cache
 PROBE_COLUMNS = ("duration", "fps", "width", "height", "codec")
+REMUX_SUFFIX = ".mkv"  # Matroska holds any codec, so a stream copy into it always works
 
 
-@dataclass
-class BuildArguments:
+@dataclass(kw_only=True)
+class BuildArguments(SamplingArguments):
+    """The builder's flags; --fps, --max_frames, --min_pixels and --max_pixels (SamplingArguments) apply to --presample."""
+
     input: str = field(
-        metadata={"help": "The clips and labels: a folder (recipe or flat layout) or a CSV/JSONL manifest."}
+        metadata={"help": "The clips and labels: a folder (recipe or flat layout), a CSV/JSONL manifest, a clip, or a "
+                  "dataset built before."}
     )
     output_dir: str = field(metadata={"help": "Folder to write the dataset to. Re-running updates it in place."})
-    layout: Literal["auto", "recipe", "flat", "manifest"] = field(
+    layout: Literal["auto", "dataset", "recipe", "manifest", "file", "flat"] = field(
         default="auto",
-        metadata={"help": "Input layout; `auto` picks recipe (videos/ + metas/), manifest (.csv/.jsonl) or flat."},
+        metadata={"help": "Input layout; `auto` picks dataset, recipe (videos/ + metas/), manifest, file or flat."},
     )
     test_size: float = field(
         default=0.1,
@@ -72,42 +78,21 @@ class BuildArguments:
     )
     presample: bool = field(
         default=False,
-        metadata={"help": "Store each clip re-encoded (H.264) at the sampling fps and resolution below."},
+        metadata={"help": "Store each clip re-encoded (H.264) at the sampling fps and resolution (--fps, --max_pixels...)."},
     )
-    sample_fps: float = field(default=SamplingConfig.fps, metadata={"help": "Presampling: frames per second."})
-    min_pixels: int = field(default=SamplingConfig.min_pixels, metadata={"help": "Presampling: fewest pixels a frame."})
-    max_pixels: int = field(default=SamplingConfig.max_pixels, metadata={"help": "Presampling: most pixels a frame."})
     factor: int = field(
         default=SamplingConfig.factor,
         metadata={"help": "Presampling: frame sides are multiples of this (28 for Qwen2.5-VL, 32 for Qwen3-VL)."},
     )
     crf: int = field(default=18, metadata={"help": "Presampling: H.264 quality (lower is better and larger)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for probing (default: all cores)."})
-    strict: bool = field(default=False, metadata={"help": "Exit with an error when anything was set aside."})
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Refuse labels with keys beyond the schema, and exit with an error when anything was set aside."},
+    )
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            fps=self.sample_fps, min_pixels=self.min_pixels, max_pixels=self.max_pixels, factor=self.factor
-        )
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One entry of the quarantine report."""
-
-    path: str  # relative to the input folder (or the manifest's folder) when inside it
-    stage: str  # scan | label | probe | pack
-    reason: str
-
-
-@dataclass
-class Candidate:
-    """A clip id with whatever the input holds for it."""
-
-    clip_id: str
-    video: Path | None  # None: a label without a clip
-    label: Any  # a label file's Path, or the label (object or JSON text) from a manifest; None: no label
-    label_where: str  # how reports name the label: its file, or the manifest line
+        return self.resolve_sampling(factor=self.factor)
 
 
 @dataclass
@@ -115,24 +100,31 @@ class BuildResult:
     output_dir: Path
     layout: str
     rows: dict[str, list[dict]]  # split -> metadata rows
-    problems: list[Problem]
+    problems: list[Problem]  # one or more per input file set aside
+    inputs: list[str]  # every input file (or inline label) read, as the report names it
     probed: int  # files probed in this run (the others came from the cache)
-    packed: int  # clips written in this run (linked, copied or presampled)
+    packed: int  # clips written in this run (linked, copied, remuxed or presampled)
+    remuxed: int = 0  # clips stored in Matroska because videofolder does not list their container
+    with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
 
     @property
     def num_rows(self) -> int:
         return sum(len(rows) for rows in self.rows.values())
 
+    @property
+    def set_aside(self) -> list[str]:
+        return sorted({problem.path for problem in self.problems})
+
 
 class BuildError(RuntimeError):
-    """A problem with the build as a whole (not one clip): bad arguments, unreadable manifest."""
+    """A problem with the build as a whole (not one clip): bad arguments, an input that can't be read."""
 
 
 # ----------------------------------------------------------------------------- dataset features
 
 
 def column_features():
-    """`datasets.Features` of a built dataset: video, clip id, the label columns, the probe columns."""
+    """`datasets.Features` of a built dataset: video, clip id, the label columns, `extra`, the probe columns."""
     from datasets import Features, Value, Video
 
     from avlabel.core.schema import dataset_features
@@ -142,6 +134,7 @@ def column_features():
             "video": Video(),
             "clip_id": Value("string"),
             **dataset_features(),
+            EXTRA_COLUMN: Value("string"),
             "duration": Value("float64"),
             "fps": Value("float64"),
             "width": Value("int32"),
@@ -151,202 +144,12 @@ def column_features():
     )
 
 
-# ----------------------------------------------------------------------------- reading the input
-
-
-class _Scan:
-    """Collects candidates and scan-stage problems; names files relative to the input root."""
-
-    def __init__(self, root: Path, skip: Path | None = None):
-        self.root = root
-        self.skip = skip
-        self.candidates: dict[str, Candidate] = {}
-        self.problems: list[Problem] = []
-
-    def where(self, path: Path | str) -> str:
-        path = Path(path)
-        try:
-            return path.resolve().relative_to(self.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
-
-    def problem(self, path, stage: str, reason: str) -> None:
-        self.problems.append(Problem(path if isinstance(path, str) else self.where(path), stage, reason))
-
-    def add(self, candidate: Candidate, origin: str) -> None:
-        reason = _bad_clip_id(candidate.clip_id)
-        if reason:
-            self.problem(origin, "scan", reason)
-        elif candidate.clip_id in self.candidates:
-            first = self.candidates[candidate.clip_id]
-            other = self.where(first.video) if first.video else first.label_where
-            self.problem(origin, "scan", f"duplicate clip id {candidate.clip_id!r} (also {other})")
-        else:
-            self.candidates[candidate.clip_id] = candidate
-
-    def files(self, folder: Path):
-        """Visible entries of a folder in name order; subfolders are reported, not entered."""
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") or (self.skip and path.resolve() == self.skip):
-                continue
-            if path.is_dir():
-                self.problem(path, "scan", "is a folder; only files directly inside the input folder are read")
-                continue
-            yield path
-
-    def collect(self, found: dict[str, Path], clip_id: str, path: Path) -> None:
-        """Note `path` as the file of `clip_id`, unless another file already claimed that id."""
-        if clip_id in found:
-            self.problem(path, "scan", f"duplicate clip id {clip_id!r} (also {self.where(found[clip_id])})")
-        else:
-            found[clip_id] = path
-
-    def pair(self, videos: dict[str, Path], labels: dict[str, Path], expect_video: str, expect_label: str) -> None:
-        for clip_id in sorted(videos.keys() | labels.keys()):
-            video, label = videos.get(clip_id), labels.get(clip_id)
-            if label is None:
-                self.problem(video, "scan", f"clip without a label (expected {expect_label.format(id=clip_id)})")
-            elif video is None:
-                self.problem(label, "scan", f"label without a clip (expected {expect_video.format(id=clip_id)})")
-            self.add(Candidate(clip_id, video, label, self.where(label) if label else ""), self.where(video or label))
-
-
-def _bad_clip_id(clip_id: str) -> str | None:
-    if not clip_id or clip_id.startswith(".") or any(c in clip_id for c in "/\\\0"):
-        return f"clip id {clip_id!r} can't be used as a file name"
-    return None
-
-
-def _is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS
-
-
-def _scan_recipe(scan: _Scan) -> None:
-    videos: dict[str, Path] = {}
-    labels: dict[str, Path] = {}
-    for path in scan.files(scan.root / "videos"):
-        if _is_video(path):
-            scan.collect(videos, clip_id_of(path.name), path)
-        else:
-            scan.problem(path, "scan", f"not a video file (extension {path.suffix or 'none'})")
-    for path in scan.files(scan.root / "metas"):
-        if path.name.endswith(LABEL_SUFFIX):
-            scan.collect(labels, path.name[: -len(LABEL_SUFFIX)], path)
-        else:
-            scan.problem(path, "scan", "not a label file (expected <id>.label.json)")
-    scan.pair(videos, labels, f"videos/{{id}}{CAMERA_SUFFIX}.mp4", f"metas/{{id}}{LABEL_SUFFIX}")
-
-
-def _scan_flat(scan: _Scan) -> None:
-    videos: dict[str, Path] = {}
-    labels: dict[str, Path] = {}
-    for path in scan.files(scan.root):
-        if _is_video(path):
-            scan.collect(videos, clip_id_of(path.name), path)
-        elif path.suffix.lower() == ".json":
-            stem = path.name[: -len(".json")]
-            scan.collect(labels, stem.removesuffix(".label"), path)
-        else:
-            scan.problem(path, "scan", "neither a video nor a .json label")
-    scan.pair(videos, labels, "{id}.mp4", "{id}.json")
-
-
-def _manifest_records(manifest: Path):
-    """(line number, record) pairs of a CSV or JSONL manifest; raises BuildError if it can't be read."""
-    try:
-        text = manifest.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BuildError(f"{manifest}: can't read the manifest ({err})") from None
-    if manifest.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may span lines
-        missing = {"video", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise BuildError(f"{manifest}: the manifest lacks the column(s) {', '.join(sorted(missing))}")
-        for record in reader:
-            yield reader.line_num, record
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, err
-
-
-def _scan_manifest(scan: _Scan, manifest: Path) -> None:
-    for number, record in _manifest_records(manifest):
-        where = f"{manifest.name}:{number}"
-        if isinstance(record, Exception):
-            scan.problem(where, "scan", f"line is not valid JSON ({record.msg})")
-            continue
-        if not isinstance(record, dict):
-            scan.problem(where, "scan", "line is not a JSON object")
-            continue
-        video = str(record["video"]) if record.get("video") not in (None, "") else None
-        label = record.get("label") or None
-        if isinstance(label, str) and not label.lstrip().startswith("{"):
-            label = scan.root / label  # a label file; anything else is the label itself
-        video_path = scan.root / video if video else None
-        clip_id = str(record.get("clip_id") or (clip_id_of(Path(video).name) if video else ""))
-        if not clip_id and isinstance(label, Path):
-            clip_id = label.name.removesuffix(".json").removesuffix(".label")
-        if not video:
-            scan.problem(where, "scan", "label without a clip (empty `video`)")
-        elif label is None:
-            scan.problem(where, "scan", f"clip without a label (empty `label` for {video})")
-        label_where = scan.where(label) if isinstance(label, Path) else where
-        scan.add(Candidate(clip_id, video_path, label, label_where), where)
-
-
-def detect_layout(path: Path) -> str:
-    if path.is_file():
-        if path.suffix.lower() in (".csv", ".jsonl"):
-            return "manifest"
-        raise BuildError(f"{path}: a manifest must be a .csv or .jsonl file")
-    if not path.is_dir():
-        raise BuildError(f"{path}: no such file or folder")
-    if (path / "videos").is_dir() and (path / "metas").is_dir():
-        return "recipe"
-    return "flat"
-
-
-def scan_input(path: str | Path, layout: str = "auto", skip: Path | None = None) -> tuple[str, _Scan]:
-    """Find the clips and labels of an input; returns the layout used and the scan."""
-    path = Path(path)
-    layout = detect_layout(path) if layout == "auto" else layout
-    if layout == "manifest":
-        if not path.is_file():
-            raise BuildError(f"{path}: the manifest layout needs a .csv or .jsonl file")
-        scan = _Scan(path.parent, skip)
-        _scan_manifest(scan, path)
-    else:
-        if not path.is_dir():
-            raise BuildError(f"{path}: the {layout} layout needs a folder")
-        if layout == "recipe" and not ((path / "videos").is_dir() and (path / "metas").is_dir()):
-            raise BuildError(f"{path}: the recipe layout needs the folders videos/ and metas/")
-        scan = _Scan(path, skip)
-        (_scan_recipe if layout == "recipe" else _scan_flat)(scan)
-    return layout, scan
-
-
-def read_label(candidate: Candidate) -> tuple[dict | None, str | None]:
-    """The normalised label, or why it can't be used (every problem, per field)."""
-    raw = candidate.label
-    try:
-        if isinstance(raw, Path):
-            raw = json.loads(raw.read_text(encoding="utf-8"))
-        elif isinstance(raw, str):
-            raw = json.loads(raw)
-    except OSError as err:
-        return None, f"can't be read ({err.strerror})"
-    except UnicodeDecodeError:
-        return None, "is not UTF-8 text"
-    except json.JSONDecodeError as err:
-        return None, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
-    label, problems = check_label(raw)
-    if problems:
-        return None, "; ".join(f"{name} {', '.join(msgs)}" for name, msgs in problems.items())
-    return label, None
+def stored_suffix(source: Path, presample: bool) -> str:
+    """The extension a clip is stored under: one videofolder recognises (see layouts.STORED_EXTENSIONS)."""
+    if presample:
+        return ".mp4"
+    suffix = source.suffix.lower()
+    return suffix if suffix in STORED_EXTENSIONS else REMUX_SUFFIX
 
 
 # ----------------------------------------------------------------------------- probing and packing (worker side)
@@ -384,6 +187,30 @@ def _presample_file(source: str, target: str, sampling: dict, crf: int) -> dict:
         return {"error": err.reason}
     except Exception as err:  # noqa: BLE001 - see _probe_file
         return {"error": f"presampling failed: {type(err).__name__}: {err}"}
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _remux_file(source: str, target: str) -> dict:
+    """Copy the video stream packet for packet into Matroska (no re-encoding: the frames are the original's),
+    then probe the copy."""
+    import av
+
+    partial = Path(target).with_suffix(".part")
+    try:
+        with av.open(source) as original, av.open(str(partial), "w", format="matroska") as copy:
+            video = original.streams.video[0]
+            stream = copy.add_stream_from_template(video)
+            for packet in original.demux(video):
+                if packet.dts is not None or packet.pts is not None:  # not the demuxer's closing empty packet
+                    packet.stream = stream
+                    copy.mux(packet)
+        os.replace(partial, target)
+        return {"info": asdict(probe(target))}
+    except VideoError as err:
+        return {"error": f"remuxed into Matroska, the copy fails: {err.reason}"}
+    except Exception as err:  # noqa: BLE001 - see _probe_file
+        return {"error": f"remuxing into Matroska failed: {type(err).__name__}: {err}"}
     finally:
         partial.unlink(missing_ok=True)
 
@@ -519,38 +346,48 @@ def _check_output_dir(out: Path, input_path: Path) -> None:
 
 
 def build(args: BuildArguments) -> BuildResult:
-    """Build (or update) the dataset folder; problems with single clips go to the quarantine report."""
+    """Build (or update) the dataset folder; every input file ends in a row or in the quarantine report."""
     from .card import write_card
 
     input_path, out = Path(args.input), Path(args.output_dir)
     _check_output_dir(out, input_path)
-    layout, scan = scan_input(input_path, args.layout, skip=out.resolve())
+    try:
+        inputs = read_inputs(args.input, args.layout, skip=out.resolve())
+    except InputError as err:
+        raise BuildError(str(err)) from None
     out.mkdir(parents=True, exist_ok=True)
     cache = _Cache(out)
     cache.save()  # marks the folder as the builder's from the start, so a build that stops can resume
     num_proc = args.num_proc or os.cpu_count() or 1
-    problems = scan.problems
+    problems = list(inputs.problems)
+    clips = inputs.clips
 
     labels: dict[str, dict] = {}
-    for candidate in scan.candidates.values():
-        if candidate.label is not None:
-            label, reason = read_label(candidate)
-            if reason:
-                problems.append(Problem(candidate.label_where, "label", reason))
-            else:
-                labels[candidate.clip_id] = label
+    extras: dict[str, dict] = {}
+    for clip in clips.values():
+        if clip.video is None:
+            expected = EXPECTED_VIDEO[inputs.layout].format(id=clip.clip_id)
+            problems.append(Problem(clip.label_name, "scan", f"label without a clip (expected {expected})"))
+            continue
+        if clip.label is None:
+            expected = EXPECTED_LABEL[inputs.layout].format(id=clip.clip_id)
+            problems.append(Problem(clip.video_name, "scan", f"clip without a label (expected {expected})"))
+            continue
+        label, extra, reason = read_label(clip.label, strict=args.strict)
+        if reason:
+            problems.append(Problem(clip.label_name, "label", reason))
+        else:
+            labels[clip.clip_id], extras[clip.clip_id] = label, extra
 
     # every clip is probed, labelled or not, so one report lists all that is wrong with the input
     keys: dict[str, str] = {}
-    for candidate in scan.candidates.values():
-        if candidate.video is None:
-            continue
+    for clip in inputs.with_video:
         try:
-            keys[candidate.clip_id] = file_key(candidate.video)
+            keys[clip.clip_id] = file_key(clip.video)
         except OSError as err:
             reason = "file not found" if isinstance(err, FileNotFoundError) else f"can't be read ({err.strerror})"
-            problems.append(Problem(scan.where(candidate.video), "probe", reason))
-    sources = {keys[c]: str(scan.candidates[c].video) for c in keys}
+            problems.append(Problem(clip.video_name, "probe", reason))
+    sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)
     probed = _run_parallel(_probe_file, [(sources[key],) for key in todo], "Probing", num_proc)
     for done, (key, result) in enumerate(zip(todo, probed), 1):
@@ -561,23 +398,25 @@ def build(args: BuildArguments) -> BuildResult:
     for clip_id, key in keys.items():
         result = cache.probes[key]
         if "error" in result:
-            problems.append(Problem(scan.where(scan.candidates[clip_id].video), "probe", result["error"]))
+            problems.append(Problem(clips[clip_id].video_name, "probe", result["error"]))
         else:
             infos[clip_id] = result["info"]
 
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
     splits = assign_splits(good, args.test_size)
-    stored, packed = _pack(args, out, cache, scan, keys, splits, num_proc, problems)
+    stored, packed = _pack(args, out, cache, clips, keys, splits, num_proc, problems)
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for clip_id in good:
         if clip_id not in stored:
             continue
         name, info = stored[clip_id]
-        row = {"file_name": Path(name).name, "clip_id": clip_id, **label_to_row(labels[clip_id])}
+        extra = json.dumps(extras[clip_id], ensure_ascii=False, sort_keys=True) if extras[clip_id] else None
+        row = {"file_name": Path(name).name, "clip_id": clip_id, **label_to_row(labels[clip_id]), EXTRA_COLUMN: extra}
         row.update({column: info[column] for column in PROBE_COLUMNS})
         rows[splits[clip_id]].append(row)
     rows = {split: split_rows for split, split_rows in rows.items() if split_rows}
+    problems = sorted(set(problems + _partners(clips, stored, problems)), key=lambda p: (p.path, p.stage, p.reason))
 
     for split in SPLITS:
         metadata = out / split / METADATA_NAME
@@ -585,68 +424,88 @@ def build(args: BuildArguments) -> BuildResult:
             _write_metadata(metadata, rows[split])
         else:
             metadata.unlink(missing_ok=True)
-    problems = sorted(set(problems), key=lambda p: (p.path, p.stage, p.reason))
-    write_if_changed(out / QUARANTINE_NAME, "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in problems))
+    report = "".join(json.dumps(problem.to_dict(), ensure_ascii=False) + "\n" for problem in problems)
+    write_if_changed(out / QUARANTINE_NAME, report)
     cache.save(set(keys.values()))
+    remuxed = sum(Path(name).suffix != clips[c].video.suffix.lower() for c, (name, _) in stored.items())
     write_card(
         out,
         rows,
         problems,
-        layout=layout,
+        layout=inputs.layout,
         test_size=args.test_size,
         license=args.license,
         pretty_name=args.pretty_name,
         presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
-        source_bytes=sum(scan.candidates[c].video.stat().st_size for c in stored),
+        source_bytes=sum(clips[c].video.stat().st_size for c in stored),
+        remuxed=0 if args.presample else remuxed,
     )
-    return BuildResult(out, layout, rows, problems, probed=len(todo), packed=packed)
+    return BuildResult(
+        out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
+        remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
+    )
 
 
-def _pack(args, out, cache, scan, keys, splits, num_proc, problems) -> tuple[dict[str, tuple[str, dict]], int]:
+def _partners(clips: dict[str, InputClip], stored: dict, problems: list[Problem]) -> list[Problem]:
+    """The files set aside only because their partner was: the video of a bad label, the label of a bad video."""
+    refused = {problem.path for problem in problems}
+    partners = []
+    for clip in clips.values():
+        if clip.clip_id in stored or not (clip.video_name and clip.label_name) or clip.video_name == clip.label_name:
+            continue
+        for name, kind, other, other_kind in ((clip.video_name, "clip", clip.label_name, "label"),
+                                              (clip.label_name, "label", clip.video_name, "clip")):  # fmt: skip
+            if name not in refused and other in refused:
+                reason = f"its {other_kind} {other} was set aside"
+                partners.append(Problem(name, "partner", reason, partner=other))
+    return partners
+
+
+def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[dict[str, tuple[str, dict]], int]:
     """Put each good clip at `<split>/<clip_id><ext>`, reusing what an earlier build stored.
 
     Returns clip id -> (stored file relative to `out`, probe info of the stored file) and how many were written.
     """
-    recipe = "original"
+    presample = ""
     if args.presample:
-        recipe = "presample " + json.dumps(args.sampling().to_dict() | {"crf": args.crf}, sort_keys=True)
-    kept = {
-        name: record for name, record in cache.outputs.items() if record["recipe"] == recipe and (out / name).is_file()
-    }
+        presample = "presample " + json.dumps(args.sampling().to_dict() | {"crf": args.crf}, sort_keys=True)
+
+    def recipe(source: Path) -> str:
+        """How a clip is stored: presampled, remuxed, or the original."""
+        return presample or ("remux" if stored_suffix(source, False) == REMUX_SUFFIX else "original")
+
+    kept = {name: record for name, record in cache.outputs.items() if (out / name).is_file()}
     cache.outputs = kept  # checkpoints below record each clip as it is written
     # a stored clip is found again by its source file and name, whichever split it was in
     by_source = {(record["source"], Path(name).name): name for name, record in kept.items()}
     stored: dict[str, tuple[str, dict]] = {}
     to_write: list[tuple[str, str]] = []
     for clip_id, split in splits.items():
-        source = scan.candidates[clip_id].video
-        name = f"{split}/{clip_id}{'.mp4' if args.presample else source.suffix.lower()}"
+        source = clips[clip_id].video
+        name = f"{split}/{clip_id}{stored_suffix(source, args.presample)}"
         previous = by_source.get((keys[clip_id], Path(name).name))
         if previous is not None and previous != name:
             (out / split).mkdir(exist_ok=True)
             os.replace(out / previous, out / name)  # the clip changed split: move, don't redo
             kept[name] = kept.pop(previous)
-        if name in kept and kept[name]["source"] == keys[clip_id]:
+        if name in kept and kept[name]["source"] == keys[clip_id] and kept[name]["recipe"] == recipe(source):
             stored[clip_id] = (name, kept[name]["info"])
         else:
             to_write.append((clip_id, name))
 
     for split in {splits[clip_id] for clip_id, _ in to_write}:
         (out / split).mkdir(exist_ok=True)
-    if args.presample:
-        sampling = args.sampling().to_dict()
-        jobs = [(str(scan.candidates[c].video), str(out / name), sampling, args.crf) for c, name in to_write]
-        results = _run_parallel(_presample_file, jobs, "Presampling", num_proc)
-    else:
-        results = (
-            _link_or_copy(scan.candidates[c].video, out / name, args.copy, cache.probes[keys[c]])
-            for c, name in to_write
-        )
+    sampling = args.sampling().to_dict()
+    jobs = []  # presampling and remuxing decode or rewrite files: on the pool; links are made here
+    for clip_id, name in to_write:
+        source, how = str(clips[clip_id].video), recipe(clips[clip_id].video)
+        jobs.append((source, str(out / name), how, sampling, args.crf, cache.probes[keys[clip_id]], args.copy))
+    results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1)
     for done, ((clip_id, name), result) in enumerate(zip(to_write, results), 1):
         if "error" in result:
-            problems.append(Problem(scan.where(scan.candidates[clip_id].video), "pack", result["error"]))
+            problems.append(Problem(clips[clip_id].video_name, "pack", result["error"]))
             continue
-        kept[name] = {"source": keys[clip_id], "recipe": recipe, "info": result["info"]}
+        kept[name] = {"source": keys[clip_id], "recipe": recipe(clips[clip_id].video), "info": result["info"]}
         stored[clip_id] = (name, result["info"])
         if done % CHECKPOINT_EVERY == 0:
             cache.save()
@@ -664,6 +523,15 @@ def _pack(args, out, cache, scan, keys, splits, num_proc, problems) -> tuple[dic
     return stored, len(to_write)
 
 
+def _store_file(source: str, target: str, how: str, sampling: dict, crf: int, probed: dict, copy: bool) -> dict:
+    """Store one clip as `how` says; returns its probe result (or the error that kept it out)."""
+    if how.startswith("presample"):
+        return _presample_file(source, target, sampling, crf)
+    if how == "remux":
+        return _remux_file(source, target)
+    return _link_or_copy(Path(source), Path(target), copy, probed)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -677,12 +545,21 @@ def print_summary(result: BuildResult, file=None) -> None:
         f"Built {result.output_dir} ({result.layout} layout): {counts}; "
         f"probed {result.probed} file(s), wrote {result.packed} clip(s), the rest reused from the last build."
     )
+    in_rows = len(result.inputs) - len(result.set_aside)
+    console.print(
+        f"Read {len(result.inputs)} input file(s): {in_rows} in the {result.num_rows} row(s), "
+        f"{len(result.set_aside)} set aside."
+    )
+    if result.remuxed:
+        console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
+                      "not list their container; the streams are copied, the frames untouched.")
+    if result.with_extra:
+        console.print(f"{result.with_extra} label(s) had keys beyond the schema: kept in the `{EXTRA_COLUMN}` column.")
     if not result.problems:
         console.print("Nothing set aside.")
         return
-    table = Table(
-        title=f"Set aside: {len(result.problems)} problem(s), listed in {QUARANTINE_NAME}", title_justify="left"
-    )
+    table = Table(title=f"Set aside: {len(result.set_aside)} input file(s), listed in {QUARANTINE_NAME}",
+                  title_justify="left")
     for column in ("path", "stage", "reason"):
         table.add_column(column, overflow="fold")
     for problem in result.problems:
@@ -708,7 +585,7 @@ def main(args: BuildArguments) -> BuildResult:
     print_summary(result)
     if args.strict and result.problems:
         raise SystemExit(
-            f"--strict: {len(result.problems)} problem(s) in the input; see {result.output_dir / QUARANTINE_NAME}"
+            f"--strict: {len(result.set_aside)} input file(s) set aside; see {result.output_dir / QUARANTINE_NAME}"
         )
     return result
 

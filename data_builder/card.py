@@ -208,9 +208,14 @@ def _split_rule(test_size: float, clips: dict[str, int]) -> str:
     )
 
 
-def _storage(presampled: dict | None, stored_bytes: int, source_bytes: int) -> str:
+def _storage(presampled: dict | None, stored_bytes: int, source_bytes: int, remuxed: int) -> str:
     if presampled is None:
-        return f"The clips are the original files, unchanged ({_file_size(stored_bytes)})."
+        text = f"The clips are the original files, unchanged ({_file_size(stored_bytes)})."
+        if remuxed:
+            text += (f" {remuxed} of them came in a container that datasets' videofolder does not list (such as WebM "
+                     "or MPEG-TS) and are stored in Matroska (`.mkv`) instead: the video stream copied packet for "
+                     "packet, the frames untouched.")
+        return text
     return (
         f"The clips are **presampled**: the frames a model sees were taken at {presampled['fps']:g} frames per second, "
         f"resized so that the sides are multiples of {presampled['factor']} and a frame holds "
@@ -237,6 +242,7 @@ def _columns() -> str:
         kind = kinds[spec.kind] + (", may be null" if spec.nullable and spec.kind == "text" else "")
         body.append([f"`{spec.name}`", kind, spec.question])
     body += [
+        ["`extra`", "string", "keys of the source label beyond the schema, as a JSON object (null when none)"],
         ["`duration`", "float64", "seconds, from the first frame to the end of the last"],
         ["`fps`", "float64", "frames per second of the stored clip"],
         ["`width`, `height`", "int32", "frame size as displayed (after rotation metadata)"],
@@ -249,12 +255,14 @@ def _quarantine(problems) -> str:
     if not problems:
         return "Nothing was set aside: every clip had a readable video and a valid label."
     by_stage = Counter(p.stage for p in problems)
-    stages = {"scan": "pairing clips with labels", "label": "label validation", "probe": "reading the video",
-              "pack": "storing the clip"}  # fmt: skip
+    stages = {"scan": "reading the layout, pairing clips with labels", "label": "label validation",
+              "probe": "reading the video", "pack": "storing the clip",
+              "partner": "its clip or label was set aside"}  # fmt: skip
     table = _table(["stage", "problems"], [[f"{s} ({stages.get(s, s)})", n] for s, n in sorted(by_stage.items())])
+    files = len({p.path for p in problems})
     return (
-        f"{len(problems)} problem(s) kept input out of the dataset. `quarantine.jsonl` lists each one "
-        f"(`path`, `stage`, `reason`).\n\n{table}"
+        f"{files} input file(s) were kept out of the dataset. `quarantine.jsonl` lists each one "
+        f"(`path`, `stage`, `reason`, and `partner` for a file set aside because its clip or label was).\n\n{table}"
     )
 
 
@@ -269,6 +277,7 @@ def write_card(
     pretty_name: str | None,
     presampled: dict | None,
     source_bytes: int,
+    remuxed: int = 0,
 ) -> Path:
     """Write README.md (and statistics.png) for the dataset in `out`; returns the card's path."""
     from datasets import DatasetInfo, SplitDict, SplitInfo
@@ -330,7 +339,7 @@ label = row_to_label(row)  # the row's label as the recipe's JSON object
 
 ## Storage
 
-{_storage(presampled, stored_bytes, source_bytes)}
+{_storage(presampled, stored_bytes, source_bytes, remuxed)}
 
 ## Statistics
 

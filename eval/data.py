@@ -1,9 +1,10 @@
 """Reading what evaluation compares: model predictions and human references, joined on clip id.
 
 Predictions come from `avlabel caption` (a folder with `captions.jsonl`, or the file itself) or
-from a folder of `<clip_id>.label.json` files. References come from the builder's dataset (a
-folder or Hub id that `datasets.load_dataset` reads, plus a split) or from a folder of human
-`<clip_id>.label.json` files in the recipe layout (`metas/`) or flat.
+from label files. References come from the builder's dataset (a folder or Hub id, plus a split) or
+from human label files. Label files are found by the layout reader every command shares
+(`avlabel.core.layouts`): the recipe layout (`metas/`), a flat folder (subfolders such as a caption
+run's `labels/` included) or a manifest; caption records are picked by the core's merge rule.
 
 Nothing is dropped silently: unreadable inputs become `Problem`s that the commands print and
 the report lists, and clips without a prediction stay in the evaluation as missing answers.
@@ -13,23 +14,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from avlabel.core import schema
-from avlabel.core.layouts import LABEL_SUFFIX
-
-
-@dataclass(frozen=True)
-class Problem:
-    """An input that was set aside, and why."""
-
-    source: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.reason}"
+from avlabel.core.layouts import InputClip, read_inputs
+from avlabel.core.problems import InputError, Problem, warn
+from avlabel.core.records import latest_per_clip, read_located, record_files, succeeded
 
 
 @dataclass
@@ -58,17 +50,11 @@ class Run:
     problems: list[Problem]
 
 
-def _clip_id(path: Path) -> str:
-    return path.name[: -len(LABEL_SUFFIX)]
-
-
-def _label_files(folder: Path) -> list[Path]:
-    """The label files of a folder: recipe layout (`metas/`), infer layout (`labels/`) or flat."""
-    for sub in ("metas", "labels", "."):
-        files = sorted((folder / sub).glob(f"*{LABEL_SUFFIX}"))
-        if files:
-            return files
-    return []
+def _label_inputs(path: Path, problems: list[Problem], split: str | None = None) -> list[InputClip]:
+    """The clips with a label in an input, as build and caption read it (a dataset without its videos)."""
+    inputs = read_inputs(path, split=split, with_videos=False)
+    problems += [replace(problem, stage="read") for problem in inputs.problems]
+    return inputs.with_label
 
 
 def prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Prediction:
@@ -79,7 +65,7 @@ def prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Pr
 def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Prediction:
     """A label the model wrote as JSON text; text that is not JSON is an invalid answer, not an input error."""
     try:
-        raw = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        raw = json.loads((text.decode("utf-8") if isinstance(text, bytes) else text).removeprefix("\ufeff"))
     except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return Prediction(clip_id, errors={schema.WHOLE_LABEL: [f"{source}: not valid JSON ({err})"]})
     return prediction_from_raw(clip_id, raw)
@@ -87,76 +73,42 @@ def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Predic
 
 def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Problem]]:
     """Read a run's predictions; returns ({clip_id: Prediction}, problems)."""
-    from avlabel.infer.records import record_files
-
     path = Path(path)
     # a captions folder: captions.jsonl, plus the per-process shards of an unfinished multi-process run
     caption_files = record_files(path) if path.is_dir() else [path] if path.suffix == ".jsonl" else []
     problems: list[Problem] = []
-    predictions: dict[str, Prediction] = {}
-    statuses: dict[str, bool] = {}
-    for captions in caption_files:
-        with captions.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                where = f"{captions}:{number}"
-                try:
-                    record = json.loads(line)
-                    clip_id = record["clip_id"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    problems.append(Problem(where, f"not a caption record ({err})"))
-                    continue
-                ok = record.get("status", "ok") == "ok"
-                if clip_id in predictions:  # infer's rule: a success beats a failure, else the later record wins
-                    keep_earlier = statuses[clip_id] and not ok
-                    problems.append(Problem(where, f"clip {clip_id} appears again; the "
-                                            f"{'earlier successful' if keep_earlier else 'later'} record is used"))
-                    if keep_earlier:
-                        continue
-                statuses[clip_id] = ok
-                if not ok:
-                    # a failed caption is a real answer of the run: every field missing
-                    predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})
-                    continue
-                predictions[clip_id] = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
     if caption_files:
+        located = [pair for captions in caption_files for pair in read_located(captions, problems)]
+        predictions = {}
+        for clip_id, record in latest_per_clip(located, problems).items():
+            if succeeded(record):
+                predictions[clip_id] = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
+            else:  # a failed caption is a real answer of the run: every field missing
+                predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})
         return predictions, problems
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no captions.jsonl and not a folder of {LABEL_SUFFIX} files")
-    files = _label_files(path)
-    if not files:
-        raise FileNotFoundError(f"{path}: no captions.jsonl and no {LABEL_SUFFIX} files")
-    for file in files:
-        clip_id = _clip_id(file)
-        predictions[clip_id] = prediction_from_json(clip_id, file.read_bytes(), str(file))
+    try:
+        clips = _label_inputs(path, problems)
+    except InputError as err:
+        raise FileNotFoundError(f"{path}: no captions.jsonl, and no label files ({err})") from None
+    predictions = {}
+    for clip in clips:
+        if isinstance(clip.label, Path):
+            predictions[clip.clip_id] = prediction_from_json(clip.clip_id, clip.label.read_bytes(), clip.label_name)
+        else:
+            predictions[clip.clip_id] = prediction_from_raw(clip.clip_id, clip.label)
     return predictions, problems
 
 
 def load_references(path: str | Path, split: str = "test") -> tuple[dict[str, dict[str, Any]], list[Problem]]:
     """Read the human labels; returns ({clip_id: normalised label}, problems)."""
-    folder = Path(path)
-    files = _label_files(folder) if folder.is_dir() else []
-    problems: list[Problem] = []
     references: dict[str, dict[str, Any]] = {}
-    if files:
-        for file in files:
-            try:
-                references[_clip_id(file)] = schema.load_label_file(file)
-            except schema.LabelError as err:
-                problems.append(Problem(str(file), str(err).removeprefix(f"{file}: ")))
-        return references, problems
-
-    from avlabel.core.loading import load_clip_dataset
-
-    dataset = load_clip_dataset(path, split=split)
-    # only the label columns: touching `video` would decode every clip
-    dataset = dataset.select_columns(["clip_id", *schema.FIELD_NAMES])
-    for index, row in enumerate(dataset):
-        try:
-            references[row["clip_id"]] = schema.normalize_label(schema.row_to_label(row))
-        except (schema.LabelError, KeyError, TypeError, ValueError) as err:
-            problems.append(Problem(f"{path}[{split}][{index}]", str(err)))
+    problems: list[Problem] = []
+    for clip in _label_inputs(Path(path), problems, split):
+        label, _, reason = schema.read_label(clip.label)  # keys beyond the schema don't cost a reference
+        if reason:
+            problems.append(Problem(clip.label_name, "read", reason))
+        else:
+            references[clip.clip_id] = label
     return references, problems
 
 
@@ -200,8 +152,7 @@ def read_run(predictions: str | Path, references: str | Path, split: str = "test
 
 
 def print_problems(run: Run) -> None:
-    for problem in run.problems:
-        print(f"set aside: {problem}", file=sys.stderr)
+    warn(run.problems)
     for clips, what in ((run.missing, "clip(s) have no prediction (scored as missing)"),
                         (run.extra, "prediction(s) have no reference and are ignored")):
         if clips:

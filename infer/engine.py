@@ -98,7 +98,7 @@ def load_model(
 
 def chat_text(processor, prompts: Prompts) -> str:
     """The prompt as the chat template writes it, from the conversation training uses."""
-    from avlabel.train.collator import build_conversation
+    from avlabel.core.prompts import build_conversation
 
     return processor.apply_chat_template(build_conversation(prompts), tokenize=False, add_generation_prompt=True)
 

@@ -6,6 +6,7 @@ Layout of an output folder:
     labels/<clip_id>.label.json  the label of each valid record, in the recipe's layout
     summary.json                 counts and the schema-valid rate per field
 
+Reading and the rule that picks a clip's record live in `avlabel.core.records`.
 Records are appended and fsynced batch by batch, so a killed run loses at most the batch
 in flight; a line cut off by the kill is dropped (and the file trimmed back to its last
 full line) when the folder is next read.
@@ -19,23 +20,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# reading records and picking a clip's record are the core's (evaluation and the catalog read them too);
+# the caption command finds them here beside the writing side
+from avlabel.core.records import (  # noqa: F401
+    CAPTIONS, latest_per_clip, read_all, read_located, read_records, record_files, shard_path, succeeded,
+)
 from avlabel.core.schema import FIELD_NAMES, label_to_json
 
-CAPTIONS = "captions.jsonl"
 SUMMARY = "summary.json"
 LABELS = "labels"
 # what must match for an earlier record to count as done by this run
 RUN_KEYS = ("model", "adapter", "prompt_sha", "generation")
-
-
-def shard_path(out_dir: Path, rank: int, world_size: int) -> Path:
-    return out_dir / (CAPTIONS if world_size == 1 else f"captions.rank-{rank:05d}.jsonl")
-
-
-def record_files(out_dir: Path) -> list[Path]:
-    """The merged file first, then any shards of an unfinished multi-process run."""
-    files = [out_dir / CAPTIONS] if (out_dir / CAPTIONS).exists() else []
-    return files + sorted(out_dir.glob("captions.rank-*.jsonl"))
 
 
 def _trim_partial_line(path: Path) -> None:
@@ -44,26 +39,6 @@ def _trim_partial_line(path: Path) -> None:
         data = handle.read()
         if data and not data.endswith(b"\n"):
             handle.truncate(data.rfind(b"\n") + 1)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of one file; a torn last line (killed mid-write) is skipped, any other bad line is an error."""
-    records = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # the unterminated last line of a killed run
-                continue
-            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
-    return records
-
-
-def read_all(out_dir: Path) -> list[dict[str, Any]]:
-    return [record for path in record_files(out_dir) for record in read_records(path)]
 
 
 def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], out_dir: Path) -> None:
@@ -79,7 +54,7 @@ def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], 
 
 def done_clip_ids(records: Iterable[dict[str, Any]]) -> set[str]:
     """Clips with a successful record: a rerun skips these and retries failed ones."""
-    return {record["clip_id"] for record in records if record.get("status") == "ok"}
+    return {record["clip_id"] for record in records if succeeded(record)}
 
 
 class RecordWriter:
@@ -102,16 +77,6 @@ class RecordWriter:
         self._handle.close()
 
 
-def _latest_per_clip(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One record per clip: a success beats a failure, otherwise the later record wins."""
-    chosen: dict[str, dict[str, Any]] = {}
-    for record in records:
-        current = chosen.get(record["clip_id"])
-        if current is None or record.get("status") == "ok" or current.get("status") != "ok":
-            chosen[record["clip_id"]] = record
-    return chosen
-
-
 def merge(out_dir: Path, clip_order: list[str]) -> list[dict[str, Any]]:
     """Fold shards and earlier records into captions.jsonl, one record per clip, in input order.
 
@@ -119,7 +84,7 @@ def merge(out_dir: Path, clip_order: list[str]) -> list[dict[str, Any]]:
     leaves either the old or the new file, never half of one.
     """
     files = record_files(out_dir)
-    chosen = _latest_per_clip([record for path in files for record in read_records(path)])
+    chosen = latest_per_clip(located for path in files for located in read_located(path))
     position = {clip_id: index for index, clip_id in enumerate(clip_order)}
     ordered = sorted(chosen.values(), key=lambda r: (position.get(r["clip_id"], len(position)), r["clip_id"]))
     tmp = out_dir / (CAPTIONS + ".tmp")
@@ -141,7 +106,7 @@ def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> int:
     written = 0
     for record in records:
         target = folder / f"{record['clip_id']}.label.json"
-        if record.get("status") == "ok" and record.get("valid"):
+        if succeeded(record) and record.get("valid"):
             target.write_text(label_to_json(record["label"], indent=2) + "\n", encoding="utf-8")
             written += 1
         elif target.exists():  # an older run's label for a clip that is no longer valid
@@ -151,8 +116,8 @@ def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> int:
 
 def summarize(records: list[dict[str, Any]], inputs: int, this_run: dict[str, int], identity: dict[str, Any]) -> dict:
     """Counts, token totals and the schema-valid rate per field over the successful records."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
+    ok = [r for r in records if succeeded(r)]
+    failed = [r for r in records if not succeeded(r)]
     rate = (lambda n: round(n / len(ok), 4)) if ok else (lambda n: None)
     valid = sum(bool(r.get("valid")) for r in ok)
     return {

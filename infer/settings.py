@@ -9,12 +9,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from avlabel.core.sampling import SamplingConfig
+from avlabel.core.sampling import SamplingArguments, SamplingConfig
 
 
 @dataclass
-class GenerationSettings:
-    """Everything that changes what the model writes for a clip (recorded with every caption)."""
+class GenerationSettings(SamplingArguments):
+    """Everything that changes what the model writes for a clip (recorded with every caption).
+
+    The frame sampling flags come from SamplingArguments: unset takes the model's own (sampling_config.json
+    in the model or adapter folder, saved by training), else the recipe's 2 fps / 252x448. Records store
+    the resolved values.
+    """
 
     temperature: float = field(default=0.1, metadata={"help": "Sampling temperature; 0 decodes greedily."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass."})
@@ -22,20 +27,6 @@ class GenerationSettings:
     max_new_tokens: int = field(default=4096, metadata={"help": "Most tokens generated per clip."})
     min_new_tokens: int = field(default=0, metadata={"help": "End-of-text is forbidden before this many tokens (benchmarks)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampler: the same inputs, batches and seed give the same text."})
-    # Frame sampling: None takes the model's own (sampling_config.json in the model or adapter folder,
-    # saved by training), else the recipe's 2 fps / 252x448. Records store the resolved values.
-    fps: float | None = field(
-        default=None, metadata={"help": "Frames sampled per second of video (default: the model's own, else 2)."}
-    )
-    max_pixels: int | None = field(
-        default=None, metadata={"help": "Pixel budget per frame (default: the model's own, else 252x448 for 16:9)."}
-    )
-    min_pixels: int | None = field(
-        default=None, metadata={"help": "Smallest frame size in pixels (default: the model's own, else 128*28*28)."}
-    )
-    max_frames: int | None = field(
-        default=None, metadata={"help": "Most frames taken from one clip (default: the model's own, else 768)."}
-    )
     constrained: bool = field(
         default=False, metadata={"help": "Constrain decoding to the label JSON schema (xgrammar): every output parses."}
     )
@@ -46,10 +37,7 @@ class GenerationSettings:
 
     def sampling(self, model_config, model: str | None = None, adapter: str | None = None) -> SamplingConfig:
         """The frames to take: these settings over the sampling saved with the model (an adapter's wins)."""
-        return SamplingConfig.for_model(
-            model_config, adapter, model, fps=self.fps, max_pixels=self.max_pixels, min_pixels=self.min_pixels,
-            max_frames=self.max_frames,
-        )
+        return self.resolve_sampling(model_config, adapter, model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from avlabel.core.prompts import Prompts
-from avlabel.core.sampling import TEMPORAL_PATCH, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
+from avlabel.core.prompts import Prompts, build_conversation
+from avlabel.core.sampling import (
+    TEMPORAL_PATCH, Clip, SamplingConfig, VideoError, frame_count, resized_size, sample_frames,
+)
 from avlabel.core.schema import label_to_json, row_to_label
 
 logger = logging.getLogger(__name__)
@@ -49,18 +51,6 @@ def format_answer(label: dict[str, Any], answer_format: AnswerFormat = "fenced")
     if answer_format == "plain":
         return label_to_json(label)
     raise ValueError(f"unknown answer_format {answer_format!r} (expected 'fenced' or 'plain')")
-
-
-def build_conversation(prompts: Prompts, video: Any = None, answer: str | None = None) -> list[dict]:
-    """System, user (video, then the rubric) and, when `answer` is given, the assistant turn."""
-    video_part = {"type": "video"} if video is None else {"type": "video", "video": video}
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": prompts.system}]},
-        {"role": "user", "content": [video_part, {"type": "text", "text": prompts.user}]},
-    ]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
 
 
 def training_chat_template(processor) -> str:
@@ -89,18 +79,6 @@ def report_skipped(report_path: str | Path | None, clip_id: str | None, stage: s
 
 
 # ----------------------------------------------------------------------------- frames
-
-
-@dataclass
-class Clip:
-    """Frames ready for the processor, and the `video_metadata` that goes with them."""
-
-    frames: np.ndarray  # (T, H, W, 3) uint8
-    sample_fps: float
-
-    def processor_metadata(self) -> dict:
-        count = len(self.frames)
-        return {"fps": self.sample_fps, "total_num_frames": count, "frames_indices": list(range(count))}
 
 
 class FrameCache:

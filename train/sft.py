@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avlabel.core.sampling import SamplingArguments
+
 logger = logging.getLogger(__name__)
 
 # Qwen2.5-VL's language-model projections; LoRA on these alone leaves the vision tower as it was.
@@ -33,7 +35,9 @@ LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 
 
 @dataclass
-class TrainScriptArguments:
+class TrainScriptArguments(SamplingArguments):
+    # frame sampling (--fps, --max_frames, --min_pixels, --max_pixels) comes from SamplingArguments; the
+    # resolved settings are saved with the trained model, so captioning it sees the same frames
     dataset_name: str | None = field(
         default=None, metadata={"help": "The builder's dataset: a local folder or a Hub dataset id."}
     )
@@ -56,16 +60,6 @@ class TrainScriptArguments:
         default=False,
         metadata={"help": "Train with the short user prompt instead of the rubric (saves ~1,300 tokens a sample; "
                   "inference must then use the short prompt too)."},
-    )
-    # frame sampling: unset means the model folder's sampling_config.json, else the recipe's 2 fps / 252x448;
-    # the resolved settings are saved with the trained model, so captioning it sees the same frames
-    fps: float | None = field(
-        default=None, metadata={"help": "Frames per second sampled from each clip (default: the model's own, else 2)."}
-    )
-    max_frames: int | None = field(default=None, metadata={"help": "Most frames taken from a clip (default: the model's own)."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Fewest pixels a frame is resized to (default: the model's own)."})
-    max_pixels: int | None = field(
-        default=None, metadata={"help": "Most pixels a frame is resized to (default: the model's own, else 252x448)."}
     )
     frame_cache: bool = field(
         default=True, metadata={"help": "Keep decoded frames on disk so later epochs and resumed runs skip decoding."}

@@ -1,20 +1,382 @@
-"""Input layouts and clip ids: what a clip and its label file are called on disk."""
+"""Input layouts and clip ids: the one reader of what a user points a command at.
+
+`read_inputs` is what `avlabel build`, `avlabel caption` and the evaluation commands call, so the
+three see the same clips, with the same ids, in the same input. Layouts (`auto` tells them apart,
+in this order):
+
+  dataset   a folder `avlabel build` wrote (`<split>/metadata.parquet`; any folder `datasets` reads as a
+            dataset), or a Hub dataset id
+  recipe    a folder with `videos/<id>.camera_front_wide_120fov.mp4` and `metas/<id>.label.json`
+  manifest  a .csv, .jsonl or .txt file naming the clips: a `video` (or `path`) column, optionally a
+            `label` (a path to a label file, or the label itself as JSON) and a `clip_id`; paths are
+            relative to the manifest; a .txt file is one video path a line
+  file      one clip (a `<id>.json` or `<id>.label.json` beside it is its label), or a glob pattern
+  flat      any other folder: clips and `<id>.json` / `<id>.label.json` labels, in subfolders too
+
+A clip is any file with one of `VIDEO_EXTENSIONS`, whatever its codec: whether it decodes is the
+probe's verdict (`sampling.probe`), the same for every command. Hidden files and folders (a name
+starting with ".") are not read. A clip id is the file name without its extension and the recipe's
+camera suffix; it has to be unique in an input.
+"""
 
 from __future__ import annotations
 
+import csv
+import glob
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .problems import InputError, Problem
 
 CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after the camera that filmed it
 LABEL_SUFFIX = ".label.json"
-# What datasets' videofolder recognises as a video (datasets/packaged_modules/videofolder); a test checks it.
-VIDEO_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
+# Containers the bundled FFmpeg demuxes, by the extensions they are written with; a test decodes one of each.
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".3gp", ".mkv", ".webm", ".avi", ".mpeg", ".mpg", ".ts", ".m2ts", ".mts",
+    ".flv", ".wmv", ".asf", ".mxf",
+)  # fmt: skip
+# What datasets' videofolder recognises as video (datasets/packaged_modules/videofolder; a test checks it).
+# A built dataset stores its clips under these only: with any other file in a split, `load_dataset`
+# infers another builder (a .webm counts as audio) and the video column comes back empty.
+STORED_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".txt")
 # Parquet, not JSON lines: datasets infers a JSON metadata file's types from its first rows, so
 # a split whose manoeuvre lists happen to be all empty would get another type than the other
 # split and fail to load ("Metadata files ... have different features"). Parquet states them.
 METADATA_NAME = "metadata.parquet"
+EXTRA_COLUMN = "extra"  # a built dataset's column of label keys beyond the schema, as a JSON object
+LAYOUTS = ("auto", "dataset", "recipe", "manifest", "file", "flat")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SEARCHED = (
+    f"a built dataset (<split>/{METADATA_NAME}), the recipe layout (videos/ + metas/), a manifest "
+    f"({', '.join(MANIFEST_EXTENSIONS)}), a clip or glob, and a flat folder of clips "
+    f"({', '.join(VIDEO_EXTENSIONS)}) with <id>.json labels"
+)
+# Where a layout expects a clip's missing partner, for the builder's report.
+EXPECTED_LABEL = {"recipe": f"metas/{{id}}{LABEL_SUFFIX}", "flat": "{id}.json or {id}.label.json",
+                  "file": "{id}.json beside the clip", "manifest": "a `label` in its manifest line",
+                  "dataset": "the label columns"}  # fmt: skip
+EXPECTED_VIDEO = {"recipe": f"videos/{{id}}{CAMERA_SUFFIX}.mp4", "flat": "{id}.mp4 (or another clip extension)",
+                  "file": "{id}.mp4", "manifest": "a `video` in its manifest line", "dataset": "a `video` column"}
 
 
-def clip_id_of(name: str) -> str:
-    """A clip's id from its file name: without the extension and the recipe's camera suffix."""
+def clip_id_of(name: str | Path) -> str:
+    """A clip id from its video's file name: without the extension and the recipe's camera suffix."""
     stem = Path(name).name.rsplit(".", 1)[0]
     return stem.removesuffix(CAMERA_SUFFIX)
+
+
+def label_id_of(name: str | Path) -> str:
+    """A clip id from its label's file name: `<id>.label.json` or `<id>.json`."""
+    return Path(name).name.removesuffix(".json").removesuffix(".label")
+
+
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def is_label(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith(".json")
+
+
+@dataclass
+class InputClip:
+    """One clip id and what the input holds for it."""
+
+    clip_id: str
+    video: Path | None = None  # None: a label without a clip
+    # the label: a file, JSON text or a parsed object (from a manifest or a dataset row); None: no label
+    label: Path | str | dict | None = None
+    video_name: str = ""  # how reports name the video: its path relative to the input
+    label_name: str = ""  # how reports name the label: its file, a manifest line, a dataset row
+
+
+@dataclass
+class Inputs:
+    """What `read_inputs` found: the clips by id, what was set aside while reading, and every input read."""
+
+    source: str
+    layout: str
+    root: Path  # names are relative to this folder
+    clips: dict[str, InputClip] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # every input read: each file, each label given inline
+
+    @property
+    def with_video(self) -> list[InputClip]:
+        return [clip for clip in self.clips.values() if clip.video is not None]
+
+    @property
+    def with_label(self) -> list[InputClip]:
+        return [clip for clip in self.clips.values() if clip.label is not None]
+
+
+class _Reader:
+    def __init__(self, inputs: Inputs, skip: Path | None):
+        self.inputs = inputs
+        self.skip = skip.resolve() if skip else None
+
+    def name(self, path: Path) -> str:
+        try:
+            return path.resolve().relative_to(self.inputs.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def set_aside(self, name: str, reason: str) -> None:
+        self.inputs.problems.append(Problem(name, "scan", reason))
+
+    def walk(self, folder: Path):
+        """Visible files under `folder`, subfolders included, in name order (the output folder left out)."""
+        for current, folders, files in os.walk(folder):
+            here = Path(current)
+            folders[:] = sorted(f for f in folders if not f.startswith(".") and not self._skipped(here / f))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    yield here / name
+
+    def _skipped(self, path: Path) -> bool:
+        return self.skip is not None and path.resolve() == self.skip
+
+    def _claim(self, clip_id: str, name: str, kind: str) -> InputClip | None:
+        """The entry `name` (a video or label) goes into, or None when it is set aside for its id."""
+        self.inputs.names.append(name)
+        if not clip_id or clip_id.startswith(".") or any(c in clip_id for c in "/\\\0"):
+            self.set_aside(name, f"clip id {clip_id!r} can't be used as a file name")
+            return None
+        clip = self.inputs.clips.setdefault(clip_id, InputClip(clip_id))
+        other = clip.video_name if kind == "video" else clip.label_name
+        if other:
+            self.set_aside(name, f"duplicate clip id {clip_id!r} (also {other})")
+            return None
+        return clip
+
+    def video(self, clip_id: str, path: Path, name: str | None = None) -> None:
+        clip = self._claim(clip_id, name or self.name(path), "video")
+        if clip is not None:
+            clip.video, clip.video_name = path, name or self.name(path)
+
+    def label(self, clip_id: str, label: Path | str | dict, name: str) -> None:
+        clip = self._claim(clip_id, name, "label")
+        if clip is not None:
+            clip.label, clip.label_name = label, name
+
+    def other(self, path: Path, reason: str) -> None:
+        self.inputs.names.append(self.name(path))
+        self.set_aside(self.name(path), reason)
+
+    def loose_file(self, path: Path) -> None:
+        """A file of a flat folder or a glob: a clip, a label, or neither."""
+        if is_video(path):
+            self.video(clip_id_of(path), path)
+        elif is_label(path):
+            self.label(label_id_of(path), path, self.name(path))
+        else:
+            self.other(path, f"neither a clip ({', '.join(VIDEO_EXTENSIONS)}) nor a .json label")
+
+
+def _read_recipe(reader: _Reader, root: Path) -> None:
+    for path in reader.walk(root / "videos"):
+        if is_video(path):
+            reader.video(clip_id_of(path), path)
+        else:
+            reader.other(path, f"not a clip (extension {path.suffix or 'none'}; clips are {', '.join(VIDEO_EXTENSIONS)})")
+    for path in reader.walk(root / "metas"):
+        if path.name.endswith(LABEL_SUFFIX):
+            reader.label(label_id_of(path), path, reader.name(path))
+        else:
+            reader.other(path, f"not a label file (expected <id>{LABEL_SUFFIX})")
+
+
+def _manifest_records(manifest: Path):
+    """(where, record or the reason it can't be used) for each entry of a .csv, .jsonl or .txt manifest."""
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{manifest}: can't read the manifest ({err})") from None
+    suffix = manifest.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may span lines
+        if not {"video", "path"} & set(reader.fieldnames or ()):
+            raise InputError(f"{manifest}: the manifest needs a `video` (or `path`) column; it has "
+                             f"{', '.join(reader.fieldnames or ()) or 'none'}")
+        for record in reader:
+            yield f"{manifest.name}:{reader.line_num}", record
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        where = f"{manifest.name}:{number}"
+        if not line.strip() or (suffix == ".txt" and line.lstrip().startswith("#")):
+            continue
+        if suffix == ".txt":
+            yield where, {"video": line.strip()}
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield where, f"line is not valid JSON ({err.msg})"
+            continue
+        yield where, record if isinstance(record, dict) else "line is not a JSON object"
+
+
+def _read_manifest(reader: _Reader, manifest: Path) -> None:
+    base = manifest.parent
+    for where, record in _manifest_records(manifest):
+        if isinstance(record, str):
+            reader.inputs.names.append(where)
+            reader.set_aside(where, record)
+            continue
+        video = record.get("video") or record.get("path") or None
+        label = record.get("label")
+        label = None if label in (None, "") else label
+        if isinstance(label, str) and not label.lstrip().startswith("{"):
+            label = base / label  # a label file; anything else is the label itself
+        if video is None and label is None:
+            reader.inputs.names.append(where)
+            reader.set_aside(where, "names neither a `video` nor a `label`")
+            continue
+        video_path = base / str(video) if video is not None else None
+        clip_id = str(record.get("clip_id") or "") or (
+            clip_id_of(video_path) if video_path else label_id_of(label) if isinstance(label, Path) else "")
+        if video_path is not None:
+            reader.video(clip_id, video_path)
+        if label is not None:
+            reader.label(clip_id, label, reader.name(label) if isinstance(label, Path) else where)
+
+
+def _read_dataset(reader: _Reader, source: str, split: str | None, with_videos: bool, cache_dir: Path | None) -> None:
+    """The rows of a built dataset (or any dataset with a `video` column) as clips, labels from the label columns."""
+    import datasets
+
+    from . import schema
+    from .loading import load_clip_dataset
+
+    try:
+        loaded = load_clip_dataset(source)
+    except (ValueError, FileNotFoundError) as err:
+        raise InputError(f"{source}: can't load the dataset ({err})") from None
+    splits = [split] if split else list(loaded)
+    if split and split not in loaded:
+        raise InputError(f"{source}: no split {split!r} (splits: {', '.join(loaded)}); choose one with --split")
+    for name in splits:
+        rows = loaded[name]
+        has_label = all(column in rows.column_names for column in schema.FIELD_NAMES)
+        columns = ("clip_id", "video", *schema.FIELD_NAMES, EXTRA_COLUMN) if with_videos else (
+            "clip_id", *schema.FIELD_NAMES, EXTRA_COLUMN)
+        wanted = [column for column in columns if column in rows.column_names]
+        if with_videos and "video" not in rows.column_names:
+            raise InputError(f"{source}: split {name!r} has no `video` column (columns: {', '.join(rows.column_names)})")
+        rows = rows.select_columns(wanted)
+        if with_videos:
+            rows = rows.cast_column("video", datasets.Video(decode=False))  # a path; decoding every clip is slow
+        for index, row in enumerate(rows):
+            video = row.get("video") or {}
+            clip_id = row.get("clip_id") or (clip_id_of(video["path"]) if video.get("path") else f"{name}-{index:06d}")
+            where = f"{name}/{Path(video['path']).name}" if video.get("path") else f"{source}[{name}][{index}]"
+            if with_videos:
+                path = Path(video["path"]) if video.get("path") else None
+                if video.get("bytes"):  # a Hub dataset's parquet holds the clip itself: written out once
+                    path = _write_out(video, clip_id, cache_dir or _default_cache(source))
+                if path is not None:
+                    reader.video(clip_id, path, where)
+            if has_label:
+                label = schema.row_to_label(row)
+                if row.get(EXTRA_COLUMN):
+                    label.update(json.loads(row[EXTRA_COLUMN]))
+                reader.label(clip_id, label, where)
+
+
+def _default_cache(source: str) -> Path:
+    from .loading import cache_root
+
+    return cache_root() / "clips" / re.sub(r"[^\w.-]+", "_", source)
+
+
+def _write_out(video: dict, clip_id: str, folder: Path) -> Path:
+    path = folder / f"{clip_id}{Path(video.get('path') or '.mp4').suffix or '.mp4'}"
+    if not path.exists() or path.stat().st_size != len(video["bytes"]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(video["bytes"])
+    return path
+
+
+_SPLIT_FILE = re.compile(r"^(train|test|validation|valid|dev|eval)([-_.].*)?\.(parquet|jsonl|csv|arrow)$")
+
+
+def is_dataset_folder(folder: Path) -> bool:
+    """A folder `datasets.load_dataset` reads as a dataset: `avlabel build`'s (`<split>/metadata.parquet`),
+    one with a dataset card naming its configs, or one of split-named data files (`test.jsonl`)."""
+    if any(folder.glob(f"*/{METADATA_NAME}")) or any(_SPLIT_FILE.match(p.name) for p in folder.iterdir()):
+        return True
+    card = folder / "README.md"
+    return card.is_file() and re.search(r"^configs:", card.read_text(encoding="utf-8"), re.MULTILINE) is not None
+
+
+def detect_layout(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        if is_dataset_folder(path):
+            return "dataset"
+        return "recipe" if (path / "videos").is_dir() and (path / "metas").is_dir() else "flat"
+    if path.is_file():
+        if path.suffix.lower() in MANIFEST_EXTENSIONS:
+            return "manifest"
+        if is_video(path):
+            return "file"
+        raise InputError(f"{source}: not a clip ({', '.join(VIDEO_EXTENSIONS)}), a manifest "
+                         f"({', '.join(MANIFEST_EXTENSIONS)}) or a folder")
+    if glob.has_magic(source):
+        return "file"
+    if _HUB_ID.match(source):
+        return "dataset"
+    raise InputError(f"{source}: no such file or folder (nor a glob pattern or a Hub dataset id)")
+
+
+def read_inputs(source: str | Path, layout: str = "auto", *, split: str | None = None, skip: Path | None = None,
+                with_videos: bool = True, cache_dir: Path | None = None) -> Inputs:
+    """Every clip and label of `source` (see the module docstring), and what was set aside while reading.
+
+    `split`: which split of a dataset (None: all of them). `skip`: a folder not to read (the output
+    folder, when it is inside the input). `with_videos=False` reads a dataset's labels without
+    touching its videos. `cache_dir`: where clips a Hub dataset stores as bytes are written out.
+    Raises InputError, one line naming the input, when it can't be read or holds no clip or label.
+    """
+    source = str(source)
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    found = detect_layout(source)
+    if layout == "auto":
+        layout = found
+    elif layout != found and not (layout == "flat" and found in ("recipe", "dataset")):
+        needs = {"dataset": f"a folder with <split>/{METADATA_NAME} or a Hub id", "recipe": "a folder with videos/ and metas/",
+                 "manifest": f"a {', '.join(MANIFEST_EXTENSIONS)} file", "file": "a clip or a glob pattern",
+                 "flat": "a folder"}  # fmt: skip
+        raise InputError(f"{source}: the {layout} layout needs {needs[layout]}")
+    path = Path(source)
+    root = path.parent if layout in ("manifest", "file") and path.is_file() else path if path.is_dir() else Path(".")
+    inputs = Inputs(source, layout, root)
+    reader = _Reader(inputs, skip)
+    if layout == "dataset":
+        _read_dataset(reader, source, split, with_videos, cache_dir)
+    elif layout == "recipe":
+        _read_recipe(reader, path)
+    elif layout == "manifest":
+        _read_manifest(reader, path)
+    elif layout == "file":
+        files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(source, recursive=True))
+        for file in (f for f in files if f.is_file()):
+            reader.loose_file(file)
+        if path.is_file():
+            for name in (f"{clip_id_of(path)}{LABEL_SUFFIX}", f"{clip_id_of(path)}.json"):
+                if (path.parent / name).is_file():
+                    reader.loose_file(path.parent / name)
+                    break
+    else:
+        for file in reader.walk(path):
+            reader.loose_file(file)
+    if not inputs.clips:
+        others = f"; {len(inputs.names)} other file(s) set aside" if inputs.names else ""
+        raise InputError(f"{source}: no clips or labels found{others} (searched for {SEARCHED})")
+    return inputs

@@ -24,8 +24,12 @@ def _cache_dir(folder: Path) -> str:
             stat = path.stat()
             state.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
     key = hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("AVLABEL_CACHE", Path.home() / ".cache" / "avlabel")) / "datasets"
-    return str(root / key)
+    return str(cache_root() / "datasets" / key)
+
+
+def cache_root() -> Path:
+    """avlabel's own cache folder: $AVLABEL_CACHE, else ~/.cache/avlabel."""
+    return Path(os.environ.get("AVLABEL_CACHE", Path.home() / ".cache" / "avlabel"))
 
 
 def load_clip_dataset(source: str | Path, split: str | None = None, *, name: str | None = None, streaming: bool = False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .schema import FIELDS, LabelField
 
@@ -77,3 +78,16 @@ def load_prompts(system_file: str | Path | None = None, user_file: str | Path | 
     else:
         user = SHORT_PROMPT if short else rubric_prompt()
     return Prompts(system=system, user=user)
+
+
+def build_conversation(prompts: Prompts, video: Any = None, answer: str | None = None) -> list[dict]:
+    """The chat that training and inference both give the model: system, user (the video, then the
+    rubric) and, when `answer` is given, the assistant turn."""
+    video_part = {"type": "video"} if video is None else {"type": "video", "video": video}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": prompts.system}]},
+        {"role": "user", "content": [video_part, {"type": "text", "text": prompts.user}]},
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages

@@ -14,7 +14,14 @@ with different frames in training than in inference. The rules are Qwen's (the
 Decoding uses PyAV, which bundles FFmpeg and so reads H.264, HEVC, VP9, AV1 and 10-bit
 files the same on every machine. Real-world quirks are handled here: variable frame
 rate (positions are chosen by timestamp), rotation metadata (frames are turned upright),
-odd sizes, audio streams (ignored) and clips shorter than one sampling interval.
+odd sizes, audio streams (ignored), clips shorter than one sampling interval, and AVI
+files with dropped frames (their index counts frames the file never stores).
+
+What a clip is, for every command: a file whose video stream demuxes and decodes, judged
+by what is there (packets and their timestamps), never by a frame count the container
+claims. It is truncated when its timestamps end short of the length the container
+records (an index or a header); containers that record none (MPEG-TS, MPEG-PS) end
+where their data ends.
 """
 
 from __future__ import annotations
@@ -37,6 +44,43 @@ class VideoError(RuntimeError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+SAMPLING_FLAGS = ("fps", "max_frames", "min_pixels", "max_pixels")
+
+
+@dataclass
+class SamplingArguments:
+    """The frame-sampling flags of `build`, `train` and `caption` (their argument dataclasses inherit these).
+
+    Unset, a model's own sampling applies (`sampling_config.json`, saved with it by training), else
+    the recipe's defaults (`SamplingConfig`); what is set overrides either.
+    """
+
+    fps: float | None = field(
+        default=None, metadata={"help": "Frames sampled per second of video (unset: the model's own, else 2)."}
+    )
+    max_frames: int | None = field(
+        default=None, metadata={"help": "Most frames taken from one clip (unset: the model's own, else 768)."}
+    )
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else 128*28*28)."}
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else 252x448 for 16:9)."},
+    )
+
+    def sampling_overrides(self) -> dict:
+        """The flags that were set."""
+        return {name: getattr(self, name) for name in SAMPLING_FLAGS if getattr(self, name) is not None}
+
+    def resolve_sampling(self, model_config=None, *sources: str | Path | None, factor: int | None = None) -> SamplingConfig:
+        """These flags over a model's saved sampling (`sources`: model folders or Hub ids, searched in order)
+        and the defaults; without a model config, over the defaults with `factor`."""
+        if model_config is not None:
+            return SamplingConfig.for_model(model_config, *sources, **self.sampling_overrides())
+        return SamplingConfig(**self.sampling_overrides(), **({"factor": factor} if factor else {}))
 
 
 @dataclass(frozen=True)
@@ -106,12 +150,11 @@ class ClipInfo:
 
 
 @dataclass
-class SampledClip:
+class Clip:
+    """Sampled frames as the processor takes them, in training and in inference."""
+
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB, T even
-    indices: list[int]  # positions of the frames in the decoded stream
-    timestamps: list[float]  # seconds from the start of the clip
-    info: ClipInfo
-    sample_fps: float = field(default=0.0)
+    sample_fps: float
 
     def processor_metadata(self) -> dict:
         """`video_metadata` for a Qwen-VL processor called with `do_sample_frames=False`.
@@ -121,6 +164,15 @@ class SampledClip:
         """
         count = len(self.frames)
         return {"fps": self.sample_fps, "total_num_frames": count, "frames_indices": list(range(count))}
+
+
+@dataclass
+class SampledClip(Clip):
+    """A `Clip` fresh from `sample_frames`, with where its frames came from."""
+
+    indices: list[int]  # positions of the frames in the decoded stream
+    timestamps: list[float]  # seconds from the start of the clip
+    info: ClipInfo
 
 
 # ----------------------------------------------------------------------------- Qwen's rules
@@ -223,13 +275,37 @@ def _frame_timestamps(container, path: Path) -> list[float]:
         raise VideoError(path, f"corrupt or truncated data ({_ffmpeg_reason(err)})") from None
     if not pts:
         raise VideoError(path, "the video stream holds no frames")
-    # An mp4 cut short after its index (moov at the front) demuxes without error, just
-    # fewer frames: compare with the frame count the index promises (0 where unknown).
-    if stream.frames and len(pts) < stream.frames:
-        raise VideoError(path, f"truncated: the index lists {stream.frames} frames but the file holds {len(pts)}")
     pts.sort()
     base = float(stream.time_base)
-    return [(p - pts[0]) * base for p in pts]
+    timestamps = [(p - pts[0]) * base for p in pts]
+    # A file cut short (an mp4 with its index at the front, a Matroska file) demuxes without error,
+    # just fewer packets: compare the time they cover with the length the container records. Not
+    # the frame count: an AVI index also counts dropped frames, which have no packet.
+    stored = _stored_duration(container, stream)
+    fps = _decoded_fps(stream, timestamps)
+    # where the frames end, from the clip's first frame or from the container's zero (a header's length
+    # counts from there when the first frame starts late, as in an MPEG-PS stream copied into Matroska)
+    covered = max(timestamps[-1], pts[-1] * base) + 1 / fps
+    if stored is not None and stored - covered > 2 / fps + 0.01:
+        raise VideoError(path, f"truncated: the container records {stored:.2f} s but the frames end at {covered:.2f} s")
+    return timestamps
+
+
+def _stored_duration(container, stream) -> float | None:
+    """The video's length as the container records it: an index (mp4, mov, avi) or a Matroska/WebM header.
+
+    None where it records none: MPEG-TS and MPEG-PS durations are FFmpeg's estimates from the data.
+    """
+    if stream.frames and stream.duration:
+        return float(stream.duration * stream.time_base)
+    if container.format.name.startswith("matroska"):
+        tag = stream.metadata.get("DURATION")  # the track's own length, e.g. 00:00:04.000000000
+        if tag:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        if len(container.streams) == 1 and container.duration:  # the segment's length is the video's
+            return container.duration / 1_000_000
+    return None
 
 
 def _open_indexed(path: Path):
@@ -274,7 +350,7 @@ def _info(container, stream, first_frame, timestamps: list[float]) -> ClipInfo:
     if rotation in (90, 270):
         width, height = height, width
     count = len(timestamps)
-    fps = _nominal_fps(stream, timestamps)
+    fps = _decoded_fps(stream, timestamps)
     duration = timestamps[-1] + 1.0 / fps if count else 0.0
     return ClipInfo(
         duration=round(duration, 3),
@@ -312,7 +388,7 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        count = frame_count(len(timestamps), _nominal_fps(stream, timestamps), config)
+        count = frame_count(len(timestamps), _decoded_fps(stream, timestamps), config)
         positions = frame_positions(timestamps, count)
         wanted = set(positions)
 
@@ -344,9 +420,14 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
     )
 
 
-def _nominal_fps(stream, timestamps: list[float]) -> float:
-    if stream.average_rate:
-        return float(stream.average_rate)
-    if len(timestamps) > 1 and timestamps[-1] > 0:
-        return (len(timestamps) - 1) / timestamps[-1]
-    return 1.0
+def _decoded_fps(stream, timestamps: list[float]) -> float:
+    """Frames per second of what is stored: the container's rate, unless the timestamps disagree.
+
+    They disagree in an AVI with dropped frames: 68 packets over 29.5 s at a nominal 15 fps. A
+    variable frame rate that averages out stays within the tolerance and keeps the nominal rate.
+    """
+    nominal = float(stream.average_rate) if stream.average_rate else None
+    count, span = len(timestamps), timestamps[-1]
+    if count > 1 and span > 0 and (nominal is None or abs(span - (count - 1) / nominal) > 0.1 * span + 2 / nominal):
+        return (count - 1) / span
+    return nominal or 1.0

@@ -1,0 +1,184 @@
+"""The project's own collection of odd but real inputs, written by generators (nothing is downloaded).
+
+`write_collection(root)` writes it in the recipe layout (`videos/<id>.<ext>`, `metas/<id>.label.json`):
+containers and codecs (WebM VP9, Matroska, QuickTime, AVI with dropped frames in MPEG-4 Part 2 and in
+Cinepak, MPEG-TS, MPEG-PS), sizes, rotation metadata, a variable frame rate, broken files, and the label
+variants real exports write. `EXPECTED` says what the builder does with each: a row, or set aside at a
+stage with a reason; the README's table of accepted and refused inputs is checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
+ROW = None  # EXPECTED value of an input that becomes a row
+
+# clip id -> None (a row) or (the file set aside, its stage, a part of its reason)
+EXPECTED: dict[str, tuple[str, str, str] | None] = {
+    "mp4_h264": ROW,
+    "webm_vp9": ROW,
+    "mkv_h264": ROW,
+    "mov_mpeg4": ROW,
+    "avi_mpeg4_dropped_frames": ROW,
+    "avi_cinepak_dropped_frames": ROW,
+    "ts_h264": ROW,
+    "mpg_mpeg2": ROW,
+    "odd_size_251x141": ROW,
+    "portrait_rotated_90": ROW,
+    "variable_frame_rate": ROW,
+    "with_audio": ROW,
+    "uppercase_extension": ROW,
+    "label_with_bom": ROW,
+    "label_with_extra_keys": ROW,
+    "label_normalized_values": ROW,
+    "zero_bytes": ("videos/zero_bytes.mp4", "probe", "empty file (0 bytes)"),
+    "truncated_mp4": ("videos/truncated_mp4.mp4", "probe", "not a readable video container"),
+    "truncated_webm": ("videos/truncated_webm.webm", "probe", "truncated: the container records"),
+    "text_renamed_mp4": ("videos/text_renamed_mp4.mp4", "probe", "not a readable video container"),
+    "audio_only": ("videos/audio_only.mp4", "probe", "no video stream (streams: audio)"),
+    "label_missing_field": ("metas/label_missing_field.label.json", "label", "lighting is missing"),
+    "label_wrong_value": ("metas/label_wrong_value.label.json", "label", "weather unknown category 'Sandstorm'"),
+    "label_invalid_json": ("metas/label_invalid_json.label.json", "label", "is not valid JSON"),
+    "label_not_an_object": ("metas/label_not_an_object.label.json", "label", "is not a JSON object"),
+    "label_not_utf8": ("metas/label_not_utf8.label.json", "label", "is not UTF-8 text"),
+    "no_label": ("videos/no_label.mp4", "scan", "clip without a label"),
+    "no_clip": ("metas/no_clip.label.json", "scan", "label without a clip"),
+    "notes": ("videos/notes.txt", "scan", "not a clip (extension .txt"),
+}
+EXTRA_KEYS = {"objects": [{"class": "car", "track_id": 3}], "annotator": "A-17"}
+
+
+def _pattern(index: int, height: int, width: int) -> np.ndarray:
+    """A frame that changes with its index (a moving bar), so encoders keep every frame."""
+    frame = np.full((height, width, 3), 40, np.uint8)
+    frame[:, (index * 3) % width] = 255
+    frame[..., 1] = (index * 17) % 256
+    return frame
+
+
+def write_video(path: Path, container: str | None = None, codec: str = "libx264", *, count: int = 8,
+                width: int = 64, height: int = 36, fps: int = 4, pts: list[int] | None = None,
+                pix_fmt: str = "yuv420p", rotation: int = 0, audio: bool = False) -> Path:
+    """Encode `count` frames; `pts` (in 1/fps units) leaves gaps, which the AVI muxer writes as dropped frames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format=container) as output:
+        stream = output.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if pts is not None:
+            stream.codec_context.time_base = Fraction(1, fps)
+        sound = _audio_stream(output) if audio else None
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(_pattern(i, height, width), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], Fraction(1, fps)
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+        if sound is not None:
+            _mux_audio(output, sound, seconds=count / fps)
+    return path
+
+
+def _audio_stream(output):
+    sound = output.add_stream("aac", rate=16000)
+    sound.layout = "mono"
+    return sound
+
+
+def _mux_audio(output, sound, seconds: float) -> None:
+    samples = int(16000 * seconds)
+    tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
+    for start in range(0, samples, 1024):
+        block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
+        block.sample_rate, block.pts = 16000, start
+        for packet in sound.encode(block):
+            output.mux(packet)
+    for packet in sound.encode():
+        output.mux(packet)
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w", format="mp4") as output:
+        _mux_audio(output, _audio_stream(output), seconds=0.5)
+    return path
+
+
+def _cut(path: Path, fraction: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+
+
+def reference_label() -> dict:
+    return json.loads(REFERENCE.read_text(encoding="utf-8"))
+
+
+def write_videos(videos: Path) -> None:
+    """One clip per clip id of `EXPECTED` that has a video."""
+    dropped = [0, 1, 5, 6, 7, 15, 16, 23]  # 8 frames stored over 24 frame slots: 16 dropped
+    write_video(videos / "mp4_h264.mp4")
+    write_video(videos / "webm_vp9.webm", "webm", "libvpx-vp9")
+    write_video(videos / "mkv_h264.mkv", "matroska")
+    write_video(videos / "mov_mpeg4.mov", "mov", "mpeg4")
+    write_video(videos / "avi_mpeg4_dropped_frames.avi", "avi", "mpeg4", pts=dropped)
+    write_video(videos / "avi_cinepak_dropped_frames.avi", "avi", "cinepak", pts=dropped, pix_fmt="rgb24")
+    write_video(videos / "ts_h264.ts", "mpegts")
+    write_video(videos / "mpg_mpeg2.mpg", "mpeg", "mpeg2video", fps=25, count=12)
+    write_video(videos / "odd_size_251x141.mp4", width=251, height=141, pix_fmt="yuv444p")
+    write_video(videos / "portrait_rotated_90.mp4", rotation=90)
+    # 2 s at 8 fps, then 1 s at 2 fps, timestamps in 1/8 s
+    write_video(videos / "variable_frame_rate.mkv", "matroska", count=18, fps=8, pts=[*range(16), 20, 24])
+    write_video(videos / "with_audio.mp4", audio=True)
+    write_video(videos / "uppercase_extension.MP4", "mp4")
+    for name in ("label_with_bom", "label_with_extra_keys", "label_normalized_values", "label_missing_field",
+                 "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8", "no_label"):
+        write_video(videos / f"{name}.mp4")
+    (videos / "zero_bytes.mp4").write_bytes(b"")
+    _cut(write_video(videos / "truncated_mp4.mp4", count=24))
+    _cut(write_video(videos / "truncated_webm.webm", "webm", "libvpx-vp9", count=24))
+    (videos / "text_renamed_mp4.mp4").write_text("meeting notes, not a video\n" * 20, encoding="utf-8")
+    write_audio_only(videos / "audio_only.mp4")
+    (videos / "notes.txt").write_text("camera 3 was dirty on Tuesday\n", encoding="utf-8")
+
+
+def write_labels(metas: Path) -> None:
+    """One label per clip id of `EXPECTED` that has a label: the reference label, varied as exports vary it."""
+    metas.mkdir(parents=True, exist_ok=True)
+    label = reference_label()
+    text = json.dumps(label, ensure_ascii=False, indent=2)
+    special = {
+        "label_with_bom": "\ufeff" + text,
+        "label_with_extra_keys": json.dumps({**label, **EXTRA_KEYS}, ensure_ascii=False),
+        "label_normalized_values": json.dumps({**label, "weather": "  light RAIN ", "rule_violation": False,
+                                               "driving_difficulty": "2", "interactive_expanded_metaaction": []}),
+        "label_missing_field": json.dumps({k: v for k, v in label.items() if k != "lighting"}),
+        "label_wrong_value": json.dumps({**label, "weather": "Sandstorm"}),
+        "label_invalid_json": text[:-20],
+        "label_not_an_object": json.dumps([label]),
+    }
+    for clip_id in EXPECTED:
+        if clip_id in ("no_label", "notes"):  # the two inputs without a label
+            continue
+        if clip_id == "label_not_utf8":
+            (metas / f"{clip_id}.label.json").write_bytes(text.encode("utf-16"))
+            continue
+        (metas / f"{clip_id}.label.json").write_text(special.get(clip_id, text), encoding="utf-8")
+
+
+def write_collection(root: Path) -> Path:
+    """The whole collection in the recipe layout under `root`; returns `root`."""
+    write_videos(root / "videos")
+    write_labels(root / "metas")
+    return root
+
+
+def input_files(root: Path) -> set[str]:
+    """Every file of the collection, relative to `root`: what the build report has to account for."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
