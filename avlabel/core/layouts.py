@@ -235,7 +235,7 @@ def _read_manifest(reader: _Reader, manifest: Path) -> None:
             label = base / label  # a label file; anything else is the label itself
         if video is None and label is None:
             reader.inputs.names.append(where)
-            reader.set_aside(where, "names neither a `video` nor a `label`")
+            reader.set_aside(where, "names neither a video nor a label")
             continue
         video_path = base / str(video) if video is not None else None
         clip_id = str(record.get("clip_id") or "") or (

@@ -1,0 +1,317 @@
+"""One definition of a clip and one reader of inputs: build, caption and eval over the odd-input collection.
+
+The collection (tests/odd_inputs.py) holds the containers, codecs, sizes, broken files and label variants
+real data brings; these tests check what becomes a row, what is set aside and why, that every input file
+is accounted for, that the three commands read the same clips, and that the README's table says so.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from avlabel.core import schema
+from avlabel.core.layouts import STORED_EXTENSIONS, VIDEO_EXTENSIONS, read_inputs
+from avlabel.core.problems import InputError
+from avlabel.core.sampling import VideoError, probe, sample_frames
+from avlabel.data_builder import build
+from avlabel.data_builder.build import BuildArguments
+from avlabel.eval.data import load_references
+from avlabel.infer.inputs import resolve_inputs
+from odd_inputs import EXTRA_KEYS, PARTNERS, ROWS, SET_ASIDE, input_files, reference_label, write_collection, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    return write_collection(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.fixture(scope="module")
+def built(collection, tmp_path_factory) -> build.BuildResult:
+    out = tmp_path_factory.mktemp("odd_built") / "dataset"
+    return build.build(BuildArguments(input=str(collection), output_dir=str(out), test_size=0, num_proc=1))
+
+
+def _rows(result: build.BuildResult) -> dict[str, dict]:
+    return {row["clip_id"]: row for rows in result.rows.values() for row in rows}
+
+
+# ----------------------------------------------------------------------------- the builder
+
+
+def test_every_odd_input_gets_its_fate(collection, built):
+    rows = _rows(built)
+    assert set(rows) == ROWS
+    own = {p.path: p for p in built.problems if p.stage != "partner"}
+    assert set(own) == set(SET_ASIDE)
+    for path, (stage, reason) in SET_ASIDE.items():
+        assert own[path].stage == stage and reason in own[path].reason, own[path]
+    partners = {p.path: p.partner for p in built.problems if p.stage == "partner"}
+    assert partners == PARTNERS
+    for path, partner in PARTNERS.items():
+        kind = "label" if partner.startswith("metas/") else "clip"
+        assert any(p.path == path and p.reason == f"its {kind} {partner} was set aside" for p in built.problems)
+
+    # every input file is accounted for: in a row, or set aside
+    files = input_files(collection)
+    assert set(built.inputs) == files
+    in_rows = {f"metas/{clip_id}.label.json" for clip_id in rows} | {
+        f"videos/{p.name}" for p in (collection / "videos").iterdir() if p.stem in rows and f"videos/{p.name}" not in own}
+    assert len(in_rows) == 2 * len(ROWS)
+    assert in_rows | set(built.set_aside) == files and not in_rows & set(built.set_aside)
+    assert len(files) == len(in_rows) + len(built.set_aside)
+    report = [json.loads(line) for line in (built.output_dir / build.QUARANTINE_NAME).read_text().splitlines()]
+    assert report == [problem.to_dict() for problem in built.problems]
+
+    printed = io.StringIO()
+    build.print_summary(built, file=printed)
+    summary = " ".join(printed.getvalue().split())
+    assert f"Read {len(files)} input file(s): {len(in_rows)} in the {len(ROWS)} row(s), {len(built.set_aside)} set aside." in summary
+    assert "3 clip(s) remuxed into Matroska (.mkv)" in summary  # the .webm, .ts and .mpg clips
+    assert "1 label(s) had keys beyond the schema: kept in the `extra` column." in summary
+
+
+def test_labels_as_exports_write_them(collection, built):
+    rows = _rows(built)
+    reference = schema.load_label_file(collection / "metas" / "mp4_h264.label.json")
+    assert schema.row_to_label(rows["label_with_bom"]) == reference
+    assert schema.row_to_label(rows["label_with_extra_keys"]) == reference
+    assert json.loads(rows["label_with_extra_keys"]["extra"]) == EXTRA_KEYS
+    assert all(row["extra"] is None for clip_id, row in rows.items() if clip_id != "label_with_extra_keys")
+    loose = schema.row_to_label(rows["label_normalized_values"])
+    assert (loose["weather"], loose["rule_violation"], loose["driving_difficulty"]) == ("Light rain", "False", 2)
+    assert loose["interactive_expanded_metaaction"] is None
+
+
+def test_the_odd_rows_load_and_keep_their_frames(collection, built, tmp_path):
+    """Every row loads through `datasets` and decodes; a remuxed clip holds the original's frames."""
+    import datasets
+
+    rows = _rows(built)
+    assert {Path(row["file_name"]).suffix for row in rows.values()} <= set(STORED_EXTENSIONS)
+    in_matroska = {clip_id for clip_id, row in rows.items() if row["file_name"].endswith(".mkv")}
+    assert in_matroska == {"webm_vp9", "ts_h264", "mpg_mpeg2", "mkv_h264", "variable_frame_rate"}
+    assert built.remuxed == 3  # the two .mkv clips were Matroska already: linked, not remuxed
+    loaded = datasets.load_dataset(str(built.output_dir), split="train", cache_dir=str(tmp_path / "cache"))
+    assert sorted(loaded["clip_id"]) == sorted(ROWS)
+    for row in loaded:
+        assert row["video"][0].shape[0] == 3, row["clip_id"]
+    original = sample_frames(collection / "videos" / "webm_vp9.webm")
+    stored = sample_frames(built.output_dir / "train" / "webm_vp9.mkv")
+    assert stored.indices == original.indices and (stored.frames == original.frames).all()
+    assert (rows["portrait_rotated_90"]["width"], rows["portrait_rotated_90"]["height"]) == (36, 64)
+    dropped = rows["avi_cinepak_dropped_frames"]  # 8 frames over 6 s: not "truncated", not 2 s long
+    assert dropped["codec"] == "cinepak" and dropped["duration"] > 5
+
+
+def test_strict_refuses_extra_keys(collection, tmp_path):
+    out = tmp_path / "strict"
+    command = [sys.executable, "-m", "data_builder", "build", "--input", str(collection), "--output_dir", str(out),
+               "--num_proc", "1", "--test_size", "0", "--strict"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    assert done.returncode == 1 and "--strict" in done.stderr and "Traceback" not in done.stderr
+    report = {entry["path"]: entry for entry in map(json.loads, (out / build.QUARANTINE_NAME).read_text().splitlines())}
+    refused = report["metas/label_with_extra_keys.label.json"]
+    assert refused["reason"] == "has keys beyond the schema: objects, annotator (refused by --strict)"
+    assert report["videos/label_with_extra_keys.mp4"]["partner"] == "metas/label_with_extra_keys.label.json"
+
+
+def test_an_empty_input_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "data_builder", "build", "--input", str(tmp_path / "empty"), "--output_dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no clips or labels found" in lines[0] and str(tmp_path / "empty") in lines[0]
+    assert "the recipe layout (videos/ + metas/)" in lines[0] and "a manifest" in lines[0]
+    assert not out.exists()
+    with pytest.raises(InputError, match="no clips or labels found"):
+        resolve_inputs(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- one definition of a clip
+
+
+def _container(extension: str) -> tuple[str, str]:
+    """A muxer and a codec that write a clip with this extension."""
+    return {".m4v": ("ipod", "libx264"), ".mov": ("mov", "libx264"), ".3gp": ("3gp", "libx264"),
+            ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".avi": ("avi", "mpeg4"),
+            ".mpeg": ("mpeg", "mpeg2video"), ".mpg": ("mpeg", "mpeg2video"), ".ts": ("mpegts", "libx264"),
+            ".m2ts": ("mpegts", "libx264"), ".mts": ("mpegts", "libx264"), ".flv": ("flv", "libx264"),
+            ".wmv": ("asf", "wmv2"), ".asf": ("asf", "msmpeg4"), ".mxf": ("mxf", "mpeg2video"),
+            ".mp4": ("mp4", "libx264")}[extension]  # fmt: skip
+
+
+def test_every_clip_extension_is_read_built_and_loaded(tmp_path):
+    """One clip per extension the reader calls a clip: build stores each (remuxed where needed), caption and eval
+    read the same ids, and `datasets` decodes every stored clip."""
+    import datasets
+
+    flat = tmp_path / "flat"
+    text = json.dumps(reference_label())
+    for extension in VIDEO_EXTENSIONS:
+        clip_id = f"clip_{extension[1:]}"
+        write_video(flat / f"{clip_id}{extension}", *_container(extension), fps=25, count=10)
+        (flat / f"{clip_id}.json").write_text(text, encoding="utf-8")
+    result = build.build(BuildArguments(input=str(flat), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    ids = {f"clip_{extension[1:]}" for extension in VIDEO_EXTENSIONS}
+    assert set(_rows(result)) == ids and not result.problems
+    assert {c.clip_id for c in resolve_inputs(str(flat))} == ids == set(load_references(flat)[0])
+    loaded = datasets.load_dataset(str(result.output_dir), split="train", cache_dir=str(tmp_path / "cache"))
+    for row in loaded:
+        assert row["video"][0].shape == (3, 36, 64), row["clip_id"]
+    for clip_id, row in _rows(result).items():  # stored as is, remuxed, or (WMV in Matroska) re-encoded losslessly
+        original = sample_frames(flat / f"{clip_id}.{clip_id.removeprefix('clip_')}")
+        stored = sample_frames(result.output_dir / "train" / row["file_name"])
+        assert stored.indices == original.indices and (stored.frames == original.frames).all(), clip_id
+
+
+def test_an_avi_with_dropped_frames_is_whole(tmp_path):
+    """The AVI index counts 24 frames, the file stores 8 packets over 6 s: a whole clip, sampled evenly in time."""
+    import av
+
+    path = write_video(tmp_path / "dropped.avi", "avi", "cinepak", pts=[0, 1, 5, 6, 7, 15, 16, 23], pix_fmt="rgb24")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 24  # what the old check compared with
+    info = probe(path)
+    assert info.num_frames == 8 and info.duration > 5.5
+    clip = sample_frames(path)
+    assert len(clip.frames) == 8  # 2 fps over ~6 s asks for 12; only 8 are stored, every one is taken
+    assert clip.timestamps[-1] == pytest.approx(23 / 4)
+
+
+def test_a_truncated_matroska_file_is_named_truncated(tmp_path):
+    path = write_video(tmp_path / "cut.webm", "webm", "libvpx-vp9", count=24)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(VideoError, match=r"truncated: the container records 6\.00 s but the frames end at"):
+        probe(path)
+
+
+# ----------------------------------------------------------------------------- one reader for build, caption, eval
+
+
+def _layouts(source: Path, tmp_path: Path) -> dict[str, Path]:
+    """The same 4 clips in the recipe layout, flat, in a manifest, and as a dataset the builder made."""
+    ids = sorted(p.name.split(".")[0] for p in (source / "videos").iterdir())[:4]
+    recipe, flat = tmp_path / "recipe", tmp_path / "flat"
+    for clip_id in ids:
+        video = next((source / "videos").glob(f"{clip_id}.*"))
+        for folder, label_name in ((recipe, f"metas/{clip_id}.label.json"), (flat, f"{clip_id}.json")):
+            (folder / "videos" if folder == recipe else folder).mkdir(parents=True, exist_ok=True)
+            (folder / "metas").mkdir(exist_ok=True) if folder == recipe else None
+            shutil.copy(video, (folder / "videos" if folder == recipe else folder) / video.name)
+            shutil.copy(source / "metas" / f"{clip_id}.label.json", folder / label_name)
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text("".join(json.dumps({"video": f"recipe/videos/{next((recipe / 'videos').glob(f'{i}.*')).name}",
+                                            "label": f"recipe/metas/{i}.label.json"}) + "\n" for i in ids))
+    dataset = build.build(BuildArguments(input=str(recipe), output_dir=str(tmp_path / "dataset"), test_size=0,
+                                         num_proc=1)).output_dir
+    return {"recipe": recipe, "flat": flat, "manifest": manifest, "dataset": dataset}
+
+
+def test_build_caption_and_eval_read_the_same_clips_in_every_layout(synthetic_raw_dir, tmp_path):
+    layouts = _layouts(synthetic_raw_dir, tmp_path)
+    expected = None
+    for layout, source in layouts.items():
+        assert read_inputs(source).layout == layout
+        built = build.build(BuildArguments(input=str(source), output_dir=str(tmp_path / f"out_{layout}"),
+                                           test_size=0, num_proc=1))
+        captioned = [clip.clip_id for clip in resolve_inputs(str(source), split="train", cache_dir=tmp_path / "clips")]
+        references, problems = load_references(source, split="train")
+        assert not built.problems and not problems, layout
+        assert set(_rows(built)) == set(captioned) == set(references), layout
+        expected = expected or set(captioned)
+        assert set(captioned) == expected and len(expected) == 4
+
+
+def test_a_row_is_a_clip_caption_can_read_with_a_reference_eval_can_read(collection, built):
+    """On the odd collection: rows = the clips caption finds that decode, with a label eval accepts."""
+    problems = []
+    decodable = set()
+    for clip in resolve_inputs(str(collection), problems=problems):
+        try:
+            probe(clip.path)
+            decodable.add(clip.clip_id)
+        except VideoError:
+            pass
+    references, _ = load_references(collection)
+    assert set(_rows(built)) == decodable & set(references)
+    assert {p.path for p in problems} == {"videos/duplicate_id.mp4", "videos/notes.txt", "metas/notes.md"}
+    assert {"label_with_bom", "label_with_extra_keys"} <= set(references)  # eval takes what exports write, too
+
+
+def test_caption_runs_over_the_odd_collection(collection, tiny_model_dir, tmp_path):
+    """The tiny model captions every clip caption reads: the decodable ones succeed, the broken ones fail."""
+    import torch
+
+    from avlabel.infer.caption import main, make_parser
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["--config", str(REPO / "recipes" / "infer" / "tiny.yaml"), "--model", str(tiny_model_dir),
+                "--input", str(collection), "--output_dir", str(tmp_path / "captions"), "--max_new_tokens", "4"]
+        main(*make_parser().parse_args_and_config(args=argv))
+    finally:
+        torch.set_num_threads(before)
+    records = {r["clip_id"]: r for r in map(json.loads, (tmp_path / "captions" / "captions.jsonl").read_text().splitlines())}
+    broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only"}
+    assert {c for c, r in records.items() if r["status"] == "failed"} == broken
+    ok = {c for c, r in records.items() if r["status"] == "ok"}
+    assert ok == ROWS | {"no_label"} | {Path(p).stem for p in PARTNERS if p.startswith("videos/")}
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+
+def _readme_reasons() -> list[str]:
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("## What the builder accepts")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    cells = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+    assert all(len(row) == 3 for row in cells)  # input | outcome | reason printed
+    return [reason for row in cells for reason in re.findall(r"`([^`]+)`", row[2])]
+
+
+def _pattern(reason: str) -> re.Pattern:
+    """A README reason as a regex: each <placeholder> stands for any text."""
+    return re.compile("".join(".+?" if part.startswith("<") else re.escape(part)
+                              for part in re.split(r"(<[^>]+>)", reason)))
+
+
+def test_readme_table_matches_what_the_builder_prints(collection, built, tmp_path):
+    printed = [p.reason for p in built.problems]
+    flat = build.build(BuildArguments(input=str(collection), output_dir=str(tmp_path / "flat"), layout="flat",
+                                      test_size=0, num_proc=1))
+    printed += [p.reason for p in flat.problems]
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for name in ("videos/label_with_extra_keys.mp4", "metas/label_with_extra_keys.label.json"):
+        shutil.copy(collection / name, pair)
+    strict = build.build(BuildArguments(input=str(pair), output_dir=str(tmp_path / "strict"), strict=True, num_proc=1))
+    printed += [p.reason for p in strict.problems]
+    manifest = tmp_path / "clips.jsonl"
+    good = {"video": str(collection / "videos" / "mp4_h264.mp4"), "label": str(collection / "metas" / "mp4_h264.label.json")}
+    manifest.write_text(json.dumps(good) + '\n{"video": "a.mp4"\n[1]\n{"clip_id": "x"}\n', encoding="utf-8")
+    listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "manifest"), num_proc=1))
+    assert listed.num_rows == 1 and len(listed.problems) == 3
+    printed += [p.reason for p in listed.problems]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(build.BuildError) as caught:
+        build.build(BuildArguments(input=str(tmp_path / "empty"), output_dir=str(tmp_path / "none")))
+    printed.append(str(caught.value))
+
+    patterns = {reason: _pattern(reason) for reason in _readme_reasons()}
+    unexplained = [reason for reason in printed if not any(p.fullmatch(reason) for p in patterns.values())]
+    assert not unexplained, f"reasons the README's table does not list: {unexplained}"
+    unseen = [reason for reason, p in patterns.items() if not any(p.fullmatch(r) for r in printed)]
+    assert not unseen, f"reasons the README lists that no test input produced: {unseen}"
