@@ -338,7 +338,7 @@ def measure_step_time(model_dir: str | Path, steps: int = 5, batch: int = 4) -> 
     from avlabel.core.prompts import load_prompts
     from avlabel.core.schema import FIELDS, label_to_json
 
-    from avlabel.train.collator import build_conversation
+    from avlabel.core.prompts import build_conversation
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
