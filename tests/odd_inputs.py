@@ -82,7 +82,7 @@ def write_video(path: Path, container: str | None = None, codec: str = "libx264"
         for packet in stream.encode():
             output.mux(packet)
         if sound is not None:
-            _mux_audio(output, sound, seconds=count / fps)
+            mux_tone(output, sound, samples=16000 * count // fps)
     return path
 
 
@@ -92,8 +92,8 @@ def _audio_stream(output):
     return sound
 
 
-def _mux_audio(output, sound, seconds: float) -> None:
-    samples = int(16000 * seconds)
+def mux_tone(output, sound, samples: int) -> None:
+    """Encode and mux a mono sine tone of `samples` samples at 16 kHz into the audio stream `sound`."""
     tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
     for start in range(0, samples, 1024):
         block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
@@ -106,7 +106,7 @@ def _mux_audio(output, sound, seconds: float) -> None:
 
 def write_audio_only(path: Path) -> Path:
     with av.open(str(path), "w", format="mp4") as output:
-        _mux_audio(output, _audio_stream(output), seconds=0.5)
+        mux_tone(output, _audio_stream(output), samples=8000)
     return path
 
 

@@ -21,6 +21,7 @@ from avlabel.data_builder import build
 from avlabel.demo import synthetic
 from avlabel.data_builder.build import BuildArguments
 from avlabel.core.sampling import SamplingConfig, sample_frames
+from odd_inputs import write_audio_only
 
 SUFFIX = CAMERA_SUFFIX + ".mp4"
 REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
@@ -38,18 +39,6 @@ BROKEN = {
     f"videos/no_label{SUFFIX}": ("scan", "clip without a label"),
     "metas/no_clip.label.json": ("scan", "label without a clip"),
 }
-
-
-def _write_audio_only(path: Path) -> None:
-    import av
-
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        for i in range(8):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
 
 
 def _make_recipe_input(root: Path, count: int, seed: int = 0) -> list[str]:
@@ -74,7 +63,7 @@ def _add_broken_inputs(root: Path, donor: str) -> None:
     pair("zero_bytes", b"", json.dumps(label))
     pair("truncated", clip_bytes[: len(clip_bytes) // 2], json.dumps(label))
     pair("text_file", b"this is a text file, not a video\n", json.dumps(label))
-    _write_audio_only(videos / f"audio_only{SUFFIX}")
+    write_audio_only(videos / f"audio_only{SUFFIX}")
     pair("audio_only", None, json.dumps(label))
     pair("bad_json", clip_bytes, json.dumps(label)[:-20])
     pair("missing_field", clip_bytes, json.dumps({k: v for k, v in label.items() if k != "lighting"}))

@@ -301,9 +301,10 @@ def test_readme_table_matches_what_the_builder_prints(collection, built, tmp_pat
     printed += [p.reason for p in strict.problems]
     manifest = tmp_path / "clips.jsonl"
     good = {"video": str(collection / "videos" / "mp4_h264.mp4"), "label": str(collection / "metas" / "mp4_h264.label.json")}
-    manifest.write_text(json.dumps(good) + '\n{"video": "a.mp4"\n[1]\n{"clip_id": "x"}\n', encoding="utf-8")
+    bad_lines = '{"video": "a.mp4"\n[1]\n{"clip_id": "x"}\n{"video": "b.mp4", "clip_id": "../b"}\n'
+    manifest.write_text(json.dumps(good) + "\n" + bad_lines, encoding="utf-8")
     listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "manifest"), num_proc=1))
-    assert listed.num_rows == 1 and len(listed.problems) == 3
+    assert listed.num_rows == 1 and len(listed.problems) == 4
     printed += [p.reason for p in listed.problems]
     (tmp_path / "empty").mkdir()
     with pytest.raises(build.BuildError) as caught:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from avlabel.core.sampling import SamplingConfig, VideoError, probe, sample_frames
+from odd_inputs import mux_tone
 
 # qwen-vl-utils reads this when imported; torchcodec is its backend that works with torchvision >= 0.26
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
@@ -77,20 +78,8 @@ def _write(path: Path, count: int, width: int = 160, height: int = 96, fps: int 
         for packet in stream.encode():
             container.mux(packet)
         if audio:
-            _mux_tone(container, sound, count * 16000 // fps)
+            mux_tone(container, sound, count * 16000 // fps)
     return path
-
-
-def _mux_tone(container, sound, samples: int) -> None:
-    """Encode and mux a mono sine tone of `samples` samples at 16 kHz into the audio stream `sound`."""
-    tone = (0.2 * np.sin(np.arange(samples) / 8.0)).astype(np.float32)[None]
-    for start in range(0, samples, 1024):
-        block = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
-        block.sample_rate, block.pts = 16000, start
-        for packet in sound.encode(block):
-            container.mux(packet)
-    for packet in sound.encode():
-        container.mux(packet)
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -258,7 +247,7 @@ def _audio_only(tmp_path: Path) -> Path:
     with av.open(str(path), "w") as container:
         sound = container.add_stream("aac", rate=16000)
         sound.layout = "mono"
-        _mux_tone(container, sound, 16000)
+        mux_tone(container, sound, 16000)
     return path
 
 

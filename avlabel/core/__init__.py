@@ -1,1 +1,2 @@
-"""What every command shares: the label schema, prompts, frame sampling, input layouts, records and loading."""
+"""What every command shares: the label schema, prompts and the conversation, frame sampling, input layouts,
+caption records and their merge rule, problem reports, and dataset loading."""

@@ -254,14 +254,14 @@ def _read_dataset(reader: _Reader, source: str, split: str | None, with_videos: 
     from .loading import load_clip_dataset
 
     try:
-        loaded = load_clip_dataset(source)
-    except (ValueError, FileNotFoundError) as err:
+        loaded = {split: load_clip_dataset(source, split)} if split else load_clip_dataset(source)
+    except ValueError as err:
+        if split and "Unknown split" in str(err):
+            raise InputError(f"{source}: no split {split!r} ({err}); choose one with --split") from None
         raise InputError(f"{source}: can't load the dataset ({err})") from None
-    splits = [split] if split else list(loaded)
-    if split and split not in loaded:
-        raise InputError(f"{source}: no split {split!r} (splits: {', '.join(loaded)}); choose one with --split")
-    for name in splits:
-        rows = loaded[name]
+    except FileNotFoundError as err:
+        raise InputError(f"{source}: can't load the dataset ({err})") from None
+    for name, rows in loaded.items():
         has_label = all(column in rows.column_names for column in schema.FIELD_NAMES)
         columns = ("clip_id", "video", *schema.FIELD_NAMES, EXTRA_COLUMN) if with_videos else (
             "clip_id", *schema.FIELD_NAMES, EXTRA_COLUMN)
