@@ -164,12 +164,26 @@ def _probe_file(path: str) -> dict:
         return {"error": f"unexpected {type(err).__name__} while probing: {err}"}
 
 
+def _write_and_probe(target: str, write, failing: str) -> dict:
+    """`write` the clip to a temporary name, move it into place and probe it; any error is the clip's reason."""
+    partial = Path(target).with_suffix(".part")
+    try:
+        write(partial)
+        os.replace(partial, target)
+        return {"info": asdict(probe(target))}
+    except VideoError as err:
+        return {"error": err.reason}
+    except Exception as err:  # noqa: BLE001 - see _probe_file
+        return {"error": f"{failing}: {type(err).__name__}: {err}"}
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _presample_file(source: str, target: str, sampling: dict, crf: int) -> dict:
     """Re-encode the frames the model would see as a small H.264 clip, then probe it."""
     import av
 
-    partial = Path(target).with_suffix(".part")
-    try:
+    def write(partial: Path) -> None:
         clip = sample_frames(source, SamplingConfig(**sampling))
         height, width = clip.frames.shape[1:3]
         # one frame per sampled frame at the sampling rate: re-sampling this clip keeps every frame
@@ -181,14 +195,8 @@ def _presample_file(source: str, target: str, sampling: dict, crf: int) -> dict:
             for image in clip.frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode())
-        os.replace(partial, target)
-        return {"info": asdict(probe(target))}
-    except VideoError as err:
-        return {"error": err.reason}
-    except Exception as err:  # noqa: BLE001 - see _probe_file
-        return {"error": f"presampling failed: {type(err).__name__}: {err}"}
-    finally:
-        partial.unlink(missing_ok=True)
+
+    return _write_and_probe(target, write, "presampling failed")
 
 
 def _remux_file(source: str, target: str) -> dict:
@@ -199,27 +207,20 @@ def _remux_file(source: str, target: str) -> dict:
     """
     import av
 
-    partial = Path(target).with_suffix(".part")
-    try:
+    def write(partial: Path) -> None:
         with av.open(source) as original, av.open(str(partial), "w", format="matroska") as copy:
             video = original.streams.video[0]
             try:
                 stream = copy.add_stream_from_template(video)
             except ValueError:  # "'matroska' format does not support '<codec>' codec"
                 _reencode_losslessly(original, video, copy)
-            else:
-                for packet in original.demux(video):
-                    if packet.dts is not None or packet.pts is not None:  # not the demuxer's closing empty packet
-                        packet.stream = stream
-                        copy.mux(packet)
-        os.replace(partial, target)
-        return {"info": asdict(probe(target))}
-    except VideoError as err:
-        return {"error": f"stored in Matroska, the copy fails: {err.reason}"}
-    except Exception as err:  # noqa: BLE001 - see _probe_file
-        return {"error": f"storing in Matroska failed: {type(err).__name__}: {err}"}
-    finally:
-        partial.unlink(missing_ok=True)
+                return
+            for packet in original.demux(video):
+                if packet.dts is not None or packet.pts is not None:  # not the demuxer's closing empty packet
+                    packet.stream = stream
+                    copy.mux(packet)
+
+    return _write_and_probe(target, write, "storing in Matroska failed")
 
 
 def _reencode_losslessly(original, video, copy) -> None:
