@@ -259,8 +259,9 @@ def _read_dataset(reader: _Reader, source: str, split: str | None, with_videos: 
         if split and "Unknown split" in str(err):
             raise InputError(f"{source}: no split {split!r} ({err}); choose one with --split") from None
         raise InputError(f"{source}: can't load the dataset ({err})") from None
-    except FileNotFoundError as err:
-        raise InputError(f"{source}: can't load the dataset ({err})") from None
+    except OSError as err:  # FileNotFoundError, or ConnectionError for a Hub id that can't be reached
+        where = "" if Path(source).exists() else "no such file or folder, and on the Hub: "
+        raise InputError(f"{source}: {where}can't load the dataset ({err})") from None
     for name, rows in loaded.items():
         has_label = all(column in rows.column_names for column in schema.FIELD_NAMES)
         columns = ("clip_id", "video", *schema.FIELD_NAMES, EXTRA_COLUMN) if with_videos else (
@@ -329,7 +330,7 @@ def detect_layout(source: str) -> str:
                          f"({', '.join(MANIFEST_EXTENSIONS)}) or a folder")
     if glob.has_magic(source):
         return "file"
-    if _HUB_ID.match(source):
+    if _HUB_ID.match(source) and not path.parent.is_dir():  # owner/name, unless `owner` is a local folder
         return "dataset"
     raise InputError(f"{source}: no such file or folder (nor a glob pattern or a Hub dataset id)")
 
