@@ -1,4 +1,5 @@
-"""Publishing to the Hub, for real, against the in-memory Hub-protocol server (tests/hub_server.py).
+"""Publishing to the Hub, for real, against the in-memory Hub-protocol server (tests/hub_server.py),
+which refuses what the real Hub refuses: one test per rule checks the status code.
 
 The fixtures are made by the project's own pieces: the tiny model (merged weights), a PEFT
 adapter saved from it, the real resolved training arguments (`train.sft`), the real loss plot,
@@ -9,10 +10,14 @@ searched for them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +25,16 @@ import pytest
 import yaml
 
 from avlabel.core import schema
+from avlabel.core.layouts import METADATA_NAME
 from avlabel.hub.publish import (
+    METRIC_DIR,
     PublishArguments,
     PublishError,
     main,
     make_parser,
     publish_dataset,
     publish_eval,
+    publish_metric,
     publish_model,
 )
 
@@ -114,13 +122,14 @@ def eval_output(work):
 
 
 def _repo_id(name: str, request) -> str:
-    return f"tester/{name}-{request.node.name[:40].replace('[', '-').replace(']', '')}"
+    """A repo of this test's own (the server lives as long as the session)."""
+    return f"tester/{name}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]}"
 
 
 # ----------------------------------------------------------------------------- the server itself
 
 
-def test_server_rejects_what_the_hub_rejects(hub, tmp_path):
+def test_server_answers_missing_things_as_the_hub_does(hub, tmp_path):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -142,10 +151,205 @@ def test_server_rejects_what_the_hub_rejects(hub, tmp_path):
         api.model_info("tester/rejects", revision="no-such-branch")
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("tester/rejects", "missing.json", cache_dir=tmp_path)
-    bad_card = b"---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []\n---\n# card\n"
-    with pytest.raises(ValueError, match="task.type"):  # the Hub's validate-yaml refuses a broken model-index
-        api.upload_file(path_or_fileobj=bad_card, path_in_repo="README.md", repo_id="tester/rejects")
     assert hub.unhandled == []
+
+
+def _status(error: Exception) -> int:
+    """The HTTP status behind a client's error (validate-yaml's ValueError wraps the HTTP error)."""
+    while getattr(error, "response", None) is None and error.__cause__ is not None:
+        error = error.__cause__
+    return error.response.status_code
+
+
+def _lfs_puts(requests) -> set[str]:
+    return {path.rsplit("/", 1)[1] for method, path in requests if method == "PUT" and path.startswith("/_lfs/")}
+
+
+def test_an_unknown_token_is_401_on_every_route(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id = _repo_id("token", request)
+    HfApi().create_repo(repo_id)
+    garbage = HfApi(token="garbage")
+    for call in (garbage.whoami, lambda: garbage.model_info(repo_id),
+                 lambda: garbage.upload_file(path_or_fileobj=b"hello", path_in_repo="hello.txt", repo_id=repo_id)):
+        with pytest.raises(HfHubHTTPError) as refused:
+            call()
+        assert _status(refused.value) == 401
+    assert "Invalid credentials in Authorization header" in str(refused.value)
+    anonymous = HfApi(token=False)  # no token: public reads work, writes do not
+    assert anonymous.model_info(repo_id).id == repo_id
+    with pytest.raises(HfHubHTTPError) as unsigned:
+        anonymous.create_repo(_repo_id("anonymous", request))
+    assert _status(unsigned.value) == 401
+    assert set(hub.files(repo_id)) == {".gitattributes"}
+
+
+def test_the_token_decides_the_namespace(hub, request, eval_output):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from hub_server import OTHER_TOKEN, OTHER_USER
+
+    mine, theirs = HfApi(), HfApi(token=OTHER_TOKEN)
+    assert (mine.whoami()["name"], theirs.whoami()["name"]) == ("tester", OTHER_USER)
+    their_repo = f"{OTHER_USER}/{_repo_id('theirs', request).split('/')[1]}"
+    theirs.create_repo(their_repo)
+
+    with pytest.raises(HfHubHTTPError) as create:
+        mine.create_repo(f"{OTHER_USER}/not-mine")
+    assert _status(create.value) == 403
+    assert f'You don\'t have the rights to create a model under the namespace "{OTHER_USER}"' in str(create.value)
+    with pytest.raises(HfHubHTTPError) as commit:
+        mine.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id=their_repo)
+    assert _status(commit.value) == 403 and "pass `create_pr=1`" in str(commit.value)
+    assert set(hub.files(their_repo)) == {".gitattributes"}
+    with pytest.raises(PublishError, match=r"refused the push.*403"):  # publish says so in one line
+        publish_eval(eval_output, f"{OTHER_USER}/eval-run")
+    assert ("dataset", f"{OTHER_USER}/eval-run") not in hub.state.repos
+
+    private = f"{OTHER_USER}/{_repo_id('private', request).split('/')[1]}"
+    theirs.create_repo(private, private=True)
+    with pytest.raises(RepositoryNotFoundError) as hidden:  # another user's private repo does not exist for you
+        mine.model_info(private)
+    assert _status(hidden.value) == 404
+
+
+def test_create_pr_opens_a_pull_request_ref_and_leaves_main(hub, request):
+    from huggingface_hub import HfApi
+    from hub_server import OTHER_TOKEN
+
+    repo_id = _repo_id("pr", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    api.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id=repo_id)
+    main_before = hub.files(repo_id)
+    proposal = HfApi(token=OTHER_TOKEN).upload_file(path_or_fileobj=b"v2 from someone else", path_in_repo="notes.txt",
+                                                   repo_id=repo_id, create_pr=True)
+    assert (proposal.pr_revision, proposal.pr_num) == ("refs/pr/1", 1)
+    assert hub.files(repo_id) == main_before
+    assert hub.files(repo_id, revision="refs/pr/1")["notes.txt"] == b"v2 from someone else"
+    assert api.model_info(repo_id, revision="refs/pr/1").sha != api.model_info(repo_id).sha
+    second = api.upload_file(path_or_fileobj=b"v3", path_in_repo="notes.txt", repo_id=repo_id, create_pr=True)
+    assert second.pr_revision == "refs/pr/2"
+    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+    assert [b.name for b in refs.branches] == ["main"]
+    assert sorted(r.ref for r in refs.pull_requests) == ["refs/pr/1", "refs/pr/2"]
+    assert hub.files(repo_id) == main_before
+
+
+def _binary_files(synthetic_dataset_dir) -> dict[str, bytes]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save
+
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), parquet)
+    return {"model.safetensors": save({"weight": np.arange(6, dtype=np.float32)}),
+            "clip.mp4": next((synthetic_dataset_dir / "test").glob("*.mp4")).read_bytes(),
+            "rows.parquet": parquet.getvalue()}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "clip.mp4", "rows.parquet", "notes.txt"])
+def test_binary_or_large_files_must_go_through_lfs(hub, request, name, synthetic_dataset_dir):
+    """The Hub's pre-receive hook refuses binary files (and text over 10 MiB) committed as regular files."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import BadRequestError
+
+    data = _binary_files(synthetic_dataset_dir).get(name, b"a line of text\n" * 800_000)  # 11.2 MB of text
+    repo_id = _repo_id("binary", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    forced = CommitOperationAdd(name, data)
+    forced._upload_mode = "regular"  # what a client sends that skips preupload, like git without LFS
+    with pytest.raises(BadRequestError) as refused:
+        api.create_commit(repo_id, [forced], commit_message="no LFS")
+    assert _status(refused.value) == 400
+    assert f"- {name} (ref: refs/heads/main)" in str(refused.value)
+    assert ("larger than 10 MiB" if name == "notes.txt" else "contains binary files") in str(refused.value)
+    assert name not in hub.files(repo_id)
+    api.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id=repo_id)  # the client's own way: LFS
+    assert hub.state.repos[("model", repo_id)].resolve("main").files[name].lfs
+
+
+@pytest.mark.parametrize("repo_type, metadata, complaint", [
+    ("model", "license: not-a-real-license", '"license" must be one of'),
+    ("dataset", "license: not-a-real-license", '"license" must be one of'),
+    ("dataset", "configs: 42", '"configs" must be an array'),
+    ("dataset", "configs:\n- data_files: train/*", '"configs[0].config_name" is required'),
+    ("model", "model-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []", "task.type"),
+    ("space", "sdk: jupyter-lab", '"sdk" must be one of'),
+])
+def test_card_metadata_is_validated(hub, request, monkeypatch, repo_type, metadata, complaint):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+
+    card = f"---\n{metadata}\n---\n# card\n".encode()
+    repo_id = _repo_id(f"card-{repo_type}", request)
+    api = HfApi()
+    api.create_repo(repo_id, repo_type=repo_type, space_sdk="gradio" if repo_type == "space" else None)
+    before = hub.files(repo_id, repo_type)
+    with pytest.raises(ValueError, match=re.escape(complaint)) as refused:  # huggingface_hub asks validate-yaml first
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, repo_type=repo_type)
+    assert _status(refused.value) == 400
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda *args, **kwargs: None)  # a client that does not ask first
+    with pytest.raises(BadRequestError, match=re.escape(complaint)) as at_commit:
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, repo_type=repo_type)
+    assert _status(at_commit.value) == 400
+    assert hub.files(repo_id, repo_type) == before
+
+
+def test_a_folder_holds_at_most_10000_entries(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+    from hub_server import MAX_FOLDER_ENTRIES
+
+    assert MAX_FOLDER_ENTRIES == 10_000
+    repo_id = _repo_id("folder", request)
+    hub.seed(repo_id, {f"clips/{i:05d}.txt": b"x" for i in range(MAX_FOLDER_ENTRIES - 1)})
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"fits", path_in_repo="clips/last.txt", repo_id=repo_id)  # the 10,000th
+    with pytest.raises(BadRequestError) as refused:
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="clips/one-too-many.txt", repo_id=repo_id)
+    assert _status(refused.value) == 400
+    assert "too many files per directory" in str(refused.value) and "Offending directories: /clips/" in str(refused.value)
+    assert len(hub.files(repo_id)) == MAX_FOLDER_ENTRIES + 1
+    del hub.state.repos[("model", repo_id)]
+
+
+def test_a_repository_holds_at_most_100000_files(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+    from hub_server import MAX_REPO_FILES
+
+    assert MAX_REPO_FILES == 100_000
+    repo_id = _repo_id("repo", request)
+    hub.seed(repo_id, {f"part{i // 5000:02d}/{i:06d}.txt": b"x" for i in range(MAX_REPO_FILES - 1)})  # + .gitattributes
+    with pytest.raises(BadRequestError) as refused:
+        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="one-too-many.txt", repo_id=repo_id)
+    assert _status(refused.value) == 400 and "more than the 100000" in str(refused.value)
+    del hub.state.repos[("model", repo_id)]
+
+
+def test_a_commit_carries_at_most_1000_files(hub, request):
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError
+    from hub_server import MAX_COMMIT_FILES, MAX_PATHS_INFO
+
+    repo_id = _repo_id("commit", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    operations = [CommitOperationAdd(f"notes/{i:04d}.txt", b"%d\n" % i) for i in range(MAX_COMMIT_FILES + 1)]
+    with pytest.raises(BadRequestError) as refused:
+        api.create_commit(repo_id, operations, commit_message="too many at once")
+    assert _status(refused.value) == 400 and "split it into several commits" in str(refused.value)
+    api.create_commit(repo_id, operations[:MAX_COMMIT_FILES], commit_message="just enough")
+    assert len(hub.files(repo_id)) == MAX_COMMIT_FILES + 1
+    with pytest.raises(HfHubHTTPError) as asked:  # the Hub answers paths-info for 1,000 paths at most
+        api.get_paths_info(repo_id, [f"notes/{i:04d}.txt" for i in range(MAX_PATHS_INFO + 1)])
+    assert _status(asked.value) == 413
 
 
 # ----------------------------------------------------------------------------- models
