@@ -11,6 +11,7 @@ searched for them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -492,7 +495,13 @@ def test_publish_builder_folder_and_load_dataset(hub, request, synthetic_dataset
     from huggingface_hub import HfApi
 
     repo_id = _repo_id("clips", request)
-    published = publish_dataset(synthetic_dataset_dir, repo_id, private=True)
+    published = publish_dataset(synthetic_dataset_dir, repo_id, private=True, clips_per_folder=8)
+    pushed = hub.files(repo_id, "dataset")
+    train_clips = sorted(name for name in pushed if name.startswith("train/") and name.endswith(".mp4"))
+    assert len(train_clips) == 20 and {name.split("/")[1] for name in train_clips} == {"000", "001", "002"}
+    assert max(sum(n.startswith(f"train/{f}/") for n in train_clips) for f in ("000", "001", "002")) == 8
+    metadata = pq.read_table(io.BytesIO(pushed[f"train/{METADATA_NAME}"])).to_pylist()
+    assert sorted(f"train/{row['file_name']}" for row in metadata) == train_clips  # file_name: 000/<clip>.mp4
     local = datasets.load_dataset(str(synthetic_dataset_dir))
     remote = datasets.load_dataset(repo_id)
     assert set(remote) == set(local) == {"train", "test"}
@@ -514,6 +523,111 @@ def test_publish_builder_folder_and_load_dataset(hub, request, synthetic_dataset
     from huggingface_hub.errors import RepositoryNotFoundError
     with pytest.raises(RepositoryNotFoundError):  # private: invisible without a token
         HfApi(token=False).dataset_info(repo_id)
+
+
+def test_both_dataset_layouts_load_the_same_rows_and_videos(hub, request, synthetic_dataset_dir, tmp_path):
+    """The folders layout and the Parquet shards with embedded clips, read back by `load_dataset` from the Hub."""
+    import datasets
+    import torch
+
+    folders, parquet = _repo_id("folders", request), _repo_id("parquet", request)
+    assert publish_dataset(synthetic_dataset_dir, folders).files == sorted(hub.files(folders, "dataset").keys() - {".gitattributes"})
+    dry = publish_dataset(synthetic_dataset_dir, parquet, layout="parquet", dry_run_dir=tmp_path / "dry")
+    publish_dataset(synthetic_dataset_dir, parquet, layout="parquet")
+    pushed = hub.files(parquet, "dataset")
+    assert sorted(pushed.keys() - {".gitattributes"}) == dry.files == [
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "quarantine.jsonl",
+        "statistics.png"]
+    for name in dry.files:  # the dry run wrote exactly what was pushed: the shards are written the same way twice
+        assert (dry.folder / name).read_bytes() == pushed[name], name
+    shard = pq.read_table(io.BytesIO(pushed["data/test-00000-of-00001.parquet"]))
+    clips = {path.name: path.read_bytes() for path in (synthetic_dataset_dir / "test").glob("*.mp4")}
+    assert {row["path"]: row["bytes"] for row in shard.column("video").to_pylist()} == clips  # bytes inside, no paths
+
+    by_folders, by_parquet = datasets.load_dataset(folders), datasets.load_dataset(parquet)
+    for split in ("train", "test"):
+        assert by_parquet[split].features == by_folders[split].features
+        assert isinstance(by_parquet[split].features["video"], datasets.Video)
+        assert by_parquet[split].remove_columns("video").to_list() == by_folders[split].remove_columns("video").to_list()
+        for row in (0, len(by_folders[split]) - 1):
+            frames = [d[row]["video"].get_frames_in_range(0, 3).data for d in (by_folders[split], by_parquet[split])]
+            assert frames[0].shape[0] == 3 and torch.equal(*frames)
+
+
+def test_folders_layout_refuses_more_clips_than_a_repo_holds(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# clips\n")
+    names = [f"clip{i:06d}.mp4" for i in range(100_000)]
+    pq.write_table(pa.table({"file_name": names}), tmp_path / "train" / METADATA_NAME)
+    with pytest.raises(PublishError, match=r"100,000 clips, one file each, do not fit .* --dataset_layout parquet"):
+        publish_dataset(tmp_path, "tester/too-many", layout="folders", dry_run_dir=tmp_path / "dry")
+    with pytest.raises(PublishError, match=r"--clips_per_folder 10001: must be 1 to 10,000"):
+        publish_dataset(tmp_path, "tester/too-many", clips_per_folder=10_001, dry_run_dir=tmp_path / "dry")
+
+
+def _fake_dataset(folder: Path, clips: int) -> list[str]:
+    """A built dataset's shape with `clips` tiny distinct stand-ins for videos (publishing never decodes them)."""
+    (folder / "train").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nconfigs:\n- config_name: default\n  data_files:\n"
+                                      "  - split: train\n    path: train/**\n---\n# many clips\n")
+    names = [f"clip{i:05d}.mp4" for i in range(clips)]
+    for i, name in enumerate(names):
+        (folder / "train" / name).write_bytes(b"\0\0\0\x18ftypisom" + b"%d" % i)
+    pq.write_table(pa.table({"file_name": names, "clip_id": [n.removesuffix(".mp4") for n in names]}),
+                   folder / "train" / METADATA_NAME)
+    return names
+
+
+@pytest.mark.slow
+def test_a_25000_clip_publish_killed_midway_resumes_without_resending(hub, request, tmp_path):
+    """`avlabel publish` in a process killed after a few commits; the rerun sends only what the Hub lacks.
+
+    The command is the publish module itself (`avlabel publish` runs its `main`): `python -m avlabel.cli`
+    builds every command's parser first, which imports TRL and transformers, 30 s here.
+    """
+    from hub_server import MAX_FOLDER_ENTRIES
+
+    names = _fake_dataset(tmp_path / "dataset", 25_000)
+    repo_id = _repo_id("fleet", request)
+    command = [sys.executable, "-m", "avlabel.hub.publish", "--dataset_dir", str(tmp_path / "dataset"),
+               "--dataset_repo", repo_id, "--files_per_commit", "500"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+    def commits() -> list:
+        return [c for c in hub.commits if c.repo_id == repo_id]
+
+    killed = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(commits()) < 4 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.kill()
+    assert killed.wait() != 0, killed.stderr.read().decode()[-2000:]  # it was killed, not finished
+    time.sleep(0.5)  # a request the killed process had in flight is answered (or not) by now
+    with hub.state.lock:
+        at_kill = hub.files(repo_id, "dataset")
+        stored = set(hub.state.lfs)
+        requests_before, commits_before = len(hub.requests), len(commits())
+    assert 4 * 500 <= len(at_kill) - 1 < len(names)  # some commits made it, most of the clips did not
+
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(at_kill) - 1} of {len(names) + 2} files are there already" in rerun.stderr
+
+    resent = [path for c in commits()[commits_before:] for path in c.added if path in at_kill]
+    assert resent == []  # no finished file is in any commit of the rerun...
+    assert _lfs_puts(hub.requests[requests_before:]) & stored == set()  # ...nor uploaded again
+    assert all(len(c.added) + len(c.deleted) <= 500 for c in commits())
+
+    final = hub.files(repo_id, "dataset")
+    metadata = pq.read_table(io.BytesIO(final[f"train/{METADATA_NAME}"])).column("file_name").to_pylist()
+    assert sorted(f"train/{name}" for name in metadata) == sorted(n for n in final if n.endswith(".mp4"))
+    assert len(metadata) == len(names) and {n.split("/")[0] for n in metadata} == {f"{i:03d}" for i in range(25)}
+    folders = {}
+    for name in final:
+        folders[name.rsplit("/", 1)[0]] = folders.get(name.rsplit("/", 1)[0], 0) + 1
+    assert max(folders.values()) == 1_000 < MAX_FOLDER_ENTRIES
+    index = ["README.md", f"train/{METADATA_NAME}"]  # what names the clips is committed after them
+    assert commits()[-1].added[-2:] == index and not any(set(index) & set(c.added) for c in commits()[:-1])
 
 
 def test_dataset_push_to_hub_with_video_column(hub, request, synthetic_dataset_dir):
@@ -578,6 +692,7 @@ def test_token_from_the_stored_login_or_a_clear_error(hub, request, monkeypatch,
         publish_eval(eval_output, repo_id)
     assert ("dataset", repo_id) not in hub.state.repos
 
+    monkeypatch.setitem(hub.users, "hf_stored_login_token", "tester")  # a token the Hub knows
     huggingface_hub.login(token="hf_stored_login_token")  # what `hf auth login` stores
     publish_eval(eval_output, repo_id)
     assert ("dataset", repo_id) in hub.state.repos and "hf_stored_login_token" in hub.tokens
