@@ -445,7 +445,8 @@ def plan_model(output_dir: str | Path, repo_id: str, *, weights: str = "merged",
     return plan, scrub
 
 
-def _metadata_tables(dataset_dir: Path) -> dict[str, "pa.Table"]:
+def _metadata_tables(dataset_dir: Path) -> dict:
+    """{split: its metadata as a pyarrow Table}."""
     import pyarrow.parquet as pq
 
     return {path.parent.name: pq.read_table(path) for path in sorted(dataset_dir.glob(f"*/{METADATA_NAME}"))}
@@ -493,7 +494,8 @@ def _add_parquet_shards(plan: Plan, dataset_dir: Path, tables: dict, staging: Pa
     max_shard = convert_file_size_to_int(datasets.config.MAX_SHARD_SIZE)
     for split in tables:
         dataset = loaded[split]
-        clip_bytes = sum((dataset_dir / split / name).stat().st_size for name in tables[split].column("file_name").to_pylist())
+        names = tables[split].column("file_name").to_pylist()
+        clip_bytes = sum((dataset_dir / split / name).stat().st_size for name in names)
         num_shards = min(len(dataset), clip_bytes // max_shard + 1)
         batch_size = get_writer_batch_size_from_features(dataset.features)
         for index in range(num_shards):
@@ -517,8 +519,8 @@ def _parquet_card(readme: str, splits: list[str]) -> bytes:
     return str(card).encode("utf-8")
 
 
-def plan_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto", clips_per_folder: int = CLIPS_PER_FOLDER,
-                 staging: Path | None = None) -> tuple[Plan, Scrubber]:
+def plan_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto",
+                 clips_per_folder: int = CLIPS_PER_FOLDER, staging: Path | None = None) -> tuple[Plan, Scrubber]:
     """The repo of a dataset folder of `avlabel build`, in one of two layouts (see DATASET_LAYOUTS).
 
     `staging` is a folder for the Parquet shards the `parquet` layout writes.
@@ -617,7 +619,8 @@ def plan_metric(repo_id: str, metric_dir: str | Path | None = None) -> tuple[Pla
     if "app.py" not in plan.files:
         plan.add("app.py", METRIC_APP.format(repo_id=repo_id).encode())
     requirements = plan.files.get("requirements.txt", b"")
-    lines = (requirements.read_text(encoding="utf-8") if isinstance(requirements, Path) else requirements.decode()).splitlines()
+    lines = (requirements.read_text(encoding="utf-8") if isinstance(requirements, Path)
+             else requirements.decode()).splitlines()
     if not any(re.match(r"evaluate\b", line.strip()) for line in lines):  # the Space's widget runs on evaluate
         plan.add("requirements.txt", "\n".join(["evaluate", *lines]).encode() + b"\n",
                  str(folder / "requirements.txt"))
@@ -677,7 +680,7 @@ def _unchanged(operation, remote: dict) -> bool:
 def push(plan: Plan, *, private: bool = False, revision: str = "main", create_repo: bool = True,
          create_branch: bool = True, commit_message: str | None = None,
          files_per_commit: int = FILES_PER_COMMIT) -> str:
-    """Commit the plan to the Hub as the branch's whole content, `files_per_commit` files a commit; returns the last commit's URL."""
+    """Commit the plan as the branch's whole content, `files_per_commit` files a commit; returns the last commit's URL."""
     from huggingface_hub import (
         CommitOperationAdd,
         CommitOperationDelete,
@@ -731,8 +734,9 @@ def push(plan: Plan, *, private: bool = False, revision: str = "main", create_re
         try:
             with tqdm(total=len(operations), unit="file", desc=f"{plan.repo_type} {plan.repo_id}") as bar:
                 for number, batch in enumerate(batches, 1):
+                    part = f" ({number}/{len(batches)})" if len(batches) > 1 else ""
                     info = api.create_commit(plan.repo_id, batch, repo_type=plan.repo_type, revision=revision,
-                                             commit_message=message + (f" ({number}/{len(batches)})" if len(batches) > 1 else ""))
+                                             commit_message=message + part)
                     bar.update(len(batch))
         finally:
             if file_bars:
@@ -804,7 +808,7 @@ def make_parser(subparsers=None):
     from trl import TrlParser
 
     if subparsers is not None:
-        return subparsers.add_parser(NAME, help="Push a model, a dataset, an evaluation run and the metric to the Hub, with cards",
+        return subparsers.add_parser(NAME, help="Push a model, a dataset, an evaluation run and the metric to the Hub",
                                      dataclass_types=[PublishArguments])
     return TrlParser(dataclass_types=[PublishArguments])
 

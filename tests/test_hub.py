@@ -659,6 +659,41 @@ def test_publish_eval_run_to_its_own_repo(hub, request, eval_output):
     assert "tester/some-model" in readme and "](judge_scores.png)" in readme and "| weather |" in readme
 
 
+def test_published_metric_loads_with_evaluate_by_repo_id(hub, tmp_path):
+    """`avlabel publish --metric_repo tester/av_label_metric`, then `evaluate.load("tester/av_label_metric")` in
+    a fresh process computes what the metric folder computes."""
+    from eval_labels import perturbed, random_label
+
+    (args,) = make_parser().parse_args_and_config(args=["--metric_repo", "tester/av_label_metric"])
+    (published,) = main(args)
+    space = hub.files("tester/av_label_metric", "space")
+    assert {"av_label_metric.py", "README.md", "app.py", "requirements.txt"} <= set(space)
+    card = yaml.safe_load(space["README.md"].decode().split("---")[1])
+    assert card["sdk"] == "gradio" and card["app_file"] == "app.py" and {"evaluate", "metric"} <= set(card["tags"])
+    assert 'evaluate.load("tester/av_label_metric")' in space["app.py"].decode()
+    assert "evaluate" in space["requirements.txt"].decode().split()
+
+    rng = np.random.default_rng(3)
+    references = [random_label(rng) for _ in range(6)]
+    labels = {"predictions": [json.dumps(perturbed(r, rng, 0.5)) for r in references],
+              "references": [json.dumps(r) for r in references]}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    script = ("import evaluate, json, sys\n"
+              "labels = json.load(open('labels.json'))\n"
+              "scores = [evaluate.load(path).compute(**labels) for path in ('tester/av_label_metric', sys.argv[1])]\n"
+              "print(json.dumps(scores))\n")
+    before = len(hub.requests)
+    done = subprocess.run([sys.executable, "-c", script, str(METRIC_DIR)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from_hub, from_folder = json.loads(done.stdout.splitlines()[-1])
+    assert from_hub == from_folder and from_hub["weather/accuracy"] is not None
+    assert ("GET", "/spaces/tester/av_label_metric/resolve/main/av_label_metric.py") in hub.requests[before:]
+
+    with pytest.raises(PublishError, match="must be a Python identifier"):
+        publish_metric("tester/av-label-metric")
+
+
 def test_missing_repo_without_create_is_a_clear_error(hub, request, train_output):
     repo_id = _repo_id("absent", request)
     with pytest.raises(PublishError, match=rf"model repo '{repo_id}' .* does not exist"):
@@ -735,6 +770,7 @@ def test_no_secret_or_machine_path_in_any_pushed_file(hub, request, monkeypatch,
 
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
     monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+    monkeypatch.setitem(hub.users, FAKE_HF_TOKEN, "tester")  # the token publishes, and must not be published
     planted = [p for p in (train_output / "recipe.yaml", train_output / "adapter" / "training_args.bin",
                            eval_output / "results.json") if FAKE_HF_TOKEN.encode() in p.read_bytes()
                or FAKE_OPENAI_KEY.encode() in p.read_bytes()]
