@@ -22,9 +22,9 @@ same rows and `Video` column (README.md, "Publish", says when to use which):
 What is pushed is first planned as a mapping {path in repo: file or bytes}. A dry run writes
 exactly that mapping to a folder; a real push commits exactly that mapping (and deletes what
 else the branch holds, so the repo mirrors the plan), in commits of at most --files_per_commit
-files, the files that describe the others (cards, metadata) last. huggingface_hub drops from
-each commit the files the branch already holds unchanged and uploads no object the Hub has, so
-a push that was interrupted, rerun, sends only what is missing.
+files, the files that describe the others (cards, metadata) last. One listing of the branch
+first finds the files it already holds as they are: those are neither committed nor uploaded
+again, so a push that was interrupted, rerun, sends only what is missing.
 
 Before either, the plan is scrubbed and checked (`Scrubber`): credential-named keys are dropped
 from JSON/YAML files and values that are machine paths become names; in every text file (cards,
@@ -159,7 +159,7 @@ class PublishArguments:
     dry_run: bool = field(default=False, metadata={"help": "Write each repo's exact folder locally and push nothing."})
     dry_run_dir: str = field(
         default="publish_dry_run",
-        metadata={"help": "Where --dry_run writes the folders: <dry_run_dir>/<models|datasets>/<repo id>/."},
+        metadata={"help": "Where --dry_run writes the folders: <dry_run_dir>/<models|datasets|spaces>/<repo id>/."},
     )
 
 
@@ -637,7 +637,7 @@ def _checked(plan: Plan, scrub: Scrubber) -> Plan:
 
 
 def write_folder(plan: Plan, root: str | Path) -> Path:
-    """Write the plan to `<root>/<models|datasets>/<repo id>/`, exactly: stale files there are an error."""
+    """Write the plan to `<root>/<models|datasets|spaces>/<repo id>/`, exactly: stale files there are an error."""
     folder = Path(root) / f"{plan.repo_type}s" / plan.repo_id
     if folder.exists():
         stale = sorted(name for name, _ in _visible_files(folder) if name not in plan.files)
