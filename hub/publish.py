@@ -1,29 +1,45 @@
-"""`avlabel publish`: push a trained model, a built dataset and an evaluation run to the Hub.
+"""`avlabel publish`: push a trained model, a built dataset, an evaluation run and the metric to the Hub.
 
     avlabel publish --model_dir out/train --model_repo me/cosmos-av-labeller \\
-        --eval_dir out/compare --dataset_dir out/dataset --dataset_repo me/dashcam-labels
+        --eval_dir out/compare --dataset_dir out/dataset --dataset_repo me/dashcam-labels \\
+        --metric_repo me/av_label_metric
     avlabel publish ... --dry_run --dry_run_dir out/publish     # write the repos' folders, push nothing
 
 Each artefact goes to its own repo: the model (merged weights or the adapter alone, with a
-model card whose `model-index` holds the evaluation results), the dataset folder as the builder
-wrote it (its card included), and the evaluation run either into the model repo (`eval/`) or,
-with `--eval_repo`, into a dataset repo of its own with an evaluation-run card.
+model card whose `model-index` holds the evaluation results), the dataset with its card, the
+evaluation run either into the model repo (`eval/`) or, with `--eval_repo`, into a dataset repo
+of its own with an evaluation-run card, and the `evaluate` metric (eval/av_label_metric) into a
+Space, where `evaluate.load("<namespace>/<name>")` finds it.
+
+A dataset goes up in one of two layouts that `load_dataset("<namespace>/<name>")` reads to the
+same rows and `Video` column (README.md, "Publish", says when to use which):
+  folders  `<split>/NNN/<clip>.mp4` in folders of at most --clips_per_folder clips, beside
+           `<split>/metadata.parquet` (its `file_name` column reads `NNN/<clip>.mp4`)
+  parquet  `data/<split>-NNNNN-of-NNNNN.parquet` shards with the clips' bytes inside, as
+           `Dataset.push_to_hub` writes them
+`auto` takes folders while the repo stays under the Hub's 100,000 files.
 
 What is pushed is first planned as a mapping {path in repo: file or bytes}. A dry run writes
 exactly that mapping to a folder; a real push commits exactly that mapping (and deletes what
-else the branch holds, so the repo mirrors the plan). Before either, the plan is scrubbed and
-checked (`Scrubber`): credential-named keys are dropped from JSON/YAML files and values that
-are machine paths become names; in every text file (cards, reports, JSONL) credentials known to
-this process (secret-named environment variables, the stored Hub token) become `<redacted>` and
-local paths become names. Files that cannot be edited (weights, pickles, images) are searched
-instead: if one holds a credential or a local path, publishing stops and names the file.
-Pickled training arguments (`training_args.bin`, which holds `hub_token`) are never published.
+else the branch holds, so the repo mirrors the plan), in commits of at most --files_per_commit
+files, the files that describe the others (cards, metadata) last. One listing of the branch
+first finds the files it already holds as they are: those are neither committed nor uploaded
+again, so a push that was interrupted, rerun, sends only what is missing.
+
+Before either, the plan is scrubbed and checked (`Scrubber`): credential-named keys are dropped
+from JSON/YAML files and values that are machine paths become names; in every text file (cards,
+reports, JSONL) credentials known to this process (secret-named environment variables, the
+stored Hub token) become `<redacted>` and local paths become names. Files that cannot be edited
+(weights, pickles, images, clips) are searched instead: if one holds a credential or a local
+path, publishing stops and names the file. Pickled training arguments (`training_args.bin`,
+which holds `hub_token`) are never published.
 
 The token comes from `HF_TOKEN` or the stored login (`hf auth login`), the endpoint from `HF_ENDPOINT`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -39,6 +55,16 @@ import yaml
 from avlabel.core.layouts import METADATA_NAME
 
 NAME = "publish"
+DATASET_LAYOUTS = ("auto", "folders", "parquet")
+CLIPS_PER_FOLDER = 1_000  # well under the Hub's 10,000 entries per folder, and quick to browse
+MAX_FOLDER_ENTRIES = 10_000  # the Hub refuses a commit that leaves a folder with more
+MAX_REPO_FILES = 100_000  # the Hub's bound on files in one repository
+# huggingface_hub 2 has no upload_large_folder, and its upload_folder splits a large folder
+# into several commits only on its Xet path: with LFS it is one commit. So publish bounds
+# its commits itself; 500 is between the Hub's advice (under 100) and the largest batch
+# huggingface_hub's own multi-commit upload makes (1,000).
+FILES_PER_COMMIT = 500
+METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "av_label_metric"
 MODEL_SKIP = {  # what a weights folder may hold that is not part of a model repo
     "training_args.bin": "pickled training arguments (may hold a hub token)",
     "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "trainer_state.json": "checkpoint state",
@@ -87,6 +113,27 @@ class PublishArguments:
         default=None,
         metadata={"help": "Hub dataset repo for --dataset_dir; also named in the model card as the training data."},
     )
+    dataset_layout: Literal["auto", "folders", "parquet"] = field(
+        default="auto",
+        metadata={"help": "folders: each clip an .mp4 in <split>/NNN/ folders of at most --clips_per_folder, beside "
+                  "<split>/metadata.parquet; parquet: data/<split>-NNNNN-of-NNNNN.parquet shards with the clips "
+                  "embedded, as Dataset.push_to_hub writes them (past 100,000 clips a repo cannot hold one file "
+                  "per clip); auto: folders while the repo stays under 100,000 files, else parquet."},
+    )
+    clips_per_folder: int = field(
+        default=CLIPS_PER_FOLDER,
+        metadata={"help": f"Clips per folder in the folders layout (the Hub allows {MAX_FOLDER_ENTRIES:,} entries per folder)."},
+    )
+    files_per_commit: int = field(
+        default=FILES_PER_COMMIT,
+        metadata={"help": "Files per commit: a large push goes in several commits, so that, interrupted and rerun, "
+                  "it sends only what is missing."},
+    )
+    metric_repo: str | None = field(
+        default=None,
+        metadata={"help": "Push the evaluate metric (eval/av_label_metric) to this Space, e.g. `me/av_label_metric`, "
+                  "so that `evaluate.load(\"me/av_label_metric\")` loads it. The name must be a Python identifier."},
+    )
     eval_dir: str | None = field(
         default=None,
         metadata={"help": "An `avlabel compare` output folder (results.json, report.html, charts). Goes into the model "
@@ -112,7 +159,7 @@ class PublishArguments:
     dry_run: bool = field(default=False, metadata={"help": "Write each repo's exact folder locally and push nothing."})
     dry_run_dir: str = field(
         default="publish_dry_run",
-        metadata={"help": "Where --dry_run writes the folders: <dry_run_dir>/<models|datasets>/<repo id>/."},
+        metadata={"help": "Where --dry_run writes the folders: <dry_run_dir>/<models|datasets|spaces>/<repo id>/."},
     )
 
 
@@ -398,15 +445,119 @@ def plan_model(output_dir: str | Path, repo_id: str, *, weights: str = "merged",
     return plan, scrub
 
 
-def plan_dataset(dataset_dir: str | Path, repo_id: str) -> tuple[Plan, Scrubber]:
+def _metadata_tables(dataset_dir: Path) -> dict:
+    """{split: its metadata as a pyarrow Table}."""
+    import pyarrow.parquet as pq
+
+    return {path.parent.name: pq.read_table(path) for path in sorted(dataset_dir.glob(f"*/{METADATA_NAME}"))}
+
+
+def _add_clip_folders(plan: Plan, dataset_dir: Path, split: str, table, clips_per_folder: int) -> None:
+    """A split as `<split>/NNN/<clip>.mp4` folders of at most `clips_per_folder` clips and its metadata.
+
+    The metadata's `file_name` becomes `NNN/<clip>.mp4`: videofolder resolves it against the
+    folder of the metadata file, and the card's `<split>/**` pattern takes the subfolders in.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = table.column("file_name").to_pylist()
+    width = max(3, len(str((len(names) - 1) // clips_per_folder)))
+    sharded = []
+    for index, name in enumerate(names):
+        source = dataset_dir / split / name
+        if not source.is_file():
+            raise PublishError(f"{dataset_dir / split / METADATA_NAME}: row {index} names {name!r}, which is not in "
+                               f"{dataset_dir / split}; rebuild the dataset with `avlabel build`")
+        sharded.append(f"{index // clips_per_folder:0{width}d}/{Path(name).name}")
+        plan.add(f"{split}/{sharded[-1]}", source)  # a clip: binary, searched by `Scrubber.check`, not edited
+    table = table.set_column(table.schema.get_field_index("file_name"), "file_name", pa.array(sharded, pa.string()))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)  # the schema's metadata (the declared features) goes along
+    plan.add(f"{split}/{METADATA_NAME}", buffer.getvalue(), str(dataset_dir / split / METADATA_NAME))
+    listed = {dataset_dir / split / name for name in names} | {dataset_dir / split / METADATA_NAME}
+    plan.skipped += [f"{path} (not in {split}/{METADATA_NAME})" for _, path in _visible_files(dataset_dir / split)
+                     if path not in listed]
+
+
+def _add_parquet_shards(plan: Plan, dataset_dir: Path, tables: dict, staging: Path) -> None:
+    """Every split as `data/<split>-NNNNN-of-NNNNN.parquet` shards holding the clips' bytes: what
+    `Dataset.push_to_hub` writes (same shard names, size bound, writer batch size and
+    `embed_table_storage`), written here so that the push goes through the same scrubbed plan,
+    bounded commits and dry run as every other file."""
+    import datasets
+    from datasets.arrow_writer import get_writer_batch_size_from_features
+    from datasets.table import embed_table_storage
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    loaded = datasets.load_dataset(str(dataset_dir))  # the card's configs and features, as a user loads it
+    max_shard = convert_file_size_to_int(datasets.config.MAX_SHARD_SIZE)
+    for split in tables:
+        dataset = loaded[split]
+        names = tables[split].column("file_name").to_pylist()
+        clip_bytes = sum((dataset_dir / split / name).stat().st_size for name in names)
+        num_shards = min(len(dataset), clip_bytes // max_shard + 1)
+        batch_size = get_writer_batch_size_from_features(dataset.features)
+        for index in range(num_shards):
+            shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True).with_format("arrow")
+            shard = shard.map(embed_table_storage, batched=True, batch_size=batch_size, keep_in_memory=True)
+            name = f"data/{split}-{index:05d}-of-{num_shards:05d}.parquet"
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shard.with_format(None).to_parquet(staging / name, batch_size=batch_size)
+            plan.add(name, staging / name, f"{dataset_dir / split} (clips embedded as in Dataset.push_to_hub)")
+
+
+def _parquet_card(readme: str, splits: list[str]) -> bytes:
+    """The builder's card with its configs pointing at the Parquet shards instead of the clip folders."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(readme)
+    configs = card.data.get("configs") or [{"config_name": "default"}]
+    for config in configs:
+        config["data_files"] = [{"split": split, "path": f"data/{split}-*"} for split in splits]
+    card.data.configs = configs
+    return str(card).encode("utf-8")
+
+
+def plan_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto",
+                 clips_per_folder: int = CLIPS_PER_FOLDER, staging: Path | None = None) -> tuple[Plan, Scrubber]:
+    """The repo of a dataset folder of `avlabel build`, in one of two layouts (see DATASET_LAYOUTS).
+
+    `staging` is a folder for the Parquet shards the `parquet` layout writes.
+    """
     dataset_dir = _folder(dataset_dir, "dataset")
-    if not (dataset_dir / "README.md").is_file() or not list(dataset_dir.glob(f"*/{METADATA_NAME}")):
+    tables = _metadata_tables(dataset_dir)
+    if not (dataset_dir / "README.md").is_file() or not tables:
         raise PublishError(f"{dataset_dir}: not a dataset folder of `avlabel build` "
                            f"(expected README.md and <split>/{METADATA_NAME})")
+    if not 0 < clips_per_folder <= MAX_FOLDER_ENTRIES:
+        raise PublishError(f"--clips_per_folder {clips_per_folder}: must be 1 to {MAX_FOLDER_ENTRIES:,} "
+                           "(the Hub refuses folders with more entries)")
     scrub = Scrubber([dataset_dir])
     plan = Plan(repo_id, "dataset")
     for name, path in _visible_files(dataset_dir):
-        plan.add(name, scrub.file(path), str(path))
+        if name.split("/")[0] not in tables:  # the card, its plot, the quarantine report
+            plan.add(name, scrub.file(path), str(path))
+    clips = sum(table.num_rows for table in tables.values())
+    # one file per clip, the metadata files, the files above and .gitattributes
+    folder_files = clips + len(tables) + len(plan.files) + 1
+    if layout == "auto":
+        layout = "folders" if folder_files < MAX_REPO_FILES else "parquet"
+    if layout == "folders":
+        if folder_files >= MAX_REPO_FILES:
+            raise PublishError(f"{dataset_dir}: {clips:,} clips, one file each, do not fit a Hub repository (under "
+                               f"{MAX_REPO_FILES:,} files): use --dataset_layout parquet")
+        for split, table in tables.items():
+            _add_clip_folders(plan, dataset_dir, split, table, clips_per_folder)
+    elif layout == "parquet":
+        if staging is None:
+            raise PublishError("the parquet layout needs a staging folder for its shards")
+        _add_parquet_shards(plan, dataset_dir, tables, staging)
+        card = plan.files["README.md"]
+        text = card.read_text(encoding="utf-8") if isinstance(card, Path) else card.decode("utf-8")
+        plan.add("README.md", _parquet_card(text, list(tables)), str(dataset_dir / "README.md"))
+    else:
+        raise PublishError(f"--dataset_layout {layout}: must be one of {', '.join(DATASET_LAYOUTS)}")
     return plan, scrub
 
 
@@ -431,6 +582,51 @@ def plan_eval(eval_dir: str | Path, repo_id: str, *, model_repo: str | None = No
     return plan, scrub
 
 
+METRIC_APP = """import evaluate
+from evaluate.utils import launch_gradio_widget
+
+module = evaluate.load("{repo_id}")
+launch_gradio_widget(module)
+"""
+
+
+def plan_metric(repo_id: str, metric_dir: str | Path | None = None) -> tuple[Plan, Scrubber]:
+    """The Space `evaluate.load("<namespace>/<name>")` reads: `<name>.py` (the metric's module,
+    renamed after the repo, since evaluate fetches `<name>.py`) and the files beside it, with a
+    card that makes it a Space and the widget app that `evaluate-cli create` would add."""
+    from huggingface_hub import SpaceCard
+
+    folder = _folder(metric_dir or METRIC_DIR, "evaluate metric")
+    name = repo_id.split("/")[-1]
+    if not name.isidentifier():
+        raise PublishError(f"--metric_repo {repo_id}: evaluate imports the metric as a module named after the repo, "
+                           f"so the name must be a Python identifier, e.g. {repo_id.split('/')[0]}/av_label_metric")
+    module = folder / f"{folder.name}.py"
+    if not module.is_file():
+        raise PublishError(f"{folder}: no {module.name} (an evaluate metric folder <name>/ holds <name>.py)")
+    scrub = Scrubber([folder])
+    plan = Plan(repo_id, "space")
+    for relative, path in _visible_files(folder):
+        if "__pycache__" not in path.parts:
+            plan.add(f"{name}.py" if path == module else relative, scrub.file(path), str(path))
+    readme = plan.files.get("README.md", b"")
+    card = SpaceCard(readme.read_text(encoding="utf-8") if isinstance(readme, Path) else readme.decode("utf-8"))
+    card.data.sdk = card.data.get("sdk") or "gradio"
+    card.data.app_file = card.data.get("app_file") or "app.py"
+    tags = list(card.data.get("tags") or [])
+    card.data.tags = tags + [tag for tag in ("evaluate", "metric") if tag not in tags]
+    plan.add("README.md", str(card).encode("utf-8"), str(folder / "README.md"))
+    if "app.py" not in plan.files:
+        plan.add("app.py", METRIC_APP.format(repo_id=repo_id).encode())
+    requirements = plan.files.get("requirements.txt", b"")
+    lines = (requirements.read_text(encoding="utf-8") if isinstance(requirements, Path)
+             else requirements.decode()).splitlines()
+    if not any(re.match(r"evaluate\b", line.strip()) for line in lines):  # the Space's widget runs on evaluate
+        plan.add("requirements.txt", "\n".join(["evaluate", *lines]).encode() + b"\n",
+                 str(folder / "requirements.txt"))
+    return plan, scrub
+
+
 # ----------------------------------------------------------------------------- writing and pushing
 
 
@@ -441,7 +637,7 @@ def _checked(plan: Plan, scrub: Scrubber) -> Plan:
 
 
 def write_folder(plan: Plan, root: str | Path) -> Path:
-    """Write the plan to `<root>/<models|datasets>/<repo id>/`, exactly: stale files there are an error."""
+    """Write the plan to `<root>/<models|datasets|spaces>/<repo id>/`, exactly: stale files there are an error."""
     folder = Path(root) / f"{plan.repo_type}s" / plan.repo_id
     if folder.exists():
         stale = sorted(name for name, _ in _visible_files(folder) if name not in plan.files)
@@ -462,13 +658,35 @@ def write_folder(plan: Plan, root: str | Path) -> Path:
     return folder
 
 
+def _describes_others(name: str) -> bool:
+    """Cards and metadata: committed last, so that the repo names no row before its clip is there."""
+    return Path(name).name in ("README.md", METADATA_NAME)
+
+
+def _unchanged(operation, remote: dict) -> bool:
+    """Whether the branch already holds this file as it is: the library checks that too, a commit at a
+    time; one listing up front spares a rerun the upload round trips of every batch already committed."""
+    from huggingface_hub.utils.sha import git_hash
+
+    entry = remote.get(operation.path_in_repo)
+    if entry is None or entry.size != operation.upload_info.size:
+        return False
+    if entry.lfs is not None:
+        return entry.lfs.sha256 == operation.upload_info.sha256.hex()
+    with operation.as_file() as file:
+        return entry.blob_id == git_hash(file.read())
+
+
 def push(plan: Plan, *, private: bool = False, revision: str = "main", create_repo: bool = True,
-         create_branch: bool = True, commit_message: str | None = None) -> str:
-    """Commit the plan to the Hub as the branch's whole content; returns the commit URL."""
+         create_branch: bool = True, commit_message: str | None = None,
+         files_per_commit: int = FILES_PER_COMMIT) -> str:
+    """Commit the plan as the branch's whole content, `files_per_commit` files a commit; returns the last commit's URL."""
     from huggingface_hub import (
         CommitOperationAdd,
         CommitOperationDelete,
         HfApi,
+        RepoFile,
+        constants,
         get_token,
     )
     from huggingface_hub.errors import (
@@ -476,25 +694,53 @@ def push(plan: Plan, *, private: bool = False, revision: str = "main", create_re
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from tqdm.auto import tqdm
 
     if get_token() is None:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry_run)")
+    if files_per_commit < 1:
+        raise PublishError(f"--files_per_commit {files_per_commit}: must be at least 1")
     api = HfApi()
     where = f"{plan.repo_type} repo '{plan.repo_id}' on {api.endpoint}"
     try:
         if create_repo:
-            api.create_repo(plan.repo_id, repo_type=plan.repo_type, private=private, exist_ok=True)
+            api.create_repo(plan.repo_id, repo_type=plan.repo_type, private=private, exist_ok=True,
+                            space_sdk="gradio" if plan.repo_type == "space" else None)
         if private and not api.repo_info(plan.repo_id, repo_type=plan.repo_type).private:
             # exist_ok leaves an existing repo as it was: say so rather than push "private" files publicly unnoticed
             print(f"warning: {where} already exists and is public; --private applies to new repos only", file=sys.stderr)
         if revision != "main" and create_branch:
             api.create_branch(plan.repo_id, repo_type=plan.repo_type, branch=revision, exist_ok=True)
-        remote = set(api.list_repo_files(plan.repo_id, repo_type=plan.repo_type, revision=revision))
-        operations = [CommitOperationAdd(name, content if isinstance(content, bytes) else str(content))
-                      for name, content in plan.files.items()]
-        operations += [CommitOperationDelete(name) for name in sorted(remote - set(plan.files) - {".gitattributes"})]
-        info = api.create_commit(plan.repo_id, operations, repo_type=plan.repo_type, revision=revision,
-                                 commit_message=commit_message or f"Publish {plan.repo_type} with avlabel")
+        remote = {entry.path: entry for entry in api.list_repo_tree(plan.repo_id, repo_type=plan.repo_type,
+                                                                    revision=revision, recursive=True)
+                  if isinstance(entry, RepoFile)}
+        names = sorted(plan.files, key=lambda name: (_describes_others(name), name))
+        additions = [CommitOperationAdd(name, plan.files[name] if isinstance(plan.files[name], bytes)
+                                        else str(plan.files[name])) for name in names]
+        operations = [operation for operation in additions if not _unchanged(operation, remote)]
+        operations += [CommitOperationDelete(name) for name in sorted(remote.keys() - plan.files.keys() - {".gitattributes"})]
+        if len(operations) < len(additions):
+            print(f"{where}: {len(additions) - len(operations)} of {len(additions)} files are there already",
+                  file=sys.stderr)
+        if not operations:  # the branch is the plan already: its head commit, as huggingface_hub answers then
+            head = api.repo_info(plan.repo_id, repo_type=plan.repo_type, revision=revision).sha
+            prefix = constants.REPO_TYPES_URL_PREFIXES.get(plan.repo_type, "")
+            return f"{api.endpoint}/{prefix}{plan.repo_id}/commit/{head}"
+        batches = [operations[start:start + files_per_commit] for start in range(0, len(operations), files_per_commit)]
+        message = commit_message or f"Publish {plan.repo_type} with avlabel"
+        file_bars = not are_progress_bars_disabled()
+        disable_progress_bars()  # one bar over the whole push rather than one per file
+        try:
+            with tqdm(total=len(operations), unit="file", desc=f"{plan.repo_type} {plan.repo_id}") as bar:
+                for number, batch in enumerate(batches, 1):
+                    part = f" ({number}/{len(batches)})" if len(batches) > 1 else ""
+                    info = api.create_commit(plan.repo_id, batch, repo_type=plan.repo_type, revision=revision,
+                                             commit_message=message + part)
+                    bar.update(len(batch))
+        finally:
+            if file_bars:
+                enable_progress_bars()
     except RepositoryNotFoundError:
         fix = ("create it on the Hub first, or let publish create it (--create_repo true, the default)" if not create_repo
                else "check the repo id and that the token may write to it")
@@ -520,32 +766,39 @@ def _run(plan: Plan, scrub: Scrubber, revision: str, dry_run_dir, **push_args) -
 
 def publish_model(output_dir: str | Path, repo_id: str, *, weights: str = "merged", base_model: str | None = None,
                   license: str | None = None, dataset_repo: str | None = None, eval_dir: str | Path | None = None,
-                  eval_run: str | None = None, private: bool = False, revision: str = "main", create_repo: bool = True,
-                  create_branch: bool = True, commit_message: str | None = None,
-                  dry_run_dir: str | Path | None = None) -> Published:
-    """Publish a training output (and optionally its evaluation run under eval/); `dry_run_dir` pushes nothing."""
+                  eval_run: str | None = None, revision: str = "main", dry_run_dir: str | Path | None = None,
+                  **push_args) -> Published:
+    """Publish a training output (and optionally its evaluation run under eval/); `dry_run_dir` pushes nothing.
+
+    `push_args`: `push`'s private, create_repo, create_branch, commit_message, files_per_commit.
+    """
     plan, scrub = plan_model(output_dir, repo_id, weights=weights, base_model=base_model, license=license,
                              dataset_repo=dataset_repo, eval_dir=eval_dir, eval_run=eval_run)
-    return _run(plan, scrub, revision, dry_run_dir, private=private, create_repo=create_repo,
-                create_branch=create_branch, commit_message=commit_message)
+    return _run(plan, scrub, revision, dry_run_dir, **push_args)
 
 
-def publish_dataset(dataset_dir: str | Path, repo_id: str, *, private: bool = False, revision: str = "main",
-                    create_repo: bool = True, create_branch: bool = True, commit_message: str | None = None,
-                    dry_run_dir: str | Path | None = None) -> Published:
-    """Publish a dataset folder of `avlabel build` as it is (its card included)."""
-    plan, scrub = plan_dataset(dataset_dir, repo_id)
-    return _run(plan, scrub, revision, dry_run_dir, private=private, create_repo=create_repo,
-                create_branch=create_branch, commit_message=commit_message)
+def publish_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto",
+                    clips_per_folder: int = CLIPS_PER_FOLDER, revision: str = "main",
+                    dry_run_dir: str | Path | None = None, **push_args) -> Published:
+    """Publish a dataset folder of `avlabel build` (its card included) in the folders or the parquet layout."""
+    with tempfile.TemporaryDirectory(prefix="avlabel-parquet-") as staging:
+        plan, scrub = plan_dataset(dataset_dir, repo_id, layout=layout, clips_per_folder=clips_per_folder,
+                                   staging=Path(staging))
+        return _run(plan, scrub, revision, dry_run_dir, **push_args)
 
 
 def publish_eval(eval_dir: str | Path, repo_id: str, *, model_repo: str | None = None, eval_run: str | None = None,
-                 private: bool = False, revision: str = "main", create_repo: bool = True, create_branch: bool = True,
-                 commit_message: str | None = None, dry_run_dir: str | Path | None = None) -> Published:
+                 revision: str = "main", dry_run_dir: str | Path | None = None, **push_args) -> Published:
     """Publish an `avlabel compare` folder to a dataset repo of its own, with an evaluation-run card."""
     plan, scrub = plan_eval(eval_dir, repo_id, model_repo=model_repo, eval_run=eval_run)
-    return _run(plan, scrub, revision, dry_run_dir, private=private, create_repo=create_repo,
-                create_branch=create_branch, commit_message=commit_message)
+    return _run(plan, scrub, revision, dry_run_dir, **push_args)
+
+
+def publish_metric(repo_id: str, *, metric_dir: str | Path | None = None, revision: str = "main",
+                   dry_run_dir: str | Path | None = None, **push_args) -> Published:
+    """Publish the `evaluate` metric to a Space, so that `evaluate.load(repo_id)` loads it."""
+    plan, scrub = plan_metric(repo_id, metric_dir)
+    return _run(plan, scrub, revision, dry_run_dir, **push_args)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -555,14 +808,14 @@ def make_parser(subparsers=None):
     from trl import TrlParser
 
     if subparsers is not None:
-        return subparsers.add_parser(NAME, help="Push a model, a dataset and an evaluation run to the Hub, with cards",
+        return subparsers.add_parser(NAME, help="Push a model, a dataset, an evaluation run and the metric to the Hub",
                                      dataclass_types=[PublishArguments])
     return TrlParser(dataclass_types=[PublishArguments])
 
 
 def publish(args: PublishArguments) -> list[Published]:
-    if not (args.model_dir or args.dataset_dir or args.eval_dir):
-        raise PublishError("nothing to publish: give --model_dir, --dataset_dir and/or --eval_dir")
+    if not (args.model_dir or args.dataset_dir or args.eval_dir or args.metric_repo):
+        raise PublishError("nothing to publish: give --model_dir, --dataset_dir, --eval_dir and/or --metric_repo")
     for folder, repo, option in ((args.model_dir, args.model_repo, "model"), (args.dataset_dir, args.dataset_repo, "dataset")):
         if folder and not repo:
             raise PublishError(f"--{option}_dir needs --{option}_repo (the Hub repo to publish it to)")
@@ -570,16 +823,19 @@ def publish(args: PublishArguments) -> list[Published]:
         raise PublishError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
     common = dict(private=args.private, revision=args.revision, create_repo=args.create_repo,
                   create_branch=args.create_branch, commit_message=args.commit_message,
-                  dry_run_dir=args.dry_run_dir if args.dry_run else None)
+                  files_per_commit=args.files_per_commit, dry_run_dir=args.dry_run_dir if args.dry_run else None)
     done = []
     if args.dataset_dir:
-        done.append(publish_dataset(args.dataset_dir, args.dataset_repo, **common))
+        done.append(publish_dataset(args.dataset_dir, args.dataset_repo, layout=args.dataset_layout,
+                                    clips_per_folder=args.clips_per_folder, **common))
     if args.model_dir:
         done.append(publish_model(args.model_dir, args.model_repo, weights=args.weights, base_model=args.base_model,
                                   license=args.license, dataset_repo=args.dataset_repo,
                                   eval_dir=None if args.eval_repo else args.eval_dir, eval_run=args.eval_run, **common))
     if args.eval_dir and args.eval_repo:
         done.append(publish_eval(args.eval_dir, args.eval_repo, model_repo=args.model_repo, eval_run=args.eval_run, **common))
+    if args.metric_repo:
+        done.append(publish_metric(args.metric_repo, **common))
     return done
 
 

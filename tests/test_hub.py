@@ -1,4 +1,5 @@
-"""Publishing to the Hub, for real, against the in-memory Hub-protocol server (tests/hub_server.py).
+"""Publishing to the Hub, for real, against the in-memory Hub-protocol server (tests/hub_server.py),
+which refuses what the real Hub refuses: one test per rule checks the status code.
 
 The fixtures are made by the project's own pieces: the tiny model (merged weights), a PEFT
 adapter saved from it, the real resolved training arguments (`train.sft`), the real loss plot,
@@ -9,24 +10,34 @@ searched for them.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from avlabel.core import schema
+from avlabel.core.layouts import METADATA_NAME
 from avlabel.hub.publish import (
+    METRIC_DIR,
     PublishArguments,
     PublishError,
     main,
     make_parser,
     publish_dataset,
     publish_eval,
+    publish_metric,
     publish_model,
 )
 
@@ -114,13 +125,14 @@ def eval_output(work):
 
 
 def _repo_id(name: str, request) -> str:
-    return f"tester/{name}-{request.node.name[:40].replace('[', '-').replace(']', '')}"
+    """A repo of this test's own (the server lives as long as the session)."""
+    return f"tester/{name}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:10]}"
 
 
 # ----------------------------------------------------------------------------- the server itself
 
 
-def test_server_rejects_what_the_hub_rejects(hub, tmp_path):
+def test_server_answers_missing_things_as_the_hub_does(hub, tmp_path):
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -142,10 +154,205 @@ def test_server_rejects_what_the_hub_rejects(hub, tmp_path):
         api.model_info("tester/rejects", revision="no-such-branch")
     with pytest.raises(EntryNotFoundError):
         hf_hub_download("tester/rejects", "missing.json", cache_dir=tmp_path)
-    bad_card = b"---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []\n---\n# card\n"
-    with pytest.raises(ValueError, match="task.type"):  # the Hub's validate-yaml refuses a broken model-index
-        api.upload_file(path_or_fileobj=bad_card, path_in_repo="README.md", repo_id="tester/rejects")
     assert hub.unhandled == []
+
+
+def _status(error: Exception) -> int:
+    """The HTTP status behind a client's error (validate-yaml's ValueError wraps the HTTP error)."""
+    while getattr(error, "response", None) is None and error.__cause__ is not None:
+        error = error.__cause__
+    return error.response.status_code
+
+
+def _lfs_puts(requests) -> set[str]:
+    return {path.rsplit("/", 1)[1] for method, path in requests if method == "PUT" and path.startswith("/_lfs/")}
+
+
+def test_an_unknown_token_is_401_on_every_route(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id = _repo_id("token", request)
+    HfApi().create_repo(repo_id)
+    garbage = HfApi(token="garbage")
+    for call in (garbage.whoami, lambda: garbage.model_info(repo_id),
+                 lambda: garbage.upload_file(path_or_fileobj=b"hello", path_in_repo="hello.txt", repo_id=repo_id)):
+        with pytest.raises(HfHubHTTPError) as refused:
+            call()
+        assert _status(refused.value) == 401
+    assert "Invalid credentials in Authorization header" in str(refused.value)
+    anonymous = HfApi(token=False)  # no token: public reads work, writes do not
+    assert anonymous.model_info(repo_id).id == repo_id
+    with pytest.raises(HfHubHTTPError) as unsigned:
+        anonymous.create_repo(_repo_id("anonymous", request))
+    assert _status(unsigned.value) == 401
+    assert set(hub.files(repo_id)) == {".gitattributes"}
+
+
+def test_the_token_decides_the_namespace(hub, request, eval_output):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from hub_server import OTHER_TOKEN, OTHER_USER
+
+    mine, theirs = HfApi(), HfApi(token=OTHER_TOKEN)
+    assert (mine.whoami()["name"], theirs.whoami()["name"]) == ("tester", OTHER_USER)
+    their_repo = f"{OTHER_USER}/{_repo_id('theirs', request).split('/')[1]}"
+    theirs.create_repo(their_repo)
+
+    with pytest.raises(HfHubHTTPError) as create:
+        mine.create_repo(f"{OTHER_USER}/not-mine")
+    assert _status(create.value) == 403
+    assert f'You don\'t have the rights to create a model under the namespace "{OTHER_USER}"' in str(create.value)
+    with pytest.raises(HfHubHTTPError) as commit:
+        mine.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id=their_repo)
+    assert _status(commit.value) == 403 and "pass `create_pr=1`" in str(commit.value)
+    assert set(hub.files(their_repo)) == {".gitattributes"}
+    with pytest.raises(PublishError, match=r"refused the push.*403"):  # publish says so in one line
+        publish_eval(eval_output, f"{OTHER_USER}/eval-run")
+    assert ("dataset", f"{OTHER_USER}/eval-run") not in hub.state.repos
+
+    private = f"{OTHER_USER}/{_repo_id('private', request).split('/')[1]}"
+    theirs.create_repo(private, private=True)
+    with pytest.raises(RepositoryNotFoundError) as hidden:  # another user's private repo does not exist for you
+        mine.model_info(private)
+    assert _status(hidden.value) == 404
+
+
+def test_create_pr_opens_a_pull_request_ref_and_leaves_main(hub, request):
+    from huggingface_hub import HfApi
+    from hub_server import OTHER_TOKEN
+
+    repo_id = _repo_id("pr", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    api.upload_file(path_or_fileobj=b"v1", path_in_repo="notes.txt", repo_id=repo_id)
+    main_before = hub.files(repo_id)
+    proposal = HfApi(token=OTHER_TOKEN).upload_file(path_or_fileobj=b"v2 from someone else", path_in_repo="notes.txt",
+                                                   repo_id=repo_id, create_pr=True)
+    assert (proposal.pr_revision, proposal.pr_num) == ("refs/pr/1", 1)
+    assert hub.files(repo_id) == main_before
+    assert hub.files(repo_id, revision="refs/pr/1")["notes.txt"] == b"v2 from someone else"
+    assert api.model_info(repo_id, revision="refs/pr/1").sha != api.model_info(repo_id).sha
+    second = api.upload_file(path_or_fileobj=b"v3", path_in_repo="notes.txt", repo_id=repo_id, create_pr=True)
+    assert second.pr_revision == "refs/pr/2"
+    refs = api.list_repo_refs(repo_id, include_pull_requests=True)
+    assert [b.name for b in refs.branches] == ["main"]
+    assert sorted(r.ref for r in refs.pull_requests) == ["refs/pr/1", "refs/pr/2"]
+    assert hub.files(repo_id) == main_before
+
+
+def _binary_files(synthetic_dataset_dir) -> dict[str, bytes]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.numpy import save
+
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), parquet)
+    return {"model.safetensors": save({"weight": np.arange(6, dtype=np.float32)}),
+            "clip.mp4": next((synthetic_dataset_dir / "test").glob("*.mp4")).read_bytes(),
+            "rows.parquet": parquet.getvalue()}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "clip.mp4", "rows.parquet", "notes.txt"])
+def test_binary_or_large_files_must_go_through_lfs(hub, request, name, synthetic_dataset_dir):
+    """The Hub's pre-receive hook refuses binary files (and text over 10 MiB) committed as regular files."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import BadRequestError
+
+    data = _binary_files(synthetic_dataset_dir).get(name, b"a line of text\n" * 800_000)  # 11.2 MB of text
+    repo_id = _repo_id("binary", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    forced = CommitOperationAdd(name, data)
+    forced._upload_mode = "regular"  # what a client sends that skips preupload, like git without LFS
+    with pytest.raises(BadRequestError) as refused:
+        api.create_commit(repo_id, [forced], commit_message="no LFS")
+    assert _status(refused.value) == 400
+    assert f"- {name} (ref: refs/heads/main)" in str(refused.value)
+    assert ("larger than 10 MiB" if name == "notes.txt" else "contains binary files") in str(refused.value)
+    assert name not in hub.files(repo_id)
+    api.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id=repo_id)  # the client's own way: LFS
+    assert hub.state.repos[("model", repo_id)].resolve("main").files[name].lfs
+
+
+@pytest.mark.parametrize("repo_type, metadata, complaint", [
+    ("model", "license: not-a-real-license", '"license" must be one of'),
+    ("dataset", "license: not-a-real-license", '"license" must be one of'),
+    ("dataset", "configs: 42", '"configs" must be an array'),
+    ("dataset", "configs:\n- data_files: train/*", '"configs[0].config_name" is required'),
+    ("model", "model-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []", "task.type"),
+    ("space", "sdk: jupyter-lab", '"sdk" must be one of'),
+])
+def test_card_metadata_is_validated(hub, request, monkeypatch, repo_type, metadata, complaint):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+
+    card = f"---\n{metadata}\n---\n# card\n".encode()
+    repo_id = _repo_id(f"card-{repo_type}", request)
+    api = HfApi()
+    api.create_repo(repo_id, repo_type=repo_type, space_sdk="gradio" if repo_type == "space" else None)
+    before = hub.files(repo_id, repo_type)
+    with pytest.raises(ValueError, match=re.escape(complaint)) as refused:  # huggingface_hub asks validate-yaml first
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, repo_type=repo_type)
+    assert _status(refused.value) == 400
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda *args, **kwargs: None)  # a client that does not ask first
+    with pytest.raises(BadRequestError, match=re.escape(complaint)) as at_commit:
+        api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=repo_id, repo_type=repo_type)
+    assert _status(at_commit.value) == 400
+    assert hub.files(repo_id, repo_type) == before
+
+
+def test_a_folder_holds_at_most_10000_entries(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+    from hub_server import MAX_FOLDER_ENTRIES
+
+    assert MAX_FOLDER_ENTRIES == 10_000
+    repo_id = _repo_id("folder", request)
+    hub.seed(repo_id, {f"clips/{i:05d}.txt": b"x" for i in range(MAX_FOLDER_ENTRIES - 1)})
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"fits", path_in_repo="clips/last.txt", repo_id=repo_id)  # the 10,000th
+    with pytest.raises(BadRequestError) as refused:
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="clips/one-too-many.txt", repo_id=repo_id)
+    assert _status(refused.value) == 400
+    assert "too many files per directory" in str(refused.value) and "Offending directories: /clips/" in str(refused.value)
+    assert len(hub.files(repo_id)) == MAX_FOLDER_ENTRIES + 1
+    del hub.state.repos[("model", repo_id)]
+
+
+def test_a_repository_holds_at_most_100000_files(hub, request):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import BadRequestError
+    from hub_server import MAX_REPO_FILES
+
+    assert MAX_REPO_FILES == 100_000
+    repo_id = _repo_id("repo", request)
+    hub.seed(repo_id, {f"part{i // 5000:02d}/{i:06d}.txt": b"x" for i in range(MAX_REPO_FILES - 1)})  # + .gitattributes
+    with pytest.raises(BadRequestError) as refused:
+        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="one-too-many.txt", repo_id=repo_id)
+    assert _status(refused.value) == 400 and "more than the 100000" in str(refused.value)
+    del hub.state.repos[("model", repo_id)]
+
+
+def test_a_commit_carries_at_most_1000_files(hub, request):
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import BadRequestError, HfHubHTTPError
+    from hub_server import MAX_COMMIT_FILES, MAX_PATHS_INFO
+
+    repo_id = _repo_id("commit", request)
+    api = HfApi()
+    api.create_repo(repo_id)
+    operations = [CommitOperationAdd(f"notes/{i:04d}.txt", b"%d\n" % i) for i in range(MAX_COMMIT_FILES + 1)]
+    with pytest.raises(BadRequestError) as refused:
+        api.create_commit(repo_id, operations, commit_message="too many at once")
+    assert _status(refused.value) == 400 and "split it into several commits" in str(refused.value)
+    api.create_commit(repo_id, operations[:MAX_COMMIT_FILES], commit_message="just enough")
+    assert len(hub.files(repo_id)) == MAX_COMMIT_FILES + 1
+    with pytest.raises(HfHubHTTPError) as asked:  # the Hub answers paths-info for 1,000 paths at most
+        api.get_paths_info(repo_id, [f"notes/{i:04d}.txt" for i in range(MAX_PATHS_INFO + 1)])
+    assert _status(asked.value) == 413
 
 
 # ----------------------------------------------------------------------------- models
@@ -288,7 +495,13 @@ def test_publish_builder_folder_and_load_dataset(hub, request, synthetic_dataset
     from huggingface_hub import HfApi
 
     repo_id = _repo_id("clips", request)
-    published = publish_dataset(synthetic_dataset_dir, repo_id, private=True)
+    published = publish_dataset(synthetic_dataset_dir, repo_id, private=True, clips_per_folder=8)
+    pushed = hub.files(repo_id, "dataset")
+    train_clips = sorted(name for name in pushed if name.startswith("train/") and name.endswith(".mp4"))
+    assert len(train_clips) == 20 and {name.split("/")[1] for name in train_clips} == {"000", "001", "002"}
+    assert max(sum(n.startswith(f"train/{f}/") for n in train_clips) for f in ("000", "001", "002")) == 8
+    metadata = pq.read_table(io.BytesIO(pushed[f"train/{METADATA_NAME}"])).to_pylist()
+    assert sorted(f"train/{row['file_name']}" for row in metadata) == train_clips  # file_name: 000/<clip>.mp4
     local = datasets.load_dataset(str(synthetic_dataset_dir))
     remote = datasets.load_dataset(repo_id)
     assert set(remote) == set(local) == {"train", "test"}
@@ -310,6 +523,111 @@ def test_publish_builder_folder_and_load_dataset(hub, request, synthetic_dataset
     from huggingface_hub.errors import RepositoryNotFoundError
     with pytest.raises(RepositoryNotFoundError):  # private: invisible without a token
         HfApi(token=False).dataset_info(repo_id)
+
+
+def test_both_dataset_layouts_load_the_same_rows_and_videos(hub, request, synthetic_dataset_dir, tmp_path):
+    """The folders layout and the Parquet shards with embedded clips, read back by `load_dataset` from the Hub."""
+    import datasets
+    import torch
+
+    folders, parquet = _repo_id("folders", request), _repo_id("parquet", request)
+    assert publish_dataset(synthetic_dataset_dir, folders).files == sorted(hub.files(folders, "dataset").keys() - {".gitattributes"})
+    dry = publish_dataset(synthetic_dataset_dir, parquet, layout="parquet", dry_run_dir=tmp_path / "dry")
+    publish_dataset(synthetic_dataset_dir, parquet, layout="parquet")
+    pushed = hub.files(parquet, "dataset")
+    assert sorted(pushed.keys() - {".gitattributes"}) == dry.files == [
+        "README.md", "data/test-00000-of-00001.parquet", "data/train-00000-of-00001.parquet", "quarantine.jsonl",
+        "statistics.png"]
+    for name in dry.files:  # the dry run wrote exactly what was pushed: the shards are written the same way twice
+        assert (dry.folder / name).read_bytes() == pushed[name], name
+    shard = pq.read_table(io.BytesIO(pushed["data/test-00000-of-00001.parquet"]))
+    clips = {path.name: path.read_bytes() for path in (synthetic_dataset_dir / "test").glob("*.mp4")}
+    assert {row["path"]: row["bytes"] for row in shard.column("video").to_pylist()} == clips  # bytes inside, no paths
+
+    by_folders, by_parquet = datasets.load_dataset(folders), datasets.load_dataset(parquet)
+    for split in ("train", "test"):
+        assert by_parquet[split].features == by_folders[split].features
+        assert isinstance(by_parquet[split].features["video"], datasets.Video)
+        assert by_parquet[split].remove_columns("video").to_list() == by_folders[split].remove_columns("video").to_list()
+        for row in (0, len(by_folders[split]) - 1):
+            frames = [d[row]["video"].get_frames_in_range(0, 3).data for d in (by_folders[split], by_parquet[split])]
+            assert frames[0].shape[0] == 3 and torch.equal(*frames)
+
+
+def test_folders_layout_refuses_more_clips_than_a_repo_holds(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# clips\n")
+    names = [f"clip{i:06d}.mp4" for i in range(100_000)]
+    pq.write_table(pa.table({"file_name": names}), tmp_path / "train" / METADATA_NAME)
+    with pytest.raises(PublishError, match=r"100,000 clips, one file each, do not fit .* --dataset_layout parquet"):
+        publish_dataset(tmp_path, "tester/too-many", layout="folders", dry_run_dir=tmp_path / "dry")
+    with pytest.raises(PublishError, match=r"--clips_per_folder 10001: must be 1 to 10,000"):
+        publish_dataset(tmp_path, "tester/too-many", clips_per_folder=10_001, dry_run_dir=tmp_path / "dry")
+
+
+def _fake_dataset(folder: Path, clips: int) -> list[str]:
+    """A built dataset's shape with `clips` tiny distinct stand-ins for videos (publishing never decodes them)."""
+    (folder / "train").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nconfigs:\n- config_name: default\n  data_files:\n"
+                                      "  - split: train\n    path: train/**\n---\n# many clips\n")
+    names = [f"clip{i:05d}.mp4" for i in range(clips)]
+    for i, name in enumerate(names):
+        (folder / "train" / name).write_bytes(b"\0\0\0\x18ftypisom" + b"%d" % i)
+    pq.write_table(pa.table({"file_name": names, "clip_id": [n.removesuffix(".mp4") for n in names]}),
+                   folder / "train" / METADATA_NAME)
+    return names
+
+
+@pytest.mark.slow
+def test_a_25000_clip_publish_killed_midway_resumes_without_resending(hub, request, tmp_path):
+    """`avlabel publish` in a process killed after a few commits; the rerun sends only what the Hub lacks.
+
+    The command is the publish module itself (`avlabel publish` runs its `main`): `python -m avlabel.cli`
+    builds every command's parser first, which imports TRL and transformers, 30 s here.
+    """
+    from hub_server import MAX_FOLDER_ENTRIES
+
+    names = _fake_dataset(tmp_path / "dataset", 25_000)
+    repo_id = _repo_id("fleet", request)
+    command = [sys.executable, "-m", "avlabel.hub.publish", "--dataset_dir", str(tmp_path / "dataset"),
+               "--dataset_repo", repo_id, "--files_per_commit", "500"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+    def commits() -> list:
+        return [c for c in hub.commits if c.repo_id == repo_id]
+
+    killed = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while len(commits()) < 4 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.kill()
+    assert killed.wait() != 0, killed.stderr.read().decode()[-2000:]  # it was killed, not finished
+    time.sleep(0.5)  # a request the killed process had in flight is answered (or not) by now
+    with hub.state.lock:
+        at_kill = hub.files(repo_id, "dataset")
+        stored = set(hub.state.lfs)
+        requests_before, commits_before = len(hub.requests), len(commits())
+    assert 4 * 500 <= len(at_kill) - 1 < len(names)  # some commits made it, most of the clips did not
+
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(at_kill) - 1} of {len(names) + 2} files are there already" in rerun.stderr
+
+    resent = [path for c in commits()[commits_before:] for path in c.added if path in at_kill]
+    assert resent == []  # no finished file is in any commit of the rerun...
+    assert _lfs_puts(hub.requests[requests_before:]) & stored == set()  # ...nor uploaded again
+    assert all(len(c.added) + len(c.deleted) <= 500 for c in commits())
+
+    final = hub.files(repo_id, "dataset")
+    metadata = pq.read_table(io.BytesIO(final[f"train/{METADATA_NAME}"])).column("file_name").to_pylist()
+    assert sorted(f"train/{name}" for name in metadata) == sorted(n for n in final if n.endswith(".mp4"))
+    assert len(metadata) == len(names) and {n.split("/")[0] for n in metadata} == {f"{i:03d}" for i in range(25)}
+    folders = {}
+    for name in final:
+        folders[name.rsplit("/", 1)[0]] = folders.get(name.rsplit("/", 1)[0], 0) + 1
+    assert max(folders.values()) == 1_000 < MAX_FOLDER_ENTRIES
+    index = ["README.md", f"train/{METADATA_NAME}"]  # what names the clips is committed after them
+    assert commits()[-1].added[-2:] == index and not any(set(index) & set(c.added) for c in commits()[:-1])
 
 
 def test_dataset_push_to_hub_with_video_column(hub, request, synthetic_dataset_dir):
@@ -339,6 +657,41 @@ def test_publish_eval_run_to_its_own_repo(hub, request, eval_output):
     assert info.card_data.viewer is False
     readme = hub.files(repo_id, "dataset")["README.md"].decode()
     assert "tester/some-model" in readme and "](judge_scores.png)" in readme and "| weather |" in readme
+
+
+def test_published_metric_loads_with_evaluate_by_repo_id(hub, tmp_path):
+    """`avlabel publish --metric_repo tester/av_label_metric`, then `evaluate.load("tester/av_label_metric")` in
+    a fresh process computes what the metric folder computes."""
+    from eval_labels import perturbed, random_label
+
+    (args,) = make_parser().parse_args_and_config(args=["--metric_repo", "tester/av_label_metric"])
+    (published,) = main(args)
+    space = hub.files("tester/av_label_metric", "space")
+    assert {"av_label_metric.py", "README.md", "app.py", "requirements.txt"} <= set(space)
+    card = yaml.safe_load(space["README.md"].decode().split("---")[1])
+    assert card["sdk"] == "gradio" and card["app_file"] == "app.py" and {"evaluate", "metric"} <= set(card["tags"])
+    assert 'evaluate.load("tester/av_label_metric")' in space["app.py"].decode()
+    assert "evaluate" in space["requirements.txt"].decode().split()
+
+    rng = np.random.default_rng(3)
+    references = [random_label(rng) for _ in range(6)]
+    labels = {"predictions": [json.dumps(perturbed(r, rng, 0.5)) for r in references],
+              "references": [json.dumps(r) for r in references]}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    script = ("import evaluate, json, sys\n"
+              "labels = json.load(open('labels.json'))\n"
+              "scores = [evaluate.load(path).compute(**labels) for path in ('tester/av_label_metric', sys.argv[1])]\n"
+              "print(json.dumps(scores))\n")
+    before = len(hub.requests)
+    done = subprocess.run([sys.executable, "-c", script, str(METRIC_DIR)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from_hub, from_folder = json.loads(done.stdout.splitlines()[-1])
+    assert from_hub == from_folder and from_hub["weather/accuracy"] is not None
+    assert ("GET", "/spaces/tester/av_label_metric/resolve/main/av_label_metric.py") in hub.requests[before:]
+
+    with pytest.raises(PublishError, match="must be a Python identifier"):
+        publish_metric("tester/av-label-metric")
 
 
 def test_missing_repo_without_create_is_a_clear_error(hub, request, train_output):
@@ -374,6 +727,7 @@ def test_token_from_the_stored_login_or_a_clear_error(hub, request, monkeypatch,
         publish_eval(eval_output, repo_id)
     assert ("dataset", repo_id) not in hub.state.repos
 
+    monkeypatch.setitem(hub.users, "hf_stored_login_token", "tester")  # a token the Hub knows
     huggingface_hub.login(token="hf_stored_login_token")  # what `hf auth login` stores
     publish_eval(eval_output, repo_id)
     assert ("dataset", repo_id) in hub.state.repos and "hf_stored_login_token" in hub.tokens
@@ -416,6 +770,7 @@ def test_no_secret_or_machine_path_in_any_pushed_file(hub, request, monkeypatch,
 
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_OPENAI_KEY)
     monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
+    monkeypatch.setitem(hub.users, FAKE_HF_TOKEN, "tester")  # the token publishes, and must not be published
     planted = [p for p in (train_output / "recipe.yaml", train_output / "adapter" / "training_args.bin",
                            eval_output / "results.json") if FAKE_HF_TOKEN.encode() in p.read_bytes()
                or FAKE_OPENAI_KEY.encode() in p.read_bytes()]
