@@ -3,52 +3,93 @@
 Each subcommand is a module with `make_parser(subparsers=None)` and `main(...)`, in the
 style of TRL's scripts, so `python -m <package>`, `accelerate launch -m <package>` and
 `avlabel <command>` run the same code and read the same YAML configs (`--config`).
+Only the chosen command's module is imported, and its command line is checked before
+anything heavy loads; every error ends as one line (avlabel/core/errors.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 
-# command -> module; the module defines make_parser(subparsers=None) and main(*parsed)
+from avlabel.core.errors import DEBUG_ENV, did_you_mean, run
+
+# command -> (module, one-line help); the module defines make_parser(subparsers=None) and main(*parsed)
 COMMANDS = {
-    "synth": "avlabel.demo.synthetic",
-    "build": "avlabel.data_builder.build",
-    "tiny-model": "avlabel.demo.tiny_model",
-    "caption": "avlabel.infer.caption",
-    "train": "avlabel.train.sft",
-    "export": "avlabel.train.export",
-    "metrics": "avlabel.eval.metrics",
-    "judge": "avlabel.eval.judge",
-    "compare": "avlabel.eval.compare",
-    "publish": "avlabel.hub.publish",
-    "search": "avlabel.catalog.cli",
-    "demo": "avlabel.demo.run",
+    "synth": ("avlabel.demo.synthetic", "Write procedural dashcam-like clips with matching labels"),
+    "build": ("avlabel.data_builder.build", "Build a Hugging Face dataset folder from clips and labels"),
+    "tiny-model": ("avlabel.demo.tiny_model", "Write a small randomly initialised Qwen-VL test model"),
+    "caption": ("avlabel.infer.caption", "Label clips with a Cosmos Reason model"),
+    "train": ("avlabel.train.sft", "Fine-tune Cosmos Reason on a built dataset (LoRA, QLoRA or full)"),
+    "export": ("avlabel.train.export", "Merge a training checkpoint into a bf16 model"),
+    "metrics": ("avlabel.eval.metrics", "Deterministic per-field metrics of one run"),
+    "judge": ("avlabel.eval.judge", "Score one run's answers with an LLM judge"),
+    "compare": ("avlabel.eval.compare", "Compare runs with intervals and paired tests; write the report"),
+    "publish": ("avlabel.hub.publish", "Push a model, a dataset and an evaluation run to the Hub, with cards"),
+    "search": ("avlabel.catalog.cli", "Index captions and labels; search, look at and export clips"),
+    "demo": ("avlabel.demo.run", "Run the whole loop on synthetic clips and a tiny model (CPU, offline)"),
 }
 
 
-def _parse(module, prog: str, argv):
-    parser = module.make_parser()
-    parser.prog = prog
-    return parser.parse_args_and_config(args=argv)
+def _quantizes(parsed) -> bool:
+    """Whether a parsed command line loads 4- or 8-bit weights (train's ModelConfig, caption's --quantization)."""
+    return any(getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
+               or getattr(args, "quantization", None) for args in parsed)
 
 
-def main(argv: list[str] | None = None, commands: dict[str, str] | None = None, prog: str = "avlabel") -> None:
+def _without_bitsandbytes() -> None:
+    """Make bitsandbytes look absent to this process, which quantizes nothing.
+
+    peft imports it whenever peft is imported (peft/helpers.py), and transformers' Trainer imports
+    peft; bitsandbytes then loads its CPU kernels (seconds) and logs "Failed to load CPU
+    gemm_4bit_forward from kernels-community" on every command. A None entry in sys.modules makes
+    `import bitsandbytes` fail and `find_spec` report it missing, which every library handles.
+    """
+    sys.modules.setdefault("bitsandbytes", None)
+
+
+def run_command(name: str, argv: list[str] | None = None, prog: str | None = None):
+    """Parse `argv` for the command `name` and run it; every error ends as one line on stderr."""
+    module_name = COMMANDS[name][0]
+    prog = prog or f"avlabel {name}"
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def parse_and_run():
+        from avlabel.core.parser import ArgumentParser
+
+        module = importlib.import_module(module_name)
+        parser = module.make_parser(argparse.ArgumentParser().add_subparsers(parser_class=ArgumentParser))
+        parser.prog = prog
+        parsed = parser.parse_args_and_config(argv)
+        if not _quantizes(parsed):
+            _without_bitsandbytes()
+        return module.main(*parsed)
+
+    return run(parse_and_run, prog=prog)
+
+
+def main(argv: list[str] | None = None, commands: dict[str, tuple[str, str]] | None = None, prog: str = "avlabel"):
     """Run a subcommand; a package's `__main__` passes its own subset of `commands` and its `prog`."""
-    from trl import TrlParser
-
-    argv = sys.argv[1:] if argv is None else argv
-    top = TrlParser(dataclass_types=[], prog=prog, description=__doc__.splitlines()[0])
-    subparsers = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=TrlParser)
-    modules = {}
-    for name, path in (COMMANDS if commands is None else commands).items():
-        modules[name] = importlib.import_module(path)
-        modules[name].make_parser(subparsers)
-    if not argv or argv[0] not in modules:
-        top.parse_args(argv or ["--help"])
-        return
-    module = modules[argv[0]]
-    module.main(*_parse(module, f"{prog} {argv[0]}", argv[1:]))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = COMMANDS if commands is None else commands
+    top = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    top.add_argument("--debug", action="store_true", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
+    subparsers = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_line) in commands.items():
+        subparsers.add_parser(name, help=help_line)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_ENV] = "1"  # processes the command starts (accelerate, workers) inherit it
+        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        raise SystemExit(0)
+    if argv[0] not in commands:
+        print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (see {prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return run_command(argv[0], argv[1:], f"{prog} {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`python -m catalog`: the `avlabel search` command (see catalog/cli.py)."""
 
-from avlabel.catalog.cli import main, make_parser
+from avlabel.cli import run_command
 
-main(*make_parser().parse_args_and_config())
+run_command("search", prog="python -m catalog")

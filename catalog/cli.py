@@ -78,12 +78,11 @@ def _named(spec: str) -> tuple[str | None, str]:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser(NAME, help="Index captions and labels; search, look at and export clips.",
-                                     dataclass_types=[SearchArguments])
-    return TrlParser(dataclass_types=[SearchArguments], prog="python -m catalog")
+        return subparsers.add_parser(NAME, dataclass_types=[SearchArguments])
+    return ArgumentParser(dataclass_types=[SearchArguments], prog="python -m catalog")
 
 
 def _print_report(report) -> None:
@@ -152,4 +151,6 @@ def main(args: SearchArguments):
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("search")

@@ -588,13 +588,11 @@ def print_summary(result: BuildResult, file=None) -> None:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser(
-            NAME, help="Build a Hugging Face dataset folder from clips and labels.", dataclass_types=[BuildArguments]
-        )
-    return TrlParser(dataclass_types=[BuildArguments], prog=f"python -m data_builder {NAME}")
+        return subparsers.add_parser(NAME, dataclass_types=[BuildArguments])
+    return ArgumentParser(dataclass_types=[BuildArguments], prog=f"python -m data_builder {NAME}")
 
 
 def main(args: BuildArguments) -> BuildResult:
@@ -611,4 +609,6 @@ def main(args: BuildArguments) -> BuildResult:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("build")

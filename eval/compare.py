@@ -380,12 +380,12 @@ class CompareArguments:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     types = [CompareArguments, JudgeConfig]
     if subparsers is not None:
-        return subparsers.add_parser("compare", help="Compare runs with intervals and paired tests; write the report", dataclass_types=types)
-    return TrlParser(dataclass_types=types)
+        return subparsers.add_parser("compare", dataclass_types=types)
+    return ArgumentParser(dataclass_types=types)
 
 
 def parse_runs(entries: list[str]) -> dict[str, str]:
@@ -419,4 +419,6 @@ def main(args: CompareArguments, config: JudgeConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("compare")

@@ -527,12 +527,12 @@ class JudgeArguments(RunArguments):
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     types = [JudgeArguments, JudgeConfig]
     if subparsers is not None:
-        return subparsers.add_parser("judge", help="Score one run's answers with an LLM judge", dataclass_types=types)
-    return TrlParser(dataclass_types=types)
+        return subparsers.add_parser("judge", dataclass_types=types)
+    return ArgumentParser(dataclass_types=types)
 
 
 def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
@@ -589,4 +589,6 @@ def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("judge")

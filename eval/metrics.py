@@ -317,11 +317,11 @@ class MetricsArguments(RunArguments):
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser("metrics", help="Deterministic per-field metrics of one run", dataclass_types=[MetricsArguments])
-    return TrlParser(dataclass_types=[MetricsArguments])
+        return subparsers.add_parser("metrics", dataclass_types=[MetricsArguments])
+    return ArgumentParser(dataclass_types=[MetricsArguments])
 
 
 def main(args: MetricsArguments) -> dict[str, Any]:
@@ -347,4 +347,6 @@ def main(args: MetricsArguments) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("metrics")

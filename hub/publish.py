@@ -805,12 +805,11 @@ def publish_metric(repo_id: str, *, metric_dir: str | Path | None = None, revisi
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser(NAME, help="Push a model, a dataset, an evaluation run and the metric to the Hub",
-                                     dataclass_types=[PublishArguments])
-    return TrlParser(dataclass_types=[PublishArguments])
+        return subparsers.add_parser(NAME, dataclass_types=[PublishArguments])
+    return ArgumentParser(dataclass_types=[PublishArguments])
 
 
 def publish(args: PublishArguments) -> list[Published]:
@@ -856,4 +855,6 @@ def main(args: PublishArguments) -> list[Published]:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("publish")

@@ -1,7 +1,5 @@
 """`python -m infer` and `accelerate launch -m infer`: the `avlabel caption` command."""
 
-from avlabel.infer.caption import main, make_parser
+from avlabel.cli import run_command
 
-parser = make_parser()
-parser.prog = "python -m infer"
-main(*parser.parse_args_and_config())
+run_command("caption", prog="python -m infer")

@@ -50,14 +50,32 @@ class CaptionArguments:
     limit: int | None = field(default=None, metadata={"help": "Caption only the first N clips of the input."})
     overwrite: bool = field(default=False, metadata={"help": "Delete earlier captions in --output_dir and start over."})
 
+    def __post_init__(self):
+        """Refuse what is wrong on the command line itself before anything loads."""
+        import glob
+
+        from avlabel.core.errors import UsageError
+        from avlabel.core.layouts import METADATA_NAME
+        from avlabel.core.parser import check_source
+
+        check_source(self.model, "--model", "model")
+        if self.adapter:
+            check_source(self.adapter, "--adapter", "adapter")
+        if Path(self.input).is_dir():
+            splits = sorted(path.parent.name for path in Path(self.input).glob(f"*/{METADATA_NAME}"))
+            if splits and self.split not in splits:
+                raise UsageError(f"--split {self.split}: {self.input} has the split(s) {', '.join(splits)}")
+        elif not glob.has_magic(self.input):
+            check_source(self.input, "--input", "dataset")
+
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     types = [CaptionArguments, GenerationSettings]
     if subparsers is not None:
-        return subparsers.add_parser("caption", help="Label clips with a Cosmos Reason model", dataclass_types=types)
-    return TrlParser(dataclass_types=types)
+        return subparsers.add_parser("caption", dataclass_types=types)
+    return ArgumentParser(dataclass_types=types)
 
 
 def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any]) -> dict[str, Any]:
@@ -175,4 +193,6 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("caption")

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from avlabel.core.errors import UsageError
+
 # reading records and picking a clip's record are the core's (evaluation and the catalog read them too);
 # the caption command finds them here beside the writing side
 from avlabel.core.records import (  # noqa: F401
@@ -46,7 +48,7 @@ def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], 
     for record in records:
         differing = [key for key in RUN_KEYS if record.get(key) != identity[key]]
         if differing:
-            raise ValueError(
+            raise UsageError(
                 f"{out_dir} already holds captions made with a different {', '.join(differing)} "
                 f"(clip {record.get('clip_id')!r}); use another --output_dir, or --overwrite to start over"
             )

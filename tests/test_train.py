@@ -275,6 +275,36 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
     assert any(not torch.equal(start[name], got[name]) for name in got)
 
 
+def test_a_resumed_run_logs_as_the_uninterrupted_run(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    """Learning rate, token count and loss continue across a resume, in the log and in train_results.json,
+    from a checkpoint (step 3) that falls between two logging steps (2 and 4)."""
+    from avlabel.train.sft import train
+
+    settings = {"eval_strategy": "no", "eval_on_start": False, "warmup_steps": 2, "lr_scheduler_type": "cosine",
+                "logging_steps": 2, "save_steps": 3, "export_merged": False}
+    whole = train(TINY_RECIPE, _overrides(tiny_model_dir, synthetic_dataset_dir, tmp_path / "whole", **settings))
+    resumed = train(TINY_RECIPE, _overrides(tiny_model_dir, synthetic_dataset_dir, tmp_path / "resumed",
+                                            resume_from_checkpoint=str(whole / "checkpoint-3"), **settings))
+
+    def history(out):
+        return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+    expected, got = history(whole), history(resumed)
+    assert [entry["step"] for entry in got] == [entry["step"] for entry in expected] == [2, 4, 6, 6]
+    for before, after in zip(expected, got):
+        for key in ("learning_rate", "num_tokens", "loss", "entropy", "mean_token_accuracy", "train_loss"):
+            assert (key in after) == (key in before), (before["step"], key)
+            if key in before:
+                assert after[key] == pytest.approx(before[key], rel=1e-5), (before["step"], key)
+    assert got[1]["learning_rate"] > 0 and got[1]["num_tokens"] > got[0]["num_tokens"]  # the first log after the resume
+
+    whole_results, resumed_results = (json.loads((out / "train_results.json").read_text()) for out in (whole, resumed))
+    # the mean over all six steps (three logged windows of two), not over the three resumed ones
+    assert whole_results["train_loss"] == pytest.approx(sum(entry["loss"] for entry in expected[:3]) / 3, rel=1e-5)
+    assert resumed_results["train_loss"] == pytest.approx(whole_results["train_loss"], rel=1e-5)
+    assert resumed_results["steps"] == 6 and resumed_results["method"] == "full"
+
+
 def _as_sharded_checkpoint(checkpoint: Path, state_dict: dict, out: Path) -> Path:
     """A copy of `checkpoint` whose weights are an FSDP-sharded folder, written the way accelerate
     writes one (torch.distributed.checkpoint, the state dict under "model"), in a run folder."""

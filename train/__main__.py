@@ -1,7 +1,5 @@
 """`python -m train` and `accelerate launch -m train`: the training script (see train/sft.py)."""
 
-from avlabel.train.sft import main, make_parser
+from avlabel.cli import run_command
 
-parser = make_parser()
-parser.prog = "python -m train"
-main(*parser.parse_args_and_config())
+run_command("train", prog="python -m train")

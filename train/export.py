@@ -16,9 +16,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# accelerate's names for an FSDP checkpoint's sharded parts (torch.distributed.checkpoint folders)
-from accelerate.utils.constants import FSDP_MODEL_NAME
-
 
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, processor=None, revision: str = "main") -> Path:
     """Load `base_model` in bf16 on the CPU, fold the adapter into it and save it to `out_dir`."""
@@ -74,6 +71,12 @@ class ExportArguments:
     checkpoint: str = field(metadata={"help": "A checkpoint-N folder of a training run (FSDP-sharded or not)."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the merged bf16 model goes (default: <checkpoint>/merged)."})
 
+    def __post_init__(self):
+        if not Path(self.checkpoint).is_dir():
+            from avlabel.core.errors import UsageError
+
+            raise UsageError(f"--checkpoint {self.checkpoint}: no such folder; give a checkpoint-N folder of a training run")
+
 
 def read_sharded_weights(folder: Path) -> dict:
     """The whole state dict of an FSDP-sharded model folder, under the names the model had in memory."""
@@ -89,6 +92,8 @@ def export_checkpoint(args: ExportArguments) -> Path:
     """Merge `args.checkpoint` into a bf16 model with the run's processor and frame sampling."""
     import torch
     import yaml
+    # accelerate's name for an FSDP checkpoint's sharded model (a torch.distributed.checkpoint folder)
+    from accelerate.utils.constants import FSDP_MODEL_NAME
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import get_peft_config
@@ -131,11 +136,11 @@ def export_checkpoint(args: ExportArguments) -> Path:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser("export", help="Merge a training checkpoint into a bf16 model", dataclass_types=[ExportArguments])
-    return TrlParser(dataclass_types=[ExportArguments])
+        return subparsers.add_parser("export", dataclass_types=[ExportArguments])
+    return ArgumentParser(dataclass_types=[ExportArguments])
 
 
 def main(args: ExportArguments) -> Path:
@@ -145,4 +150,6 @@ def main(args: ExportArguments) -> Path:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("export")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avlabel.core.parser import Deferred
 from avlabel.core.sampling import SamplingArguments
 
 logger = logging.getLogger(__name__)
@@ -422,7 +423,10 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
             if folder.is_dir():  # the exported model carries its frames: captioning it uses them by default
                 collator.frames.sampling.save(folder)
         plot_loss(log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
-        results = {
+        # the Trainer's own metrics (train_loss over every step, a resumed run's included; runtime, flos)
+        # and what the model card needs to describe the run
+        trainer.save_metrics("train", {
+            **train_output.metrics,
             "method": method,
             "base_model": model_args.model_name_or_path,
             "dataset": script_args.dataset_name,
@@ -450,10 +454,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
                 "quantization": quantization,
                 "sampling": collator.frames.sampling.to_dict(),
             },
-            "final_loss": _last_logged(log_history, "loss") or train_output.training_loss,
+            "final_loss": _last_logged(log_history, "loss") or train_output.metrics["train_loss"],
             "eval_loss": eval_loss,
-        }
-        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        })
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -461,15 +464,42 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
 # ----------------------------------------------------------------------------- entry points
 
 
-def make_parser(subparsers=None):
-    from trl import ModelConfig, SFTConfig, TrlParser
+# TRL's SFTConfig imports torch and the Trainer (seconds): a command line is checked against a
+# snapshot of its options first (tests/test_cli_errors.py keeps it current).
+SFT_CONFIG = Deferred("trl:SFTConfig", Path(__file__).with_name("sft_options.json"), ("trl", "transformers"))
 
-    dataclass_types = [TrainScriptArguments, SFTConfig, ModelConfig]
+
+def check_arguments(values: dict[str, Any]) -> None:
+    """What can be refused before torch loads: no dataset or model, or a resume with nothing to resume."""
+    from avlabel.core.errors import UsageError
+    from avlabel.core.parser import check_source
+
+    for option, what in (("dataset_name", "the folder `avlabel build` wrote, or a Hub dataset id"),
+                         ("model_name_or_path", "a model folder or a Hub model id")):
+        if not values.get(option):
+            raise UsageError(f"--{option} is required: {what} (on the command line or in the --config recipe)")
+        check_source(values[option], f"--{option}", option.split("_")[0])
+    resume, output_dir = values.get("resume_from_checkpoint"), values.get("output_dir")
+    if resume in (None, "", False) or str(resume).lower() == "false":
+        return
+    if str(resume).lower() in ("true", "last"):
+        # transformers' get_last_checkpoint looks for these; importing it would load torch
+        if output_dir and not any(path.is_dir() and path.name.split("-")[1].isdigit() for path in Path(output_dir).glob("checkpoint-*")):
+            raise UsageError(f"--resume_from_checkpoint {resume}: {output_dir} holds no checkpoint-N folder to resume; "
+                             "leave the flag out to start the run")
+    elif not Path(resume).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+
+
+def make_parser(subparsers=None):
+    from trl import ModelConfig
+
+    from avlabel.core.parser import ArgumentParser
+
+    dataclass_types = [TrainScriptArguments, SFT_CONFIG, ModelConfig]
     if subparsers is not None:
-        return subparsers.add_parser(
-            "train", help="Fine-tune Cosmos Reason on a built dataset (LoRA, QLoRA or full)", dataclass_types=dataclass_types
-        )
-    return TrlParser(dataclass_types=dataclass_types)
+        return subparsers.add_parser("train", dataclass_types=dataclass_types, check=check_arguments)
+    return ArgumentParser(dataclass_types=dataclass_types, check=check_arguments)
 
 
 def train(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Path:
@@ -484,4 +514,6 @@ def train(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> P
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("train")

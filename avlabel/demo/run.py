@@ -179,13 +179,14 @@ def main(args: DemoArguments) -> dict:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser("demo", help="Run the whole loop on synthetic clips and a tiny model (CPU, offline)",
-                                     dataclass_types=[DemoArguments])
-    return TrlParser(dataclass_types=[DemoArguments])
+        return subparsers.add_parser("demo", dataclass_types=[DemoArguments])
+    return ArgumentParser(dataclass_types=[DemoArguments])
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("demo")

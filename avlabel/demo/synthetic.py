@@ -793,13 +793,11 @@ class SynthArguments:
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser(
-            "synth", help="Write procedural dashcam-like clips with matching labels", dataclass_types=[SynthArguments]
-        )
-    return TrlParser(dataclass_types=[SynthArguments])
+        return subparsers.add_parser("synth", dataclass_types=[SynthArguments])
+    return ArgumentParser(dataclass_types=[SynthArguments])
 
 
 def main(args: SynthArguments) -> None:
@@ -809,4 +807,6 @@ def main(args: SynthArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("synth")

@@ -375,13 +375,11 @@ def measure_step_time(model_dir: str | Path, steps: int = 5, batch: int = 4) -> 
 
 
 def make_parser(subparsers=None):
-    from trl import TrlParser
+    from avlabel.core.parser import ArgumentParser
 
     if subparsers is not None:
-        return subparsers.add_parser(
-            "tiny-model", help="Write a small randomly initialised Qwen-VL test model", dataclass_types=[TinyModelArguments]
-        )
-    return TrlParser(dataclass_types=[TinyModelArguments])
+        return subparsers.add_parser("tiny-model", dataclass_types=[TinyModelArguments])
+    return ArgumentParser(dataclass_types=[TinyModelArguments])
 
 
 def main(args: TinyModelArguments) -> None:
@@ -398,4 +396,6 @@ def main(args: TinyModelArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    from avlabel.cli import run_command
+
+    run_command("tiny-model")

@@ -1,0 +1,62 @@
+"""One line per mistake: the errors a user can cause, and how every command reports them.
+
+`UsageError` means the command line is wrong (exit 2: change an argument); `DataError` means
+the inputs are (exit 1: fix or replace the files). Both are ValueErrors, so code that catches
+ValueError keeps working. `run` prints any error as one line on stderr, `<prog>: error: <what is
+wrong and what to do>`; the traceback appears only with `avlabel --debug ...` or AVLABEL_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+DEBUG_ENV = "AVLABEL_DEBUG"
+
+
+class UsageError(ValueError):
+    """The command line is wrong: a flag, a value, a path that isn't there."""
+
+    exit_code = 2
+
+
+class DataError(ValueError):
+    """The inputs are wrong: empty, unreadable, or not what the command needs."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean X?' for the closest of `choices`, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run(function: Callable[..., Any], *args: Any, prog: str) -> Any:
+    """`function(*args)`, with any error it raises printed as one line and turned into an exit code."""
+    try:
+        return function(*args)
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - every error ends as one line unless debugging
+        if debugging():
+            raise
+        message = one_line(err) or type(err).__name__
+        # errors the user can cause are ValueErrors (ours) or OSErrors (a file); anything else is ours to fix
+        if not isinstance(err, (ValueError, OSError)):
+            message = f"{type(err).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(getattr(err, "exit_code", 1)) from None

@@ -1,0 +1,196 @@
+"""The argument parser of every command: TRL's (dataclasses, a YAML `--config`), answering each mistake in one line.
+
+On top of `TrlParser`:
+* abbreviations are refused (`--max_step 2` is not `--max_steps 2`);
+* an unknown flag or `--config` key is named, with the closest known one;
+* a missing or unreadable `--config` file, a bad value, and a dataclass refusing a value in its
+  `__post_init__` each end as one line (a `UsageError`, exit 2);
+* a dataclass too heavy to import just to read a command line (TRL's `SFTConfig` imports torch and
+  the Trainer: seconds) can be `Deferred`: its options come from a snapshot of them, so a mistake is
+  reported at once, and the class is imported only when the command line has passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from trl import TrlParser
+
+from .errors import UsageError, did_you_mean, one_line
+
+CONFIG_FLAG = "--config"
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A dataclass of arguments named by "module:Class", read from `snapshot` until it is needed.
+
+    The snapshot holds the argparse shape of each of its options, written by `write_snapshot`
+    for the installed versions of `packages`; with other versions the class is imported at once.
+    """
+
+    path: str
+    snapshot: Path
+    packages: tuple[str, ...]
+
+    def load(self) -> type:
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def _versions(self) -> dict[str, str]:
+        return {package: importlib.metadata.version(package) for package in self.packages}
+
+    def options(self) -> list[dict[str, Any]] | None:
+        """The snapshot's options, or None if it was written for other versions (or not at all)."""
+        try:
+            saved = json.loads(self.snapshot.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return saved["options"] if saved.get("versions") == self._versions() else None
+
+    def current(self) -> dict[str, Any]:
+        """The snapshot as `write_snapshot` writes it, from the class itself."""
+        parser = TrlParser(dataclass_types=[self.load()])
+        options = [  # nargs 0: a `--no_<flag>` of a boolean that defaults to true
+            {"flags": action.option_strings, "dest": action.dest, "nargs": action.nargs, "const": action.const}
+            for action in parser._actions if action.option_strings and action.dest != "help"
+        ]
+        return {"class": self.path, "versions": self._versions(), "options": options}
+
+    def write_snapshot(self) -> Path:
+        """Write the snapshot, one option a line (regenerate it after upgrading `packages`)."""
+        snapshot = self.current()
+        options = ",\n".join(f"  {json.dumps(option)}" for option in snapshot.pop("options"))
+        self.snapshot.write_text(json.dumps(snapshot)[:-1] + f', "options": [\n{options}\n]}}\n', encoding="utf-8")
+        return self.snapshot
+
+
+class ArgumentParser(TrlParser):
+    """`TrlParser` that refuses abbreviations and reports every mistake in one line (see the module docstring).
+
+    `check`, if given, sees every parsed value by name ({dest: value}) before any deferred class
+    is imported, so checks across dataclasses (does the checkpoint to resume exist?) cost no import.
+    """
+
+    def __init__(self, dataclass_types=None, check: Callable[[dict[str, Any]], None] | None = None, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        types = list(dataclass_types or [])
+        # a deferred class without a snapshot for the installed versions is imported now
+        self._deferred = {item: item.options() for item in types if isinstance(item, Deferred)}
+        self._types = [item.load() if isinstance(item, Deferred) and self._deferred[item] is None else item for item in types]
+        self._deferred = {item: options for item, options in self._deferred.items() if options is not None}
+        self._check = check
+        self._kwargs = kwargs
+        super().__init__([item for item in self._types if not isinstance(item, Deferred)], **kwargs)
+        for options in self._deferred.values():
+            for option in options:  # raw strings: the class's own parse types them later
+                kind = {"action": "store_const", "const": False} if option["nargs"] == 0 else {"nargs": option["nargs"], "const": option["const"]}
+                self.add_argument(*option["flags"], dest=option["dest"], default=argparse.SUPPRESS, **kind)
+
+    def error(self, message: str):
+        """argparse prints its usage and the message; here the message alone, as one line."""
+        raise UsageError(f"{one_line(message)} (see {self.prog} --help)")
+
+    def _full(self) -> ArgumentParser:
+        """This parser with the deferred classes imported."""
+        types = [item.load() if isinstance(item, Deferred) else item for item in self._types]
+        return type(self)(types, check=self._check, **{**self._kwargs, "prog": self.prog})
+
+    def parse_dict(self, args: dict[str, Any], allow_extra_keys: bool = False):
+        if self._deferred:
+            return self._full().parse_dict(args, allow_extra_keys=allow_extra_keys)
+        return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
+
+    def format_help(self) -> str:
+        return self._full().format_help() if self._deferred else super().format_help()
+
+    def parse_args_and_config(self, args=None, return_remaining_strings: bool = False, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith(f"{CONFIG_FLAG}=") else [arg])]
+        if any(arg in ("-h", "--help") for arg in args):
+            self.print_help()
+            self.exit()
+        known = self._option_names()
+        for flag in (arg.split("=", 1)[0] for arg in args if arg.startswith("--")):
+            if flag not in known:  # before argparse, which would first complain of a required flag
+                raise UsageError(f"unrecognized argument {flag}" + (did_you_mean(flag, known) or f" (see {self.prog} --help)"))
+        if CONFIG_FLAG in args:
+            index = args.index(CONFIG_FLAG)
+            if index + 1 == len(args):
+                raise UsageError(f"{CONFIG_FLAG} needs a YAML file")
+            self._check_config(args[index + 1])
+        try:
+            *parsed, remaining = super().parse_args_and_config(args, return_remaining_strings=True, **kwargs)
+        except UsageError:
+            raise
+        except ValueError as err:  # a dataclass refused a value (its __post_init__), or TRL refused the config
+            raise UsageError(one_line(err)) from None
+        if remaining and not return_remaining_strings:
+            self._refuse(remaining)
+        if self._check is not None:
+            values: dict[str, Any] = {}
+            for item in parsed:
+                values.update(vars(item))
+            self._check(values)
+        if self._deferred:
+            # the command line passed every check; now parse it into the real classes (no check again)
+            full = self._full()
+            full._check = None
+            return full.parse_args_and_config(args, return_remaining_strings=return_remaining_strings, **kwargs)
+        return (*parsed, remaining) if return_remaining_strings else tuple(parsed)
+
+    def _option_names(self) -> list[str]:
+        return [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")] + [CONFIG_FLAG]
+
+    def _refuse(self, remaining: list[str]):
+        self.error(f"unexpected argument {remaining[0]!r}: values follow their flag (--name value)")
+
+    def _check_config(self, path: str) -> None:
+        import yaml
+
+        where = f"{CONFIG_FLAG} {path}"
+        try:
+            config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{where}: no such file; give the path of a YAML recipe (see recipes/)") from None
+        except IsADirectoryError:
+            raise UsageError(f"{where}: a folder, not a YAML file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{where}: can't be read ({err})") from None
+        except yaml.YAMLError as err:
+            raise UsageError(f"{where}: not valid YAML ({one_line(err)})") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"{where}: must be a YAML mapping of argument: value")
+        if not isinstance(config.get("env", {}), dict):
+            raise UsageError(f"{where}: `env` must be a mapping of variable: value")
+        known = {action.dest for action in self._actions} | {"env"}
+        for key in config:
+            if key not in known:
+                raise UsageError(f"{where}: unknown argument {key!r}{did_you_mean(str(key), known)}")
+
+
+def check_source(value: str, option: str, what: str) -> None:
+    """Refuse a `value` that is neither an existing local path nor a Hub id (owner/name) of `what`.
+
+    Said before any download is tried, so a mistyped folder is reported as one, not as the Hub's
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(value).expanduser()
+    if path.exists():
+        return
+    try:
+        validate_repo_id(value)
+        hub_id = not value.startswith(("~", ".")) and not Path(value.split("/")[0]).is_dir()
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise UsageError(f"{option} {value}: no such file or folder, and not a Hub {what} id (owner/name); check the path")

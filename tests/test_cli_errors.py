@@ -1,0 +1,216 @@
+"""Every mistake on the command line is answered in one line, before anything heavy loads.
+
+Each bad command runs in a fresh interpreter through the real entry point (`avlabel.cli.main`),
+which reports on exit which modules it had imported: the exit code, a single stderr line with no
+traceback, and no model code (nor torch, for a mistake in the arguments themselves) loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# what loading a model needs; a wrong argument must be refused before any of it
+MODEL_CODE = ("transformers.modeling_utils", "peft", "bitsandbytes")
+HEAVY = ("torch", "transformers.training_args", "trl.trainer.sft_config", "accelerate", "datasets", *MODEL_CODE)
+
+_ENTRY = """\
+import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["AVLABEL_TEST_MODULES"], "w").write(
+    json.dumps(sorted(name for name, module in sys.modules.items() if module is not None))))
+from avlabel.cli import main
+main(sys.argv[1:])
+"""
+
+
+def avlabel(tmp_path: Path, *args: str, env: dict | None = None):
+    """(exit code, stderr lines, heavy modules imported) of `avlabel ARGS` in a fresh interpreter."""
+    modules = tmp_path / "modules.json"
+    environment = {name: value for name, value in os.environ.items() if name != "AVLABEL_DEBUG"}
+    environment.update({"PYTHONPATH": str(ROOT), "AVLABEL_TEST_MODULES": str(modules), **(env or {})})
+    done = subprocess.run([sys.executable, "-c", _ENTRY, *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=300)
+    imported = set(json.loads(modules.read_text())) if modules.exists() else set()
+    return done.returncode, done.stderr.splitlines(), {name for name in HEAVY if name in imported}
+
+
+def assert_one_line(code, lines, expected_code: int, *fragments: str) -> str:
+    assert code == expected_code, lines
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines
+    return lines[0]
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """A builder dataset's shape (train/ and test/ splits); the argument checks read no more."""
+    for split in ("train", "test"):
+        (tmp_path / "dataset" / split).mkdir(parents=True)
+        (tmp_path / "dataset" / split / "metadata.parquet").touch()
+    return tmp_path / "dataset"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder the model checks accept: a Qwen2.5-VL config (no weights: nothing may load them)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return folder
+
+
+# ----------------------------------------------------------------------------- the bad command lines
+
+
+@pytest.mark.parametrize("command", ["train", "caption", "build"])
+def test_a_missing_config_file(tmp_path, command):
+    code, lines, heavy = avlabel(tmp_path, command, "--config", "recipes/nope.yaml")
+    assert_one_line(code, lines, 2, "--config recipes/nope.yaml: no such file")
+    assert not heavy
+
+
+def test_a_config_key_that_no_command_reads(tmp_path):
+    (tmp_path / "build.yaml").write_text("input: clips\noutput_dir: out\ntset_size: 3\n")
+    code, lines, heavy = avlabel(tmp_path, "build", "--config", "build.yaml")
+    assert_one_line(code, lines, 2, "unknown argument 'tset_size'; did you mean test_size?")
+    assert not heavy
+
+
+@pytest.mark.parametrize(("args", "flag", "suggestion"), [
+    (["build", "--input", "clips", "--output_dir", "out", "--tset_size", "3"], "--tset_size", "--test_size"),
+    (["caption", "--input", "clips", "--temprature", "0.2"], "--temprature", "--temperature"),
+    (["train", "--dataset_name", "data", "--lerning_rate", "1e-4"], "--lerning_rate", "--learning_rate"),
+])
+def test_a_misspelled_flag_gets_a_suggestion(tmp_path, args, flag, suggestion):
+    code, lines, heavy = avlabel(tmp_path, *args)
+    assert_one_line(code, lines, 2, f"unrecognized argument {flag}; did you mean {suggestion}?")
+    assert not heavy
+
+
+@pytest.mark.parametrize("args", [["train", "--max_step", "2"], ["caption", "--input", "clips", "--temp", "0"]])
+def test_an_abbreviated_flag_is_refused(tmp_path, args):
+    code, lines, heavy = avlabel(tmp_path, *args)
+    assert_one_line(code, lines, 2, f"unrecognized argument {args[-2]}")
+    assert not heavy
+
+
+def test_caption_input_that_does_not_exist(tmp_path, model_dir):
+    code, lines, heavy = avlabel(tmp_path, "caption", "--input", "no/such/clips", "--model", str(model_dir))
+    assert_one_line(code, lines, 2, "--input no/such/clips: no such file or folder")
+    assert not heavy
+
+
+def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
+    (tmp_path / "empty").mkdir()
+    code, lines, heavy = avlabel(tmp_path, "caption", "--input", "empty", "--model", str(model_dir))
+    assert_one_line(code, lines, 1, "empty", "no clips")
+    assert not heavy & set(MODEL_CODE)  # found out by reading the folder, before the model
+
+
+def test_an_unknown_split(tmp_path, dataset_dir, model_dir):
+    code, lines, heavy = avlabel(tmp_path, "caption", "--input", str(dataset_dir), "--split", "valid",
+                                 "--model", str(model_dir))
+    assert_one_line(code, lines, 2, "--split valid", "test, train")
+    assert not heavy
+
+
+@pytest.mark.parametrize("model", ["./no/such/model", "/no/such/model", "runs/merged"])
+def test_a_local_model_path_that_does_not_exist(tmp_path, model, model_dir):
+    (tmp_path / "runs").mkdir()  # so runs/merged is a path, not a Hub id
+    (tmp_path / "clips").mkdir()
+    for args in (["caption", "--input", "clips", "--model", model],
+                 ["train", "--dataset_name", "clips", "--model_name_or_path", model]):
+        code, lines, heavy = avlabel(tmp_path, *args)
+        line = assert_one_line(code, lines, 2, f"{model}: no such file or folder")
+        assert "Repo id" not in line
+        assert not heavy
+
+
+def test_train_without_a_dataset(tmp_path, model_dir):
+    code, lines, heavy = avlabel(tmp_path, "train", "--model_name_or_path", str(model_dir), "--output_dir", "out")
+    assert_one_line(code, lines, 2, "--dataset_name is required")
+    assert not heavy
+
+
+def test_resuming_the_last_checkpoint_when_there_is_none(tmp_path, dataset_dir, model_dir):
+    (tmp_path / "out").mkdir()
+    args = ["train", "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir), "--output_dir", "out"]
+    code, lines, heavy = avlabel(tmp_path, *args, "--resume_from_checkpoint", "last")
+    assert_one_line(code, lines, 2, "--resume_from_checkpoint last: out holds no checkpoint-N folder")
+    assert not heavy
+    code, lines, heavy = avlabel(tmp_path, *args, "--resume_from_checkpoint", "out/checkpoint-7")
+    assert_one_line(code, lines, 2, "out/checkpoint-7: no such checkpoint folder")
+
+
+def test_a_rerun_into_a_folder_made_with_other_settings(tmp_path, model_dir):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.mp4").touch()  # listed, never decoded: the refusal comes first
+    (tmp_path / "captions").mkdir()
+    earlier = {"clip_id": "a", "model": "another/model", "adapter": None, "prompt_sha": "x", "generation": {},
+               "status": "ok"}
+    (tmp_path / "captions" / "captions.jsonl").write_text(json.dumps(earlier) + "\n")
+    code, lines, heavy = avlabel(tmp_path, "caption", "--input", "clips", "--output_dir", "captions",
+                                 "--model", str(model_dir))
+    assert_one_line(code, lines, 2, "captions already holds captions made with a different model", "--overwrite")
+    assert not heavy & set(MODEL_CODE)
+
+
+def test_an_unknown_command(tmp_path):
+    code, lines, heavy = avlabel(tmp_path, "trian")
+    assert_one_line(code, lines, 2, "unknown command 'trian'; did you mean train?")
+    assert not heavy
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, lines, _ = avlabel(tmp_path, "--debug", "train", "--max_step", "2")
+    assert code == 1 and any("Traceback" in line for line in lines) and "UsageError" in lines[-1]
+    code, lines, _ = avlabel(tmp_path, "train", "--max_step", "2", env={"AVLABEL_DEBUG": "1"})
+    assert code == 1 and any("Traceback" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- a quick start
+
+
+def test_help_imports_no_library(tmp_path):
+    modules = tmp_path / "modules.json"
+    done = subprocess.run([sys.executable, "-c", _ENTRY, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "AVLABEL_TEST_MODULES": str(modules)})
+    assert done.returncode == 0 and "train" in done.stdout and not done.stderr
+    imported = set(json.loads(modules.read_text()))
+    assert not imported & {"trl", "numpy", *HEAVY}, imported & {"trl", "numpy", *HEAVY}
+
+
+def test_the_option_snapshot_of_sftconfig_is_current():
+    """train reads its command line against train/sft_options.json before importing SFTConfig;
+    after upgrading trl or transformers, rewrite it with
+    python -c 'from avlabel.train.sft import SFT_CONFIG; SFT_CONFIG.write_snapshot()'"""
+    from avlabel.train.sft import SFT_CONFIG
+
+    assert json.loads(SFT_CONFIG.snapshot.read_text()) == SFT_CONFIG.current(), SFT_CONFIG.snapshot
+    assert SFT_CONFIG.options() is not None
+
+
+def test_the_light_check_and_the_full_parse_read_a_command_line_alike(tmp_path, dataset_dir, model_dir):
+    """The checked command line then parses into TRL's real classes, booleans and lists typed."""
+    from trl import ModelConfig, SFTConfig
+
+    from avlabel.train.sft import TrainScriptArguments, make_parser
+
+    script_args, training_args, model_args = make_parser().parse_args_and_config([
+        "--config", str(ROOT / "recipes" / "tiny" / "sft.yaml"), "--dataset_name", str(dataset_dir),
+        "--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--no_remove_unused_columns", "--report_to", "none", "--use_peft", "--lora_target_modules", "q_proj", "v_proj",
+    ])
+    assert isinstance(script_args, TrainScriptArguments) and isinstance(training_args, SFTConfig)
+    assert isinstance(model_args, ModelConfig)
+    assert training_args.max_steps == 2 and training_args.remove_unused_columns is False
+    assert training_args.learning_rate == 1.0e-3  # from the recipe
+    assert model_args.use_peft is True and model_args.lora_target_modules == ["q_proj", "v_proj"]
