@@ -180,18 +180,29 @@ def _short(value: Any) -> str:
 
 
 def print_result(result: SearchResult, file=None, width: int | None = None) -> None:
-    """The hits as a rich table, then the counts per category of the matching set."""
+    """The hits, then the counts per category of the matching set.
+
+    A hit is two lines, its closed fields then the matched text, so free text wraps at words
+    across the whole width (a column of its own in a ten-column table got one word a line at
+    80 columns).
+    """
     from rich.console import Console
+    from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
 
     console = Console(file=file or sys.stdout, width=width, highlight=False)
-    table = Table(title=f"{result.total} matching · {_plain_query(result.query)} · {result.seconds * 1000:.0f} ms",
-                  title_justify="left", show_lines=False)
-    for column, style in (("#", "dim"), ("clip", "bold"), ("run", ""), ("score", ""), ("weather", ""),
-                          ("lighting", ""), ("diff", ""), ("manoeuvres", ""), ("matched text", ""), ("≠ human", "red")):
-        table.add_column(column, style=style or None, overflow="fold")
+    console.print(Text(f"{result.total} matching · {_plain_query(result.query)} · {result.seconds * 1000:.0f} ms",
+                       style="italic"))
     for rank, hit in enumerate(result.hits, 1):
+        fields = " · ".join(_short(hit.label.get(name)) for name in
+                            ("weather", "lighting", "driving_difficulty", "interactive_expanded_metaaction"))
+        line = Text.assemble((f"{rank:>2}. ", "dim"), (hit.clip_id, "bold"), f"  {hit.source}  {hit.score:.3g}  {fields}")
+        if hit.kind != "human":
+            disagree = ", ".join(hit.disagreements) if hit.human is not None else "(no human label)"
+            if disagree:
+                line.append(f"  ≠ human: {disagree}", style="red")
+        console.print(line)
         snippet = Text()
         if hit.highlights:
             name, marked = next(iter(hit.highlights.items()))
@@ -202,15 +213,10 @@ def print_result(result: SearchResult, file=None, width: int | None = None) -> N
             snippet = Text(f"{name}: ") + snippet
         else:
             snippet.append((hit.label.get("safety_analysis") or "")[:90])
-        if hit.kind == "human":
-            disagree = ""
-        else:
-            disagree = ", ".join(hit.disagreements) if hit.human is not None else "(no human label)"
-        table.add_row(str(rank), hit.clip_id, hit.source, f"{hit.score:.3g}", _short(hit.label.get("weather")),
-                      _short(hit.label.get("lighting")), _short(hit.label.get("driving_difficulty")),
-                      _short(hit.label.get("interactive_expanded_metaaction")), snippet, disagree)
-    console.print(table)
-    counts = Table(title="counts over the matching set", title_justify="left", show_header=False)
+        if snippet:
+            console.print(Padding(snippet, (0, 0, 0, 4)))
+    console.print(Text("counts over the matching set", style="italic"))  # a title would wrap to the table's width
+    counts = Table(show_header=False)
     counts.add_column("field", style="bold")
     counts.add_column("values", overflow="fold")
     for name, values in result.counts.items():

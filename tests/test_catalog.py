@@ -321,3 +321,23 @@ def test_slice_metrics_match_hand_counts(world):
         assert results[name]["n"] == len(clips)
         assert results[name]["fields"]["lighting"]["value"] == pytest.approx(right / len(clips))
         assert results[name]["fields"]["lighting"]["metric"] == "accuracy"
+
+
+def test_the_terminal_listing_reads_at_80_columns(world):
+    """Free text wraps at words over the whole width, not one word a line in a narrow column."""
+    import io
+
+    from avlabel.catalog import print_result
+
+    result = search(world["db"], where=["weather=Heavy rain"], text="wet", limit=5)
+    model_hits = [hit for hit in result.hits if hit.highlights]
+    assert model_hits, "the query should match some free text"
+    out = io.StringIO()
+    print_result(result, file=out, width=80)
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    for hit in model_hits:
+        name, marked = next(iter(hit.highlights.items()))
+        assert any(line.strip().startswith(f"{name}: ") for line in lines)
+    words_per_text_line = [len(line.split()) for line in lines if line.startswith("    ")]
+    assert min(words_per_text_line) >= 3, lines  # no line of a single word
