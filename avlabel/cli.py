@@ -33,21 +33,17 @@ COMMANDS = {
 }
 
 
-def _quantizes(parsed) -> bool:
-    """Whether a parsed command line loads 4- or 8-bit weights (train's ModelConfig, caption's --quantization)."""
-    return any(getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
-               or getattr(args, "quantization", None) for args in parsed)
-
-
-def _without_bitsandbytes() -> None:
-    """Make bitsandbytes look absent to this process, which quantizes nothing.
+def _without_bitsandbytes(values: dict) -> None:
+    """Make bitsandbytes look absent to this process when its command line loads no 4- or 8-bit
+    weights (train's load_in_4bit/load_in_8bit, caption's --quantization).
 
     peft imports it whenever peft is imported (peft/helpers.py), and transformers' Trainer imports
     peft; bitsandbytes then loads its CPU kernels (seconds) and logs "Failed to load CPU
     gemm_4bit_forward from kernels-community" on every command. A None entry in sys.modules makes
     `import bitsandbytes` fail and `find_spec` report it missing, which every library handles.
     """
-    sys.modules.setdefault("bitsandbytes", None)
+    if not any(values.get(name) for name in ("load_in_4bit", "load_in_8bit", "quantization")):
+        sys.modules.setdefault("bitsandbytes", None)
 
 
 def run_command(name: str, argv: list[str] | None = None, prog: str | None = None):
@@ -62,10 +58,8 @@ def run_command(name: str, argv: list[str] | None = None, prog: str | None = Non
         module = importlib.import_module(module_name)
         parser = module.make_parser(argparse.ArgumentParser().add_subparsers(parser_class=ArgumentParser))
         parser.prog = prog
-        parsed = parser.parse_args_and_config(argv)
-        if not _quantizes(parsed):
-            _without_bitsandbytes()
-        return module.main(*parsed)
+        parser.checks.append(_without_bitsandbytes)  # before train's parse imports the Trainer, and peft
+        return module.main(*parser.parse_args_and_config(argv))
 
     return run(parse_and_run, prog=prog)
 

@@ -188,6 +188,19 @@ def test_help_imports_no_library(tmp_path):
     assert not imported & {"trl", "numpy", *HEAVY}, imported & {"trl", "numpy", *HEAVY}
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "4bit"])
+def test_bitsandbytes_loads_only_to_quantize(tmp_path, dataset_dir, model_dir, quantized):
+    """Training imports peft, and peft imports bitsandbytes, which warns about its CPU kernels on
+    every command; a run that quantizes nothing keeps it out, and prints nothing but its own line."""
+    code, lines, heavy = avlabel(tmp_path, "train", "--config", str(ROOT / "recipes" / "tiny" / "sft.yaml"),
+                                 "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir),
+                                 "--output_dir", "out", *(["--use_peft", "--load_in_4bit"] if quantized else []))
+    assert code == 1 and "peft" in heavy, lines  # it got as far as the model folder, which holds no processor
+    assert ("bitsandbytes" in heavy) == quantized
+    if not quantized:
+        assert_one_line(code, lines, 1, "avlabel train: error:")
+
+
 def test_the_option_snapshot_of_sftconfig_is_current():
     """train reads its command line against train/sft_options.json before importing SFTConfig;
     after upgrading trl or transformers, rewrite it with

@@ -358,6 +358,8 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     # tokenizes, masks and enforces max_length itself.
     training_args.remove_unused_columns = False
     training_args.dataset_kwargs = {"skip_prepare_dataset": True}
+    # pinned memory needs a GPU; without one torch warns at every data loader
+    training_args.dataloader_pin_memory = training_args.dataloader_pin_memory and torch.cuda.is_available()
     if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() in ("true", "last"):
         training_args.resume_from_checkpoint = True  # the newest checkpoint-* in output_dir
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true":

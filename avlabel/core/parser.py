@@ -75,8 +75,9 @@ class Deferred:
 class ArgumentParser(TrlParser):
     """`TrlParser` that refuses abbreviations and reports every mistake in one line (see the module docstring).
 
-    `check`, if given, sees every parsed value by name ({dest: value}) before any deferred class
-    is imported, so checks across dataclasses (does the checkpoint to resume exist?) cost no import.
+    `checks` (`check` and any added later) see every parsed value by name ({dest: value}) before any
+    deferred class is imported, so checks across dataclasses (does the checkpoint to resume
+    exist?) cost no import.
     """
 
     def __init__(self, dataclass_types=None, check: Callable[[dict[str, Any]], None] | None = None, **kwargs):
@@ -86,7 +87,7 @@ class ArgumentParser(TrlParser):
         self._deferred = {item: item.options() for item in types if isinstance(item, Deferred)}
         self._types = [item.load() if isinstance(item, Deferred) and self._deferred[item] is None else item for item in types]
         self._deferred = {item: options for item, options in self._deferred.items() if options is not None}
-        self._check = check
+        self.checks = [check] if check else []
         self._kwargs = kwargs
         super().__init__([item for item in self._types if not isinstance(item, Deferred)], **kwargs)
         for options in self._deferred.values():
@@ -101,7 +102,7 @@ class ArgumentParser(TrlParser):
     def _full(self) -> ArgumentParser:
         """This parser with the deferred classes imported."""
         types = [item.load() if isinstance(item, Deferred) else item for item in self._types]
-        return type(self)(types, check=self._check, **{**self._kwargs, "prog": self.prog})
+        return type(self)(types, **{**self._kwargs, "prog": self.prog})
 
     def parse_dict(self, args: dict[str, Any], allow_extra_keys: bool = False):
         if self._deferred:
@@ -134,16 +135,14 @@ class ArgumentParser(TrlParser):
             raise UsageError(one_line(err)) from None
         if remaining and not return_remaining_strings:
             self._refuse(remaining)
-        if self._check is not None:
-            values: dict[str, Any] = {}
-            for item in parsed:
-                values.update(vars(item))
-            self._check(values)
+        values: dict[str, Any] = {}
+        for item in parsed:
+            values.update(vars(item))
+        for check in self.checks:
+            check(values)
         if self._deferred:
             # the command line passed every check; now parse it into the real classes (no check again)
-            full = self._full()
-            full._check = None
-            return full.parse_args_and_config(args, return_remaining_strings=return_remaining_strings, **kwargs)
+            return self._full().parse_args_and_config(args, return_remaining_strings=return_remaining_strings, **kwargs)
         return (*parsed, remaining) if return_remaining_strings else tuple(parsed)
 
     def _option_names(self) -> list[str]:
