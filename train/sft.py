@@ -12,7 +12,8 @@ The method follows from `ModelConfig`: `use_peft` gives LoRA, `use_peft` with
 `load_in_4bit` gives QLoRA, neither gives full fine-tuning. The output folder holds the
 Trainer's checkpoints, `adapter/` (LoRA and QLoRA), `merged/` (a bf16 model plus the
 processor, loadable with `from_pretrained`), `loss_curve.png`, `trainer_state.json`,
-`recipe.yaml` (every resolved argument) and `train_results.json`.
+`recipe.yaml` (every resolved argument) and `train_results.json` (`Trainer.save_metrics`: the
+Trainer's metrics and the run's settings).
 """
 
 from __future__ import annotations
