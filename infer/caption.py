@@ -52,21 +52,21 @@ class CaptionArguments:
 
     def __post_init__(self):
         """Refuse what is wrong on the command line itself before anything loads."""
-        import glob
-
         from avlabel.core.errors import UsageError
-        from avlabel.core.layouts import METADATA_NAME
+        from avlabel.core.layouts import METADATA_NAME, detect_layout
         from avlabel.core.parser import check_source
+        from avlabel.core.problems import InputError
 
         check_source(self.model, "--model", "model")
         if self.adapter:
             check_source(self.adapter, "--adapter", "adapter")
-        if Path(self.input).is_dir():
-            splits = sorted(path.parent.name for path in Path(self.input).glob(f"*/{METADATA_NAME}"))
-            if splits and self.split not in splits:
-                raise UsageError(f"--split {self.split}: {self.input} has the split(s) {', '.join(splits)}")
-        elif not glob.has_magic(self.input):
-            check_source(self.input, "--input", "dataset")
+        try:
+            layout = detect_layout(self.input)
+        except InputError as err:
+            raise UsageError(f"--input {err}") from None
+        built = sorted(path.parent.name for path in Path(self.input).glob(f"*/{METADATA_NAME}"))
+        if layout == "dataset" and built and self.split not in built:  # a Hub dataset's splits are known once loaded
+            raise UsageError(f"--split {self.split}: {self.input} has the split(s) {', '.join(built)}")
 
 
 def make_parser(subparsers=None):

@@ -1,9 +1,10 @@
 """One line per mistake: the errors a user can cause, and how every command reports them.
 
-`UsageError` means the command line is wrong (exit 2: change an argument); `DataError` means
-the inputs are (exit 1: fix or replace the files). Both are ValueErrors, so code that catches
-ValueError keeps working. `run` prints any error as one line on stderr, `<prog>: error: <what is
-wrong and what to do>`; the traceback appears only with `avlabel --debug ...` or AVLABEL_DEBUG=1.
+`UsageError` means the command line is wrong (exit 2: change an argument); any other error,
+such as an input that can't be read (`avlabel.core.problems.InputError`), exits 1. `run` prints
+each as one line on stderr, `<prog>: error: <what is wrong and what to do>`; the traceback
+appears only with `avlabel --debug ...` or AVLABEL_DEBUG=1. UsageError is a ValueError, so code
+that catches ValueError keeps working.
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ class UsageError(ValueError):
     """The command line is wrong: a flag, a value, a path that isn't there."""
 
     exit_code = 2
-
-
-class DataError(ValueError):
-    """The inputs are wrong: empty, unreadable, or not what the command needs."""
-
-    exit_code = 1
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
