@@ -264,6 +264,13 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
     assert [step for step, _ in got] == [step for step, _ in expected] == [1, 2, 3, 4, 5, 6]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
     assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 6
+    # a checkpoint on a logging step: the logs and the mean loss continue too
+    for key in ("learning_rate", "num_tokens"):
+        expected, got = _logged(first, key), _logged(resumed, key)
+        assert [step for step, _ in got] == [step for step, _ in expected], key
+        assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-5), key
+    first_results, resumed_results = (json.loads((out / "train_results.json").read_text()) for out in (first, resumed))
+    assert resumed_results["train_loss"] == pytest.approx(first_results["train_loss"], rel=1e-5)
     # Steps 4-6 after restoring weights, AdamW moments, schedule and data position give the
     # weights of the uninterrupted run; fresh optimizer state would not.
     expected = load_file(first / "checkpoint-6" / "model.safetensors")

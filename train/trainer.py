@@ -74,16 +74,21 @@ class RunTotals(TrainerCallback):
         trainer._metrics["train"].update(saved["metrics_unlogged"])
 
     def _save(self, state, control) -> None:
-        if not control.should_save:  # decided just before by DefaultFlowCallback, which runs first
+        """Called when DefaultFlowCallback (which runs first) has just decided to log and save or not;
+        both happen after this, the log first, so the totals are those after the log."""
+        if not control.should_save:
             return
         trainer = self.trainer
+        logged = (self.loss_before or 0.0) + trainer._total_loss_scalar
+        # every process calls this; the log averages the loss over processes, so the saved part does too
+        unlogged = trainer.accelerator.reduce(trainer._tr_loss.detach().clone(), reduction="mean").item()
+        metrics = {name: list(values) for name, values in trainer._metrics["train"].items()}
+        last_logged = trainer._globalstep_last_logged
+        if control.should_log and state.global_step > last_logged:  # the log about to be written takes them
+            logged, unlogged, metrics, last_logged = logged + unlogged, 0.0, {}, state.global_step
         state.stateful_callbacks[self.KEY] = {
-            "loss_logged": (self.loss_before or 0.0) + trainer._total_loss_scalar,
-            # every process calls this; the log averages the loss over processes, so the saved part does too
-            "loss_unlogged": trainer.accelerator.reduce(trainer._tr_loss.detach().clone(), reduction="mean").item(),
-            "last_logged_step": trainer._globalstep_last_logged,
-            "num_tokens": trainer._total_train_tokens,
-            "metrics_unlogged": {name: list(values) for name, values in trainer._metrics["train"].items()},
+            "loss_logged": logged, "loss_unlogged": unlogged, "last_logged_step": last_logged,
+            "num_tokens": trainer._total_train_tokens, "metrics_unlogged": metrics,
         }
 
     def on_step_end(self, args, state, control, **kwargs):

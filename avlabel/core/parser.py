@@ -83,16 +83,19 @@ class ArgumentParser(TrlParser):
     def __init__(self, dataclass_types=None, check: Callable[[dict[str, Any]], None] | None = None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         types = list(dataclass_types or [])
+        snapshots = {item: item.options() for item in types if isinstance(item, Deferred)}
         # a deferred class without a snapshot for the installed versions is imported now
-        self._deferred = {item: item.options() for item in types if isinstance(item, Deferred)}
-        self._types = [item.load() if isinstance(item, Deferred) and self._deferred[item] is None else item for item in types]
-        self._deferred = {item: options for item, options in self._deferred.items() if options is not None}
+        self._types = [item.load() if isinstance(item, Deferred) and snapshots[item] is None else item for item in types]
+        self._deferred = {item: snapshots[item] for item in self._types if isinstance(item, Deferred)}
         self.checks = [check] if check else []
         self._kwargs = kwargs
         super().__init__([item for item in self._types if not isinstance(item, Deferred)], **kwargs)
         for options in self._deferred.values():
-            for option in options:  # raw strings: the class's own parse types them later
-                kind = {"action": "store_const", "const": False} if option["nargs"] == 0 else {"nargs": option["nargs"], "const": option["const"]}
+            for option in options:  # values stay strings here: the class's own parse types them later
+                if option["nargs"] == 0:  # --no_<flag>
+                    kind = {"action": "store_const", "const": False}
+                else:
+                    kind = {"nargs": option["nargs"], "const": option["const"]}
                 self.add_argument(*option["flags"], dest=option["dest"], default=argparse.SUPPRESS, **kind)
 
     def error(self, message: str):
