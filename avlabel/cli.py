@@ -27,6 +27,7 @@ COMMANDS = {
     "metrics": ("avlabel.eval.metrics", "Deterministic per-field metrics of one run"),
     "judge": ("avlabel.eval.judge", "Score one run's answers with an LLM judge"),
     "compare": ("avlabel.eval.compare", "Compare runs with intervals and paired tests; write the report"),
+    "review": ("avlabel.eval.review", "Choose the clips a person should check; round-trip them through Label Studio"),
     "publish": ("avlabel.hub.publish", "Push a model, a dataset, an evaluation run and the metric to the Hub"),
     "search": ("avlabel.catalog.cli", "Index captions and labels; search, look at and export clips"),
     "demo": ("avlabel.demo.run", "Run the whole loop on synthetic clips and a tiny model (CPU, offline)"),

@@ -9,6 +9,7 @@ the card depends on the time or on local paths, so the same rows give the same b
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -266,6 +267,20 @@ def _quarantine(problems) -> str:
     )
 
 
+def _reviewed(rows: dict[str, list[dict]]) -> str:
+    """How many labels a person checked through `avlabel review` (their label file's `review` key, kept in `extra`)."""
+    from avlabel.hub.labelstudio import REVIEW_KEY
+
+    marks = [json.loads(row["extra"]).get(REVIEW_KEY) for split_rows in rows.values() for row in split_rows
+             if row.get("extra")]
+    marks = [mark for mark in marks if isinstance(mark, dict)]
+    if not marks:
+        return "No label came from review."
+    corrected = sum(len(mark.get("corrected") or ()) for mark in marks)
+    return (f"{len(marks)} label(s) came from review: a person checked the model's answer in Label Studio "
+            f"(`avlabel review`) and corrected {corrected} field(s); the `{REVIEW_KEY}` key of `extra` says which.")
+
+
 def write_card(
     out: Path,
     rows: dict[str, list[dict]],
@@ -314,7 +329,7 @@ def write_card(
 Dashcam clips, each with a driving-scene label of {len(FIELDS)} fields: the label schema of the Cosmos Reason
 autonomous-vehicle captioning recipe (weather, lighting, road, signals and signs, manoeuvres, a safety analysis,
 difficulty and two flags). Built by `avlabel build` from the {layout} input layout: every clip was probed,
-every label validated; {total} clip(s) are in the dataset.
+every label validated; {total} clip(s) are in the dataset. {_reviewed(rows)}
 
 ## How to load
 

@@ -1,0 +1,310 @@
+"""`avlabel review`: choose the clips a person should check, under a budget, and bring their corrections back.
+
+A queue is chosen from one caption run (`--captions`) in one of three orders:
+  confidence     the clips with the most expected wrong fields first (the sum of 1 - p over the fields the
+                 record gives a confidence for): the lowest confidence first. Used when records carry
+                 `confidence` ({field: p}) and no --other run is given.
+  disagreement   with `--other <run2>` (base and fine-tuned, or two samples): the clips where the two runs
+                 differ on the most closed fields first (free-text fields break ties: two runs rarely word
+                 them alike, so they can't rank on their own).
+  catalog        `--where` filters of `avlabel search` (e.g. `weather=Heavy rain`, `difficulty>=3`) keep only
+                 the matching clips; either order above then applies, or clip id order when there is none.
+The budget is a count (`--budget 50`) or a share of the candidates (`--budget 5%`). The command prints how
+many wrong fields the queue is expected to hold (from confidence) and writes, under --output_dir:
+  queue.jsonl                 one line per clip, most urgent first: the model's answer, its confidence, why chosen
+  labelstudio/config.xml      a Label Studio labeling configuration generated from the schema
+  labelstudio/tasks.json      the queue as Label Studio tasks, the model's answer as a scored pre-annotation
+With `--annotations <Label Studio JSON export> --labels_dir <folder>`, it instead writes the submitted
+annotations as label files in the recipe layout (`metas/<id>.label.json`, the clip under `videos/`), each
+marked with a `review` key; `avlabel build` on that folder makes the next dataset version, and its card counts
+the labels that came from review.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avlabel.core import schema
+from avlabel.core.problems import Problem, warn
+from avlabel.core.records import latest_per_clip, read_located, record_files, succeeded
+
+NAME = "review"
+QUEUE_NAME = "queue.jsonl"
+
+
+@dataclass
+class ReviewArguments:
+    captions: str | None = field(
+        default=None, metadata={"help": "The run to review: an `avlabel caption` output folder or its captions.jsonl."}
+    )
+    other: str | None = field(
+        default=None, metadata={"help": "A second run of the same clips: order by disagreement with it."}
+    )
+    where: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Catalog filters the clips must match (as `avlabel search --where`), e.g. 'difficulty>=3'."},
+    )
+    budget: str = field(default="50", metadata={"help": "Clips to review: a count (50) or a share of the candidates (5%)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the queue and the Label Studio files go (default: <captions>/review)."}
+    )
+    media_url: str | None = field(
+        default=None,
+        metadata={"help": "URL prefix the clips are served under, for Label Studio; default: Label Studio's local "
+                  "files (start it with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=--media_root)."},
+    )
+    media_root: str = field(default="/", metadata={"help": "The folder clip paths are made relative to in the tasks."})
+    annotations: str | None = field(
+        default=None, metadata={"help": "Import instead: a Label Studio JSON export of the reviewed tasks."}
+    )
+    labels_dir: str | None = field(
+        default=None, metadata={"help": "Import: the recipe-layout folder (videos/ + metas/) the labels are written to."}
+    )
+
+
+class ReviewError(ValueError):
+    """Bad input to the review; the message is the one line to print."""
+
+
+@dataclass
+class Candidate:
+    """One clip that may be reviewed: the run's record, and what ranks it."""
+
+    clip_id: str
+    record: dict[str, Any]
+    expected_wrong: float | None = None  # sum of 1 - p over the fields with a confidence, + unanswered fields
+    differing: list[str] = field(default_factory=list)  # fields where --other answers differently
+
+    @property
+    def label(self) -> dict[str, Any]:
+        return self.record.get("label") or {} if succeeded(self.record) else {}
+
+    @property
+    def confidence(self) -> dict[str, float]:
+        return self.record.get("confidence") or {}
+
+    def to_json(self, rank: int, reason: str) -> dict[str, Any]:
+        return {
+            "rank": rank, "clip_id": self.clip_id, "video": self.record.get("video"), "reason": reason,
+            "label": self.label, "confidence": self.confidence, "clip_confidence": self.record.get("clip_confidence"),
+            "expected_wrong": None if self.expected_wrong is None else round(self.expected_wrong, 4),
+            "differing": self.differing,
+        }
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def read_run(path: str | Path, problems: list[Problem]) -> dict[str, dict[str, Any]]:
+    """clip id -> the record the core's merge rule picks, from a caption folder or a captions.jsonl."""
+    path = Path(path)
+    files = record_files(path) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise ReviewError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
+    return latest_per_clip((pair for file in files for pair in read_located(file, problems)), problems)
+
+
+def expected_wrong(record: dict[str, Any]) -> float | None:
+    """Wrong fields a record is expected to hold: 1 - p summed over its field confidences, plus each field it
+    did not answer (certainly to fix). None when the record has no confidence at all."""
+    confidence = record.get("confidence")
+    if not succeeded(record):
+        return float(len(schema.FIELDS))
+    if not confidence:
+        return None
+    answered = record.get("label") or {}
+    errors = record.get("errors") or {}
+    unanswered = sum(1 for f in schema.FIELD_NAMES if f not in answered or f in errors)
+    return sum(1.0 - float(p) for name, p in confidence.items() if name in answered and name not in errors) + unanswered
+
+
+def _same(spec: schema.LabelField, mine: Any, theirs: Any) -> bool:
+    if spec.kind == "multi_category":
+        return set(mine or ()) == set(theirs or ())
+    if spec.kind == "text" and isinstance(mine, str) and isinstance(theirs, str):
+        return schema.clean_text(mine).casefold() == schema.clean_text(theirs).casefold()
+    return mine == theirs
+
+
+def differing_fields(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The fields two labels answer differently, after the schema's normalisation (a field either one lacks
+    or gets wrong differs)."""
+    a, b = schema.check_label(one)[0], schema.check_label(other)[0]
+    return [f.name for f in schema.FIELDS if f.name not in a or f.name not in b or not _same(f, a[f.name], b[f.name])]
+
+
+def parse_budget(budget: str, candidates: int) -> int:
+    text = str(budget).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return math.ceil(candidates * share / 100)
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except ValueError:
+        raise ReviewError(f"--budget {budget!r}: expected a clip count (50) or a share of the clips (5%)") from None
+
+
+def catalog_matches(captions: str | Path, where: list[str]) -> set[str]:
+    """The clip ids of the run that match the catalog filters (the catalog's own parser and search)."""
+    from avlabel.catalog.index import index_run
+    from avlabel.catalog.query import QueryError, search
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "catalog.sqlite"
+        index_run(db, captions, run="review")
+        try:
+            result = search(db, where=where, runs=["review"], limit=None)
+        except QueryError as err:
+            raise ReviewError(f"--where: {err}") from None
+    return set(result.clip_ids())
+
+
+# ----------------------------------------------------------------------------- the queue
+
+
+@dataclass
+class Queue:
+    order: str  # confidence | disagreement | catalog
+    candidates: int
+    chosen: list[Candidate]
+    problems: list[Problem]
+
+    @property
+    def expected_wrong(self) -> float | None:
+        values = [c.expected_wrong for c in self.chosen if c.expected_wrong is not None]
+        return sum(values) if values else None
+
+    @property
+    def with_confidence(self) -> int:
+        return sum(c.expected_wrong is not None for c in self.chosen)
+
+
+def choose(args: ReviewArguments) -> Queue:
+    if not args.captions:
+        raise ReviewError("--captions: give the caption run to review (an `avlabel caption` output folder)")
+    problems: list[Problem] = []
+    run = read_run(args.captions, problems)
+    candidates = {clip_id: Candidate(clip_id, record, expected_wrong(record)) for clip_id, record in run.items()}
+    if args.where:
+        keep = catalog_matches(args.captions, args.where)
+        candidates = {c: candidate for c, candidate in candidates.items() if c in keep}
+    if args.other:
+        other = read_run(args.other, problems)
+        missing = [c for c in candidates if c not in other]
+        problems += [Problem(c, "read", f"not in --other {args.other}; left out of the queue") for c in missing]
+        for clip_id in missing:
+            del candidates[clip_id]
+        closed = {f.name for f in schema.FIELDS if f.closed}
+        for clip_id, candidate in candidates.items():
+            theirs = other[clip_id].get("label") or {} if succeeded(other[clip_id]) else {}
+            candidate.differing = differing_fields(candidate.label, theirs)
+
+        def key(c: Candidate):
+            closed_differing = sum(name in closed for name in c.differing)
+            return (-closed_differing, -len(c.differing), -(c.expected_wrong or 0), c.clip_id)
+
+        order = "disagreement"
+    elif any(c.expected_wrong is not None and succeeded(c.record) for c in candidates.values()):
+        def key(c: Candidate):
+            return (-(c.expected_wrong if c.expected_wrong is not None else math.inf), c.clip_id)
+
+        order = "confidence"
+    elif args.where:
+        def key(c: Candidate):
+            return c.clip_id
+
+        order = "catalog"
+    else:
+        raise ReviewError(f"{args.captions}: the records carry no `confidence`; give --other <run> to order by "
+                          "disagreement, or --where <filter> to choose by a catalog query")
+    ranked = sorted(candidates.values(), key=key)
+    budget = parse_budget(args.budget, len(ranked))
+    return Queue(order, len(ranked), ranked[:budget], problems)
+
+
+def write_queue(queue: Queue, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for rank, candidate in enumerate(queue.chosen, 1):
+        if queue.order == "disagreement":
+            reason = f"{len(candidate.differing)} field(s) differ from --other"
+        elif candidate.expected_wrong is not None:
+            reason = f"{candidate.expected_wrong:.2f} expected wrong field(s)"
+        else:
+            reason = "matches --where"
+        lines.append(json.dumps(candidate.to_json(rank, reason), ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def read_queue(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def make_parser(subparsers=None):
+    from avlabel.core.parser import ArgumentParser
+
+    if subparsers is not None:
+        return subparsers.add_parser(NAME, dataclass_types=[ReviewArguments])
+    return ArgumentParser(dataclass_types=[ReviewArguments], prog=f"python -m eval {NAME}")
+
+
+def _import(args: ReviewArguments):
+    from avlabel.hub.labelstudio import import_annotations
+
+    if not args.labels_dir:
+        raise ReviewError("--annotations needs --labels_dir: the recipe-layout folder to write the label files to")
+    result = import_annotations(args.annotations, args.labels_dir)
+    warn(result.problems)
+    print(f"Wrote {len(result.written)} reviewed label(s) to {Path(args.labels_dir) / 'metas'} "
+          f"({result.corrected_fields} field(s) corrected); `avlabel build --input {args.labels_dir}` adds them.")
+    return result
+
+
+def main(args: ReviewArguments):
+    from avlabel.hub.labelstudio import labeling_config, queue_to_tasks
+
+    try:
+        if args.annotations:
+            return _import(args)
+        queue = choose(args)
+    except ReviewError as err:
+        raise SystemExit(f"error: {err}") from None
+    warn(queue.problems)
+    captions = Path(args.captions)
+    out = Path(args.output_dir) if args.output_dir else (captions if captions.is_dir() else captions.parent) / NAME
+    write_queue(queue, out / QUEUE_NAME)
+    entries = read_queue(out / QUEUE_NAME)
+    studio = out / "labelstudio"
+    studio.mkdir(parents=True, exist_ok=True)
+    (studio / "config.xml").write_text(labeling_config(), encoding="utf-8")
+    tasks = queue_to_tasks(entries, media_url=args.media_url, media_root=args.media_root, model_version=captions.name)
+    (studio / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"Review queue: {len(queue.chosen)} of {queue.candidates} clip(s), by {queue.order} -> {out / QUEUE_NAME}")
+    if queue.expected_wrong is not None:
+        print(f"Expected wrong fields in the queue: {queue.expected_wrong:.1f} "
+              f"(sum of 1 - confidence over {queue.with_confidence} clip(s) with a confidence; unanswered fields count 1)")
+    else:
+        print("Expected wrong fields: unknown (the records carry no confidence)", file=sys.stderr)
+    print(f"Label Studio: labeling config {studio / 'config.xml'}, {len(tasks)} task(s) {studio / 'tasks.json'}")
+    return queue
+
+
+if __name__ == "__main__":
+    from avlabel.cli import run_command
+
+    run_command(NAME)
