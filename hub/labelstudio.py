@@ -70,7 +70,7 @@ def label_to_results(label: dict[str, Any], confidence: dict[str, float] | None 
         else:
             values = value if spec.kind == "multi_category" else [value]
             item = {"type": "choices", "value": {"choices": [str(v) for v in values]}}
-        item.update({"from_name": spec.name, "to_name": VIDEO_TAG, "origin": "prediction"})
+        item.update({"from_name": spec.name, "to_name": VIDEO_TAG})
         if confidence and spec.name in confidence:
             item["score"] = float(confidence[spec.name])
         results.append(item)
@@ -110,7 +110,9 @@ def queue_to_tasks(entries: list[dict[str, Any]], media_url: str | None = None, 
     for entry in entries:
         video = entry.get("video") or ""
         data = {"video": video_url(video, media_url, media_root) if video else "", "clip_id": entry["clip_id"],
-                "path": video, "review_reason": entry.get("reason", "")}
+                "path": video, "review_reason": entry.get("reason", ""),
+                # the model's answer again, as data: Label Studio's export names predictions only by id
+                "model_label": entry.get("label") or {}}
         prediction = {"model_version": model_version, "result": label_to_results(entry.get("label") or {},
                                                                                  entry.get("confidence"))}
         if entry.get("clip_confidence") is not None:
@@ -185,9 +187,7 @@ def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: st
             continue
         from avlabel.eval.review import differing_fields
 
-        predictions = task.get("predictions") or []
-        model = results_to_label(predictions[-1].get("result") or []) if predictions else {}
-        corrected = differing_fields(label, model)
+        corrected = differing_fields(label, data.get("model_label") or {})
         mark = {"tool": TOOL, "task": task.get("id"), "annotation": annotation.get("id"),
                 "annotator": annotation.get("completed_by"), "corrected": corrected}
         path = labels_dir / "metas" / f"{clip_id}{LABEL_SUFFIX}"
@@ -201,9 +201,17 @@ def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: st
 # ----------------------------------------------------------------------------- a server, through the SDK
 
 
-def push_tasks(client, title: str, tasks: list[dict[str, Any]]) -> int:
-    """Create a project with the schema's labeling config, import the tasks; returns the project id."""
+def push_tasks(client, title: str, tasks: list[dict[str, Any]], clips_dir: str | None = None) -> int:
+    """Create a project with the schema's labeling config, import the tasks; returns the project id.
+
+    With `clips_dir` (a folder holding the clips, below the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT,
+    which is the tasks' --media_root), the project also gets a local storage there: Label Studio serves a local
+    file only to a project whose storage holds it, and only with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true.
+    """
     project = client.projects.create(title=title, label_config=labeling_config())
+    if clips_dir:
+        client.import_storage.local.create(project=project.id, path=str(Path(clips_dir).resolve()),
+                                           title="avlabel clips", use_blob_urls=False)
     client.projects.import_tasks(id=project.id, request=tasks)
     return project.id
 

@@ -166,8 +166,7 @@ def test_import_writes_reviewed_labels_and_the_build_counts_them(clips, tmp_path
     corrected = dict(labels[ids[0]], weather=_wrong(schema.FIELDS_BY_NAME["weather"], labels[ids[0]]["weather"]))
     video = str(root / "videos" / f"{ids[0]}{CAMERA_SUFFIX}.mp4")
     export = [
-        {"id": 1, "data": {"clip_id": ids[0], "path": video},
-         "predictions": [{"result": label_to_results(labels[ids[0]])}],
+        {"id": 1, "data": {"clip_id": ids[0], "path": video, "model_label": labels[ids[0]]}, "predictions": [7],
          "annotations": [{"id": 10, "completed_by": 1, "updated_at": "2025-01-01T00:00:00Z",
                           "result": label_to_results(labels[ids[0]])},
                          {"id": 11, "completed_by": 2, "updated_at": "2025-01-02T00:00:00Z",
