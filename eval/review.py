@@ -50,7 +50,7 @@ class ReviewArguments:
         default_factory=list,
         metadata={"help": "Catalog filters the clips must match (as `avlabel search --where`), e.g. 'difficulty>=3'."},
     )
-    budget: str = field(default="50", metadata={"help": "Clips to review: a count (50) or a share of the candidates (5%)."})
+    budget: str = field(default="50", metadata={"help": "Clips to review: a count (50) or a share of the candidates (5%%)."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where the queue and the Label Studio files go (default: <captions>/review)."}
     )

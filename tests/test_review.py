@@ -200,3 +200,15 @@ def test_differing_fields_normalises_before_comparing():
     other = {"weather": "Clear skies", "interactive_expanded_metaaction": ["Vehicle following", "Yield to VRUs"],
              "safety_analysis": "a calm drive."}
     assert differing_fields(label, other) == [f for f in schema.FIELD_NAMES if f not in label]  # only the absent
+
+
+def test_the_avlabel_command_runs_it(clips, tmp_path, capsys):
+    from avlabel.cli import main as avlabel
+
+    root, labels = clips
+    run = _write_run(tmp_path / "run", root, labels, dict.fromkeys(labels, 0.75), {})
+    with pytest.raises(SystemExit) as err:
+        avlabel(["review", "--help"])
+    assert err.value.code == 0 and "--budget" in capsys.readouterr().out
+    queue = avlabel(["review", "--captions", str(run), "--budget", "5%", "--output_dir", str(tmp_path / "q")])
+    assert len(queue.chosen) == 1 and (tmp_path / "q" / "labelstudio" / "tasks.json").is_file()
