@@ -82,7 +82,12 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
         predictions = {}
         for clip_id, record in latest_per_clip(located, problems).items():
             if succeeded(record):
-                predictions[clip_id] = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
+                prediction = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
+                # a field constrained decoding had to cut holds a placeholder or a stub, not an answer: missing
+                for name, reason in (record.get("cut_fields") or {}).items():
+                    prediction.label.pop(name, None)
+                    prediction.errors.setdefault(name, []).append(f"cut short by the {reason}")
+                predictions[clip_id] = prediction
             else:  # a failed caption is a real answer of the run: every field missing
                 predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})
         return predictions, problems

@@ -15,6 +15,7 @@ into its own shard, and the main process merges the shards at the end.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .settings import GenerationSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,28 +81,49 @@ def make_parser(subparsers=None):
     return ArgumentParser(dataclass_types=types)
 
 
-def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any]) -> dict[str, Any]:
+def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any],
+            token_bytes: list[bytes]) -> dict[str, Any]:
+    from .confidence import answer_confidence
     from .parse import parse_output
 
     record = {"clip_id": clip.clip_id, "video": clip.path, **identity}
     if generation is None:
         return {
-            **record, "raw": None, "label": {}, "valid": False, "errors": {}, "prompt_tokens": None,
-            "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed", "error": error,
+            **record, "raw": None, "label": {}, "valid": False, "errors": {}, "cut_fields": {}, "confidence": None,
+            "prompt_tokens": None, "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed",
+            "error": error,
         }
     parsed = parse_output(generation.text)
+    answered = [name for name in parsed.label if name not in generation.cut_fields]
     return {
         **record,
         "raw": generation.text,
         "label": parsed.label,
         "valid": parsed.valid,
         "errors": parsed.errors,
+        # constrained decoding finished these fields itself (token budget) or stopped them (length limit):
+        # the label is valid, but these values are not the model's whole answer
+        "cut_fields": generation.cut_fields,
+        "confidence": answer_confidence([token_bytes[t] for t in generation.tokens], generation.logprobs, answered),
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
         "seconds": round(seconds, 4),
         "status": "ok",
         "error": None,
     }
+
+
+def _check_budget(model: str, settings: GenerationSettings, answer) -> None:
+    """Refuse (constrained) or warn about (free) a --max_new_tokens that no valid label fits in."""
+    from transformers import AutoTokenizer
+
+    from .constrained import budget_error, minimum_budget
+
+    minimum = minimum_budget(AutoTokenizer.from_pretrained(model), answer)
+    if settings.max_new_tokens < minimum:
+        if settings.constrained:
+            raise ValueError(budget_error(settings.max_new_tokens, minimum, answer))
+        logger.warning("%s: no answer can be a valid label", budget_error(settings.max_new_tokens, minimum, answer))
 
 
 def _clear(out: Path) -> None:
@@ -138,11 +162,14 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
     # resolved before any record is read: a rerun with the same effective frames resumes however they were given
     sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
+    answer = settings.answer(args.model, args.adapter)
+    _check_budget(args.model, settings, answer)
     identity = {
         "model": args.model,
         "adapter": args.adapter,
         "prompt_sha": prompts.sha,
-        "generation": {**settings.to_dict(), **sampling.to_dict(), "dtype": dtype, "quantization": args.quantization},
+        "generation": {**settings.to_dict(), **sampling.to_dict(), "dtype": dtype, "quantization": args.quantization,
+                       **({"answer": answer.to_dict()} if settings.constrained else {})},
     }
     earlier = records.read_all(out)
     records.check_same_run(earlier, identity, out)
@@ -156,13 +183,13 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
             model, processor = load_model(args.model, args.adapter, args.quantization, state.device, dtype)
             engine = CaptionEngine(
                 model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
-                sampling=sampling,
+                sampling=sampling, answer=answer,
             )
             writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
             progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
             try:
                 for batch in engine.run(mine, num_workers=args.num_workers):
-                    writer.write([_record(clip, gen, error, sec, identity) for clip, gen, error, sec in batch])
+                    writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes) for clip, gen, error, sec in batch])
                     progress.update(len(batch))
             finally:
                 writer.close()

@@ -14,7 +14,9 @@ one-clip `generate` loop):
   `KV_BLOCK` tokens) and, on CUDA, is replayed as a CUDA graph per block count;
 * the vision tower's window attention in one call per layer, not one per window;
 * sampling with the recipe's settings (repetition penalty, temperature, top-p), and
-  optional JSON-schema-constrained decoding through xgrammar.
+  optional constrained decoding (infer/constrained.py: the label grammar through xgrammar,
+  closed within the token budget);
+* each written token's log-probability under the model, for per-field confidence.
 
 Greedy output equals one-clip-at-a-time `generate` (tests/test_infer.py checks it).
 Frames come only from `data_builder.sampling.sample_frames`, decoded and run through
@@ -23,12 +25,11 @@ the processor by DataLoader worker processes ahead of the GPU.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ import torch
 from avlabel.core.prompts import Prompts
 from avlabel.core.sampling import SampledClip, SamplingConfig, sample_frames
 
+from . import constrained
 from .inputs import ClipRef
 from .settings import GenerationSettings
 
@@ -52,6 +54,8 @@ class Generation:
     tokens: list[int]  # generated ids, end-of-text included when the model wrote it
     text: str
     prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)  # of each token under the model (no penalty, grammar or temperature)
+    cut_fields: dict[str, str] = field(default_factory=dict)  # constrained: fields not written in full, and why
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -307,6 +311,7 @@ class CaptionEngine:
         cuda_graphs: bool = True,
         padded_vision_windows: bool = True,
         sampling: SamplingConfig | None = None,
+        answer: constrained.AnswerConfig | None = None,
     ):
         self.model, self.processor, self.prompts, self.settings = model, processor, prompts, settings
         self.batch_size, self.prefill_batch_size, self.cuda_graphs = batch_size, prefill_batch_size, cuda_graphs
@@ -324,31 +329,20 @@ class CaptionEngine:
         pad = model.generation_config.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        self.grammar = self._compile_grammar() if settings.constrained else None
+        vocabulary = constrained.tokenizer_info(processor.tokenizer, self.vocab_size, self.eos_ids)
+        self.token_bytes = constrained.token_bytes(vocabulary)  # what each token writes: per-field confidence
+        # constrained decoding (infer/constrained.py): the label grammar and the rule that closes it within budget
+        self.answer = answer or settings.answer()  # caption.py resolves it with the model's folder
+        self.grammar = self.closing = None
+        if settings.constrained:
+            self.grammar = constrained.compile_grammar(vocabulary, self.answer)
+            self.closing = constrained.closing_plan(processor.tokenizer, self.answer, self.token_bytes, self.eos_ids)
+            if settings.max_new_tokens < self.closing.min_budget:
+                raise ValueError(constrained.budget_error(settings.max_new_tokens, self.closing.min_budget, self.answer))
         self.timings: list[dict] = []  # per decode batch: where the time went (prefill, decode)
         use_engine_attention(model, padded_vision_windows)
 
     # -- settings -----------------------------------------------------------------
-
-    def _compile_grammar(self):
-        """The label JSON schema as an xgrammar grammar over this tokenizer."""
-        import xgrammar as xgr
-
-        from avlabel.core.schema import json_schema
-
-        schema = json_schema()
-        for prop in schema["properties"].values():
-            for option in prop.get("anyOf", [prop]):
-                if option.get("type") == "string" and "enum" not in option:
-                    option["maxLength"] = self.settings.max_text_chars
-        info = xgr.TokenizerInfo.from_huggingface(
-            self.processor.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_ids
-        )
-        grammar = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
-        # xgrammar 0.2's length-limited strings admit raw control characters, which JSON
-        # forbids; its unlimited strings exclude them: give the limited ones the same class
-        grammar = grammar.replace(r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]')
-        return xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_ebnf(grammar))
 
     def _rows_that_fit(self, requested: int, capacity: int) -> int:
         """Decode rows whose KV cache fits in free GPU memory, keeping room for a prefill micro-batch."""
@@ -470,24 +464,27 @@ class CaptionEngine:
         if settings.repetition_penalty != 1.0:
             seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
             seen.scatter_(1, prompt_ids.clamp(min=0), prompt_ids >= 0)
-        matchers = bitmask = None
+        matchers = bitmask = closers = None
         if self.grammar is not None:
             import xgrammar as xgr
 
             matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(rows)]
             bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
+            closers = [self.closing.closer(settings.max_new_tokens) for _ in range(rows)]
 
         eos = torch.tensor(self.eos_ids, device=self.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        generated = []
+        generated, logprobs = [], []
         for step in range(settings.max_new_tokens):
+            # the model's own distribution, before _choose penalises or masks anything (for confidence)
+            normalizer = torch.logsumexp(logits, dim=-1)
             tokens = self._choose(logits, seen, step, matchers, bitmask)
             tokens = torch.where(finished, self.pad_id, tokens)
-            generated.append(tokens)
             if matchers is not None:
-                for matcher, token, done in zip(matchers, tokens.tolist(), finished.tolist()):
-                    if not done and not matcher.is_terminated():
-                        matcher.accept_token(token)
+                tokens = self._within_grammar_and_budget(tokens, finished, matchers, closers)
+            generated.append(tokens)
+            # _choose only ever sets disallowed tokens to -inf, so a written token's logit is still the model's
+            logprobs.append(logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
             finished |= torch.isin(tokens, eos)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
@@ -503,6 +500,7 @@ class CaptionEngine:
                 step_fn.positions += 1
             logits = step_fn(math.ceil((column + 1) / KV_BLOCK) * KV_BLOCK)
         tokens = torch.stack(generated, dim=1).tolist()  # waits for the device
+        token_logprobs = torch.stack(logprobs, dim=1).tolist()
         decoded = time.perf_counter()
         if step_fn.capture_error:
             self.cuda_graphs = False  # don't try again for every batch
@@ -511,16 +509,30 @@ class CaptionEngine:
              "decode_steps": len(generated), "decode_seconds": decoded - prefilled,
              "cuda_graphs": step_fn.use_graphs, "capture_error": step_fn.capture_error}
         )
-        return self._results(items, tokens)
+        return self._results(items, tokens, token_logprobs, closers)
 
-    def _results(self, items, generated: list[list[int]]) -> list[Generation]:
+    @staticmethod
+    def _within_grammar_and_budget(tokens: torch.Tensor, finished: torch.Tensor, matchers, closers) -> torch.Tensor:
+        """Each unfinished row's token through its closer (which replaces it when only the budget to
+        finish the label is left), then through its grammar matcher."""
+        chosen, done = tokens.tolist(), finished.tolist()
+        for row, (matcher, closer) in enumerate(zip(matchers, closers)):
+            if done[row] or matcher.is_terminated():
+                continue
+            chosen[row] = closer.next_token(chosen[row])
+            if not matcher.accept_token(chosen[row]):
+                raise RuntimeError(f"the label grammar rejected token {chosen[row]} chosen for row {row}")
+        return torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
+
+    def _results(self, items, generated: list[list[int]], logprobs: list[list[float]], closers) -> list[Generation]:
         results = []
-        for item, tokens in zip(items, generated):
+        for row, (item, tokens) in enumerate(zip(items, generated)):
             end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
             kept = tokens if end is None else tokens[: end + 1]
             text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
             prompt = int(item["attention_mask"].sum())
-            results.append(Generation(tokens=kept, text=text, prompt_tokens=prompt))
+            cut = closers[row].cut_fields if closers else {}
+            results.append(Generation(kept, text, prompt, logprobs[row][: len(kept)], cut))
         return results
 
     # -- many clips -----------------------------------------------------------------

@@ -7,9 +7,11 @@ Every caption record stores them, and a rerun only skips clips captioned with th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from avlabel.core.sampling import SamplingArguments, SamplingConfig
+
+from .constrained import AnswerConfig
 
 
 @dataclass
@@ -28,16 +30,28 @@ class GenerationSettings(SamplingArguments):
     min_new_tokens: int = field(default=0, metadata={"help": "End-of-text is forbidden before this many tokens (benchmarks)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampler: the same inputs, batches and seed give the same text."})
     constrained: bool = field(
-        default=False, metadata={"help": "Constrain decoding to the label JSON schema (xgrammar): every output parses."}
+        default=False,
+        metadata={"help": "Constrain decoding to the label grammar (xgrammar) and close the label within "
+                  "--max_new_tokens: every answer is a valid label, fields cut short are listed in cut_fields."},
     )
-    max_text_chars: int = field(
-        default=2000,
-        metadata={"help": "With --constrained: longest free-text field, so a looping model still closes its JSON."},
+    answer_format: Literal["fenced", "plain"] | None = field(
+        default=None,
+        metadata={"help": "With --constrained: the answer's layout (default: the one the model was trained on, "
+                  "from its answer_config.json, else fenced)."},
+    )
+    max_text_chars: int | None = field(
+        default=None,
+        metadata={"help": "With --constrained: longest text of every free-text field (default: the model's "
+                  "answer_config.json, twice the longest training answer of each field, else 2000)."},
     )
 
     def sampling(self, model_config, model: str | None = None, adapter: str | None = None) -> SamplingConfig:
         """The frames to take: these settings over the sampling saved with the model (an adapter's wins)."""
         return self.resolve_sampling(model_config, adapter, model)
+
+    def answer(self, model: str | None = None, adapter: str | None = None) -> AnswerConfig:
+        """The answer layout and text limits: these settings over the config saved with the model (an adapter's wins)."""
+        return AnswerConfig.for_model(adapter, model, answer_format=self.answer_format, max_text_chars=self.max_text_chars)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ exported the same way, on the CPU, with
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ def export_checkpoint(args: ExportArguments) -> Path:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import get_peft_config
 
+    from avlabel.infer.constrained import ANSWER_FILE
+
     from .sft import make_parser, method_of, sampling_config
 
     checkpoint = Path(args.checkpoint)
@@ -132,6 +135,9 @@ def export_checkpoint(args: ExportArguments) -> Path:
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(base_id, revision=revision).save_pretrained(out)
     sampling_config(script_args, model.config, base_id).save(out)
+    answer = checkpoint.parent / ANSWER_FILE  # written by training: the answer layout and text limits
+    if answer.exists():
+        shutil.copy(answer, out / ANSWER_FILE)
     return out
 
 

@@ -257,6 +257,17 @@ def load_splits(script_args, training_args):
     return splits[0], splits[1]
 
 
+def answer_config(dataset, answer_format: str):
+    """The answer layout training writes, with text limits from the longest human answers of the split."""
+    from datasets import IterableDataset
+
+    from avlabel.infer.constrained import TEXT_FIELDS, AnswerConfig
+
+    labels = dataset.select_columns(list(TEXT_FIELDS))
+    # a streamed split is read only this far: the longest answers of a large sample bound the rest well enough
+    return AnswerConfig.from_labels(labels.take(10_000) if isinstance(labels, IterableDataset) else labels, answer_format)
+
+
 def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_main: bool):
     """Add a `length` column (for `train_sampling_strategy: group_by_length`) and set aside rows over `max_length`.
 
@@ -395,6 +406,10 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
 
     with training_args.main_process_first(desc="dataset lengths"):
         train_dataset, eval_dataset = load_splits(script_args, training_args)
+        # the answer's layout and text limits for constrained captioning, saved with the model (and here for export)
+        answer = answer_config(train_dataset, script_args.answer_format)
+        if is_main:
+            answer.save(output_dir)
         train_dataset = with_lengths(train_dataset, collator, report_path, script_args.strict, is_main)
         if eval_dataset is not None:
             eval_dataset = with_lengths(eval_dataset, collator, report_path, script_args.strict, is_main)
@@ -423,8 +438,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     export_model(trainer, processor, model_args, output_dir, method, merged=script_args.export_merged)
     if is_main:
         for folder in (output_dir / "adapter", output_dir / "merged"):
-            if folder.is_dir():  # the exported model carries its frames: captioning it uses them by default
+            if folder.is_dir():  # the exported model carries its frames and answer layout: captioning uses them
                 collator.frames.sampling.save(folder)
+                answer.save(folder)
         plot_loss(log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
         # the Trainer's own metrics (train_loss over every step, a resumed run's included; runtime, flos)
         # and what the model card needs to describe the run

@@ -1,0 +1,492 @@
+"""Constrained decoding that always ends in a valid label, within the token budget.
+
+A grammar alone restricts which token may come next; it does not bound how long a string
+runs, nor keep the tokens needed to close the object. This module adds both, in pieces any
+engine can use (the batched engine here; an engine such as vLLM takes `label_grammar`'s
+EBNF as its structured-output grammar and applies `AnswerCloser` in a logits processor):
+
+* `AnswerConfig`: the layout of the answer (the `answer_format` the model was trained
+  with) and the longest text each free-text field may hold. Training saves it beside
+  `sampling_config.json` (`answer_config.json`), with each limit `TEXT_LIMIT_FACTOR` times
+  the longest human answer of that field in the training split; a model without one gets
+  `DEFAULT_MAX_CHARS`; `--max_text_chars` overrides both.
+* `label_grammar`: the label as an EBNF grammar (xgrammar's dialect). It is written from
+  the schema here, not converted from `schema.json_schema()`, because the converter can't
+  express three things a valid label needs: the exact layout `format_answer` trains (a
+  fenced, indented block), length-bounded strings that still allow JSON escapes, and a
+  first character that is not blank in required text (`check_label` rejects blank text).
+* `ClosingPlan` and `AnswerCloser`: budget-aware closing. Every field is required and
+  comes in schema order with no free whitespace, so the shortest way to finish from any
+  point is known from the schema: the rest of the value being written, then the
+  shortest valid value of each later field. Before a row accepts a token, its closer
+  checks that the tokens left after it still cover that completion; a token that would
+  leave too few is replaced by the completion, written out token by token. The fields
+  it had to fill are reported as cut. Searching the grammar matcher for the shortest
+  completion would be general but costs a vocabulary-wide search per step; this check
+  is a few byte comparisons per token and runs the exact count only near the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from avlabel.core.schema import FIELD_NAMES, FIELDS, LabelField
+
+ANSWER_FILE = "answer_config.json"  # in a model folder, beside sampling_config.json
+DEFAULT_FORMAT = "fenced"  # training's default answer_format
+DEFAULT_MAX_CHARS = 2000  # a free-text field of a model that saved no limits
+TEXT_LIMIT_FACTOR = 2  # data-derived limit: this many times the longest human answer of the field
+MIN_MAX_CHARS = 32  # floor of a data-derived limit (a field whose answers were short or all null)
+PLACEHOLDER = "..."  # the text of a required free-text field cut before its first character
+TEXT_FIELDS = tuple(spec.name for spec in FIELDS if spec.kind == "text")
+CUT_BY_BUDGET = "token budget"
+CUT_BY_LENGTH = "length limit"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where `train.collator.format_answer` puts its punctuation (tests check the two agree)."""
+
+    prefix: str
+    field_sep: str
+    key_sep: str
+    suffix: str
+    array_open: str
+    array_sep: str
+    array_close: str
+
+
+LAYOUTS = {
+    "plain": Layout("{", ", ", ": ", "}", "[", ", ", "]"),  # json.dumps' default separators
+    "fenced": Layout("```json\n{\n  ", ",\n  ", ": ", "\n}\n```", "[\n    ", ",\n    ", "\n  ]"),  # indent=2
+}
+
+
+# ----------------------------------------------------------------------------- the answer's layout and limits
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """The layout a model writes its answer in, and the longest text of each free-text field."""
+
+    answer_format: str = DEFAULT_FORMAT
+    max_chars: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TEXT_FIELDS, DEFAULT_MAX_CHARS))
+    source: str = f"default ({DEFAULT_MAX_CHARS} characters a field)"
+
+    def __post_init__(self):
+        if self.answer_format not in LAYOUTS:
+            raise ValueError(f"answer_format: {self.answer_format!r} is not one of {', '.join(LAYOUTS)}")
+        if set(self.max_chars) != set(TEXT_FIELDS):
+            raise ValueError(f"max_chars must name exactly the free-text fields {', '.join(TEXT_FIELDS)}")
+        short = {name: n for name, n in self.max_chars.items() if n < len(PLACEHOLDER)}
+        if short:
+            raise ValueError(f"max_chars: {short} below {len(PLACEHOLDER)}, the length of the placeholder a cut field holds")
+
+    @classmethod
+    def from_labels(cls, labels: Iterable[dict[str, Any]], answer_format: str = DEFAULT_FORMAT) -> AnswerConfig:
+        """Limits from human labels: `TEXT_LIMIT_FACTOR` x the longest answer of each field."""
+        longest, count = dict.fromkeys(TEXT_FIELDS, 0), 0
+        for label in labels:
+            count += 1
+            for name in TEXT_FIELDS:
+                longest[name] = max(longest[name], len(label.get(name) or ""))
+        if not count:
+            raise ValueError("no labels to derive text limits from")
+        limits = {name: max(MIN_MAX_CHARS, math.ceil(TEXT_LIMIT_FACTOR * n)) for name, n in longest.items()}
+        return cls(answer_format, limits, f"{TEXT_LIMIT_FACTOR} x the longest of {count} training answers")
+
+    @classmethod
+    def for_model(cls, *sources: str | Path | None, answer_format: str | None = None,
+                  max_text_chars: int | None = None) -> AnswerConfig:
+        """The config saved with a model (the first of `sources` that has one), else the defaults, then overrides."""
+        saved = next((found for found in map(_saved_answer_config, filter(None, sources)) if found), None) or cls()
+        if answer_format is not None:
+            saved = cls(answer_format, saved.max_chars, saved.source)
+        if max_text_chars is not None:
+            saved = cls(saved.answer_format, dict.fromkeys(TEXT_FIELDS, max_text_chars), f"--max_text_chars {max_text_chars}")
+        return saved
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / ANSWER_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _saved_answer_config(source: str | Path) -> AnswerConfig | None:
+    from transformers.utils import cached_file
+
+    path = cached_file(str(source), ANSWER_FILE, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    try:
+        return AnswerConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}/{ANSWER_FILE}: not a valid answer config ({err}); delete it or fix it") from None
+
+
+# ----------------------------------------------------------------------------- grammar
+
+
+def _closed_values(spec: LabelField) -> list[str]:
+    """Every complete JSON text of a single-valued closed field, as `label_to_json` writes it."""
+    values = [json.dumps(int(c)) if spec.kind == "difficulty" else json.dumps(c) for c in spec.choices]
+    return values + ["null"] if spec.nullable else values
+
+
+def _ranges(codes: Sequence[int]) -> str:
+    """Code points as an EBNF character-class body of ranges."""
+    out, start = [], None
+    for i, code in enumerate(codes):
+        start = code if start is None else start
+        if i + 1 == len(codes) or codes[i + 1] != code + 1:
+            out.append(f"\\U{start:08x}" if start == code else f"\\U{start:08x}-\\U{code:08x}")
+            start = None
+    return "".join(out)
+
+
+@cache
+def _blank_beyond_ascii() -> str:
+    # check_label's clean_text strips exactly what str.isspace calls space (tests check it)
+    return _ranges([c for c in range(0x7F, sys.maxunicode + 1) if chr(c).isspace()])
+
+
+def _lit(text: str) -> str:
+    return json.dumps(text)  # an EBNF string literal: xgrammar reads JSON's escapes
+
+
+def label_grammar(config: AnswerConfig) -> str:
+    """The label in `config`'s layout as an EBNF grammar (root rule `root`)."""
+    layout = LAYOUTS[config.answer_format]
+    rules = [
+        # a character of JSON string text: anything but controls, quote, backslash and lone surrogates (which
+        # xgrammar would take as bytes and no UTF-8 file can hold), or an escape other than \uXXXX (same reason)
+        'text_char ::= [^\\0-\\x1f"\\\\\\ud800-\\udfff] | "\\\\" ["\\\\/bfnrt]',
+        f'text_first ::= [^\\0-\\x20"\\\\\\ud800-\\udfff{_blank_beyond_ascii()}] | "\\\\" ["\\\\/]',
+    ]
+    root = []
+    for i, spec in enumerate(FIELDS):
+        root += [_lit((layout.prefix if i == 0 else layout.field_sep) + json.dumps(spec.name) + layout.key_sep), f"field_{i}"]
+        if spec.kind == "text":
+            most = config.max_chars[spec.name]
+            body = f'"\\"" text_char{{0,{most}}} "\\""' if spec.nullable else f'"\\"" text_first text_char{{0,{most - 1}}} "\\""'
+            rule = f'{body} | "null"' if spec.nullable else body
+        elif spec.kind == "multi_category":
+            rules.append(f"item_{i} ::= " + " | ".join(_lit(json.dumps(c)) for c in spec.choices))
+            rule = (f'"[]" | {_lit(layout.array_open)} item_{i} ({_lit(layout.array_sep)} item_{i})* '
+                    f"{_lit(layout.array_close)}")
+            rule = f'{rule} | "null"' if spec.nullable else rule
+        else:
+            rule = " | ".join(map(_lit, _closed_values(spec)))
+        rules.append(f"field_{i} ::= {rule}")
+    return "\n".join(["root ::= " + " ".join(root + [_lit(layout.suffix)]), *rules]) + "\n"
+
+
+# ----------------------------------------------------------------------------- budget-aware closing
+
+
+def _continuations(lead: int) -> int:
+    """How many continuation bytes follow a UTF-8 lead byte."""
+    return 1 if lead < 0xE0 else 2 if lead < 0xF0 else 3
+
+
+def _continuation(lead: int, first: bool) -> int:
+    """A UTF-8 continuation byte that finishes a character started by `lead` as a valid, non-blank one."""
+    if first and lead == 0xED:
+        return 0x9F  # ED A0..BF would be a surrogate
+    if first and lead == 0xF4:
+        return 0x8F  # F4 90.. is past U+10FFFF
+    return 0xBF  # ...BF ends no blank code point (U+2000..200A, U+3000, ... all end elsewhere)
+
+
+class _Cursor:
+    """Where a row is in the label: segment (field index; len(FIELDS) = the closing suffix; one more: done),
+    how much of the segment's head (separator and key) is written, and the state of its value."""
+
+    __slots__ = ("segment", "head", "value", "quoted", "chars", "escape", "pending", "lead", "capped")
+
+    def __init__(self):
+        self.segment, self.head, self.value = 0, 0, b""
+        self.quoted, self.chars, self.escape, self.pending, self.lead = False, 0, False, 0, 0
+        self.capped: tuple[str, ...] = ()  # free-text fields that reached their length limit
+
+    def copy(self) -> _Cursor:
+        other = _Cursor.__new__(_Cursor)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name))
+        return other
+
+    def _next_segment(self):
+        self.segment, self.head, self.value = self.segment + 1, 0, b""
+        self.quoted, self.chars, self.escape, self.pending = False, 0, False, 0
+
+    def feed(self, plan: ClosingPlan, data: bytes) -> None:
+        for byte in data:
+            if self.segment > len(FIELDS):
+                raise ValueError("text after the end of the label (the grammar should have stopped it)")
+            head = plan.heads[self.segment]
+            if self.head < len(head):
+                self.head += 1
+                if self.head == len(head) and self.segment == len(FIELDS):
+                    self._next_segment()
+                continue
+            spec = FIELDS[self.segment]
+            if self.quoted:  # inside free text: count characters, find the closing quote
+                if self.pending:
+                    self.pending -= 1
+                elif self.escape:
+                    self.escape = False
+                elif byte == 0x22:  # "
+                    if self.chars == plan.config.max_chars[spec.name]:
+                        self.capped += (spec.name,)
+                    self._next_segment()
+                else:
+                    self.chars += 1
+                    if byte == 0x5C:  # backslash
+                        self.escape = True
+                    elif byte >= 0xC0:
+                        self.lead, self.pending = byte, _continuations(byte)
+                continue
+            self.value += bytes((byte,))
+            if spec.kind == "text" and self.value == b'"':
+                self.quoted = True
+            elif plan.complete(self.segment, self.value.decode()):
+                self._next_segment()
+
+    def finish(self, plan: ClosingPlan) -> tuple[bytes, str]:
+        """The shortest end of the current segment: (raw bytes finishing a character, then text)."""
+        if self.segment > len(FIELDS):
+            return b"", ""
+        head = plan.heads[self.segment]
+        if self.head < len(head):
+            return b"", head[self.head:].decode() + plan.shortest[self.segment]
+        spec = FIELDS[self.segment]
+        if not self.quoted:
+            return b"", plan.rest_of_closed(self.segment, self.value.decode())
+        first = self.pending == _continuations(self.lead)
+        raw = bytes(_continuation(self.lead, first and i == 0) for i in range(self.pending))
+        text = "\\" if self.escape else ""  # a backslash after a backslash: an escaped backslash
+        if self.chars == 0 and not spec.nullable:
+            text += PLACEHOLDER
+        return raw, text + '"'
+
+
+class ClosingPlan:
+    """What closing needs for one tokenizer and answer config: the shortest value of each field,
+    the tokens that finish the label from each field on, and the fewest tokens a label takes.
+
+    `encode` turns text into token ids (no special tokens); `token_bytes[id]` is the bytes a
+    token writes (xgrammar's `TokenizerInfo.decoded_vocab`; only the closers need it).
+    """
+
+    def __init__(self, config: AnswerConfig, encode: Callable[[str], list[int]],
+                 token_bytes: Sequence[bytes] | None = None, stop_ids: Iterable[int] = ()):
+        self.config, self.encode, self.token_bytes, self.stop_ids = config, encode, token_bytes, frozenset(stop_ids)
+        self.layout = layout = LAYOUTS[config.answer_format]
+        self.heads = [((layout.prefix if i == 0 else layout.field_sep) + json.dumps(spec.name) + layout.key_sep).encode()
+                      for i, spec in enumerate(FIELDS)] + [layout.suffix.encode()]
+        self._length = cache(lambda text: len(encode(text)))
+        self.values = {i: _closed_values(spec) for i, spec in enumerate(FIELDS) if spec.kind != "text"}
+        self.items = {i: [json.dumps(c) for c in spec.choices] for i, spec in enumerate(FIELDS)}
+        self.shortest = [self._fewest_tokens(self._candidates(spec)) for spec in FIELDS] + [""]
+        # tail_texts[i]: segments i.. written with their shortest values (empty once past the suffix);
+        # a cursor in segment i finishes it, then writes tails[i + 1]
+        self.tail_texts = ["".join(self.heads[j].decode() + self.shortest[j] for j in range(i, len(FIELDS) + 1))
+                           for i in range(len(FIELDS) + 3)]
+        self.tails = [encode(text) if text else [] for text in self.tail_texts]
+        self.byte_tokens: dict[int, int] = {}  # byte -> the id of a token writing just that byte
+        for i, piece in enumerate(token_bytes or ()):
+            if len(piece) == 1:
+                self.byte_tokens.setdefault(piece[0], i)
+        self.min_budget = self.need(_Cursor())
+        # a bound on `need` from any point of segment i on (tokens never outnumber the bytes they write):
+        # while more tokens than this are left, no check is needed
+        most = [max(len(self.tails[i]), len(head) + self._longest_value(spec) + len(self.tails[i + 1]))
+                for i, (head, spec) in enumerate(zip(self.heads, FIELDS))] + [len(self.tails[len(FIELDS)])]
+        self.slack = [max(most[i:]) for i in range(len(most))] + [0]
+
+    def _candidates(self, spec: LabelField) -> list[str]:
+        if spec.kind == "text":
+            return ["null", '""'] if spec.nullable else [json.dumps(PLACEHOLDER)]
+        if spec.kind == "multi_category":
+            return ["[]", "null"] if spec.nullable else ["[]"]
+        return _closed_values(spec)
+
+    def _fewest_tokens(self, texts: Iterable[str]) -> str:
+        return min(texts, key=lambda text: (self._length(text), len(text)))
+
+    def _longest_value(self, spec: LabelField) -> int:
+        layout = self.layout
+        if spec.kind == "text":
+            return 4 + 1 + len(json.dumps(PLACEHOLDER)) + 4  # a character's last bytes, an escape, placeholder, "null"
+        if spec.kind == "multi_category":
+            item = max(map(len, self.items[FIELDS.index(spec)]))
+            return len(layout.array_open) + len(layout.array_sep) + 2 * item + len(layout.array_close) + 4
+        return max(map(len, _closed_values(spec)))
+
+    # -- values of closed-set fields (and null) -----------------------------------
+
+    def complete(self, segment: int, value: str) -> bool:
+        """Whether `value` is a whole value of a closed-set field (or a whole null)."""
+        if value == "null":
+            return True
+        if FIELDS[segment].kind == "multi_category":
+            layout = self.layout
+            return value == "[]" or (len(value) > len(layout.array_open) and value.startswith(layout.array_open)
+                                     and value.endswith(layout.array_close))  # no item holds the closing text
+        return value in self.values.get(segment, ())
+
+    def rest_of_closed(self, segment: int, value: str) -> str:
+        """The shortest text that completes `value`, the start of a closed-set value (or of null)."""
+        spec = FIELDS[segment]
+        if not value:
+            return self.shortest[segment]
+        if value.startswith("n"):
+            return "null"[len(value):]
+        if spec.kind != "multi_category":
+            return self._fewest_tokens([v for v in self.values[segment] if v.startswith(value)])[len(value):]
+        layout, items = self.layout, self.items[segment]
+        smallest = self._fewest_tokens(items)
+        if "[]".startswith(value):
+            return "]"
+        if not value.startswith(layout.array_open):
+            return layout.array_open[len(value):] + smallest + layout.array_close
+        rest = value[len(layout.array_open):]
+        while True:
+            item = next((s for s in items if rest.startswith(s)), None)
+            if item is None:  # inside an item
+                return self._fewest_tokens([s for s in items if s.startswith(rest)])[len(rest):] + layout.array_close
+            rest = rest[len(item):]
+            if rest.startswith(layout.array_sep):
+                rest = rest[len(layout.array_sep):]
+                continue
+            if layout.array_close.startswith(rest):
+                return layout.array_close[len(rest):]
+            return layout.array_sep[len(rest):] + smallest + layout.array_close
+
+    # -- budget --------------------------------------------------------------------
+
+    def need(self, cursor: _Cursor) -> int:
+        """Tokens of the shortest completion from `cursor` (what `completion` would write)."""
+        if cursor.head == 0:  # between fields: the rest of the label in one piece
+            return len(self.tails[cursor.segment])
+        raw, text = cursor.finish(self)
+        return len(raw) + (self._length(text) if text else 0) + len(self.tails[cursor.segment + 1])
+
+    def completion(self, cursor: _Cursor) -> list[int]:
+        if cursor.head == 0:
+            return list(self.tails[cursor.segment])
+        raw, text = cursor.finish(self)
+        missing = [byte for byte in raw if byte not in self.byte_tokens]
+        if missing:
+            raise ValueError(f"the tokenizer has no token for the byte {missing[0]:#x}, needed to finish a character")
+        return [self.byte_tokens[byte] for byte in raw] + (self.encode(text) if text else []) + self.tails[cursor.segment + 1]
+
+    def closer(self, budget: int) -> AnswerCloser:
+        if budget < self.min_budget:
+            raise ValueError(budget_error(budget, self.min_budget, self.config))
+        return AnswerCloser(self, budget)
+
+
+def budget_error(budget: int, minimum: int, config: AnswerConfig) -> str:
+    return (f"--max_new_tokens {budget} is below {minimum}, the fewest tokens a valid label takes with this "
+            f"tokenizer ({config.answer_format} answers); give --max_new_tokens {minimum} or more")
+
+
+class AnswerCloser:
+    """One row's closing rule: `next_token(proposed)` returns the token to write, the proposed one or,
+    once the budget is only just enough, the next token of the shortest completion."""
+
+    def __init__(self, plan: ClosingPlan, budget: int):
+        self.plan, self.left = plan, budget
+        self.cursor = _Cursor()
+        self.forced: list[int] = []
+        self.cut: tuple[str, ...] = ()  # fields the budget cut (their values are placeholders or truncated)
+
+    def next_token(self, proposed: int) -> int:
+        plan = self.plan
+        self.left -= 1  # the tokens left after this one
+        if not self.forced:
+            if proposed in plan.stop_ids:
+                return proposed
+            if self.left >= plan.slack[self.cursor.segment]:
+                self.cursor.feed(plan, plan.token_bytes[proposed])
+                return proposed
+            trial = self.cursor.copy()
+            trial.feed(plan, plan.token_bytes[proposed])
+            if plan.need(trial) <= self.left:
+                self.cursor = trial
+                return proposed
+            self.forced = plan.completion(self.cursor)
+            self.cut = FIELD_NAMES[self.cursor.segment:]
+        token = self.forced.pop(0)
+        self.cursor.feed(plan, plan.token_bytes[token])
+        return token
+
+    @property
+    def cut_fields(self) -> dict[str, str]:
+        """Fields whose value is not the model's whole answer, and why."""
+        reasons = {name: CUT_BY_LENGTH for name in self.cursor.capped}
+        return {**reasons, **{name: CUT_BY_BUDGET for name in self.cut}}
+
+
+# ----------------------------------------------------------------------------- xgrammar
+
+
+def tokenizer_info(tokenizer, vocab_size: int | None = None, stop_ids: Sequence[int] | None = None):
+    """xgrammar's view of a Hugging Face tokenizer, every special token writing nothing.
+
+    `decode(skip_special_tokens=True)` drops special tokens from the text; a grammar that took
+    them as their spelling (`<|box_start|>`) could let one stand for a required answer that
+    then decodes to nothing. Tokens that write nothing are never allowed by xgrammar.
+    """
+    import xgrammar as xgr
+
+    stop = list(stop_ids) if stop_ids else None
+    found = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
+    pieces = list(found.decoded_vocab) + [b""] * max(0, found.vocab_size - len(found.decoded_vocab))
+    for special in {*found.special_token_ids, *tokenizer.all_special_ids}:
+        if special < len(pieces):
+            pieces[special] = b""
+    return xgr.TokenizerInfo(pieces, xgr.VocabType.RAW, vocab_size=found.vocab_size, stop_token_ids=found.stop_token_ids)
+
+
+def token_bytes(info) -> list[bytes]:
+    """The bytes each token id writes into the text (`tokenizer_info`'s: special tokens none)."""
+    return list(info.decoded_vocab) + [b""] * max(0, info.vocab_size - len(info.decoded_vocab))
+
+
+def compile_grammar(info, config: AnswerConfig):
+    """The label grammar compiled by xgrammar for this tokenizer (`tokenizer_info`)."""
+    import xgrammar as xgr
+
+    return xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_ebnf(label_grammar(config)))
+
+
+def closing_plan(tokenizer, config: AnswerConfig, pieces: Sequence[bytes], stop_ids: Iterable[int] = ()) -> ClosingPlan:
+    """The closing plan of a Hugging Face tokenizer; `pieces` from `token_bytes`."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    plan = ClosingPlan(config, encode, pieces, stop_ids)
+    for text, tail in zip(plan.tail_texts, plan.tails):  # forced tokens must write exactly the completion's bytes
+        if b"".join(pieces[t] for t in tail) != text.encode():
+            raise ValueError(f"{type(tokenizer).__name__} does not write its tokens' text byte for byte; "
+                             "constrained decoding can't close labels with it")
+    return plan
+
+
+def minimum_budget(tokenizer, config: AnswerConfig) -> int:
+    """The fewest new tokens a valid label takes with this tokenizer (no xgrammar needed)."""
+    return ClosingPlan(config, lambda text: tokenizer.encode(text, add_special_tokens=False)).min_budget
