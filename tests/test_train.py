@@ -317,7 +317,8 @@ def _as_sharded_checkpoint(checkpoint: Path, state_dict: dict, out: Path) -> Pat
     writes one (torch.distributed.checkpoint, the state dict under "model"), in a run folder."""
     import torch.distributed.checkpoint as dcp
 
-    shutil.copy(checkpoint.parent / "recipe.yaml", out / "recipe.yaml")
+    for run_file in ("recipe.yaml", "answer_config.json"):
+        shutil.copy(checkpoint.parent / run_file, out / run_file)
     copy = out / checkpoint.name
     copy.mkdir()
     shutil.copy(checkpoint / "trainer_state.json", copy)
@@ -361,7 +362,8 @@ def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
     final = load_file(run / "merged" / "model.safetensors")
     assert any(not torch.equal(final[name], got[name]) for name in got)
     for folder in (plain, sharded):
-        assert (folder / "sampling_config.json").read_text() == (run / "merged" / "sampling_config.json").read_text()
+        for saved_with_the_model in ("sampling_config.json", "answer_config.json"):
+            assert (folder / saved_with_the_model).read_text() == (run / "merged" / saved_with_the_model).read_text()
         assert (folder / "processor_config.json").exists()
     if method == "full":  # the plain export is the checkpoint's weights, in bf16
         saved = load_file(checkpoint / "model.safetensors")
