@@ -1,9 +1,10 @@
 """Constrained decoding that always ends in a valid label, within the token budget.
 
 A grammar alone restricts which token may come next; it does not bound how long a string
-runs, nor keep the tokens needed to close the object. This module adds both, in pieces any
-engine can use (the batched engine here; an engine such as vLLM takes `label_grammar`'s
-EBNF as its structured-output grammar and applies `AnswerCloser` in a logits processor):
+runs, nor keep the tokens needed to close the object. This module adds both, in pieces
+that hold no engine state: `label_grammar` is plain EBNF (xgrammar's dialect, which vLLM's
+structured outputs also take), and `AnswerCloser` needs only each row's proposed token and
+the right to replace it (the batched engine's hook is `_within_grammar_and_budget`).
 
 * `AnswerConfig`: the layout of the answer (the `answer_format` the model was trained
   with) and the longest text each free-text field may hold. Training saves it beside
@@ -286,7 +287,7 @@ class ClosingPlan:
     the tokens that finish the label from each field on, and the fewest tokens a label takes.
 
     `encode` turns text into token ids (no special tokens); `token_bytes[id]` is the bytes a
-    token writes (xgrammar's `TokenizerInfo.decoded_vocab`; only the closers need it).
+    token writes (`token_bytes(tokenizer_info(...))`; only the closers need it).
     """
 
     def __init__(self, config: AnswerConfig, encode: Callable[[str], list[int]],
