@@ -89,8 +89,8 @@ def _record(clip, generation, error: str | None, seconds: float, identity: dict[
     record = {"clip_id": clip.clip_id, "video": clip.path, **identity}
     if generation is None:
         return {
-            **record, "raw": None, "label": {}, "valid": False, "errors": {}, "cut_fields": {}, "confidence": None,
-            "prompt_tokens": None, "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed",
+            **record, "raw": None, "label": {}, "valid": False, "errors": {}, "cut_fields": {}, "confidence": {},
+            "text_mean_logprob": {}, "clip_confidence": None, "prompt_tokens": None, "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed",
             "error": error,
         }
     parsed = parse_output(generation.text)
@@ -104,7 +104,8 @@ def _record(clip, generation, error: str | None, seconds: float, identity: dict[
         # constrained decoding finished these fields itself (token budget) or stopped them (length limit):
         # the label is valid, but these values are not the model's whole answer
         "cut_fields": generation.cut_fields,
-        "confidence": answer_confidence([token_bytes[t] for t in generation.tokens], generation.logprobs, answered),
+        # infer/confidence.py: p of each closed-set answer, mean token log-probability of free text, the clip's lowest p
+        **answer_confidence([token_bytes[t] for t in generation.tokens], generation.logprobs, answered),
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
         "seconds": round(seconds, 4),

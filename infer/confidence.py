@@ -105,7 +105,9 @@ def _short(x: float) -> float:
 
 
 def answer_confidence(pieces: Sequence[bytes], logprobs: Sequence[float], fields: Iterable[str]) -> dict[str, Any]:
-    """Confidence of `fields` in an answer written as tokens with these bytes (`pieces`) and log-probabilities."""
+    """Confidence of `fields` in an answer written as tokens with these bytes (`pieces`) and log-probabilities,
+    as a caption record holds it: `confidence` ({closed-set field: p}), `text_mean_logprob` ({free-text field:
+    mean log-probability}) and `clip_confidence`."""
     spans = value_spans(b"".join(pieces))
     ends = [0]
     for piece in pieces:
@@ -120,5 +122,4 @@ def answer_confidence(pieces: Sequence[bytes], logprobs: Sequence[float], fields
             probability[name] = _short(math.exp(sum(values)))
         else:
             text_mean[name] = _short(sum(values) / len(values))
-    return {"answer_probability": probability, "text_mean_logprob": text_mean,
-            "clip": min(probability.values(), default=None)}
+    return {"confidence": probability, "text_mean_logprob": text_mean, "clip_confidence": min(probability.values(), default=None)}

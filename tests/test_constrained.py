@@ -209,8 +209,7 @@ def test_untrained_model_gives_valid_records_at_the_smallest_budget_and_the_defa
             # metrics read cut fields as missing; the rest are answers, with their confidence
             kept = [name for name in record["label"] if name not in cut]
             assert sorted(predictions[record["clip_id"]].label) == sorted(kept)
-            confidence = record["confidence"]
-            assert set(confidence["answer_probability"]) | set(confidence["text_mean_logprob"]) == set(kept)
+            assert set(record["confidence"]) | set(record["text_mean_logprob"]) == set(kept)
         if budget == smallest:  # nothing but the shortest label fits: every field is cut
             assert all(set(r["cut_fields"]) == set(FIELD_NAMES) for r in records)
         else:  # the model's own closed-set answers come first; its text runs until the budget closes it
@@ -265,7 +264,8 @@ def test_constrained_greedy_equals_free_greedy_wherever_the_free_answer_is_valid
     valid = [(a, b) for a, b in zip(free, bound) if a["valid"]]
     assert 5 <= len(valid) < len(free)  # enough valid answers to compare, and invalid ones the grammar fixes
     for a, b in valid:
-        assert (b["raw"], b["label"], b["cut_fields"], b["confidence"]) == (a["raw"], a["label"], {}, a["confidence"])
+        assert (b["raw"], b["label"], b["cut_fields"]) == (a["raw"], a["label"], {})
+        assert (b["confidence"], b["text_mean_logprob"]) == (a["confidence"], a["text_mean_logprob"])
     assert all(b["valid"] for b in bound)
 
 
@@ -315,7 +315,7 @@ def _recomputed(model_dir: Path, record: dict, constrained_run: bool) -> dict:
             probability[name] = math.exp(sum(mine))
         else:
             text_mean[name] = sum(mine) / len(mine)
-    return {"answer_probability": probability, "text_mean_logprob": text_mean}
+    return {"confidence": probability, "text_mean_logprob": text_mean}
 
 
 @pytest.mark.slow
@@ -326,14 +326,13 @@ def test_confidence_equals_one_forward_pass_over_prompt_and_answer(fine_tuned, f
     bound = next(b for a, b in zip(fine_tuned_captions["free"], fine_tuned_captions["constrained"]) if not a["valid"])
     for record, constrained_run in ((free, False), (bound, True)):
         expected = _recomputed(fine_tuned, record, constrained_run)
-        got = record["confidence"]
-        assert set(got["answer_probability"]) == set(expected["answer_probability"]) and got["answer_probability"]
-        assert set(got["text_mean_logprob"]) == set(expected["text_mean_logprob"]) and got["text_mean_logprob"]
-        for name, p in expected["answer_probability"].items():
-            assert math.log(got["answer_probability"][name]) == pytest.approx(math.log(p), abs=1e-4), name
+        for kind in ("confidence", "text_mean_logprob"):
+            assert set(record[kind]) == set(expected[kind]) and record[kind], kind
+        for name, p in expected["confidence"].items():
+            assert math.log(record["confidence"][name]) == pytest.approx(math.log(p), abs=1e-4), name
         for name, mean in expected["text_mean_logprob"].items():
-            assert got["text_mean_logprob"][name] == pytest.approx(mean, abs=1e-4), name
-        assert got["clip"] == min(got["answer_probability"].values())
+            assert record["text_mean_logprob"][name] == pytest.approx(mean, abs=1e-4), name
+        assert record["clip_confidence"] == min(record["confidence"].values())
 
 
 def test_value_spans_find_each_top_level_value():
