@@ -118,12 +118,14 @@ def _check_budget(model: str, settings: GenerationSettings, answer) -> None:
     """Refuse (constrained) or warn about (free) a --max_new_tokens that no valid label fits in."""
     from transformers import AutoTokenizer
 
+    from avlabel.core.errors import UsageError
+
     from .constrained import budget_error, minimum_budget
 
     minimum = minimum_budget(AutoTokenizer.from_pretrained(model), answer)
     if settings.max_new_tokens < minimum:
         if settings.constrained:
-            raise ValueError(budget_error(settings.max_new_tokens, minimum, answer))
+            raise UsageError(budget_error(settings.max_new_tokens, minimum, answer))
         logger.warning("%s: no answer can be a valid label", budget_error(settings.max_new_tokens, minimum, answer))
 
 

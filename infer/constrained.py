@@ -111,6 +111,11 @@ class AnswerConfig:
         if answer_format is not None:
             saved = cls(answer_format, saved.max_chars, saved.source)
         if max_text_chars is not None:
+            if max_text_chars < len(PLACEHOLDER):
+                from avlabel.core.errors import UsageError
+
+                raise UsageError(f"--max_text_chars {max_text_chars}: give at least {len(PLACEHOLDER)}, the length of "
+                                 "the placeholder a cut free-text field holds")
             saved = cls(saved.answer_format, dict.fromkeys(TEXT_FIELDS, max_text_chars), f"--max_text_chars {max_text_chars}")
         return saved
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from avlabel.core.errors import UsageError
 from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME, check_label, clean_text
 from avlabel.infer import constrained
 from avlabel.infer.confidence import value_spans
@@ -178,6 +179,7 @@ def test_closing_with_the_real_qwen_vocabulary():
 # ----------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_untrained_model_gives_valid_records_at_the_smallest_budget_and_the_default(
     tiny_model_dir, synthetic_dataset_dir, tmp_path, one_thread
 ):
@@ -191,7 +193,7 @@ def test_untrained_model_gives_valid_records_at_the_smallest_budget_and_the_defa
     smallest = constrained.minimum_budget(AutoTokenizer.from_pretrained(tiny_model_dir), config)
     default = yaml.safe_load(TINY_RECIPE.read_text())["max_new_tokens"]
     common = {"input": synthetic_dataset_dir, "split": "train", "constrained": "true"}
-    with pytest.raises(ValueError, match=f"below {smallest},") as refused:
+    with pytest.raises(UsageError, match=f"below {smallest},") as refused:
         _caption(tiny_model_dir, tmp_path / "refused", max_new_tokens=smallest - 1, **common)
     assert "\n" not in str(refused.value) and f"--max_new_tokens {smallest}" in str(refused.value)
 
@@ -364,5 +366,5 @@ def test_answer_config_precedence_and_bad_files(tmp_path):
     (model / constrained.ANSWER_FILE).write_text('{"answer_format": "yaml"}')
     with pytest.raises(ValueError, match=f"{constrained.ANSWER_FILE}: not a valid answer config"):
         constrained.AnswerConfig.for_model(model)
-    with pytest.raises(ValueError, match="below 3"):
+    with pytest.raises(UsageError, match="--max_text_chars 2: give at least 3"):
         constrained.AnswerConfig.for_model(adapter, max_text_chars=2)
