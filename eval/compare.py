@@ -59,18 +59,22 @@ class _Scores:
     groups: np.ndarray | None = None
 
 
-def _estimate(s: _Scores, samples: int, seed: int) -> dict[str, Any]:
-    return {"metric": s.metric, **bootstrap(s.scores, s.groups, samples, seed, CONFIDENCE).to_dict()}
+def _estimate(field_scores: _Scores, samples: int, seed: int) -> dict[str, Any]:
+    estimate = bootstrap(field_scores.scores, field_scores.groups, samples, seed, CONFIDENCE)
+    return {"metric": field_scores.metric, **estimate.to_dict()}
 
 
 def _comparisons(source: str, table: Mapping[str, Mapping[str, _Scores]], names: list[str], samples: int, seed: int) -> list[dict]:
-    baseline, out = names[0], []
+    """Every run against the baseline (the first run), field by field."""
+    baseline, comparisons = names[0], []
     for name in names[1:]:
         for field_name in schema.FIELD_NAMES:
-            a, b = table[field_name][name], table[field_name][baseline]
-            out.append({"source": source, "field": field_name, "metric": a.metric, "run": name, "baseline": baseline,
-                        **paired(a.scores, b.scores, a.groups, samples, seed, CONFIDENCE)})
-    return out
+            run_scores, baseline_scores = table[field_name][name], table[field_name][baseline]
+            comparisons.append({
+                "source": source, "field": field_name, "metric": run_scores.metric, "run": name, "baseline": baseline,
+                **paired(run_scores.scores, baseline_scores.scores, run_scores.groups, samples, seed, CONFIDENCE),
+            })
+    return comparisons
 
 
 def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir: str | Path,
@@ -97,9 +101,13 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         print(f"set aside: {problem}", file=sys.stderr)
     names = list(loaded)
     clip_ids = loaded[names[0]].clip_ids
-    det: dict[str, RunMetrics] = {name: evaluate_run(run) for name, run in loaded.items()}
-    det_table = {f: {n: _Scores(det[n].fields[f].metric, det[n].fields[f].scores, det[n].fields[f].groups) for n in names}
-                 for f in schema.FIELD_NAMES}
+    metrics: dict[str, RunMetrics] = {name: evaluate_run(run) for name, run in loaded.items()}
+    metric_table = {
+        field_name: {name: _Scores(metrics[name].fields[field_name].metric, metrics[name].fields[field_name].scores,
+                                   metrics[name].fields[field_name].groups)
+                     for name in names}
+        for field_name in schema.FIELD_NAMES
+    }
 
     judge_section = trust_section = None
     judgments: dict[str, list] = {}
@@ -111,25 +119,27 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
             items = {name: run_items(run) for name, run in loaded.items()}
             judgments = {name: judge_obj.judge(items[name], desc=f"judging {name}") for name in names}
             if trust is not None and trust.clips > 0:
-                trust_section = judge_trust(judge_obj, list(loaded.values()), judgments, det, trust)
+                trust_section = judge_trust(judge_obj, list(loaded.values()), judgments, metrics, trust)
             usage = judge_obj.usage_of([item for run_list in items.values() for item in run_list])
         finally:
             if own_judge:
                 judge_obj.close()
-        arrays = {name: score_arrays(js, clip_ids) for name, js in judgments.items()}
-        judge_table = {f: {n: _Scores("judge_score", arrays[n][f]) for n in names} for f in schema.FIELD_NAMES}
-        statuses = {n: Counter((j.field, j.status) for j in judgments[n]) for n in names}
+        arrays = {name: score_arrays(run_judgments, clip_ids) for name, run_judgments in judgments.items()}
+        judge_table = {field_name: {name: _Scores("judge_score", arrays[name][field_name]) for name in names}
+                       for field_name in schema.FIELD_NAMES}
+        statuses = {name: Counter((judgment.field, judgment.status) for judgment in judgments[name]) for name in names}
         judge_section = {
             **judge_obj.describe(),
-            "fields": {f: {n: {status: statuses[n][(f, status)] for status in ("scored", "unscored", "missing", "failed")}
-                           for n in names}
-                       for f in schema.FIELD_NAMES},
+            "fields": {field_name: {name: {status: statuses[name][(field_name, status)]
+                                           for status in ("scored", "unscored", "missing", "failed")}
+                                    for name in names}
+                       for field_name in schema.FIELD_NAMES},
             "this_run": asdict(judge_obj.total),
             "all_calls": usage,
         }
 
-    headline = judge_table or det_table
-    det_fields = {n: det[n].to_dict()["fields"] for n in names}
+    headline = judge_table or metric_table
+    metric_fields = {name: metrics[name].to_dict()["fields"] for name in names}
     results: dict[str, Any] = {
         "runs": names,
         "baseline": names[0],
@@ -142,23 +152,27 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         "confidence": CONFIDENCE,
         "bootstrap_samples": bootstrap_samples,
         "seed": seed,
-        "fields": {f: {n: _estimate(headline[f][n], bootstrap_samples, seed) for n in names} for f in schema.FIELD_NAMES},
+        "fields": {field_name: {name: _estimate(headline[field_name][name], bootstrap_samples, seed) for name in names}
+                   for field_name in schema.FIELD_NAMES},
         "comparisons": _comparisons("judge", judge_table, names, bootstrap_samples, seed) if judge_table else [],
         "deterministic": {
-            f: {n: {**_estimate(det_table[f][n], bootstrap_samples, seed), "metrics": det_fields[n][f]}
-                for n in names} for f in schema.FIELD_NAMES
+            field_name: {name: {**_estimate(metric_table[field_name][name], bootstrap_samples, seed),
+                                "metrics": metric_fields[name][field_name]}
+                         for name in names}
+            for field_name in schema.FIELD_NAMES
         },
         "judge": judge_section,
         "trust": trust_section,
         "runs_summary": {
-            n: {"json_valid_rate": det[n].json_valid_rate, "missing_clips": loaded[n].missing,
-                "extra_clips": loaded[n].extra, "problems": [str(p) for p in loaded[n].problems],
-                "missing_rate": {f: det[n].fields[f].metrics["missing_rate"] for f in schema.FIELD_NAMES}}
-            for n in names
+            name: {"json_valid_rate": metrics[name].json_valid_rate, "missing_clips": loaded[name].missing,
+                   "extra_clips": loaded[name].extra, "problems": [str(problem) for problem in loaded[name].problems],
+                   "missing_rate": {field_name: metrics[name].fields[field_name].metrics["missing_rate"]
+                                    for field_name in schema.FIELD_NAMES}}
+            for name in names
         },
-        "problems": [str(p) for p in problems],
+        "problems": [str(problem) for problem in problems],
     }
-    results["comparisons"] += _comparisons("deterministic", det_table, names, bootstrap_samples, seed)
+    results["comparisons"] += _comparisons("deterministic", metric_table, names, bootstrap_samples, seed)
 
     charts = {}
     if judge_table:
@@ -166,7 +180,7 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     charts["deterministic.png"] = _chart(results["deterministic"], names, "score (0-1)", (0, 1), "Deterministic headline metric per field")
     for file_name, png in charts.items():
         (out / file_name).write_bytes(png)
-    records = _per_clip(loaded, det, judgments, clip_ids)
+    records = _per_clip(loaded, metrics, judgments, clip_ids)
     with (out / "per_clip.jsonl").open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -193,49 +207,54 @@ def _chart(section: Mapping[str, Mapping[str, Mapping]], names: list[str], ylabe
     import matplotlib.pyplot as plt
 
     fields = list(section)
-    width = 0.8 / len(names)
-    x = np.arange(len(fields))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(fields) + 2), 5.5))
-    for i, name in enumerate(names):
-        entries = [section[f][name] for f in fields]
-        values = np.array([np.nan if e["value"] is None else e["value"] for e in entries])
-        low = np.array([0 if e["ci_low"] is None else e["value"] - e["ci_low"] for e in entries])
-        high = np.array([0 if e["ci_high"] is None else e["ci_high"] - e["value"] for e in entries])
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, yerr=np.vstack([low, high]), capsize=2, label=name)
-    metrics = [section[f][names[0]]["metric"] for f in fields]
-    labels = fields if len(set(metrics)) == 1 else [f"{f} ({m})" for f, m in zip(fields, metrics)]
-    ax.set_xticks(x, labels, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
-    ax.set_ylim(ylim[0], ylim[1] + 0.04 * (ylim[1] - ylim[0]))  # room for whiskers that reach the top
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    bar_width = 0.8 / len(names)
+    positions = np.arange(len(fields))
+    figure, axes = plt.subplots(figsize=(max(8, 0.9 * len(fields) + 2), 5.5))
+    for run_index, name in enumerate(names):
+        entries = [section[field_name][name] for field_name in fields]
+        values = np.array([np.nan if entry["value"] is None else entry["value"] for entry in entries])
+        below = np.array([0 if entry["ci_low"] is None else entry["value"] - entry["ci_low"] for entry in entries])
+        above = np.array([0 if entry["ci_high"] is None else entry["ci_high"] - entry["value"] for entry in entries])
+        offset = (run_index - (len(names) - 1) / 2) * bar_width
+        axes.bar(positions + offset, values, bar_width, yerr=np.vstack([below, above]), capsize=2, label=name)
+    metric_names = [section[field_name][names[0]]["metric"] for field_name in fields]
+    labels = fields if len(set(metric_names)) == 1 else [
+        f"{field_name} ({metric})" for field_name, metric in zip(fields, metric_names)]
+    axes.set_xticks(positions, labels, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
+    axes.set_ylim(ylim[0], ylim[1] + 0.04 * (ylim[1] - ylim[0]))  # room for whiskers that reach the top
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
     return buffer.getvalue()
 
 
-def _per_clip(loaded: Mapping[str, Run], det: Mapping[str, RunMetrics], judgments: Mapping[str, list],
+def _per_clip(loaded: Mapping[str, Run], metrics: Mapping[str, RunMetrics], judgments: Mapping[str, list],
               clip_ids: list[str]) -> list[dict[str, Any]]:
-    main = {(n, j.clip_id, j.field): j for n, js in judgments.items() for j in js if j.repeat == 0}
+    first_judgments = {(name, judgment.clip_id, judgment.field): judgment
+                       for name, run_judgments in judgments.items() for judgment in run_judgments if judgment.repeat == 0}
     references = next(iter(loaded.values())).references  # every run holds the same references
     records = []
-    for i, clip in enumerate(clip_ids):
-        for f in schema.FIELD_NAMES:
-            reference = references[clip][f]
-            for n, run in loaded.items():
+    for clip_index, clip in enumerate(clip_ids):
+        for field_name in schema.FIELD_NAMES:
+            reference = references[clip][field_name]
+            for name, run in loaded.items():
                 prediction = run.predictions[clip]
-                j = main.get((n, clip, f))
+                judgment = first_judgments.get((name, clip, field_name))
+                field_metrics = metrics[name].fields[field_name]
                 records.append({
-                    "clip_id": clip, "field": f, "run": n,
+                    "clip_id": clip, "field": field_name, "run": name,
                     "reference": reference,
-                    "prediction": prediction.label.get(f) if prediction.has(f) else None,
-                    "answered": prediction.has(f),
-                    "score": float(det[n].fields[f].scores[i]), "metric": det[n].fields[f].metric,
-                    "judge_score": j.score if j else None, "judge_status": j.status if j else None,
-                    "judge_reason": j.reason if j else None,
+                    "prediction": prediction.label.get(field_name) if prediction.has(field_name) else None,
+                    "answered": prediction.has(field_name),
+                    "score": float(field_metrics.scores[clip_index]), "metric": field_metrics.metric,
+                    "judge_score": judgment.score if judgment else None,
+                    "judge_status": judgment.status if judgment else None,
+                    "judge_reason": judgment.reason if judgment else None,
                 })
     return records
 
@@ -243,21 +262,22 @@ def _per_clip(loaded: Mapping[str, Run], det: Mapping[str, RunMetrics], judgment
 def _disagreements(records: list[dict], names: list[str], limit: int) -> dict[str, list[dict]]:
     """Per field, the clips where runs differ most from each other, then score lowest (judge first)."""
     by_clip: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in records:
-        by_clip.setdefault((r["field"], r["clip_id"]), {})[r["run"]] = r
-    browser: dict[str, list[dict]] = {f: [] for f in schema.FIELD_NAMES}
-    for (f, clip), per_run in by_clip.items():
+    for record in records:
+        by_clip.setdefault((record["field"], record["clip_id"]), {})[record["run"]] = record
+    browser: dict[str, list[dict]] = {field_name: [] for field_name in schema.FIELD_NAMES}
+    for (field_name, clip), per_run in by_clip.items():
         # judge scores mapped to 0-1 where present, else the deterministic score
-        values = [(per_run[n]["judge_score"] - 1) / 4 if per_run[n]["judge_score"] is not None else per_run[n]["score"]
-                  for n in names]
-        browser[f].append({"clip_id": clip, "reference": render_value(per_run[names[0]]["reference"]),
-                           "spread": max(values) - min(values), "mean": float(np.mean(values)),
-                           "runs": [{"run": n, "answer": render_value(per_run[n]["prediction"]) if per_run[n]["answered"] else "(no answer)",
-                                     **{k: per_run[n][k] for k in ("score", "metric", "judge_score", "judge_reason")}}
-                                    for n in names]})
-    for f, rows in browser.items():
-        rows.sort(key=lambda r: (-r["spread"], r["mean"], r["clip_id"]))
-        browser[f] = [r for r in rows if r["spread"] > 0 or r["mean"] < 1][:limit]
+        values = [(per_run[name]["judge_score"] - 1) / 4 if per_run[name]["judge_score"] is not None else per_run[name]["score"]
+                  for name in names]
+        runs = [{"run": name,
+                 "answer": render_value(per_run[name]["prediction"]) if per_run[name]["answered"] else "(no answer)",
+                 **{key: per_run[name][key] for key in ("score", "metric", "judge_score", "judge_reason")}}
+                for name in names]
+        browser[field_name].append({"clip_id": clip, "reference": render_value(per_run[names[0]]["reference"]),
+                                    "spread": max(values) - min(values), "mean": float(np.mean(values)), "runs": runs})
+    for field_name, rows in browser.items():
+        rows.sort(key=lambda row: (-row["spread"], row["mean"], row["clip_id"]))
+        browser[field_name] = [row for row in rows if row["spread"] > 0 or row["mean"] < 1][:limit]
     return browser
 
 
@@ -272,8 +292,8 @@ def _interval(entry: Mapping) -> str:
 
 
 def _most_missing(rates: Mapping[str, float], top: int = 3) -> str:
-    worst = sorted(((rate, f) for f, rate in rates.items() if rate > 0), reverse=True)[:top]
-    return ", ".join(f"{f} ({rate:.1%})" for rate, f in worst) or "none"
+    worst = sorted(((rate, field_name) for field_name, rate in rates.items() if rate > 0), reverse=True)[:top]
+    return ", ".join(f"{field_name} ({rate:.1%})" for rate, field_name in worst) or "none"
 
 
 def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -282,17 +302,20 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     tables = {}
 
     def score_table(title: str, section: Mapping, source: str) -> dict:
-        diffs = {(c["field"], c["run"]): c for c in results["comparisons"] if c["source"] == source}
+        against_baseline = {(comparison["field"], comparison["run"]): comparison
+                            for comparison in results["comparisons"] if comparison["source"] == source}
         header = ["field", "metric", *names]
-        for n in names[1:]:
-            header += [f"{n} - {names[0]}", "p", "W/T/L"]
+        for name in names[1:]:
+            header += [f"{name} - {names[0]}", "p", "W/T/L"]
         rows = []
-        for f, per_run in section.items():
-            row = [f, per_run[names[0]]["metric"], *(_interval(per_run[n]) for n in names)]
-            for n in names[1:]:
-                c = diffs[(f, n)]
-                diff = "n/a" if c["diff"] is None else f"{c['diff']:+.3f} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
-                row += [diff, _fmt(c["p_value"]), f"{c['wins']}/{c['ties']}/{c['losses']}"]
+        for field_name, per_run in section.items():
+            row = [field_name, per_run[names[0]]["metric"], *(_interval(per_run[name]) for name in names)]
+            for name in names[1:]:
+                comparison = against_baseline[(field_name, name)]
+                diff = ("n/a" if comparison["diff"] is None else
+                        f"{comparison['diff']:+.3f} [{_fmt(comparison['ci_low'])}, {_fmt(comparison['ci_high'])}]")
+                row += [diff, _fmt(comparison["p_value"]),
+                        f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}"]
             rows.append(row)
         return {"title": title, "header": header, "rows": rows}
 
@@ -305,25 +328,27 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     tables["validity"] = {
         "title": "Output validity",
         "header": ["run", "JSON valid", "clips without prediction", "fields most often missing"],
-        "rows": [[n, f"{s['json_valid_rate']:.1%}", str(len(s["missing_clips"])), _most_missing(s["missing_rate"])]
-                 for n, s in summary.items()],
+        "rows": [[name, f"{run['json_valid_rate']:.1%}", str(len(run["missing_clips"])), _most_missing(run["missing_rate"])]
+                 for name, run in summary.items()],
     }
     baselines = []
-    for f, per_run in results["deterministic"].items():
+    for field_name, per_run in results["deterministic"].items():
         metrics = per_run[names[0]]["metrics"]
         if "majority_baseline" in metrics:
-            base = metrics["majority_baseline"]
-            shown = {k: v for k, v in base.items() if isinstance(v, (int, float))}
-            baselines.append([f, str(metrics["majority_class"]), ", ".join(f"{k} {_fmt(v)}" for k, v in shown.items()),
-                              *(", ".join(f"{k} {_fmt(per_run[n]['metrics'].get(k))}" for k in shown) for n in names)])
+            shown = {metric: value for metric, value in metrics["majority_baseline"].items() if isinstance(value, (int, float))}
+            baselines.append([
+                field_name, str(metrics["majority_class"]),
+                ", ".join(f"{metric} {_fmt(value)}" for metric, value in shown.items()),
+                *(", ".join(f"{metric} {_fmt(per_run[name]['metrics'].get(metric))}" for metric in shown) for name in names),
+            ])
     tables["majority"] = {"title": "Against always answering the majority class", "header": ["field", "majority", "majority scores", *names],
                           "rows": baselines}
     if results["trust"]:
         rows = []
-        for f, t in results["trust"]["fields"].items():
-            rows.append([f, t["verdict"], _fmt(t["identity"]["mean"], 2), _fmt(t["shuffled"]["mean"], 2),
-                         _fmt(t["swap"]["mean_abs_diff"], 2), _fmt(t["repeat"]["mean_std"], 2),
-                         _fmt(t["agreement"]["spearman"], 2), "; ".join(t["reasons"])])
+        for field_name, checks in results["trust"]["fields"].items():
+            rows.append([field_name, checks["verdict"], _fmt(checks["identity"]["mean"], 2), _fmt(checks["shuffled"]["mean"], 2),
+                         _fmt(checks["swap"]["mean_abs_diff"], 2), _fmt(checks["repeat"]["mean_std"], 2),
+                         _fmt(checks["agreement"]["spearman"], 2), "; ".join(checks["reasons"])])
         tables["trust"] = {"title": f"Judge trust ({results['trust']['clips']} clips, {results['trust']['repeats']} repeats)",
                            "header": ["field", "verdict", "identity (5)", "shuffled (low)", "swap |diff|",
                                       "repeat std", "Spearman vs metric", "why doubtful"],
@@ -341,10 +366,10 @@ def _markdown(results: Mapping[str, Any], tables: Mapping[str, Mapping]) -> str:
              f"Intervals: {results['confidence']:.0%} bootstrap ({results['bootstrap_samples']} resamples, seed {results['seed']}); "
              "p: paired permutation test; W/T/L: clips where the run scores higher / equal / lower than the baseline.", ""]
     if results["judge"]:
-        j = results["judge"]
-        cost = "unknown" if j["all_calls"]["cost_usd"] is None else f"${j['all_calls']['cost_usd']:.2f}"
-        lines += [f"Judge: `{j['model']}` (prompt {j['prompt_sha']}), {j['all_calls']['prompt_tokens']} prompt + "
-                  f"{j['all_calls']['completion_tokens']} completion tokens, cost {cost}.", ""]
+        judge, calls = results["judge"], results["judge"]["all_calls"]
+        cost = "unknown" if calls["cost_usd"] is None else f"${calls['cost_usd']:.2f}"
+        lines += [f"Judge: `{judge['model']}` (prompt {judge['prompt_sha']}), {calls['prompt_tokens']} prompt + "
+                  f"{calls['completion_tokens']} completion tokens, cost {cost}.", ""]
     for table in tables.values():
         lines += [f"## {table['title']}", "", _markdown_row(table["header"]), "|" + "---|" * len(table["header"])]
         lines += [_markdown_row(row) for row in table["rows"]]
