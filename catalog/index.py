@@ -24,13 +24,22 @@ from typing import Any, Iterable
 from avlabel.core import schema
 from avlabel.core.schema import FIELDS
 
-from . import embeddings
-from .store import MULTI_FIELDS, TEXT_FIELDS, CatalogError, connect, members_table, to_column
+from . import embeddings, vectors
+from .store import (
+    CLOSED_FIELDS,
+    CONFIDENCE_COLUMNS,
+    MULTI_FIELDS,
+    TEXT_FIELDS,
+    CatalogError,
+    connect,
+    members_table,
+    to_column,
+)
 
 # Column order of an annotations insert (id first, then provenance, then the label fields).
 _COLUMNS = (
     "id", "source", "kind", "clip_id", "video", "split", "model", "adapter", "prompt_sha",
-    "status", "valid", "errors", "record_sha", "text_sha", *schema.FIELD_NAMES,
+    "status", "valid", "errors", "record_sha", "text_sha", *schema.FIELD_NAMES, "clip_confidence", *CONFIDENCE_COLUMNS,
 )
 _QUOTED_COLUMNS = ", ".join('"%s"' % column for column in _COLUMNS)
 _INSERT = f"INSERT INTO annotations ({_QUOTED_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -75,16 +84,54 @@ class _Entry:
     valid: bool
     errors: dict[str, list[str]]
     label: dict[str, Any]
+    confidence: dict[str, float] = field(default_factory=dict)  # closed field -> probability of the answer
+    clip_confidence: float | None = None
     sha: str | None = None  # the record's hash; by default, of every stored value
 
     def stored(self) -> tuple[str, tuple]:
         """(record_sha, the stored values after `id, source, kind`)."""
         text = embeddings.embedding_text(self.label)
         fields = tuple(to_column(spec, self.label.get(spec.name)) for spec in FIELDS)
+        confidences = (self.clip_confidence, *(self.confidence.get(name) for name in CLOSED_FIELDS))
         head = (self.clip_id, self.video, self.split, self.model, self.adapter, self.prompt_sha,
                 self.status, int(self.valid), json.dumps(self.errors, sort_keys=True, ensure_ascii=False))
-        sha = self.sha or hashlib.sha256(json.dumps([head, fields], ensure_ascii=False).encode()).hexdigest()
-        return sha, (*head, sha, embeddings.text_sha(text), *fields)
+        sha = self.sha or hashlib.sha256(json.dumps([head, fields, confidences], ensure_ascii=False).encode()).hexdigest()
+        return sha, (*head, sha, embeddings.text_sha(text), *fields, *confidences)
+
+
+def _probability(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    return None
+
+
+def _caption_confidence(record: dict, label: dict, where: str, report: IndexReport) -> tuple[dict[str, float], float | None]:
+    """The model's probability per closed field it answered, and for the clip, where the record carries them.
+
+    `confidence` is {field: p} with `clip_confidence` beside it, or, as `avlabel caption` writes it,
+    {"answer_probability": {field: p}, "clip": p, ...}. Free-text signals are not probabilities
+    of an answer and are not stored. Records without confidence are stored without it.
+    """
+    recorded = record.get("confidence")
+    if not isinstance(recorded, dict):
+        return {}, None
+    if isinstance(recorded.get("answer_probability"), dict):
+        per_field, clip = recorded["answer_probability"], recorded.get("clip")
+    else:
+        per_field, clip = recorded, record.get("clip_confidence")
+    confidence = {}
+    for name, value in per_field.items():
+        if name not in CLOSED_FIELDS or name not in label:
+            continue  # free text, not a field, or an answer set aside: nothing to be confident about
+        if _probability(value) is None:
+            report.problems.append(f"{where}: clip {record['clip_id']}: confidence of {name} is {value!r}, "
+                                   "not a probability from 0 to 1; stored without it")
+            continue
+        confidence[name] = _probability(value)
+    if clip is not None and _probability(clip) is None:
+        report.problems.append(f"{where}: clip {record['clip_id']}: clip confidence {clip!r} is not a probability "
+                               "from 0 to 1; stored without it")
+    return confidence, _probability(clip)
 
 
 def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
@@ -118,9 +165,10 @@ def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
     for name in schema.FIELD_NAMES:
         if name not in label and name not in errors:
             errors[name] = ["is missing"]
+    confidence, clip_confidence = _caption_confidence(record, label, where, report)
     return _Entry(clip_id, record.get("video"), None, record.get("model"), record.get("adapter"),
                   record.get("prompt_sha"), status, bool(record.get("valid")) and status == "ok" and not bad,
-                  errors, label)
+                  errors, label, confidence, clip_confidence)
 
 
 def _read_captions(path: Path, stored: dict[str, str], report: IndexReport) -> tuple[dict[str, _Entry], set[str]]:
@@ -307,21 +355,26 @@ class EmbedReport:
     texts: int  # texts embedded now
     seconds: float
     pending: int  # texts still without a vector (after `limit`)
+    vectors_indexed: int = 0  # vectors added to the vector index
+    index_seconds: float = 0.0
 
     @property
     def texts_per_s(self) -> float:
         return self.texts / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
+        indexed = f"; {self.vectors_indexed} vectors indexed in {self.index_seconds:.1f}s" if self.vectors_indexed else ""
         return (f"embedded {self.texts} texts in {self.seconds:.1f}s ({self.texts_per_s:.1f} texts/s, "
-                f"{embeddings.MODEL_ID}); {self.pending} pending")
+                f"{embeddings.MODEL_ID}); {self.pending} pending{indexed}")
 
 
 def embed_pending(db: str | Path, batch_size: int = 64, limit: int | None = None, progress: bool = False) -> EmbedReport:
-    """Embed every indexed text that has no vector yet; resumable (commits per chunk)."""
+    """Embed every indexed text that has no vector yet, then add the new vectors to the vector
+    index; resumable (commits per chunk)."""
     con = connect(db, create=False)
     try:
         text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
+        last_annotation = con.execute("SELECT max(id) FROM annotations").fetchone()[0] or 0
         pending = {}
         for row in con.execute(
             f"SELECT a.text_sha, {text_columns} FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
@@ -340,14 +393,20 @@ def embed_pending(db: str | Path, batch_size: int = 64, limit: int | None = None
             bar = tqdm(total=len(todo), desc="embedding", unit="text")
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
-            vectors = embeddings.encode([text for _, text in part], batch_size=batch_size)
+            encoded = embeddings.encode([text for _, text in part], batch_size=batch_size)
             with con:
                 con.executemany("INSERT OR IGNORE INTO embeddings VALUES (?, ?)",
-                                [(sha, embeddings.to_blob(v)) for (sha, _), v in zip(part, vectors)])
+                                [(sha, embeddings.to_blob(vector)) for (sha, _), vector in zip(part, encoded)])
             if bar:
                 bar.update(len(part))
         if bar:
             bar.close()
-        return EmbedReport(len(todo), time.perf_counter() - started, len(pending) - len(todo))
+        if len(todo) == len(pending):  # every annotation up to here has its vector (search reads this)
+            with con:
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('embedded_through', ?)", (str(last_annotation),))
+        seconds = time.perf_counter() - started
+        indexing = time.perf_counter()
+        added = vectors.update(con, progress=progress)
+        return EmbedReport(len(todo), seconds, len(pending) - len(todo), added, time.perf_counter() - indexing)
     finally:
         con.close()

@@ -13,13 +13,19 @@ Filters are short readable expressions, one per condition, all of which must hol
     road_type~collector                     words in one free-text field (full-text, stemmed)
     run=sft, model=..., adapter=..., clip_id=..., split=..., valid=true   provenance
     human.lighting=Night*                   the same, on the human label of the clip (ground truth)
+    confidence<0.5, lighting.confidence<0.6 the model's probability of its answer: the clip's, a field's
+                                            (captions that record it; see `avlabel caption`)
 
 Every value goes through the schema's normalisation, so a value the schema does not know
 fails with the list of values it does know. `text` is a full-text query over the free-text
 fields (BM25 through SQLite FTS5, porter-stemmed; "quoted phrases", OR, NOT, prefix*, and
-field:word work); `semantic` ranks by cosine similarity of sentence embeddings. When both
-are given, the ranks are fused (reciprocal rank fusion, k=60), so neither score scale
-dominates. Counts per category are over the whole matching set, not just the hits shown.
+field:word work); `semantic` ranks by cosine similarity of sentence embeddings and keeps the
+`neighbours` annotations nearest in meaning among those that pass the rest of the query,
+found through the catalog's vector index (`vectors.py`) once it holds enough vectors. When
+text and meaning are both given, the ranks are fused (reciprocal rank fusion, k=60), so
+neither score scale dominates. `sort` orders the hits by a confidence instead (least
+confident first; "-confidence" for the most confident). Counts per category are over the
+whole matching set, not just the hits shown.
 """
 
 from __future__ import annotations
@@ -38,8 +44,17 @@ from typing import Any, Iterator, Sequence
 from avlabel.core import schema
 from avlabel.core.schema import FIELDS, FIELDS_BY_NAME, LabelField
 
-from . import embeddings
-from .store import CLOSED_FIELDS, MULTI_FIELDS, TEXT_FIELDS, connect, members_table, row_label
+from . import embeddings, vectors
+from .store import (
+    CLOSED_FIELDS,
+    MULTI_FIELDS,
+    TEXT_FIELDS,
+    confidence_column,
+    connect,
+    members_table,
+    row_confidence,
+    row_label,
+)
 
 RRF_K = 60  # the usual constant of reciprocal rank fusion (Cormack et al., 2009)
 PROVENANCE = {"run": "source", "source": "source", "model": "model", "adapter": "adapter",
@@ -47,6 +62,10 @@ PROVENANCE = {"run": "source", "source": "source", "model": "model", "adapter": 
 # every boolean field normalises true/yes/false/no alike; `valid` borrows that reading
 _BOOLEAN = next(f for f in FIELDS if f.kind == "boolean")
 _OPERATOR = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
+CLIP_CONFIDENCE = "clip_confidence"
+# the index is asked for this many times `neighbours` at first, growing 4x a round while a filter
+# leaves too few; past ANN_ROUNDS the matching rows are few enough to scan instead
+ANN_OVERFETCH, ANN_ROUNDS = 4, 3
 
 
 class QueryError(ValueError):
@@ -115,7 +134,12 @@ def parse_filter(expression: str) -> Filter:
                          "field>=n, field~words (e.g. \"weather=Heavy rain\")")
     name, op, text = match.groups()
     on_human = name.startswith("human.")
-    name = resolve_field(name.removeprefix("human."))
+    name = name.removeprefix("human.")
+    if name == "confidence" or name.endswith(".confidence"):
+        if on_human:
+            raise QueryError(f"{expression!r}: human labels carry no confidence; filter on the captions' {name}")
+        return _confidence_filter(expression, confidence_of(name), op, text)
+    name = resolve_field(name)
     if on_human and name in PROVENANCE:
         raise QueryError(f"{expression!r}: human labels have no {name}; filter on label fields with human.<field>")
 
@@ -156,6 +180,38 @@ def parse_filter(expression: str) -> Filter:
         values = tuple(dict.fromkeys(v for part in text.split("&") for v in _category_values(spec, part)))
         return Filter(name, "all", values, on_human, expression)
     return Filter(name, op, _category_values(spec, text), on_human, expression)
+
+
+def confidence_of(name: str) -> str:
+    """The column of `confidence` (the clip's) or `<field>.confidence` (a closed field's answer)."""
+    if name == "confidence":
+        return CLIP_CONFIDENCE
+    field_name = resolve_field(name.removesuffix(".confidence"))
+    if field_name not in CLOSED_FIELDS:
+        raise QueryError(f"{name}: confidence is recorded for the closed fields only ({', '.join(CLOSED_FIELDS)})")
+    return confidence_column(field_name)
+
+
+def _confidence_filter(expression: str, column: str, op: str, text: str) -> Filter:
+    if op in ("!=", "~"):
+        raise QueryError(f"{expression!r}: operator {op} does not apply to a confidence: use <, <=, >, >= or =a..b")
+    parts = text.split("..", 1) if op == "=" and ".." in text else [text]
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= value <= 1 for value in values):
+        raise QueryError(f"{expression!r}: a confidence is a probability from 0 to 1, got {text!r}")
+    return Filter(column, "between" if len(values) == 2 else op, values, False, expression)
+
+
+def _sort_column(sort: str) -> tuple[str, bool]:
+    """(column, most confident first) of a sort key: confidence, <field>.confidence, with "-" for descending."""
+    name = sort.strip().removeprefix("-")
+    if name != "confidence" and not name.endswith(".confidence"):
+        raise QueryError(f"can't sort by {sort!r}: sort by confidence or <field>.confidence "
+                         "(least confident first; -confidence for the most confident first)")
+    return confidence_of(name), sort.strip().startswith("-")
 
 
 _FTS_TOKEN = re.compile(r'(?:(\w+):)?("[^"]*"|\S+)')
@@ -260,6 +316,8 @@ class Hit:
     highlights: dict[str, str] = field(default_factory=dict)  # text field -> text with \x02match\x03 marks
     human: dict[str, Any] | None = None
     human_source: str | None = None
+    confidence: dict[str, float] = field(default_factory=dict)  # closed field -> the model's probability of its answer
+    clip_confidence: float | None = None
 
     @property
     def answered(self) -> dict[str, Any]:
@@ -294,29 +352,69 @@ class SearchResult:
         return [hit.clip_id for hit in self.hits]
 
 
-# file -> (newest embedding row, {text_sha: row}, matrix). Embeddings are only ever added, and a text's
-# vector never changes, so the newest row (rowid and text hash) tells whether the cached matrix is
-# current; a long-lived process (a notebook, the demo, the benchmark) reads the vectors once.
-_VECTOR_CACHE: dict[str, tuple[tuple, dict[str, int], Any]] = {}
-
-
-def _vectors(con: sqlite3.Connection) -> tuple[dict[str, int], Any]:
-    """All stored vectors as one float32 matrix, and each text hash's row in it."""
-    file = con.execute("PRAGMA database_list").fetchone()[2]
-    version = con.execute("SELECT rowid, text_sha FROM embeddings ORDER BY rowid DESC LIMIT 1").fetchone()
-    cached = _VECTOR_CACHE.get(file)
-    if cached and cached[0] == version:
-        return cached[1], cached[2]
-    rows = con.execute("SELECT text_sha, vector FROM embeddings").fetchall()
-    positions = {sha: position for position, (sha, _) in enumerate(rows)}
-    matrix = embeddings.from_blobs([vector for _, vector in rows])
-    if file:  # not for in-memory databases
-        _VECTOR_CACHE[file] = (version, positions, matrix)
-    return positions, matrix
-
-
 def _ranks(scores: dict[int, float]) -> dict[int, int]:
     return {key: rank for rank, key in enumerate(sorted(scores, key=lambda k: -scores[k]), 1)}
+
+
+def _listed(values) -> str:
+    """A list of any length as one parameter, for `IN (SELECT value FROM json_each(?))`
+    (SQLite caps the number of parameters of a statement)."""
+    return json.dumps([value if isinstance(value, str) else int(value) for value in values])
+
+
+def _nearest_by_scan(con: sqlite3.Connection, query_vector, where_sql: str, params: list, match: str | None,
+                     wanted: int | None, min_similarity: float, notes: list[str]) -> dict[int, float]:
+    """Cosine of every matching annotation's vector to the query: exact, one pass over the matching rows."""
+    fts = "a.id IN (SELECT rowid FROM annotations_fts WHERE annotations_fts MATCH ?) AND " if match else ""
+    rows = con.execute(f"SELECT a.id, e.vector FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
+                       f"WHERE {fts}{where_sql} AND a.text_sha IS NOT NULL",  # no free text: no meaning to compare
+                       [match, *params] if match else params).fetchall()
+    embedded = [(row_id, vector) for row_id, vector in rows if vector is not None]
+    _note_unembedded(len(rows) - len(embedded), notes)
+    if not embedded:
+        return {}
+    scores = embeddings.from_blobs([vector for _, vector in embedded]) @ query_vector
+    close = [(float(score), row_id) for (row_id, _), score in zip(embedded, scores) if score >= min_similarity]
+    close.sort(reverse=True)
+    return {row_id: score for score, row_id in close[:wanted]}
+
+
+def _note_unembedded(count: int, notes: list[str]) -> None:
+    if count:
+        notes.append(f"{count} otherwise matching annotations have no embedding yet and were left out "
+                     "(`avlabel search --index ...` embeds after indexing; `catalog.embed_pending(db)` alone)")
+
+
+def _nearest_through_index(con: sqlite3.Connection, index, query_vector, where_sql: str, params: list,
+                           match: str | None, wanted: int, min_similarity: float,
+                           notes: list[str]) -> dict[int, float] | None:
+    """The `wanted` matching annotations nearest to the query, from the vector index; None when the
+    filters keep so few of the nearest vectors that scanning the matching rows is the faster way."""
+    fts = "AND a.id IN (SELECT rowid FROM annotations_fts WHERE annotations_fts MATCH ?) " if match else ""
+    # only rows indexed after the last complete embedding pass can lack a vector: a range of ids
+    through = con.execute("SELECT value FROM meta WHERE key = 'embedded_through'").fetchone()
+    unembedded = con.execute(f"SELECT count(*) FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
+                             f"WHERE a.id > ? AND a.text_sha IS NOT NULL AND e.text_sha IS NULL {fts}AND {where_sql}",
+                             [int(through[0]) if through else 0, *([match] if match else []), *params]).fetchone()[0]
+    _note_unembedded(unembedded, notes)
+    sql = (f"SELECT a.id, e.rowid FROM embeddings e JOIN annotations a ON a.text_sha = e.text_sha "
+           f"WHERE e.rowid IN (SELECT value FROM json_each(?)) {fts}AND {where_sql}")
+    similarity: dict[int, float] = {}
+    checked: set[int] = set()
+    count = min(index.ntotal, ANN_OVERFETCH * wanted)
+    for _ in range(ANN_ROUNDS):
+        rowids, cosines = vectors.nearest(index, query_vector, count)
+        close = cosines >= min_similarity
+        new = {int(key): float(cosine) for key, cosine in zip(rowids[close], cosines[close]) if int(key) not in checked}
+        checked.update(new)
+        if new:
+            for row_id, key in con.execute(sql, [_listed(new), *([match] if match else []), *params]):
+                similarity[row_id] = new[key]
+        # enough found, or no vector left that is alike enough, or none left at all
+        if len(similarity) >= wanted or not close.all() or count >= index.ntotal:
+            return dict(sorted(similarity.items(), key=lambda item: -item[1])[:wanted])
+        count = min(index.ntotal, count * 4)
+    return None
 
 
 def search(
@@ -328,18 +426,22 @@ def search(
     kind: str = "model",
     limit: int | None = 20,
     min_similarity: float = 0.25,
+    neighbours: int | None = 1000,
+    sort: str | None = None,
 ) -> SearchResult:
     """Find annotations matching every filter, the full-text query and the semantic query.
 
     `kind` is "model" (captions, the default) or "human" (labels); `runs` restricts the
     sources. The matching set is everything that passes the filters and the text query and,
-    with `semantic`, has a cosine similarity of at least `min_similarity` to it; `limit`
-    caps the hits returned (None: all of them), never the matching set or its counts.
+    with `semantic`, is among the `neighbours` nearest in meaning (None: all) with a cosine
+    similarity of at least `min_similarity`; `limit` caps the hits returned (None: all of
+    them), never the matching set or its counts. `sort` orders by a confidence (see above).
     """
     started = time.perf_counter()
     if kind not in ("model", "human"):
         raise QueryError(f"kind must be 'model' or 'human', got {kind!r}")
     filters = [f if isinstance(f, Filter) else parse_filter(f) for f in where]
+    sort_column, most_confident_first = _sort_column(sort) if sort else (None, False)
     conditions, params = ["a.kind = ?"], [kind]
     if runs:
         conditions.append(f"a.source IN ({', '.join('?' * len(runs))})")
@@ -351,6 +453,8 @@ def search(
     notes: list[str] = []
     match = fts_query(text) if text else None
     query_vector = embeddings.encode([semantic])[0] if semantic else None
+    if semantic and neighbours is not None and limit is not None:
+        neighbours = max(neighbours, limit)  # the hits shown are never fewer than asked for
 
     with _connection(db) as con:
         known = {row[0] for row in con.execute("SELECT name FROM sources")}
@@ -358,39 +462,37 @@ def search(
         if missing:
             raise QueryError(f"no run named {', '.join(missing)} in the catalog (sources: {', '.join(sorted(known)) or 'none'})")
         where_sql = " AND ".join(conditions)
-        # the closed fields come along, so counts need no second pass over the table
-        columns = ", ".join(f'a."{name}"' for name in COUNTED)
-        if match:
-            # MATERIALIZED: the full-text query runs once, not once per row a filter lets through
-            sql = (f"WITH fts AS MATERIALIZED (SELECT rowid AS id, bm25(annotations_fts) AS rank FROM annotations_fts "
-                   f"WHERE annotations_fts MATCH ?) SELECT a.id, a.text_sha, fts.rank, a.clip_id, {columns} "
-                   f"FROM fts JOIN annotations a ON a.id = fts.id WHERE {where_sql}")
-            try:
-                rows = con.execute(sql, [match, *params]).fetchall()
-            except sqlite3.OperationalError as err:  # FTS5 refuses e.g. a query that starts with NOT
-                raise QueryError(f"text query {text!r} can't be searched ({err})") from None
-        else:
-            sql = f"SELECT a.id, a.text_sha, NULL, a.clip_id, {columns} FROM annotations a WHERE {where_sql}"
-            rows = con.execute(sql, params).fetchall()
-
-        bm25 = {row[0]: row[2] for row in rows} if match else {}
+        # the sort key and the closed fields come along, so ordering and counts need no second pass
+        columns = ", ".join(f'a."{name}"' for name in (sort_column or "id", *COUNTED))
         similarity: dict[int, float] = {}
-        if semantic:
-            positions, matrix = _vectors(con)
-            scores = matrix @ query_vector
-            unembedded = 0
-            for row in rows:
-                if row[1] is None:
-                    continue  # no free text at all (a failed caption): nothing to compare the meaning of
-                position = positions.get(row[1])
-                if position is None:
-                    unembedded += 1
-                elif scores[position] >= min_similarity:
-                    similarity[row[0]] = float(scores[position])
-            if unembedded:
-                notes.append(f"{unembedded} otherwise matching annotations have no embedding yet and were left out "
-                             "(`avlabel search --index ...` embeds after indexing; `catalog.embed_pending(db)` alone)")
-            rows = [row for row in rows if row[0] in similarity]
+        try:
+            if semantic:
+                index = vectors.open_index(con) if neighbours is not None else None
+                found = None if index is None else _nearest_through_index(
+                    con, index, query_vector, where_sql, params, match, neighbours, min_similarity, notes)
+                similarity = found if found is not None else _nearest_by_scan(
+                    con, query_vector, where_sql, params, match, neighbours, min_similarity, notes)
+                rows = con.execute(f"SELECT a.id, a.clip_id, {columns} FROM annotations a "
+                                   "WHERE a.id IN (SELECT value FROM json_each(?))", [_listed(similarity)]).fetchall()
+                bm25 = dict(con.execute("SELECT rowid, bm25(annotations_fts) FROM annotations_fts WHERE annotations_fts "
+                                        "MATCH ? AND rowid IN (SELECT value FROM json_each(?))",
+                                        [match, _listed(similarity)])) if match else {}
+            elif match:
+                # MATERIALIZED: the full-text query runs once, not once per row a filter lets through
+                rows = con.execute(
+                    f"WITH fts AS MATERIALIZED (SELECT rowid AS id, bm25(annotations_fts) AS rank FROM annotations_fts "
+                    f"WHERE annotations_fts MATCH ?) SELECT a.id, a.clip_id, {columns}, fts.rank "
+                    f"FROM fts JOIN annotations a ON a.id = fts.id WHERE {where_sql}", [match, *params]).fetchall()
+                bm25 = {row[0]: row[-1] for row in rows}
+                rows = [row[:-1] for row in rows]
+            else:
+                rows = con.execute(f"SELECT a.id, a.clip_id, {columns} FROM annotations a WHERE {where_sql}",
+                                   params).fetchall()
+                bm25 = {}
+        except sqlite3.OperationalError as err:  # FTS5 refuses e.g. a query that starts with NOT
+            if match:
+                raise QueryError(f"text query {text!r} can't be searched ({err})") from None
+            raise
         ids = [row[0] for row in rows]
 
         if match and semantic:  # fuse ranks: bm25 and cosine live on different scales
@@ -404,14 +506,16 @@ def search(
         else:
             score = dict.fromkeys(ids, 0.0)
 
-        counts = _counts([row[4:] for row in rows])
-        order = sorted(rows, key=lambda row: (-score[row[0]], row[3], row[0]))  # best first, then by clip id
+        counts = _counts([row[3:] for row in rows])
+        if sort_column:  # by confidence, clips without one last; ties by score
+            direction = -1 if most_confident_first else 1
+            order = sorted(rows, key=lambda row: (row[2] is None, direction * (row[2] or 0), -score[row[0]], row[1], row[0]))
+        else:
+            order = sorted(rows, key=lambda row: (-score[row[0]], row[1], row[0]))  # best first, then by clip id
         top = [row[0] for row in (order if limit is None else order[:limit])]
-        full = {}
-        for chunk in _chunks(top):
-            cursor = con.execute(f"SELECT * FROM annotations WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
-            names = [d[0] for d in cursor.description]
-            full.update((row[0], dict(zip(names, row))) for row in cursor)
+        cursor = con.execute("SELECT * FROM annotations WHERE id IN (SELECT value FROM json_each(?))", [_listed(top)])
+        names = [d[0] for d in cursor.description]
+        full = {row[0]: dict(zip(names, row)) for row in cursor}
         hits = [_hit(full[i], score[i], bm25, similarity) for i in top]
         if match and hits:
             _add_highlights(con, hits, match)
@@ -419,17 +523,12 @@ def search(
             _add_human_labels(con, hits)
 
     query = {"where": [str(f) for f in filters], "text": text, "semantic": semantic, "runs": list(runs),
-             "kind": kind, "limit": limit, "min_similarity": min_similarity if semantic else None}
+             "kind": kind, "limit": limit, "min_similarity": min_similarity if semantic else None,
+             "neighbours": neighbours if semantic else None, "sort": sort}
     return SearchResult(query, len(score), hits, counts, notes, time.perf_counter() - started)
 
 
 COUNTED = ("source", *CLOSED_FIELDS)  # what the counts per category cover (the run, every closed field)
-
-
-def _chunks(items: list, size: int = 900) -> Iterator[list]:
-    """Slices short enough for an `IN (?, ...)` list (SQLite caps the number of parameters)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _counts(rows: list[tuple]) -> dict[str, dict[str, int]]:
@@ -460,29 +559,28 @@ def _hit(row: dict[str, Any], score: float, bm25: dict[int, float], similarity: 
         id=row["id"], source=row["source"], kind=row["kind"], clip_id=row["clip_id"], video=row["video"],
         model=row["model"], adapter=row["adapter"], prompt_sha=row["prompt_sha"], status=row["status"],
         valid=bool(row["valid"]), errors=json.loads(row["errors"]), label=row_label(row), score=score,
-        bm25=bm25.get(row["id"]), similarity=similarity.get(row["id"]),
+        bm25=bm25.get(row["id"]), similarity=similarity.get(row["id"]), confidence=row_confidence(row),
+        clip_confidence=row["clip_confidence"],
     )
 
 
 def _add_highlights(con: sqlite3.Connection, hits: list[Hit], match: str) -> None:
     columns = ", ".join(f"highlight(annotations_fts, {i}, char(2), char(3))" for i in range(len(TEXT_FIELDS)))
     by_id = {hit.id: hit for hit in hits}
-    for chunk in _chunks(list(by_id)):
-        sql = (f"SELECT rowid, {columns} FROM annotations_fts WHERE annotations_fts MATCH ? "
-               f"AND rowid IN ({', '.join('?' * len(chunk))})")
-        for rowid, *marked in con.execute(sql, [match, *chunk]):
-            by_id[rowid].highlights = {name: text for name, text in zip(TEXT_FIELDS, marked) if text and "\x02" in text}
+    sql = (f"SELECT rowid, {columns} FROM annotations_fts WHERE annotations_fts MATCH ? "
+           "AND rowid IN (SELECT value FROM json_each(?))")
+    for rowid, *marked in con.execute(sql, [match, _listed(by_id)]):
+        by_id[rowid].highlights = {name: text for name, text in zip(TEXT_FIELDS, marked) if text and "\x02" in text}
 
 
 def _add_human_labels(con: sqlite3.Connection, hits: list[Hit]) -> None:
     humans: dict[str, tuple[str, dict]] = {}
-    for clips in _chunks(sorted({hit.clip_id for hit in hits})):
-        cursor = con.execute(f"SELECT * FROM annotations WHERE kind = 'human' AND clip_id IN ({', '.join('?' * len(clips))}) "
-                             "ORDER BY source DESC", clips)
-        columns = [d[0] for d in cursor.description]
-        for row in cursor:
-            record = dict(zip(columns, row))
-            humans[record["clip_id"]] = (record["source"], row_label(record))  # the first source by name wins
+    cursor = con.execute("SELECT * FROM annotations WHERE kind = 'human' AND clip_id IN (SELECT value FROM json_each(?)) "
+                         "ORDER BY source DESC", [_listed({hit.clip_id for hit in hits})])
+    columns = [d[0] for d in cursor.description]
+    for row in cursor:
+        record = dict(zip(columns, row))
+        humans[record["clip_id"]] = (record["source"], row_label(record))  # the first source by name wins
     for hit in hits:
         if hit.clip_id in humans:
             hit.human_source, hit.human = humans[hit.clip_id]

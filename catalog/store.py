@@ -10,10 +10,12 @@ for readers beside a writer, and a single file that any tool opens.
 
 Tables (all derived from `data_builder.schema.FIELDS`, never a hand-written field list):
   sources       one row per indexed caption run or human-label dataset, with its provenance
-  annotations   one row per (source, clip): provenance columns + one typed column per field
+  annotations   one row per (source, clip): provenance columns + one typed column per field, and
+                the model's confidence (probability of its answer) per closed field and per clip
   <field>__members   one row per element of a multi-category field (membership queries)
   annotations_fts    FTS5 index over the free-text fields (external content, kept by triggers)
   embeddings    sentence vectors keyed by the hash of the text they embed (computed once)
+The semantic index over the embeddings (`vectors.py`) is a file beside the catalog.
 """
 
 from __future__ import annotations
@@ -26,11 +28,19 @@ from typing import Any
 from avlabel.core.schema import FIELDS, LabelField
 
 # Bump when the layout below changes; a catalog written by another layout is refused.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the model's confidence per closed field and per clip
 
 TEXT_FIELDS = tuple(f.name for f in FIELDS if f.kind == "text")
 CLOSED_FIELDS = tuple(f.name for f in FIELDS if f.closed)
 MULTI_FIELDS = tuple(f.name for f in FIELDS if f.kind == "multi_category")
+
+
+def confidence_column(field: str) -> str:
+    """The column of the model's probability for its answer to a closed field."""
+    return f"{field}__confidence"
+
+
+CONFIDENCE_COLUMNS = tuple(map(confidence_column, CLOSED_FIELDS))
 
 
 def _quote(value: str) -> str:
@@ -51,12 +61,18 @@ def column_sql(spec: LabelField) -> str:
     return f"{name} TEXT"
 
 
+def _probability_sql(column: str) -> str:
+    return f'"{column}" REAL CHECK ("{column}" IS NULL OR "{column}" BETWEEN 0 AND 1)'
+
+
 def members_table(field: str) -> str:
     return f'"{field}__members"'
 
 
 def _layout_sql() -> list[str]:
     fields = ",\n  ".join(column_sql(spec) for spec in FIELDS)
+    # the model's probability of its answer: per closed field, and one for the clip (captions that record it)
+    confidences = ",\n  ".join(_probability_sql(column) for column in ("clip_confidence", *CONFIDENCE_COLUMNS))
     text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
     new_values = ", ".join(f'new."{name}"' for name in TEXT_FIELDS)
     old_values = ", ".join(f'old."{name}"' for name in TEXT_FIELDS)
@@ -88,9 +104,11 @@ def _layout_sql() -> list[str]:
   record_sha TEXT NOT NULL,
   text_sha TEXT,
   {fields},
+  {confidences},
   UNIQUE (source, clip_id)) STRICT""",
         "CREATE INDEX annotations_clip ON annotations (clip_id, kind)",
         "CREATE INDEX annotations_text_sha ON annotations (text_sha)",
+        "CREATE INDEX annotations_clip_confidence ON annotations (clip_confidence)",
         *(f'CREATE INDEX "annotations_{name}" ON annotations ("{name}")' for name in CLOSED_FIELDS if name not in MULTI_FIELDS),
         f"""CREATE VIRTUAL TABLE annotations_fts USING fts5({text_columns},
   content='annotations', content_rowid='id', tokenize='porter unicode61')""",
@@ -183,3 +201,8 @@ def from_column(spec: LabelField, value: Any) -> Any:
 def row_label(row: sqlite3.Row | dict) -> dict[str, Any]:
     """The label fields of an annotations row, as a recipe label (absent fields are None)."""
     return {spec.name: from_column(spec, row[spec.name]) for spec in FIELDS}
+
+
+def row_confidence(row: sqlite3.Row | dict) -> dict[str, float]:
+    """The recorded confidence per closed field of an annotations row (fields without one left out)."""
+    return {name: row[column] for name, column in zip(CLOSED_FIELDS, CONFIDENCE_COLUMNS) if row[column] is not None}

@@ -12,7 +12,6 @@ disagree highlighted. Free text is not flagged: a different wording is not a dis
 from __future__ import annotations
 
 import base64
-import html
 import io
 import sys
 from pathlib import Path
@@ -45,127 +44,73 @@ def thumbnails(video: str | None, config: SamplingConfig = THUMBNAILS) -> tuple[
     return uris, None
 
 
-def _value(value: Any, missing: bool = False) -> str:
-    if missing:
-        return '<span class="missing">(no answer)</span>'
-    if value is None:
-        return '<span class="null">null</span>'
+GALLERY_TEMPLATE = Path(__file__).parent / "gallery.html.jinja"
+LOW_CONFIDENCE = 0.5  # answers the model gave with less probability than this are outlined
+
+
+def _cell(value: Any, missing: bool = False, marked: str | None = None) -> dict[str, Any]:
+    """What the template shows for one field value: the text (lists one item a line) or the
+    pieces of full-text-marked text as (text, is_match), FTS5's marks being \\x02 and \\x03."""
+    pieces = None
+    if marked is not None:
+        pieces = [(piece, bool(index % 2)) for index, piece in enumerate(marked.replace("\x03", "\x02").split("\x02"))]
     if isinstance(value, list):
-        return "<br>".join(html.escape(v) for v in value)
-    return html.escape(str(value)).replace("\n", "<br>")
+        value = "\n".join(value)
+    return {"value": value, "missing": missing, "pieces": pieces}
 
 
-def _marked(text: str) -> str:
-    """FTS5 highlight marks (\\x02 \\x03) as <mark>, the rest escaped."""
-    return html.escape(text).replace("\x02", "<mark>").replace("\x03", "</mark>").replace("\n", "<br>")
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;background:#f6f7f9;color:#1d2330}
-h1{font-size:22px;margin:0 0 4px} .query{color:#4a5468;margin:0 0 16px;font-size:14px}
-.query code{background:#e8ebf0;padding:1px 5px;border-radius:3px}
-.notes{color:#8a5300;font-size:13px}
-.counts{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:20px}
-.count{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:8px 10px;font-size:12px;min-width:200px}
-.count h3{font-size:12px;margin:0 0 4px;color:#4a5468}
-.bar{display:flex;align-items:center;gap:6px;margin:2px 0}
-.bar span.fill{display:inline-block;height:8px;background:#4f7cff;border-radius:2px}
-.clip{background:#fff;border:1px solid #dde1e8;border-radius:8px;margin:0 0 18px;padding:12px 14px}
-.clip header{display:flex;gap:14px;align-items:baseline;flex-wrap:wrap;font-size:14px;margin-bottom:8px}
-.clip header .id{font-weight:600;font-size:16px}
-.badge{background:#e8ebf0;border-radius:10px;padding:1px 8px;font-size:12px}
-.badge.bad{background:#ffd9d4;color:#9b1c0c}.badge.good{background:#d8f5df;color:#14662a}
-.strip{display:flex;gap:4px;overflow-x:auto;margin-bottom:10px}
-.strip img{height:96px;border-radius:3px;display:block}
-.novideo{background:#fff4e0;color:#8a5300;padding:8px;font-size:12px;border-radius:4px;margin-bottom:10px}
-table.fields{border-collapse:collapse;width:100%;font-size:13px}
-table.fields th,table.fields td{border-top:1px solid #eceef2;padding:4px 8px;text-align:left;vertical-align:top}
-table.fields th{width:190px;color:#4a5468;font-weight:500}
-table.fields thead th{border-top:none;color:#1d2330;font-weight:600}
-tr.disagree td,tr.disagree th{background:#ffe3de}
-tr.disagree th::after{content:" \\2260";color:#c0260e;font-weight:700}
-mark{background:#ffe566;padding:0 1px}
-.null,.missing{color:#8a93a6;font-style:italic}
-"""
-
-
-def _counts_html(counts: dict[str, dict[str, int]], total: int) -> str:
-    boxes = []
-    for name, values in counts.items():
-        if not values:
-            continue
-        rows = "".join(
-            f'<div class="bar"><span class="fill" style="width:{max(2, round(90 * n / max(total, 1)))}px"></span>'
-            f"{html.escape(value)} <b>{n}</b></div>"
-            for value, n in values.items()
-        )
-        boxes.append(f'<div class="count"><h3>{html.escape(name)}</h3>{rows}</div>')
-    return f'<section class="counts">{"".join(boxes)}</section>'
-
-
-def _clip_html(rank: int, hit: Hit, frames: list[str], why_no_frames: str | None) -> str:
-    disagreements = set(hit.disagreements)
-    badges = [f'<span class="badge">{html.escape(hit.source)}</span>']
-    if hit.model:
-        badges.append(f'<span class="badge">{html.escape(hit.model)}{" + " + html.escape(hit.adapter) if hit.adapter else ""}</span>')
-    badges.append(f'<span class="badge">score {hit.score:.3g}</span>')
-    if hit.similarity is not None:
-        badges.append(f'<span class="badge">cosine {hit.similarity:.2f}</span>')
-    if hit.status != "ok":
-        badges.append('<span class="badge bad">caption failed</span>')
-    elif not hit.valid:
-        badges.append('<span class="badge bad">invalid fields</span>')
-    if hit.human is not None:
-        badges.append(f'<span class="badge {"bad" if disagreements else "good"}">'
-                      f'{len(disagreements)} disagreement{"s" * (len(disagreements) != 1)} with human</span>')
-    if frames:
-        strip = '<div class="strip">' + "".join(f'<img class="thumb" alt="frame {i + 1}" src="{uri}">' for i, uri in enumerate(frames)) + "</div>"
-    else:
-        strip = f'<div class="novideo">no thumbnails: {html.escape(why_no_frames or "")}</div>'
-    heading = "caption" if hit.kind == "model" else "human label"
-    columns = f"<th>{heading}</th>" + (f"<th>human ({html.escape(hit.human_source or '')})</th>" if hit.human is not None else "")
+def _clip(rank: int, hit: Hit, frames: list[str], why_no_frames: str | None, low_confidence: float | None) -> dict[str, Any]:
+    disagreements = hit.disagreements
     rows = []
     for spec in FIELDS:
-        mine = _marked(hit.highlights[spec.name]) if spec.name in hit.highlights else \
-            _value(hit.label.get(spec.name), missing=spec.name in hit.errors)
-        theirs = f"<td>{_value(hit.human.get(spec.name))}</td>" if hit.human is not None else ""
-        css = ' class="disagree"' if spec.name in disagreements else ""
-        rows.append(f'<tr{css} data-field="{spec.name}"><th>{spec.name}</th><td>{mine}</td>{theirs}</tr>')
-    return (f'<article class="clip" id="clip-{rank}" data-clip="{html.escape(hit.clip_id)}">'
-            f'<header><span class="id">#{rank} {html.escape(hit.clip_id)}</span>{"".join(badges)}</header>'
-            f'{strip}<table class="fields"><thead><tr><th>field</th>{columns}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></article>')
+        name = spec.name
+        confidence = hit.confidence.get(name)
+        rows.append({
+            "name": name,
+            "mine": _cell(hit.label.get(name), missing=name in hit.errors, marked=hit.highlights.get(name)),
+            "theirs": _cell(hit.human.get(name)) if hit.human is not None else None,
+            "disagree": name in disagreements,
+            "confidence": confidence,
+            "low": low_confidence is not None and confidence is not None and confidence < low_confidence,
+        })
+    return {"rank": rank, "hit": hit, "frames": frames, "why_no_frames": why_no_frames, "rows": rows,
+            "disagreements": disagreements}
 
 
-def _query_html(query: dict[str, Any]) -> str:
-    parts = [f"<code>{html.escape(w)}</code>" for w in query.get("where") or []]
+def _query_parts(query: dict[str, Any]) -> list[tuple[str, str]]:
+    """The query as (label, text) pairs; filters need no label."""
+    parts = [("", where) for where in query.get("where") or []]
     if query.get("text"):
-        parts.append(f"text <code>{html.escape(query['text'])}</code>")
+        parts.append(("text", query["text"]))
     if query.get("semantic"):
-        parts.append(f"meaning <code>{html.escape(query['semantic'])}</code>")
-    if query.get("runs"):
-        parts.append("runs " + ", ".join(f"<code>{html.escape(r)}</code>" for r in query["runs"]))
-    return " · ".join(parts) or "everything"
+        parts.append(("meaning", query["semantic"]))
+    parts += [("run", run) for run in query.get("runs") or []]
+    if query.get("sort"):
+        parts.append(("sorted by", query["sort"]))
+    return parts
 
 
-def write_gallery(result: SearchResult, path: str | Path, title: str = "Clip catalog", progress: bool = False) -> Path:
-    """Write the self-contained HTML gallery of `result`'s hits; returns the file."""
+def write_gallery(result: SearchResult, path: str | Path, title: str = "Clip catalog", progress: bool = False,
+                  low_confidence: float | None = LOW_CONFIDENCE) -> Path:
+    """Write the self-contained HTML gallery of `result`'s hits; returns the file.
+
+    Answers whose recorded confidence is under `low_confidence` are outlined (None: none are).
+    """
+    import jinja2
+
     path = Path(path)
     hits = result.hits
     if progress and hits:
         from tqdm.auto import tqdm
 
         hits = tqdm(hits, desc="thumbnails", unit="clip")
-    articles = [_clip_html(rank, hit, *thumbnails(hit.video)) for rank, hit in enumerate(hits, 1)]
-    shown = f"showing the best {len(result.hits)}" if len(result.hits) < result.total else "all shown"
-    notes = "".join(f'<p class="notes">{html.escape(note)}</p>' for note in result.notes)
-    page = (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body>"
-        f"<h1>{html.escape(title)}: {result.total} matching clip{'s' * (result.total != 1)}</h1>"
-        f'<p class="query">{_query_html(result.query)} — {shown}</p>{notes}'
-        f"{_counts_html(result.counts, result.total)}{''.join(articles)}</body></html>"
-    )
+    clips = [_clip(rank, hit, *thumbnails(hit.video), low_confidence) for rank, hit in enumerate(hits, 1)]
+    counts = {name: [(label, n, max(2, round(90 * n / max(result.total, 1)))) for label, n in values.items()]
+              for name, values in result.counts.items() if values}
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = environment.from_string(GALLERY_TEMPLATE.read_text(encoding="utf-8"))
+    page = template.render(title=title, result=result, query=_query_parts(result.query), counts=counts, clips=clips,
+                           low_confidence=low_confidence, any_confidence=any(hit.confidence for hit in result.hits))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
