@@ -374,9 +374,13 @@ def _nearest_by_scan(con: sqlite3.Connection, query_vector, where_sql: str, para
     if not embedded:
         return {}
     scores = embeddings.from_blobs([vector for _, vector in embedded]) @ query_vector
-    close = [(float(score), row_id) for (row_id, _), score in zip(embedded, scores) if score >= min_similarity]
-    close.sort(reverse=True)
-    return {row_id: score for score, row_id in close[:wanted]}
+    return _nearest_first({row_id: float(score) for (row_id, _), score in zip(embedded, scores) if score >= min_similarity},
+                          wanted)
+
+
+def _nearest_first(similarity: dict[int, float], wanted: int | None) -> dict[int, float]:
+    """The `wanted` most similar (all with None); among equals the earlier indexed."""
+    return dict(sorted(similarity.items(), key=lambda item: (-item[1], item[0]))[:wanted])
 
 
 def _note_unembedded(count: int, notes: list[str]) -> None:
@@ -412,7 +416,7 @@ def _nearest_through_index(con: sqlite3.Connection, index, query_vector, where_s
                 similarity[row_id] = new[key]
         # enough found, or no vector left that is alike enough, or none left at all
         if len(similarity) >= wanted or not close.all() or count >= index.ntotal:
-            return dict(sorted(similarity.items(), key=lambda item: -item[1])[:wanted])
+            return _nearest_first(similarity, wanted)
         count = min(index.ntotal, count * 4)
     return None
 

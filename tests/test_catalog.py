@@ -341,3 +341,127 @@ def test_the_terminal_listing_reads_at_80_columns(world):
         assert any(line.strip().startswith(f"{name}: ") for line in lines)
     words_per_text_line = [len(line.split()) for line in lines if line.startswith("    ")]
     assert min(words_per_text_line) >= 3, lines  # no line of a single word
+
+
+def _scored_records(world):
+    """The world's captions again, now carrying the model's confidence: per closed field a probability
+    that varies over clips and fields, and the clip's as their minimum. Even clips write it as
+    {field: p} + clip_confidence, odd ones as `avlabel caption` does ({"answer_probability": ..., "clip": ...})."""
+    closed = [f.name for f in schema.FIELDS if f.closed]
+    records, expected = [], {}
+    for index, line in enumerate((world["run_dir"] / "captions.jsonl").read_text().splitlines()):
+        record = json.loads(line)
+        if record["status"] != "ok":
+            records.append(record | {"confidence": None})
+            continue
+        per_field = {name: round(0.05 + ((index * 7 + position * 3) % 10) / 10, 2)
+                     for position, name in enumerate(closed) if name in record["label"]}
+        clip = min(per_field.values())
+        if index % 2:
+            record["confidence"] = {"answer_probability": dict(per_field), "text_mean_logprob": {"road_type": -0.3},
+                                    "clip": clip}
+        else:
+            record |= {"confidence": dict(per_field), "clip_confidence": clip}
+        if index == 4:  # not a probability: reported, and the field stored without one
+            record["confidence"]["weather"] = 1.7
+            del per_field["weather"]
+        records.append(record)
+        expected[record["clip_id"]] = (per_field, clip)
+    return records, expected
+
+
+def test_confidence_is_stored_filtered_sorted_and_outlined(world, tmp_path):
+    from avlabel.catalog.view import write_gallery
+
+    db = tmp_path / "scored.db"
+    shutil.copy(world["db"], db)
+    records, expected = _scored_records(world)
+    report = index_run(db, _write_run(tmp_path / "scored", records))
+    assert len(report.problems) == 1 and "confidence of weather is 1.7, not a probability" in report.problems[0]
+
+    def clips(**query):
+        return _ids(search(db, runs=["scored"], limit=None, **query))
+
+    assert clips(where=["confidence<0.3"]) == {c for c, (_, clip) in expected.items() if clip < 0.3}
+    assert clips(where=["lighting.confidence<0.5"]) == {c for c, (fields, _) in expected.items() if fields.get("lighting", 1) < 0.5}
+    assert clips(where=["confidence=0.2..0.6", "weather.confidence>=0.5"]) == {
+        c for c, (fields, clip) in expected.items() if 0.2 <= clip <= 0.6 and fields.get("weather", 0) >= 0.5}
+    least_first = search(db, runs=["scored"], sort="confidence", limit=None).hits
+    assert [hit.clip_confidence for hit in least_first] == sorted(clip for _, clip in expected.values()) + [None]
+    most_first = search(db, runs=["scored"], sort="-lighting.confidence", limit=None).hits
+    lighting = [hit.confidence.get("lighting") for hit in most_first if hit.confidence.get("lighting") is not None]
+    assert lighting == sorted(lighting, reverse=True) and len(lighting) == len(expected)
+    for hit in least_first[:-1]:
+        assert (hit.confidence, hit.clip_confidence) == expected[hit.clip_id]
+    # the unscored run and the human labels carry none, and are unchanged
+    assert all(hit.confidence == {} and hit.clip_confidence is None for hit in search(db, runs=["sft"], limit=None).hits)
+
+    shown = search(db, runs=["scored"], sort="confidence", limit=3)
+    html = write_gallery(shown, tmp_path / "gallery.html", low_confidence=0.5).read_text()
+    low = sum(p < 0.5 for hit in shown.hits for p in hit.confidence.values())
+    assert low and html.count('<td class="low-confidence">') == low
+    assert html.count('<td class="confidence">') + html.count('<td class="confidence low-confidence">') == \
+        len(shown.hits) * len(schema.FIELDS)
+
+    for bad, message in [("human.confidence<0.5", "human labels carry no confidence"),
+                         ("road_type.confidence<0.5", "closed fields only"),
+                         ("confidence<1.5", "a probability from 0 to 1"),
+                         ("confidence!=0.5", "operator != does not apply")]:
+        with pytest.raises(QueryError, match=message):
+            search(db, where=[bad])
+    with pytest.raises(QueryError, match="can't sort by 'weather'"):
+        search(db, sort="weather")
+
+
+SEMANTIC_CASES = [
+    dict(semantic="somebody on foot walks across the street in front of the car"),
+    dict(semantic="winter driving with snowfall", where=["lighting=Day*"]),
+    dict(semantic="a car drives ahead of us in the dark", text="car", where=["lighting=Night*"]),
+    dict(semantic="traffic light at a junction", neighbours=3),
+    dict(semantic="traffic light at a junction", kind="human", min_similarity=0.1),
+]
+
+
+def test_the_vector_index_answers_like_the_exact_scan_and_follows_new_vectors(world, tmp_path, monkeypatch):
+    from avlabel.catalog import query, vectors
+
+    db = tmp_path / "indexed.db"
+    shutil.copy(world["db"], db)
+
+    def answer(**case):
+        """The matching set with each one's similarity, and the counts over it (the order of near-equal
+        similarities may differ: the index computes them from its own copy of the float16 vectors)."""
+        result = search(db, limit=None, **case)
+        return {(hit.clip_id, hit.kind): hit.similarity for hit in result.hits}, result.counts
+
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 10**9)  # a scan of every vector
+    exact = [answer(**case) for case in SEMANTIC_CASES]
+    assert all(hits for hits, _ in exact)
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 1)  # the index, however small the catalog
+    for case, (hits, counts) in zip(SEMANTIC_CASES, exact):
+        assert answer(**case) == (pytest.approx(hits, abs=1e-4), counts), case
+    index_file = vectors.index_file(sqlite3.connect(db))
+    assert index_file.is_file()
+    # a filter that few of the nearest pass: the index gives up after one round and the rows are scanned
+    selective = dict(semantic="a vehicle ahead", where=[f"clip_id={sorted(world['captions'])[5]}"], neighbours=2,
+                     min_similarity=-1.0)
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 10**9)
+    scanned, counts = answer(**selective)
+    monkeypatch.setattr(vectors, "EXACT_BELOW", 1)
+    monkeypatch.setattr(query, "ANN_ROUNDS", 1)
+    assert len(scanned) == 1 and answer(**selective) == (pytest.approx(scanned, abs=1e-4), counts)
+
+    # a new caption: left out (and said so) until it is embedded, then found through the updated index
+    moose = _caption_record("clip_moose", None, {**world["captions"][sorted(world["captions"])[0]],
+                                                 "safety_analysis": "A moose steps onto the road; the ego vehicle brakes hard."})
+    index_run(db, _write_run(tmp_path / "moose", [moose]))
+    waiting = search(db, semantic="a large wild animal on the road", runs=["moose"])
+    assert not waiting.hits and "1 otherwise matching annotations have no embedding yet" in waiting.notes[0]
+    embedded = catalog.embed_pending(db)
+    assert embedded.texts == 1 and embedded.vectors_indexed == 1
+    found = search(db, semantic="a large wild animal on the road", limit=1)
+    assert found.clip_ids() == ["clip_moose"] and not found.notes
+    # an index file that is gone is built again
+    index_file.unlink()
+    assert search(db, semantic="a large wild animal on the road", limit=1).clip_ids() == ["clip_moose"]
+    assert index_file.is_file()
