@@ -134,6 +134,30 @@ def _caption_confidence(record: dict, label: dict, where: str, report: IndexRepo
     return confidence, _probability(clip)
 
 
+_CHOICES = {spec.name: frozenset(spec.choices) for spec in FIELDS if spec.kind in ("category", "multi_category")}
+
+
+def _canonical_value(spec: schema.LabelField, value: Any) -> bool:
+    """Whether `value` is already what the schema's normalisation makes of it (free text: any text)."""
+    if value is None:
+        return spec.nullable
+    if spec.kind == "text":
+        return isinstance(value, str) and value != "" and value == value.strip() and value.lower() not in ("null", "none")
+    if spec.kind == "category":
+        return isinstance(value, str) and value in _CHOICES[spec.name]
+    if spec.kind == "multi_category":  # a non-empty list of distinct known values ([] is written null)
+        return (isinstance(value, list) and value != [] and len(set(value)) == len(value)
+                and all(isinstance(item, str) and item in _CHOICES[spec.name] for item in value))
+    if spec.kind == "difficulty":
+        return type(value) is int and value in schema.DIFFICULTY_LEVELS
+    return value in ("True", "False")  # boolean
+
+
+def _canonical(label: dict) -> bool:
+    return all(name in schema.FIELDS_BY_NAME and _canonical_value(schema.FIELDS_BY_NAME[name], value)
+               for name, value in label.items())
+
+
 def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
     clip_id = record["clip_id"]
     status = record.get("status") or "ok"
@@ -147,9 +171,10 @@ def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
     if not isinstance(raw_label, dict):
         report.problems.append(f"{where}: label is not an object; stored without fields")
         raw_label = {}
-    # infer stores normalised labels; normalising again is a no-op for them and keeps a
-    # hand-edited or older file from putting an unknown value into a typed column
-    label, problems = schema.check_label(raw_label)
+    # `avlabel caption` stores canonical labels, taken as they are; any other label goes through the
+    # schema's normalisation, which keeps a hand-edited or older file from putting an unknown value
+    # into a typed column and says what is wrong (run on every record it is most of indexing's time)
+    label, problems = (raw_label, {}) if _canonical(raw_label) else schema.check_label(raw_label)
     bad = False
     for name, msgs in problems.items():
         if name not in raw_label:

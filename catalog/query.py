@@ -65,7 +65,7 @@ _OPERATOR = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(!=|>=|<=|=|>|<|~)\s*(.
 CLIP_CONFIDENCE = "clip_confidence"
 # the index is asked for this many times `neighbours` at first, growing 4x a round while a filter
 # leaves too few; past ANN_ROUNDS the matching rows are few enough to scan instead
-ANN_OVERFETCH, ANN_ROUNDS = 4, 3
+ANN_OVERFETCH, ANN_ROUNDS = 2, 3
 
 
 class QueryError(ValueError):

@@ -155,6 +155,9 @@ def connect(path: str | Path, create: bool = True) -> sqlite3.Connection:
     except sqlite3.DatabaseError as err:
         raise CatalogError(f"{path}: not a catalog database ({err})") from None
     con.execute("PRAGMA synchronous=NORMAL")
+    # a million annotations make ~10 secondary indexes of tens of MB each: inserting into them
+    # with SQLite's default 2 MB page cache goes back to the file for most pages
+    con.execute("PRAGMA cache_size=-262144")  # KiB: 256 MB
     if "meta" not in existing:
         if existing:
             raise CatalogError(f"{path}: an SQLite file, but not a catalog (tables: {', '.join(sorted(existing))})")

@@ -227,6 +227,21 @@ def test_command_line_query_writes_json_and_rejects_unknown_values(world, tmp_pa
         cli.main(["search", "--db", str(world["db"]), "--where", "weather=Sunny"])
 
 
+def test_caption_labels_that_are_not_canonical_are_normalised_or_set_aside(world, tmp_path):
+    clip_a, clip_b = sorted(world["captions"])[:2]
+    label = dict(world["humans"][clip_a])
+    loose = _caption_record(clip_a, None, label | {"weather": "heavy  RAIN", "rule_violation": "yes", "driving_difficulty": "2"})
+    wrong = _caption_record(clip_b, None, label | {"weather": "Sunny", "road_type": "  Highway \u2013 four lanes "})
+    report = index_run(tmp_path / "loose.db", _write_run(tmp_path / "loose", [loose, wrong]))
+    assert report.problems == [f"{tmp_path / 'loose' / 'captions.jsonl'}:2: clip {clip_b}: weather unknown category "
+                               "'Sunny' (expected one of: " + ", ".join(schema.FIELDS_BY_NAME["weather"].choices) +
+                               "); stored as missing"]
+    hits = {hit.clip_id: hit for hit in search(tmp_path / "loose.db", limit=None).hits}
+    assert hits[clip_a].label == label | {"weather": "Heavy rain", "rule_violation": "True", "driving_difficulty": 2}
+    assert hits[clip_a].valid and not hits[clip_b].valid and "weather" in hits[clip_b].errors
+    assert hits[clip_b].label["road_type"] == "Highway - four lanes"  # the schema's text cleaning
+
+
 def test_indexing_twice_changes_nothing_and_reindexing_is_incremental(world, tmp_path):
     db = tmp_path / "copy.db"
     shutil.copy(world["db"], db)
