@@ -1,5 +1,5 @@
-# The two quickstart commands. Each installs what it needs first (idempotent).
-.PHONY: install demo test
+# The two quickstart commands, and the quick test loop. Each installs what it needs first (idempotent).
+.PHONY: install demo test test-fast
 
 install:
 	@bash scripts/install.sh
@@ -9,3 +9,7 @@ demo: install
 
 test: install
 	python3 -m pytest -q
+
+# the quick loop while working: everything but the tests marked slow (CI runs them all)
+test-fast: install
+	python3 -m pytest -q -m "not slow"

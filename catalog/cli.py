@@ -41,13 +41,22 @@ class SearchArguments:
         default_factory=list,
         metadata={"help": 'Filters, all of which must hold: "weather=Heavy rain", "lighting=Night*", '
                           '"metaaction=Yield to VRUs", "difficulty>=3", "interesting=true", "road_type~collector", '
-                          '"run=sft", "human.lighting=Night*". See `catalog/query.py` for the full syntax.'},
+                          '"run=sft", "human.lighting=Night*", "confidence<0.5", "lighting.confidence<0.6". '
+                          'See `catalog/query.py` for the full syntax.'},
     )
     text: Optional[str] = field(
         default=None, metadata={"help": 'Full-text query over the free-text fields: words, "phrases", OR, NOT, prefix*, field:word.'}
     )
     semantic: Optional[str] = field(default=None, metadata={"help": "Rank by meaning: a sentence describing the situation."})
     min_similarity: float = field(default=0.25, metadata={"help": "Semantic: the least cosine similarity that matches."})
+    neighbours: int = field(
+        default=1000, metadata={"help": "Semantic: the matching set is at most this many annotations, the nearest in meaning."}
+    )
+    sort: Optional[str] = field(
+        default=None,
+        metadata={"help": 'Order the hits by the model\'s confidence, least confident first: "confidence" (the clip\'s), '
+                          '"lighting.confidence" (a field\'s); "-confidence" for the most confident first.'},
+    )
     run: list[str] = field(default_factory=list, metadata={"help": "Only these caption runs (default: all)."})
     human: bool = field(default=False, metadata={"help": "Search the human labels instead of the captions."})
     limit: int = field(default=20, metadata={"help": "Hits to show and put in the gallery (counts cover all matches)."})
@@ -114,7 +123,8 @@ def main(args: SearchArguments):
         result = None
         if wants_query or not (args.index or args.labels or args.slice):
             common = dict(where=args.where, text=args.text, semantic=args.semantic, runs=args.run,
-                          kind="human" if args.human else "model", min_similarity=args.min_similarity)
+                          kind="human" if args.human else "model", min_similarity=args.min_similarity,
+                          neighbours=args.neighbours, sort=args.sort)
             result = search(args.db, limit=args.limit, **common)
             print_result(result)
             if args.html:

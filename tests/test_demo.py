@@ -8,6 +8,8 @@ import pytest
 
 from avlabel.demo.run import VISUAL_FIELDS
 
+pytestmark = pytest.mark.slow  # the whole loop: minutes
+
 # Measured on 2 cores: the fine-tuned tiny model gets 85-100% on these fields where the
 # untrained one gets 0% and the most common answer 22-45%. The test asks for a clear margin.
 MARGIN = 0.2

@@ -136,6 +136,7 @@ def test_judged_report_with_trust_and_command_line(runs, tmp_path, capsys):
     assert "LLM-judge score" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_evaluate_load_of_the_metric_folder(tmp_path):
     """`evaluate.load(folder)` offline, in a fresh process with its own HF_HOME, with and without a judge."""
     reference = (REPO / "tests" / "fixtures" / "reference.label.json").read_text()

@@ -241,6 +241,7 @@ def test_trust_checks_separate_a_careful_judge_from_a_lenient_one(tmp_path):
     assert report["fields"]["weather"]["agreement"]["spearman"] is None  # constant scores: undefined
 
 
+@pytest.mark.slow
 def test_interrupted_command_resumes_without_repeating_calls(tmp_path):
     """SIGINT in the middle of `python -m eval judge`, then the same command again."""
     rng = np.random.default_rng(3)

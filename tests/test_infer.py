@@ -212,6 +212,7 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
     """A manifest with a broken file: the broken clip is recorded as failed, the rest are 100% schema-valid."""
     videos = sorted((synthetic_raw_dir / "videos").glob("*.mp4"))[:5]
@@ -247,6 +248,7 @@ def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_dir, synthetic_r
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
     out = tmp_path / "captions"
     command = [
@@ -285,6 +287,7 @@ def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, sy
         _caption(tiny_model_dir, input=synthetic_raw_dir, output_dir=out, max_new_tokens=32)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tiny_model_dir, synthetic_dataset_dir, tmp_path, one_thread):
     """torchrun with 2 CPU processes (gloo): each captions its share, the merge equals a 1-process run."""
     one = tmp_path / "one"

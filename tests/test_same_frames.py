@@ -59,6 +59,7 @@ def test_training_and_captioning_see_the_same_clip(tiny_model_dir, first_test_ro
     assert torch.equal(captioned["mm_token_type_ids"][0], trained_on["mm_token_type_ids"][0, : len(prompt)])
 
 
+@pytest.mark.slow
 def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, synthetic_dataset_dir, first_test_row,
                                                                  tmp_path):
     """Train LoRA with 2 frames a clip (not the tiny model's 4); caption the result with no sampling given."""

@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_ddp_and_split_the_clips(tmp_path):
     out = tmp_path / "scaling.json"
     done = subprocess.run(
@@ -50,6 +53,7 @@ def test_efficiency_is_throughput_over_n_times_one_gpu():
     assert efficiencies({"2": 180.0}) == {}  # no single-GPU baseline, no efficiency
 
 
+@pytest.mark.slow
 def test_sharded_captioning_benchmark_compares_records_and_reruns(synthetic_dataset_dir, tmp_path):
     """bench/sharded_infer.py on the CPU: 1 and 2 processes give the same records, a rerun skips every clip."""
     data = tmp_path / "data"

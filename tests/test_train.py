@@ -216,6 +216,7 @@ def _logged(output_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in history if key in entry]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_trains_and_the_loss_falls(runs, method):
     out = runs(method)
@@ -248,6 +249,7 @@ def test_each_method_trains_and_the_loss_falls(runs, method):
     assert f"model_name_or_path: {results['base_model']}" in recipe and "max_steps: 6" in recipe
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_model_dir, synthetic_dataset_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -332,6 +334,7 @@ def runs_base_model(run: Path) -> str:
     return yaml.safe_load((run / "recipe.yaml").read_text())["model_name_or_path"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
@@ -377,6 +380,7 @@ def test_export_names_what_is_not_a_checkpoint(tmp_path):
         export_checkpoint(ExportArguments(checkpoint=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
     from peft import PeftConfig
     from safetensors.torch import load_file
@@ -413,6 +417,7 @@ def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_through_the_distributed_path(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     out = tmp_path / "ddp"
     overrides = _overrides(tiny_model_dir, synthetic_dataset_dir, out, max_steps=2, eval_on_start=False, save_steps=2)
