@@ -284,6 +284,7 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
     assert any(not torch.equal(start[name], got[name]) for name in got)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_as_the_uninterrupted_run(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     """Learning rate, token count and loss continue across a resume, in the log and in train_results.json,
     from a checkpoint (step 3) that falls between two logging steps (2 and 4)."""
