@@ -188,6 +188,7 @@ def test_help_imports_no_library(tmp_path):
     assert not imported & {"trl", "numpy", *HEAVY}, imported & {"trl", "numpy", *HEAVY}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "4bit"])
 def test_bitsandbytes_loads_only_to_quantize(tmp_path, dataset_dir, model_dir, quantized):
     """Training imports peft, and peft imports bitsandbytes, which warns about its CPU kernels on

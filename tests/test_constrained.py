@@ -160,6 +160,7 @@ def _check_closing(tokenizer, answer_format: str, trials: int, seed: int):
     assert all(seen.values()), seen  # every path was taken
 
 
+@pytest.mark.slow
 def test_closing_always_ends_in_a_valid_label_within_budget(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -659,6 +659,7 @@ def test_publish_eval_run_to_its_own_repo(hub, request, eval_output):
     assert "tester/some-model" in readme and "](judge_scores.png)" in readme and "| weather |" in readme
 
 
+@pytest.mark.slow
 def test_published_metric_loads_with_evaluate_by_repo_id(hub, tmp_path):
     """`avlabel publish --metric_repo tester/av_label_metric`, then `evaluate.load("tester/av_label_metric")` in
     a fresh process computes what the metric folder computes."""
