@@ -96,18 +96,19 @@ class SamplingConfig:
 
     @classmethod
     def for_model(cls, model_config, *sources: str | Path | None, **overrides) -> SamplingConfig:
-        """The sampling for a model: the `sampling_config.json` saved with it, else the defaults, then `overrides`.
+        """The sampling for a model: the `sampling_config.json` saved with it, else its family's defaults, then `overrides`.
 
         A model carries the sampling it was trained on, so captioning it with no settings
         given sees the frames training saw. `sources` are model folders or Hub ids, searched
         in order (an adapter before its base model); overrides that are None are ignored; the
-        patch factor always comes from the vision tower.
+        patch factor always comes from the model's family (avlabel/families).
         """
+        from avlabel.families import family_of
+
+        defaults = family_of(model_config).sampling_defaults(model_config)
         saved = next((found for found in map(_saved_sampling, filter(None, sources)) if found is not None), {})
-        vision = getattr(model_config, "vision_config", None)
-        factor = getattr(vision, "patch_size", 14) * getattr(vision, "spatial_merge_size", 2)
         given = {name: value for name, value in overrides.items() if value is not None}
-        return cls(**{**saved, **given, "factor": factor})
+        return cls(**{**defaults, **saved, **given, "factor": defaults["factor"]})
 
     def save(self, folder: str | Path) -> Path:
         """Write `sampling_config.json` into a model folder, next to its config.json."""
