@@ -192,8 +192,9 @@ def main() -> None:
     prompts = load_prompts()
     config = read_config(args.config)
     family = FAMILIES[config.model_type]
-    if args.tiny:
-        FRAME_SHAPE.update(frames=4, height=112, width=112)
+    if args.tiny:  # 4 frames of 4x4 merged tokens: 112x112 for Qwen2.5-VL, 128x128 for Qwen3-VL
+        side = 4 * family.patch_size * family.merge_size
+        FRAME_SHAPE.update(frames=4, height=side, width=side)
         model, processor = build_tiny(Path(tempfile.mkdtemp()), family)
     else:
         # a 16:9 clip at the family's default pixel budget

@@ -245,6 +245,7 @@ def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_of, family, synt
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
     out = tmp_path / "captions"
     command = [
