@@ -62,10 +62,11 @@ def synthetic_frames(path: str, sampling) -> SampledClip:
                        timestamps=[i / 2 for i in range(count)], info=info, sample_fps=2.0)
 
 
-def read_config(path: Path):
-    """The architecture in a bench/configs file, as its family's config class."""
-    values = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
-    return FAMILIES[values["model_type"]].config_class(**values)
+def read_config(path: str | Path = CONFIG):
+    """The architecture in a bench/configs file (its `model_type` names the family)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")})
 
 
 def build_full_size(config, device):

@@ -47,15 +47,17 @@ sys.path.insert(0, str(ROOT.parent))  # the repository: the bench uses train/sft
 from avlabel.families import FAMILIES  # noqa: E402 - after the repository is on the path
 
 H100_BF16_DENSE_FLOPS = 989e12
+CONFIG = ROOT / "configs" / "qwen2_5_vl_7b.json"  # Cosmos-Reason1-7B's architecture
 
 # Recipe shape: 10 s at 2 fps = 20 frames at 252x448 -> grid (10, 18, 32) patches -> 1,440 tokens
 SHAPE = {"grid": (10, 18, 32), "prompt_tokens": 1400, "answer_tokens": 400}
 TINY_SHAPE = {"grid": (2, 4, 4), "prompt_tokens": 40, "answer_tokens": 16}
 
 
-def model_config(path: str, tiny: bool):
-    spec = json.loads(Path(path).read_text())
-    config = FAMILIES[spec["model_type"]].config_class.from_dict({k: v for k, v in spec.items() if not k.startswith("_")})
+def model_config(path: str | Path, tiny: bool):
+    from bench.infer_7b import read_config
+
+    config = read_config(path)
     if tiny:  # the family's tiny test-model sizes and the real vocabulary: only for checking the code paths on a CPU
         from avlabel.demo.tiny_model import tiny_sizes
 
@@ -321,8 +323,7 @@ def best(outcomes: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "qwen2_5_vl_7b.json"),
-                        help="the architecture: a file of bench/configs")
+    parser.add_argument("--config", default=str(CONFIG), help="the architecture: a file of bench/configs")
     parser.add_argument("--out", default=str(ROOT / "results" / "train_7b.json"))
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the code paths only")
     parser.add_argument("--steps", type=int, default=4)
