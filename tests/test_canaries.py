@@ -19,8 +19,8 @@ from avlabel.families import family_of
 VERSION = f"transformers {transformers.__version__}"
 
 
-def _changed(internal: str, used_by: str) -> str:
-    return f"{VERSION}: {internal} changed; {used_by} relies on it (see tests/test_canaries.py)"
+def _changed(what: str, used_by: str) -> str:
+    return f"{VERSION}: {what}; {used_by} relies on it (see tests/test_canaries.py)"
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         calls.append(kwargs)
+        if "cu_seq_lens_q" not in kwargs:  # no bounds: attend over everything, so the assertion below says why
+            return sdpa_attention_forward(module, query, key, value, None, scaling=kwargs.get("scaling"))
         bounds = kwargs["cu_seq_lens_q"].tolist()
         pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                          scaling=kwargs.get("scaling"))[0] for a, b in zip(bounds, bounds[1:])]
@@ -72,14 +74,11 @@ def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_registered_text_attention_sees_the_callers_4d_mask_and_writes_through_cache_update(tiny, family):
+    from avlabel.infer.engine import SlotCache
+
     model = tiny(family)
     adapter = family_of(model)
-    seen_masks, updates = [], []
-
-    class Cache:  # the engine's SlotCache protocol: the model only calls update()
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            updates.append(layer_idx)
-            return key_states, value_states
+    seen_masks = []
 
     def recording(module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -88,21 +87,25 @@ def test_a_registered_text_attention_sees_the_callers_4d_mask_and_writes_through
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     adapter.set_attention(model, text=recording)
+    text = model.config.text_config
     length = 6
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = SlotCache(text.num_hidden_layers, 1, text.num_key_value_heads, head_dim, 8, torch.float32, "cpu")
+    cache.prefill_rows = slice(0, 1)
     mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     ids = torch.arange(1, length + 1)[None]
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(length).view(1, 1, -1).expand(3, 1, -1),
-              cache=Cache(), use_cache=True, logits_to_keep=1)
-    layers = model.config.text_config.num_hidden_layers
-    assert len(seen_masks) == layers and all(seen is mask for seen in seen_masks), _changed(
-        "a 4-D attention mask passed to forward() no longer reaches a registered attention function unchanged "
-        "(masking_utils builds its own for unknown attention functions)",
+              cache=cache, use_cache=True, logits_to_keep=1)
+    assert len(seen_masks) == text.num_hidden_layers and all(seen is mask for seen in seen_masks), _changed(
+        "a 4-D attention mask passed to forward() no longer reaches the attention function registered for the "
+        "language model unchanged (masking_utils, or set_attn_implementation({'text_config': ...}))",
         "infer/engine.py's prefill and decode masks (left padding, the filled part of the KV cache)",
     )
-    assert updates == list(range(layers)), _changed(
-        "the model no longer writes keys and values through `cache.update(key, value, layer_idx)` of the object "
-        "passed as forward(cache=...)", "infer/engine.py's SlotCache",
+    written = [bool(keys[0, :, :length].abs().sum() > 0) and not keys[0, :, length:].any() for keys in cache.keys]
+    assert written == [True] * text.num_hidden_layers, _changed(
+        "the model no longer writes each layer's keys and values through `cache.update(key, value, layer_idx)` "
+        "of the object passed as forward(cache=...)", "infer/engine.py's SlotCache",
     )
 
 
@@ -147,7 +150,7 @@ def test_trainer_resume_internals_keep_their_signatures():
     for name, parameters in expected.items():
         method = getattr(Trainer, name, None)
         assert method is not None and list(inspect.signature(method).parameters) == parameters, _changed(
-            f"Trainer.{name}{inspect.signature(method) if method else ' (gone)'}", "train/trainer.py's VideoSFTTrainer",
+            f"Trainer.{name} is now {inspect.signature(method) if method else 'gone'}", "train/trainer.py's VideoSFTTrainer",
         )
     source = inspect.getsource(Trainer)
     for call in ("self._load_from_checkpoint(", "self._load_optimizer_and_scheduler("):
@@ -158,7 +161,7 @@ def test_weight_renaming_can_be_reverted():
     from transformers.core_model_loading import revert_weight_conversion
 
     assert list(inspect.signature(revert_weight_conversion).parameters) == ["model", "state_dict"], _changed(
-        "transformers.core_model_loading.revert_weight_conversion(model, state_dict)",
+        "transformers.core_model_loading.revert_weight_conversion no longer takes (model, state_dict)",
         "train/trainer.py (resuming a full fine-tune's checkpoint under its in-memory names)",
     )
 
@@ -180,7 +183,7 @@ def test_processor_writes_the_video_placeholder_through_replace_video_token(tiny
     processor = AutoProcessor.from_pretrained(tiny_model_of(family))
     parameters = list(inspect.signature(processor.replace_video_token).parameters)
     assert parameters[:2] == ["video_inputs", "video_idx"], _changed(
-        f"{type(processor).__name__}.replace_video_token{inspect.signature(processor.replace_video_token)}",
+        f"{type(processor).__name__}.replace_video_token is now {inspect.signature(processor.replace_video_token)}",
         "avlabel/families Family.video_placeholder (a clip's prompt length before decoding it, train/collator.py)",
     )
 
