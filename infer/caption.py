@@ -115,11 +115,9 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from avlabel.core.prompts import load_prompts
-
-    from avlabel.families import bnb_quantization, load_model
 
     from . import records
     from .engine import CaptionEngine
@@ -155,6 +153,10 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     start = time.perf_counter()
     with state.split_between_processes(todo) as mine:
         if mine:
+            from transformers import AutoProcessor
+
+            from avlabel.families import bnb_quantization, load_model
+
             model = load_model(args.model, adapter=args.adapter, dtype=dtype, device_map={"": state.device},
                                quantization_config=bnb_quantization(args.quantization, dtype)).eval()
             processor = AutoProcessor.from_pretrained(args.model)

@@ -64,11 +64,14 @@ class SamplingArguments:
         default=None, metadata={"help": "Most frames taken from one clip (unset: the model's own, else 768)."}
     )
     min_pixels: int | None = field(
-        default=None, metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else 128*28*28)."}
+        default=None,
+        metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else its family's: "
+                  "128*28*28 for Qwen2.5-VL, 128*32*32 for Qwen3-VL)."},
     )
     max_pixels: int | None = field(
         default=None,
-        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else 252x448 for 16:9)."},
+        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else its family's: "
+                  "252x448 for 16:9 with Qwen2.5-VL, 288x512 with Qwen3-VL)."},
     )
 
     def sampling_overrides(self) -> dict:
