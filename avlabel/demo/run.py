@@ -35,7 +35,7 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the clips, the model and training."})
     family: str = field(
         default="qwen2_5_vl",
-        metadata={"help": "Architecture of the tiny model: " + ", ".join(f"{name} ({f.title})" for name, f in FAMILIES.items()),
+        metadata={"help": "Architecture of the tiny model: " + "; ".join(f"{name} for {f.title}" for name, f in FAMILIES.items()),
                   "choices": list(FAMILIES)},
     )
     recipe: str = field(default=str(RECIPES / "tiny" / "sft.yaml"), metadata={"help": "Training recipe for the tiny model."})

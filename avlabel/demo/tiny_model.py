@@ -106,7 +106,7 @@ class TinyModelArguments:
     out_dir: str = field(default="tiny-models/qwen2_5_vl", metadata={"help": "Folder to write the checkpoint to."})
     family: str = field(
         default="qwen2_5_vl",
-        metadata={"help": "Architecture: " + ", ".join(f"{name} ({f.title})" for name, f in FAMILIES.items()) + ".",
+        metadata={"help": "Architecture: " + "; ".join(f"{name} for {f.title}" for name, f in FAMILIES.items()) + ".",
                   "choices": list(FAMILIES)},
     )
     tokenizer: Literal["small", "qwen"] = field(
