@@ -41,24 +41,32 @@ def _video_inputs(family, frames: int = 4):
     return torch.randn(int(grid.prod()), channels, generator=torch.Generator().manual_seed(0)), grid
 
 
+def _recording(calls: list, attention):
+    """`attention`, keeping each call's mask and keyword arguments in `calls`."""
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        calls.append({"attention_mask": attention_mask, **kwargs})
+        return attention(module, query, key, value, attention_mask, **kwargs)
+
+    return recording
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from avlabel.infer.engine import _filled_part_attention, _padded_windows_attention
+
     model = tiny(family)
     adapter = family_of(model)
     calls = []
 
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    def vision(module, query, key, value, attention_mask, **kwargs):
+        # without bounds, attend over everything, so that the assertion below says what changed
+        attention = _padded_windows_attention if "cu_seq_lens_q" in kwargs else sdpa_attention_forward
+        return attention(module, query, key, value, attention_mask, **kwargs)
 
-        calls.append(kwargs)
-        if "cu_seq_lens_q" not in kwargs:  # no bounds: attend over everything, so the assertion below says why
-            return sdpa_attention_forward(module, query, key, value, None, scaling=kwargs.get("scaling"))
-        bounds = kwargs["cu_seq_lens_q"].tolist()
-        pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                         scaling=kwargs.get("scaling"))[0] for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(pieces, dim=1), None
-
-    adapter.set_attention(model, text=lambda *args, **kwargs: None, vision=recording)
+    adapter.set_attention(model, text=_filled_part_attention, vision=_recording(calls, vision))
     pixels, grid = _video_inputs(adapter)
     with torch.no_grad():
         adapter.vision_tower(model)(pixels, grid_thw=grid)
@@ -74,19 +82,12 @@ def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_registered_text_attention_sees_the_callers_4d_mask_and_writes_through_cache_update(tiny, family):
-    from avlabel.infer.engine import SlotCache
+    from avlabel.infer.engine import SlotCache, _filled_part_attention
 
     model = tiny(family)
     adapter = family_of(model)
-    seen_masks = []
-
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        seen_masks.append(attention_mask)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    adapter.set_attention(model, text=recording)
+    calls = []
+    adapter.set_attention(model, text=_recording(calls, _filled_part_attention))
     text = model.config.text_config
     length = 6
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -97,7 +98,7 @@ def test_a_registered_text_attention_sees_the_callers_4d_mask_and_writes_through
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(length).view(1, 1, -1).expand(3, 1, -1),
               cache=cache, use_cache=True, logits_to_keep=1)
-    assert len(seen_masks) == text.num_hidden_layers and all(seen is mask for seen in seen_masks), _changed(
+    assert len(calls) == text.num_hidden_layers and all(call["attention_mask"] is mask for call in calls), _changed(
         "a 4-D attention mask passed to forward() no longer reaches the attention function registered for the "
         "language model unchanged (masking_utils, or set_attn_implementation({'text_config': ...}))",
         "infer/engine.py's prefill and decode masks (left padding, the filled part of the KV cache)",
