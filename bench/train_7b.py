@@ -1,13 +1,15 @@
-"""Training throughput and memory of the Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B) on one GPU.
+"""Training throughput and memory of a Cosmos Reason architecture on one GPU.
 
-Builds the real architecture (bench/configs/qwen2_5_vl_7b.json) with random weights on the
-GPU and trains it on recipe-shaped samples: 20 frames at 252x448 (1,440 video tokens), a
-1,400-token prompt and a 400-token answer, the loss on the answer only. Runs, in one
-process so every number comes from the same card:
+Builds the real architecture of `--config` (default Qwen2.5-VL-7B, Cosmos-Reason1-7B's,
+bench/configs/qwen2_5_vl_7b.json; bench/configs/qwen3_vl_8b.json is Cosmos-Reason2-8B's)
+with random weights on the GPU and trains it on recipe-shaped samples: 20 frames (1,440
+video tokens: 252x448 for Qwen2.5-VL, 288x512 for Qwen3-VL, whose prompt also carries a
+timestamp before each pair of frames), a 1,400-token prompt and a 400-token answer, the
+loss on the answer only. Runs, in one process so every number comes from the same card:
 
   baseline  the plain path: PEFT LoRA r16 on all linear layers (vision too), gradient
             checkpointing, SDPA, the model's own loss over full fp32 logits, batch 1;
-  lora      our training path (train/sft.py): LoRA r16 on the language model, the vision
+  lora      our training path (train/sft.py): LoRA r16 on the language model (the family adapter's targets), the vision
             tower frozen, TRL's fused LM head (log-probabilities of the answer tokens only,
             in chunks, no full logits), at several batch sizes with and without checkpointing;
   qlora     the same on NF4 weights with double quantization and bf16 compute, without
@@ -21,6 +23,7 @@ the H100's 989 dense bf16 TFLOP/s. `peak_gib` is the most memory allocated durin
 training steps (weights, optimizer state, activations), after the model is built.
 
     python bench/train_7b.py                       # on a GPU: writes bench/results/train_7b.json
+    python bench/train_7b.py --config bench/configs/qwen3_vl_8b.json --out bench/results/train_qwen3vl_8b.json
     python bench/train_7b.py --tiny --out /tmp/x.json   # CPU dry run of every code path
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import statistics
@@ -40,34 +44,44 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))  # the repository: the bench uses train/sft.py's own helpers
+from avlabel.families import FAMILIES  # noqa: E402 - after the repository is on the path
+
 H100_BF16_DENSE_FLOPS = 989e12
+CONFIG = ROOT / "configs" / "qwen2_5_vl_7b.json"  # Cosmos-Reason1-7B's architecture
 
 # Recipe shape: 10 s at 2 fps = 20 frames at 252x448 -> grid (10, 18, 32) patches -> 1,440 tokens
 SHAPE = {"grid": (10, 18, 32), "prompt_tokens": 1400, "answer_tokens": 400}
 TINY_SHAPE = {"grid": (2, 4, 4), "prompt_tokens": 40, "answer_tokens": 16}
 
 
-def model_config(tiny: bool):
-    from transformers import Qwen2_5_VLConfig
+def model_config(path: str | Path, tiny: bool):
+    from bench.infer_7b import read_config
 
-    spec = json.loads((ROOT / "configs" / "qwen2_5_vl_7b.json").read_text())
-    config = Qwen2_5_VLConfig.from_dict({k: v for k, v in spec.items() if not k.startswith("_")})
-    if tiny:  # same structure, toy sizes: only for checking the code paths on a CPU
-        for key, value in dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2).items():
-            setattr(config.text_config, key, value)
-        config.text_config.rope_parameters["mrope_section"] = [2, 3, 3]
-        for key, value in dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                               fullatt_block_indexes=[1]).items():
-            setattr(config.vision_config, key, value)
+    config = read_config(path)
+    if tiny:  # the family's tiny test-model sizes and the real vocabulary: only for checking the code paths on a CPU
+        from avlabel.demo.tiny_model import tiny_sizes
+
+        for sub_config, values in zip((config.text_config, config.vision_config), tiny_sizes(config.model_type)):
+            for key, value in values.items():
+                setattr(sub_config, key, value)
     return config
+
+
+@functools.cache
+def video_ids(family, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The tokens the family's processor writes in a video's place (real vocabulary, frames at 2 fps)."""
+    from avlabel.demo.tiny_model import CHAT_TEMPLATE, build_tokenizer
+
+    processor = family.make_processor(build_tokenizer(family.model_type, "qwen"), CHAT_TEMPLATE)
+    text = family.video_placeholder(processor, grid, sample_fps=2.0)
+    return torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def make_batch(config, shape: dict, batch: int, device, accepts_mm_types: bool) -> dict:
     """`batch` identical-shape samples with random text and pixels; labels on the answer only."""
+    family = FAMILIES[config.model_type]
     t, h, w = shape["grid"]
-    merge = config.vision_config.spatial_merge_size
-    video_tokens = t * h * w // merge**2
+    video = video_ids(family, shape["grid"])
     vocab = 150000  # ordinary tokens, below the special ones
     generator = torch.Generator().manual_seed(0)
     rows, labels = [], []
@@ -77,7 +91,7 @@ def make_batch(config, shape: dict, batch: int, device, accepts_mm_types: bool) 
         ids = torch.cat([
             prompt[:20],
             torch.tensor([config.vision_start_token_id]),
-            torch.full((video_tokens,), config.video_token_id),
+            video,
             torch.tensor([config.vision_end_token_id]),
             prompt[20:],
             answer,
@@ -94,18 +108,17 @@ def make_batch(config, shape: dict, batch: int, device, accepts_mm_types: bool) 
         "labels": torch.stack(labels),
         "pixel_values_videos": torch.randn(batch * t * h * w, patch_dim, generator=generator),
         "video_grid_thw": torch.tensor([[t, h, w]] * batch),
-        "second_per_grid_ts": torch.tensor([1.0] * batch),  # 2 frames per grid at 2 fps
     }
+    if "second_per_grid_ts" in family.video_keys:
+        inputs["second_per_grid_ts"] = torch.tensor([1.0] * batch)  # 2 frames per grid at 2 fps
     if accepts_mm_types:
         inputs["mm_token_type_ids"] = (input_ids == config.video_token_id).long() * 2  # 2 = video
     return {k: v.to(device) for k, v in inputs.items()}
 
 
 def build_model(config, device, dtype=torch.bfloat16):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = FAMILIES[config.model_type].model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model
 
 
@@ -224,10 +237,9 @@ def peft_language_lora(model, bf16_adapters: bool):
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from avlabel.train.sft import LANGUAGE_LINEAR_LAYERS
-
+    targets = FAMILIES[model.config.model_type].lora_target_modules
     add_fused_lm_head(model)  # before PEFT, as SFTTrainer does
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LANGUAGE_LINEAR_LAYERS))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets))
     if bf16_adapters:  # SFTTrainer keeps QLoRA adapters in bf16
         for param in model.parameters():
             if param.requires_grad:
@@ -311,6 +323,7 @@ def best(outcomes: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(CONFIG), help="the architecture: a file of bench/configs")
     parser.add_argument("--out", default=str(ROOT / "results" / "train_7b.json"))
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: checks the code paths only")
     parser.add_argument("--steps", type=int, default=4)
@@ -321,21 +334,21 @@ def main() -> None:
     import inspect
 
     import transformers
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    config = model_config(args.tiny)
+    config = model_config(args.config, args.tiny)
+    family = FAMILIES[config.model_type]
     shape = TINY_SHAPE if args.tiny else SHAPE
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration._from_config(config).parameters())
-    mm = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+        n_params = sum(p.numel() for p in family.model_class._from_config(config).parameters())
+    mm = "mm_token_type_ids" in inspect.signature(family.model_class.forward).parameters
     steps, warmup = (1, 1) if args.tiny else (args.steps, args.warmup)
     torch.manual_seed(0)
 
     report: dict = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (tiny dry run)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B), random weights",
+        "model": f"{Path(args.config).stem} architecture, {family.title}, random weights",
         "parameters": n_params,
         "shape": {"video_tokens": shape["grid"][0] * shape["grid"][1] * shape["grid"][2] // 4, **shape},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

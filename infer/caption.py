@@ -147,7 +147,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     from avlabel.core.prompts import load_prompts
 
     from . import records
-    from .engine import CaptionEngine, load_model
+    from .engine import CaptionEngine
     from .inputs import resolve_inputs
 
     # without a GPU, `cpu=True` lets torchrun / mpirun processes form a gloo group
@@ -183,7 +183,13 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     start = time.perf_counter()
     with state.split_between_processes(todo) as mine:
         if mine:
-            model, processor = load_model(args.model, args.adapter, args.quantization, state.device, dtype)
+            from transformers import AutoProcessor
+
+            from avlabel.families import bnb_quantization, load_model
+
+            model = load_model(args.model, adapter=args.adapter, dtype=dtype, device_map={"": state.device},
+                               quantization_config=bnb_quantization(args.quantization, dtype)).eval()
+            processor = AutoProcessor.from_pretrained(args.model)
             engine = CaptionEngine(
                 model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
                 sampling=sampling, answer=answer,

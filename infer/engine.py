@@ -9,7 +9,8 @@ one-clip `generate` loop):
 * prefill in micro-batches of `prefill_batch_size` clips, each writing its rows of one
   preallocated KV cache, then decode all rows together (`batch_size`);
 * left padding, with each row's multimodal RoPE positions from the model's own
-  `get_rope_index`, so a clip's tokens get the same positions batched or alone;
+  `get_rope_index` (through its family adapter, avlabel/families), so a clip's tokens get
+  the same positions batched or alone;
 * a decode step whose attention reads only the filled part of the cache (in blocks of
   `KV_BLOCK` tokens) and, on CUDA, is replayed as a CUDA graph per block count;
 * the vision tower's window attention in one call per layer, not one per window;
@@ -43,10 +44,7 @@ from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
-ATTENTION = "avlabel_sdpa"
-VISION_ATTENTION = "avlabel_flash_padded_windows"  # "flash" in the name: the vision tower passes window bounds
 KV_BLOCK = 256  # decode attention reads the cache in blocks of this many tokens
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # per-token processor outputs, padded on the left
 
 
 @dataclass
@@ -56,45 +54,6 @@ class Generation:
     prompt_tokens: int
     logprobs: list[float] = field(default_factory=list)  # of each token under the model (no penalty, grammar or temperature)
     cut_fields: dict[str, str] = field(default_factory=dict)  # constrained: fields not written in full, and why
-
-
-# ----------------------------------------------------------------------------- model loading
-
-
-def load_model(
-    model_id: str,
-    adapter: str | None = None,
-    quantization: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str = "auto",
-):
-    """Model and processor from a Hub id or folder, with an optional PEFT adapter and 4/8-bit weights."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": {"": device}}
-    if quantization:
-        from transformers import BitsAndBytesConfig
-
-        if quantization not in ("4bit", "8bit"):
-            raise ValueError(f"quantization must be '4bit' or '8bit', got {quantization!r}")
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"])
-            if quantization == "4bit"
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-    model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
-    processor = AutoProcessor.from_pretrained(model_id)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        # merged LoRA weights cost nothing per token; quantized weights can't absorb them
-        model = model.get_base_model() if quantization else model.merge_and_unload()
-    model.eval()
-    return model, processor
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -202,7 +161,7 @@ def _padded_windows_attention(module, query, key, value, attention_mask, scaling
     window: ~120 windows a clip in each of 28 layers, tens of thousands of small calls per
     prefill. Registered under a name containing "flash", this function gets the window
     boundaries (`cu_seq_lens_q`) instead, pads every window to the longest, masks the
-    padding and attends once.
+    padding and attends once. (Qwen3-VL's windows are its frames.)
     """
     bounds = cu_seq_lens_q.long()
     lengths = bounds[1:] - bounds[:-1]
@@ -227,19 +186,14 @@ def _padded_windows_attention(module, query, key, value, attention_mask, scaling
     return out.transpose(1, 2)[window_of, offset].unsqueeze(0), None
 
 
-def use_engine_attention(model, padded_vision_windows: bool = True) -> None:
+def use_engine_attention(model, family, padded_vision_windows: bool = True) -> None:
     """Route the model's attention through the engine's functions (registered with `transformers`).
 
     `transformers` passes a 4D mask through unchanged and builds none for an attention
     function it has no mask function for, so the engine's own masks (or, for an unpadded
     prefill, none: causal SDPA) are exactly what the language model's attention sees.
     """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, _filled_part_attention)
-    AttentionInterface.register(VISION_ATTENTION, _padded_windows_attention)
-    vision = VISION_ATTENTION if padded_vision_windows else "sdpa"
-    model.set_attn_implementation({"text_config": ATTENTION, "vision_config": vision})
+    family.set_attention(model, _filled_part_attention, _padded_windows_attention if padded_vision_windows else None)
 
 
 class _DecodeStep:
@@ -313,7 +267,10 @@ class CaptionEngine:
         sampling: SamplingConfig | None = None,
         answer: constrained.AnswerConfig | None = None,
     ):
+        from avlabel.families import family_of
+
         self.model, self.processor, self.prompts, self.settings = model, processor, prompts, settings
+        self.family = family_of(model.config)
         self.batch_size, self.prefill_batch_size, self.cuda_graphs = batch_size, prefill_batch_size, cuda_graphs
         self.device = next(model.parameters()).device
         self.dtype = model.dtype  # of activations and so of the KV cache (4-bit weights still compute in it)
@@ -340,7 +297,7 @@ class CaptionEngine:
             if settings.max_new_tokens < self.closing.min_budget:
                 raise ValueError(constrained.budget_error(settings.max_new_tokens, self.closing.min_budget, self.answer))
         self.timings: list[dict] = []  # per decode batch: where the time went (prefill, decode)
-        use_engine_attention(model, padded_vision_windows)
+        use_engine_attention(model, self.family, padded_vision_windows)
 
     # -- settings -----------------------------------------------------------------
 
@@ -361,7 +318,7 @@ class CaptionEngine:
         """Left-pad the per-token tensors to `length`; concatenate the rest (pixels, grids)."""
         batch = {}
         for key in items[0]:
-            if key in SEQUENCE_KEYS:
+            if key in self.family.sequence_keys:
                 fill = self.pad_id if key == "input_ids" else 0
                 rows = [torch.nn.functional.pad(item[key], (length - item[key].shape[1], 0), value=fill) for item in items]
                 batch[key] = torch.cat(rows)
@@ -369,18 +326,9 @@ class CaptionEngine:
                 batch[key] = torch.cat([item[key] for item in items])
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
-    def _rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(3, rows, length) multimodal positions, computed per row without its padding."""
-        import inspect
-
-        inner = getattr(self.model, "model", self.model)
-        accepted = inspect.signature(inner.get_rope_index).parameters
-        positions, _ = inner.get_rope_index(**{k: v for k, v in batch.items() if k in accepted})
-        return positions
-
     def _prefill(self, cache: SlotCache, rows: slice, items, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._collate(items, length)
-        positions = self._rope_positions(batch)
+        positions = self.family.rope_positions(self.model, batch)
         valid = batch.pop("attention_mask").bool()
         mask = None
         if not bool(valid.all()):

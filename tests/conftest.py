@@ -5,12 +5,30 @@ from __future__ import annotations
 import pytest
 
 
+# Every model family's tests: Qwen2.5-VL (Cosmos Reason 1) in the quick loop, the others in CI
+# (`pytest -m "not slow"` leaves them out). `@pytest.mark.parametrize("family", FAMILIES)`.
+FAMILIES = ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised Qwen2.5-VL test model with the small tokenizer."""
+def tiny_model_of(tmp_path_factory):
+    """family -> a randomly initialised test model of that family with the small tokenizer, built once a session."""
     from avlabel.demo.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), family="qwen2_5_vl", tokenizer="small", seed=0)
+    built = {}
+
+    def tiny_model(family: str):
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(f"tiny_{family}"), family=family, tokenizer="small", seed=0)
+        return built[family]
+
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_of):
+    """A randomly initialised Qwen2.5-VL test model with the small tokenizer."""
+    return tiny_model_of("qwen2_5_vl")
 
 
 @pytest.fixture(scope="session")

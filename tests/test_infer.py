@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAMILIES
 
 from avlabel.core.schema import FIELD_NAMES, WHOLE_LABEL, check_label
 from avlabel.infer.parse import parse_output
@@ -151,18 +152,12 @@ def _clip_inputs(engine, video: Path, max_frames: int):
     return engine.prepare(sample_frames(video, replace(engine.sampling, max_frames=max_frames)))
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def model_of_each_family(request, tiny_model_dir, tmp_path_factory):
-    """Cosmos Reason 1 is a Qwen2.5-VL, Cosmos Reason 2 a Qwen3-VL: the engine serves both."""
-    if request.param == "qwen2_5_vl":
-        return tiny_model_dir
-    from avlabel.demo.tiny_model import build_tiny_model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_greedy_equals_one_clip_at_a_time(tiny_model_of, family, synthetic_raw_dir, one_thread):
+    """Left-padded batches (prefilled in micro-batches) give `generate`'s greedy tokens for each clip alone.
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), family="qwen3_vl", tokenizer="small", seed=0)
-
-
-def test_batched_greedy_equals_one_clip_at_a_time(model_of_each_family, synthetic_raw_dir, one_thread):
-    """Left-padded batches (prefilled in micro-batches) give `generate`'s greedy tokens for each clip alone."""
+    Cosmos Reason 1 is a Qwen2.5-VL, Cosmos Reason 2 a Qwen3-VL: the engine serves both.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -170,9 +165,10 @@ def test_batched_greedy_equals_one_clip_at_a_time(model_of_each_family, syntheti
     from avlabel.infer.engine import CaptionEngine
     from avlabel.infer.settings import GenerationSettings
 
-    model = AutoModelForImageTextToText.from_pretrained(model_of_each_family).eval()
-    reference = AutoModelForImageTextToText.from_pretrained(model_of_each_family).eval()  # transformers' own attention
-    processor = AutoProcessor.from_pretrained(model_of_each_family)
+    model_dir = tiny_model_of(family)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    reference = AutoModelForImageTextToText.from_pretrained(model_dir).eval()  # transformers' own attention
+    processor = AutoProcessor.from_pretrained(model_dir)
     settings = GenerationSettings(temperature=0.0, repetition_penalty=1.05, max_new_tokens=24, min_pixels=3136, max_pixels=16384)
     engine = CaptionEngine(model, processor, load_prompts(), settings, batch_size=4, prefill_batch_size=2)
     videos = sorted((synthetic_raw_dir / "videos").glob("*.mp4"))[:3]
@@ -187,8 +183,8 @@ def test_batched_greedy_equals_one_clip_at_a_time(model_of_each_family, syntheti
             out = reference.generate(**item, do_sample=False, max_new_tokens=24, repetition_penalty=1.05)
             # the engine's one-call vision attention gives transformers' per-window result
             grid = item["video_grid_thw"]
-            ours = model.model.visual(item["pixel_values_videos"], grid_thw=grid).pooler_output
-            theirs = reference.model.visual(item["pixel_values_videos"], grid_thw=grid).pooler_output
+            ours = engine.family.vision_tower(model)(item["pixel_values_videos"], grid_thw=grid).pooler_output
+            theirs = engine.family.vision_tower(reference)(item["pixel_values_videos"], grid_thw=grid).pooler_output
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
         alone.append(out[0, item["input_ids"].shape[1]:].tolist())
     assert [g.tokens for g in batched] == alone
@@ -212,9 +208,10 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.slow
-def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_of, family, synthetic_raw_dir, tmp_path, one_thread):
     """A manifest with a broken file: the broken clip is recorded as failed, the rest are 100% schema-valid."""
+    tiny_model_dir = tiny_model_of(family)
     videos = sorted((synthetic_raw_dir / "videos").glob("*.mp4"))[:5]
     broken = tmp_path / "broken.camera_front_wide_120fov.mp4"
     broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 50)
@@ -288,8 +285,10 @@ def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, sy
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_result(tiny_model_dir, synthetic_dataset_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_give_the_one_process_result(tiny_model_of, family, synthetic_dataset_dir, tmp_path, one_thread):
     """torchrun with 2 CPU processes (gloo): each captions its share, the merge equals a 1-process run."""
+    tiny_model_dir = tiny_model_of(family)
     one = tmp_path / "one"
     two = tmp_path / "two"
     command = [
@@ -312,8 +311,10 @@ def test_two_processes_give_the_one_process_result(tiny_model_dir, synthetic_dat
     assert sorted(p.name for p in (two / "labels").iterdir()) == sorted(p.name for p in (one / "labels").iterdir())
 
 
-def test_adapter_and_4bit_weights(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_and_4bit_weights(tiny_model_of, family, synthetic_raw_dir, tmp_path, one_thread):
     """A PEFT adapter changes what is written (merged, or on top of 4-bit weights) and is recorded."""
+    tiny_model_dir = tiny_model_of(family)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 

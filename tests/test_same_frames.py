@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import FAMILIES
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "sft.yaml"
 
@@ -24,18 +25,21 @@ def first_test_row(synthetic_dataset_dir):
     return ds.cast_column("video", datasets.Video(decode=False))[0]
 
 
-def test_training_and_captioning_see_the_same_clip(tiny_model_dir, first_test_row):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_and_captioning_see_the_same_clip(tiny_model_of, family, first_test_row):
     """Each side resolves its sampling from the model folder as it does in a run, with nothing given."""
     import torch
     from transformers import AutoConfig, AutoProcessor
 
     from avlabel.core.prompts import load_prompts
     from avlabel.core.sampling import sample_frames
+    from avlabel.families import family_of
     from avlabel.infer.engine import ClipPreparer, chat_text
     from avlabel.infer.settings import GenerationSettings
     from avlabel.train.collator import FrameCache, VideoSFTCollator
     from avlabel.train.sft import TrainScriptArguments, sampling_config
 
+    tiny_model_dir = tiny_model_of(family)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     config = AutoConfig.from_pretrained(tiny_model_dir)
     train_sampling = sampling_config(TrainScriptArguments(), config, str(tiny_model_dir))
@@ -43,15 +47,15 @@ def test_training_and_captioning_see_the_same_clip(tiny_model_dir, first_test_ro
     assert caption_sampling == train_sampling and train_sampling.max_frames == 4  # the tiny model's own
     prompts = load_prompts()
 
-    training = VideoSFTCollator(processor=processor, prompts=prompts, frames=FrameCache(None, train_sampling))
+    training = VideoSFTCollator(processor=processor, prompts=prompts, frames=FrameCache(None, train_sampling),
+                                family=family_of(config))
     trained_on = training.encode(first_test_row)
     captioned = ClipPreparer(processor, chat_text(processor, prompts))(
         sample_frames(first_test_row["video"]["path"], caption_sampling)
     )
 
-    assert torch.equal(captioned["video_grid_thw"], trained_on["video_grid_thw"])
-    assert torch.equal(captioned["pixel_values_videos"], trained_on["pixel_values_videos"])
-    assert torch.equal(captioned["second_per_grid_ts"], trained_on["second_per_grid_ts"])
+    for key in family_of(config).video_keys:  # pixels, grid and (Qwen2.5-VL) seconds per grid
+        assert torch.equal(captioned[key], trained_on[key]), key
     # the caption prompt is exactly the training sample up to where the answer starts
     prompt = captioned["input_ids"][0]
     assert torch.equal(trained_on["input_ids"][0, : len(prompt)], prompt)
@@ -60,8 +64,9 @@ def test_training_and_captioning_see_the_same_clip(tiny_model_dir, first_test_ro
 
 
 @pytest.mark.slow
-def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, synthetic_dataset_dir, first_test_row,
-                                                                 tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_of, family, synthetic_dataset_dir,
+                                                                 first_test_row, tmp_path):
     """Train LoRA with 2 frames a clip (not the tiny model's 4); caption the result with no sampling given."""
     import json
 
@@ -70,6 +75,7 @@ def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, 
 
     from avlabel.core.prompts import load_prompts
     from avlabel.core.sampling import SamplingConfig, sample_frames
+    from avlabel.families import family_of
     from avlabel.infer.caption import CaptionArguments
     from avlabel.infer.caption import main as caption
     from avlabel.infer.engine import ClipPreparer, chat_text
@@ -77,6 +83,7 @@ def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, 
     from avlabel.train.collator import FrameCache, VideoSFTCollator
     from avlabel.train.sft import train
 
+    tiny_model_dir = tiny_model_of(family)
     out = train(TINY_RECIPE, {
         "model_name_or_path": str(tiny_model_dir), "dataset_name": str(synthetic_dataset_dir),
         "output_dir": str(tmp_path / "sft"), "max_steps": 1, "max_train_samples": 2, "per_device_train_batch_size": 2,
@@ -94,7 +101,8 @@ def test_a_model_trained_on_other_frames_is_captioned_with_them(tiny_model_dir, 
 
     processor = AutoProcessor.from_pretrained(out / "merged")
     prompts = load_prompts(short=True)
-    trained_on = VideoSFTCollator(processor=processor, prompts=prompts, frames=FrameCache(None, trained)).encode(first_test_row)
+    trained_on = VideoSFTCollator(processor=processor, prompts=prompts, frames=FrameCache(None, trained),
+                                  family=family_of(config)).encode(first_test_row)
     captioned = ClipPreparer(processor, chat_text(processor, prompts))(
         sample_frames(first_test_row["video"]["path"], defaults.sampling(config, str(out / "merged")))
     )

@@ -294,13 +294,15 @@ def test_resizing_is_idempotent(height, width):
 
 
 def test_for_model_takes_the_model_folder_then_the_given_settings(tmp_path):
-    """The model folder's file over the defaults, settings given over the file, None ignored, factor from the model."""
-    from types import SimpleNamespace
+    """The model folder's file over its family's defaults, settings given over the file, None ignored, factor from the model."""
+    from transformers import Qwen3VLConfig
 
     from avlabel.core.sampling import SAMPLING_FILE
 
-    qwen3 = SimpleNamespace(vision_config=SimpleNamespace(patch_size=16, spatial_merge_size=2))
-    assert SamplingConfig.for_model(qwen3, tmp_path) == SamplingConfig(factor=32)  # no file: the defaults
+    qwen3 = Qwen3VLConfig()
+    # no file: Qwen3-VL's defaults (avlabel/families): the recipe's 16x9 tokens a frame at factor 32
+    assert SamplingConfig.for_model(qwen3, tmp_path) == SamplingConfig(factor=32, min_pixels=128 * 32 * 32,
+                                                                       max_pixels=16 * 9 * 32 * 32)
 
     SamplingConfig(fps=1.0, max_frames=6, min_pixels=56 * 56, max_pixels=112 * 112, factor=28).save(tmp_path)
     assert (tmp_path / SAMPLING_FILE).is_file()

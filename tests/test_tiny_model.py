@@ -8,12 +8,14 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from avlabel.core.prompts import load_prompts
 from avlabel.core.sampling import SamplingConfig, sample_frames
 from avlabel.core.schema import FIELDS, label_to_json
 from avlabel.demo.tiny_model import TEST_MODEL_NOTE, build_tiny_model, build_tokenizer
+from avlabel.families import family_of
 
 
 def _write_clip(path, width=256, height=144, frames=25, fps=10):
@@ -49,13 +51,14 @@ def _messages(answer: str | None, video=None) -> list[dict]:
     return messages
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return AutoProcessor.from_pretrained(tiny_model_dir), AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request, tiny_model_of):
+    model_dir = tiny_model_of(request.param)
+    return AutoProcessor.from_pretrained(model_dir), AutoModelForImageTextToText.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
-def clip(tiny_model_dir, tmp_path_factory, loaded):
+def clip(tmp_path_factory, loaded):
     """A clip sampled the way training and inference sample it, at a size the tiny model's processor keeps."""
     model = loaded[1]
     config = SamplingConfig.for_model(model.config, min_pixels=56 * 56, max_pixels=112 * 112)
@@ -69,8 +72,9 @@ def test_folder_says_it_is_a_randomly_initialised_test_model(tiny_model_dir):
 
 def test_loads_through_auto_classes_with_qwen_tokens(loaded):
     processor, model = loaded
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    family = family_of(model)
+    assert type(model) is family.model_class
+    assert type(processor).__name__ == family.processor_class_names[0]
     tokenizer = processor.tokenizer
     for token, config_key in [
         ("<|video_pad|>", "video_token_id"),
@@ -99,7 +103,8 @@ def test_labels_tokenize_compactly(loaded):
 def test_processor_turns_sampled_clip_into_model_inputs(loaded, clip):
     processor, model = loaded
     t, h, w = clip.frames.shape[:3]
-    assert h % 28 == 0 and w % 28 == 0 and h * w <= 112 * 112 and t % 2 == 0
+    factor = family_of(model).patch_factor(model.config)  # 28 for Qwen2.5-VL, 32 for Qwen3-VL
+    assert h % factor == 0 and w % factor == 0 and h * w <= 112 * 112 and t % 2 == 0
     text = processor.apply_chat_template(_messages(None), tokenize=False, add_generation_prompt=True)
     inputs = processor(
         text=[text],
@@ -151,26 +156,12 @@ def test_build_is_deterministic_per_seed(tmp_path):
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
 
 
-def test_qwen3_vl_variant_runs(tmp_path):
-    path = build_tiny_model(tmp_path / "qwen3", family="qwen3_vl")
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path)
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    assert SamplingConfig.for_model(model.config).factor == 32
-    # Qwen3 keeps its later special tokens (<think> etc.); Qwen2.5-VL has none of them
-    assert processor.tokenizer.encode("<think>", add_special_tokens=False) == [processor.tokenizer.convert_tokens_to_ids("<think>")]
-    frames = np.random.default_rng(0).integers(0, 255, (4, 64, 96, 3), dtype=np.uint8)
-    text = processor.apply_chat_template(_messages(None), tokenize=False, add_generation_prompt=True)
-    inputs = processor(
-        text=[text],
-        videos=[frames],
-        video_metadata=[{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
-        videos_kwargs={"do_sample_frames": False, "do_resize": False},
-        return_tensors="pt",
-    )
-    assert inputs["video_grid_thw"].tolist() == [[2, 4, 6]]
-    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] > inputs["input_ids"].shape[1]
+def test_qwen3_vl_keeps_its_later_special_tokens(tiny_model_of):
+    """Qwen3 keeps its later special tokens (<think> etc.); Qwen2.5-VL has none of them."""
+    qwen3 = AutoProcessor.from_pretrained(tiny_model_of("qwen3_vl")).tokenizer
+    assert qwen3.encode("<think>", add_special_tokens=False) == [qwen3.convert_tokens_to_ids("<think>")]
+    qwen2_5 = AutoProcessor.from_pretrained(tiny_model_of("qwen2_5_vl")).tokenizer
+    assert len(qwen2_5.encode("<think>", add_special_tokens=False)) > 1
 
 
 def test_real_qwen_vocabulary_has_qwen2_5_vl_ids():

@@ -1,7 +1,7 @@
 """Training (train/): the video collator, the three methods, resume, export, two processes.
 
-Everything runs for real on the randomly initialised tiny model and the synthetic dataset
-(tests/conftest.py), with a few optimizer steps per run.
+Everything runs for real on the randomly initialised tiny model of each family and the
+synthetic dataset (tests/conftest.py), with a few optimizer steps per run.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
-QWEN2_5_VL_TEMPLATE = "qwen2_5_vl"  # the chat template Cosmos-Reason1-7B ships (no generation markers)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -36,6 +36,7 @@ def _collator(model_dir, cache_dir=None, **kwargs):
     from transformers import AutoConfig, AutoProcessor
 
     from avlabel.core.prompts import load_prompts
+    from avlabel.families import family_of
     from avlabel.train.collator import FrameCache, VideoSFTCollator
 
     sampling = kwargs.pop("sampling", None)
@@ -47,7 +48,7 @@ def _collator(model_dir, cache_dir=None, **kwargs):
     processor = kwargs.pop("processor", None) or AutoProcessor.from_pretrained(model_dir)
     return VideoSFTCollator(
         processor=processor, prompts=load_prompts(short=kwargs.pop("short", True)), frames=FrameCache(cache_dir, sampling),
-        **kwargs,
+        family=family_of(model_dir), **kwargs,
     )
 
 
@@ -83,17 +84,18 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, synthetic_dataset_dir, tmp_path_factory):
-    """One training run per method, made on first use and shared by the tests below."""
+def runs(tiny_model_of, synthetic_dataset_dir, tmp_path_factory):
+    """One training run per family and method, made on first use and shared by the tests below."""
     from avlabel.train.sft import train
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def run(method: str) -> Path:
-        if method not in made:
-            out = tmp_path_factory.mktemp(f"train_{method}")
-            made[method] = train(TINY_RECIPE, _overrides(tiny_model_dir, synthetic_dataset_dir, out, **METHODS[method]))
-        return made[method]
+    def run(family: str, method: str) -> Path:
+        if (family, method) not in made:
+            out = tmp_path_factory.mktemp(f"train_{family}_{method}")
+            overrides = _overrides(tiny_model_of(family), synthetic_dataset_dir, out, **METHODS[method])
+            made[family, method] = train(TINY_RECIPE, overrides)
+        return made[family, method]
 
     return run
 
@@ -101,20 +103,23 @@ def runs(tiny_model_dir, synthetic_dataset_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------- collator
 
 
-@pytest.mark.parametrize("template", ["model", QWEN2_5_VL_TEMPLATE])
-def test_label_mask_covers_exactly_the_answer(tiny_model_dir, synthetic_dataset_dir, template):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("template", ["model", "stock"])
+def test_label_mask_covers_exactly_the_answer(tiny_model_of, synthetic_dataset_dir, family, template):
     from transformers import AutoProcessor
 
     from avlabel.core.schema import row_to_label
     from avlabel.train.collator import format_answer
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    if template == QWEN2_5_VL_TEMPLATE:
-        # Cosmos Reason's own template has no {% generation %} markers: TRL's training copy must be used
+    model_dir = tiny_model_of(family)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if template == "stock":
+        # the template the real checkpoints ship (Cosmos Reason 1 and 2: Qwen2.5-VL's and Qwen3-VL's), which has
+        # no {% generation %} markers: TRL's training copy must be used
         import trl
 
-        processor.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
-    collator = _collator(tiny_model_dir, processor=processor, answer_format="fenced", short=False)
+        processor.chat_template = (Path(trl.__file__).parent / "chat_templates" / f"{family}.jinja").read_text()
+    collator = _collator(model_dir, processor=processor, answer_format="fenced", short=False)
     rows = [_rows(synthetic_dataset_dir)[i] for i in range(2)]
     batch = collator(rows)
     tokenizer = processor.tokenizer
@@ -128,7 +133,7 @@ def test_label_mask_covers_exactly_the_answer(tiny_model_dir, synthetic_dataset_
         start = max(i for i, token in enumerate(ids) if token == im_start) + 1 + len(header)
         assert ids[start - len(header) : start] == header
         end = ids.index(im_end, start)
-        if template == QWEN2_5_VL_TEMPLATE:  # TRL's copy also marks the newline after <|im_end|>
+        if template == "stock":  # TRL's copy also marks the newline after <|im_end|>
             end += 1
             assert tokenizer.decode(ids[end]) == "\n"
         for position, (token, label) in enumerate(zip(ids, labels)):
@@ -139,14 +144,21 @@ def test_label_mask_covers_exactly_the_answer(tiny_model_dir, synthetic_dataset_
         assert json.loads(answer.removeprefix("```json\n").removesuffix("\n```"))["weather"] == row["weather"]
         assert labels[int(attention.sum()) :] == [-100] * (len(labels) - int(attention.sum()))  # padding
     assert batch["mm_token_type_ids"].eq(2).sum() == batch["input_ids"].eq(processor.video_token_id).sum() > 0
+    assert set(batch) == {"labels", *collator.family.sequence_keys, *collator.family.video_keys}
     # the model's clock: a grid of 2 frames spans 2 / (frames sampled per second of the clip)
     frames = batch["video_grid_thw"][:, 0] * 2
-    expected = [2 / (int(count) / row["duration"]) for count, row in zip(frames, rows)]
-    assert batch["second_per_grid_ts"].tolist() == pytest.approx(expected, rel=1e-3)
+    spans = [2 / (int(count) / row["duration"]) for count, row in zip(frames, rows)]
+    if "second_per_grid_ts" in batch:  # Qwen2.5-VL: a number per video
+        assert batch["second_per_grid_ts"].tolist() == pytest.approx(spans, rel=1e-3)
+    else:  # Qwen3-VL: the middle of each grid's frames as text before it
+        for ids, span, grids in zip(batch["input_ids"], spans, batch["video_grid_thw"][:, 0].tolist()):
+            text = tokenizer.decode(ids)
+            assert [f"<{(i + 0.25) * span:.1f} seconds>" in text for i in range(grids)] == [True] * grids, text
 
 
-def test_estimated_length_is_the_collated_length(tiny_model_dir, synthetic_dataset_dir):
-    collator = _collator(tiny_model_dir, answer_format="plain")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimated_length_is_the_collated_length(tiny_model_of, synthetic_dataset_dir, family):
+    collator = _collator(tiny_model_of(family), answer_format="plain")
     rows = _rows(synthetic_dataset_dir)
     for index in range(3):
         row = rows[index]
@@ -217,9 +229,10 @@ def _logged(output_dir: Path, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_trains_and_the_loss_falls(runs, method):
-    out = runs(method)
+def test_each_method_trains_and_the_loss_falls(runs, family, method):
+    out = runs(family, method)
     train_loss = [loss for _, loss in _logged(out, "loss")]
     eval_loss = _logged(out, "eval_loss")
     assert len(train_loss) == 6
@@ -250,15 +263,17 @@ def test_each_method_trains_and_the_loss_falls(runs, method):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_model_dir, synthetic_dataset_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_model_of, synthetic_dataset_dir, family,
+                                                                   tmp_path):
     from safetensors.torch import load_file
 
     from avlabel.train.sft import train
 
-    first = runs("full")
+    first = runs(family, "full")
     resumed = train(
         TINY_RECIPE,
-        _overrides(tiny_model_dir, synthetic_dataset_dir, tmp_path / "resumed",
+        _overrides(tiny_model_of(family), synthetic_dataset_dir, tmp_path / "resumed",
                    resume_from_checkpoint=str(first / "checkpoint-3"), eval_on_start=False),
     )
     # the resumed log carries steps 1-3 over from the checkpoint and adds 4-6, with the same losses
@@ -336,15 +351,16 @@ def runs_base_model(run: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
+def test_export_merges_a_checkpoint_sharded_or_not(runs, family, method, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     from avlabel.train.export import ExportArguments, export_checkpoint
 
-    run = runs(method)
+    run = runs(family, method)
     checkpoint = run / "checkpoint-3"
     plain = export_checkpoint(ExportArguments(checkpoint=str(checkpoint), output_dir=str(tmp_path / "plain")))
 
@@ -382,14 +398,15 @@ def test_export_names_what_is_not_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_loads_and_generates(runs, family, synthetic_dataset_dir):
     from peft import PeftConfig
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from avlabel.train.collator import build_conversation
 
-    out = runs("lora")
+    out = runs(family, "lora")
     merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
     processor = AutoProcessor.from_pretrained(out / "merged")
     assert merged.dtype == torch.bfloat16
@@ -419,9 +436,11 @@ def test_merged_export_loads_and_generates(runs, synthetic_dataset_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_through_the_distributed_path(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_train_through_the_distributed_path(tiny_model_of, synthetic_dataset_dir, family, tmp_path):
     out = tmp_path / "ddp"
-    overrides = _overrides(tiny_model_dir, synthetic_dataset_dir, out, max_steps=2, eval_on_start=False, save_steps=2)
+    overrides = _overrides(tiny_model_of(family), synthetic_dataset_dir, out, max_steps=2, eval_on_start=False,
+                           save_steps=2)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
         "--num_processes", "2", "-m", "train", "--config", str(TINY_RECIPE), "--use_cpu", "true",

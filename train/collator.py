@@ -30,10 +30,9 @@ from typing import Any, Literal
 import numpy as np
 
 from avlabel.core.prompts import Prompts, build_conversation
-from avlabel.core.sampling import (
-    TEMPORAL_PATCH, Clip, SamplingConfig, VideoError, frame_count, resized_size, sample_frames,
-)
+from avlabel.core.sampling import Clip, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
 from avlabel.core.schema import label_to_json, row_to_label
+from avlabel.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -134,16 +133,20 @@ class FrameCache:
         return Clip(frames=sampled.frames, sample_fps=sampled.sample_fps)
 
 
-def video_tokens_from_probe(row: dict, sampling: SamplingConfig) -> int:
-    """Video tokens a clip will take, from the builder's probe columns (no decoding).
+def video_prompt_tokens(row: dict, sampling: SamplingConfig, processor, family: Family) -> int:
+    """Prompt tokens a clip's video becomes, from the builder's probe columns (no decoding).
 
-    The same rules as `sample_frames`; exact for a constant frame rate, an estimate for
+    Frame count and size follow `sample_frames`' rules; the tokens are those of the text the
+    processor writes in the video's place. Exact for a constant frame rate, an estimate for
     a variable one (the collator checks the real count).
     """
     total = max(1, round(float(row["duration"]) * float(row["fps"])))
     frames = frame_count(total, float(row["fps"]), sampling)
     height, width = resized_size(int(row["height"]), int(row["width"]), sampling)
-    return frames // TEMPORAL_PATCH * (height // sampling.factor) * (width // sampling.factor)
+    video = processor.video_processor
+    grid = (frames // video.temporal_patch_size, height // video.patch_size, width // video.patch_size)
+    placeholder = family.video_placeholder(processor, grid, sample_fps=frames / total * float(row["fps"]))
+    return len(processor.tokenizer(placeholder, add_special_tokens=False)["input_ids"])
 
 
 # ----------------------------------------------------------------------------- collator
@@ -151,18 +154,20 @@ def video_tokens_from_probe(row: dict, sampling: SamplingConfig) -> int:
 
 @dataclass
 class VideoSFTCollator:
-    """Collates builder rows (`video`, label columns) into a Qwen-VL training batch.
+    """Collates builder rows (`video`, label columns) into a training batch for the model's family.
 
-    Output: `input_ids`, `attention_mask`, `labels` (-100 outside the answer),
-    `mm_token_type_ids` (the model needs it for its 3-D positions), `pixel_values_videos`,
-    `video_grid_thw`, `second_per_grid_ts`. Rows that can't be used (over-long, or a clip
-    that won't decode) are reported to `report_path` and left out; with `strict` they
-    raise instead.
+    Output: `labels` (-100 outside the answer) and the processor's outputs: the family's
+    per-token ones (`input_ids`, `attention_mask`, `mm_token_type_ids`: the model needs it
+    for its 3-D positions) padded on the right, its per-video ones (`pixel_values_videos`,
+    `video_grid_thw`, and for Qwen2.5-VL `second_per_grid_ts`) concatenated. Rows that
+    can't be used (over-long, or a clip that won't decode) are reported to `report_path`
+    and left out; with `strict` they raise instead.
     """
 
     processor: Any
     prompts: Prompts
     frames: FrameCache
+    family: Family
     max_length: int | None = None
     answer_format: AnswerFormat = "fenced"
     strict: bool = False
@@ -201,7 +206,7 @@ class VideoSFTCollator:
         return encoded
 
     def estimated_length(self, row: dict) -> int:
-        """Tokens of a row without decoding its video: text tokens plus `video_tokens_from_probe`.
+        """Tokens of a row without decoding its video: text tokens plus `video_prompt_tokens`.
 
         Lets the dataset drop over-long rows (and group by length) before training starts.
         """
@@ -210,7 +215,8 @@ class VideoSFTCollator:
             build_conversation(self.prompts, None, answer), chat_template=self.chat_template, tokenize=False
         )
         text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return text_tokens - 1 + video_tokens_from_probe(row, self.frames.sampling)  # one placeholder becomes the video
+        # the one video placeholder token becomes the video's tokens
+        return text_tokens - 1 + video_prompt_tokens(row, self.frames.sampling, self.processor, self.family)
 
     def _skip(self, row: dict, reason: str) -> None:
         where = f"clip {row.get('clip_id', '?')} ({(row.get('video') or {}).get('path')})"
@@ -244,17 +250,14 @@ class VideoSFTCollator:
         longest = max(sample["input_ids"].shape[1] for sample in encoded)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        padding = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+        padding = {"input_ids": self.pad_token_id, "labels": -100}
         batch = {}
-        for key, value in padding.items():
-            if key not in encoded[0]:
-                continue
+        for key in (*self.family.sequence_keys, "labels"):
             rows_of_key = [
-                torch.nn.functional.pad(sample[key][0], (0, longest - sample[key].shape[1]), value=value)
+                torch.nn.functional.pad(sample[key][0], (0, longest - sample[key].shape[1]), value=padding.get(key, 0))
                 for sample in encoded
             ]
             batch[key] = torch.stack(rows_of_key)
-        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
-            if key in encoded[0]:
-                batch[key] = torch.cat([torch.as_tensor(sample[key]) for sample in encoded])
+        for key in self.family.video_keys:
+            batch[key] = torch.cat([torch.as_tensor(sample[key]) for sample in encoded])
         return batch

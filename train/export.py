@@ -20,12 +20,9 @@ from pathlib import Path
 
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, processor=None, revision: str = "main") -> Path:
     """Load `base_model` in bf16 on the CPU, fold the adapter into it and save it to `out_dir`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
+    from avlabel.families import load_model
 
-    base = AutoModelForImageTextToText.from_pretrained(base_model, revision=revision, dtype=torch.bfloat16)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = load_model(base_model, revision=revision, dtype="bfloat16", adapter=adapter_dir)
     merged.save_pretrained(out_dir)
     if processor is not None:
         processor.save_pretrained(out_dir)
@@ -91,14 +88,14 @@ def read_sharded_weights(folder: Path) -> dict:
 
 def export_checkpoint(args: ExportArguments) -> Path:
     """Merge `args.checkpoint` into a bf16 model with the run's processor and frame sampling."""
-    import torch
     import yaml
     # accelerate's name for an FSDP checkpoint's sharded model (a torch.distributed.checkpoint folder)
     from accelerate.utils.constants import FSDP_MODEL_NAME
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoProcessor
     from trl import get_peft_config
 
+    from avlabel.families import load_model
     from avlabel.infer.constrained import ANSWER_FILE
 
     from .sft import make_parser, method_of, sampling_config
@@ -113,23 +110,22 @@ def export_checkpoint(args: ExportArguments) -> Path:
     sharded = checkpoint / f"{FSDP_MODEL_NAME}_0"
     full = method_of(model_args) == "full"
     if full and not sharded.is_dir():  # a plain full checkpoint is a model folder already
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(base_id, revision=revision, dtype=torch.bfloat16)
+        model = load_model(checkpoint, dtype="bfloat16")
+    elif full or sharded.is_dir():
+        model = load_model(base_id, revision=revision, dtype="bfloat16")
+    else:  # a PEFT checkpoint folder is an adapter of the base model
+        model = load_model(base_id, revision=revision, dtype="bfloat16", adapter=checkpoint)
     if full and sharded.is_dir():
         result = model.load_state_dict(read_sharded_weights(sharded), strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{sharded}: {len(result.missing_keys)} weights missing, {len(result.unexpected_keys)} unexpected "
                              f"(e.g. {(result.missing_keys + result.unexpected_keys)[:3]})")
-    elif not full:
-        if sharded.is_dir():  # adapter weights only, as accelerate saves a PEFT model
-            model = get_peft_model(model, get_peft_config(model_args))
-            weights = read_sharded_weights(sharded)
-            result = set_peft_model_state_dict(model, weights)
-            if result.unexpected_keys or not weights:
-                raise ValueError(f"{sharded}: {len(result.unexpected_keys)} weights match no adapter layer")
-        else:
-            model = PeftModel.from_pretrained(model, str(checkpoint))
+    elif not full and sharded.is_dir():  # adapter weights only, as accelerate saves a PEFT model
+        model = get_peft_model(model, get_peft_config(model_args))
+        weights = read_sharded_weights(sharded)
+        result = set_peft_model_state_dict(model, weights)
+        if result.unexpected_keys or not weights:
+            raise ValueError(f"{sharded}: {len(result.unexpected_keys)} weights match no adapter layer")
         model = model.merge_and_unload()
     out = Path(args.output_dir) if args.output_dir else checkpoint / "merged"
     model.save_pretrained(out)

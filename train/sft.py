@@ -32,9 +32,6 @@ from avlabel.core.sampling import SamplingArguments
 
 logger = logging.getLogger(__name__)
 
-# Qwen2.5-VL's language-model projections; LoRA on these alone leaves the vision tower as it was.
-LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
 
 @dataclass
 class TrainScriptArguments(SamplingArguments):
@@ -102,37 +99,34 @@ def method_of(model_args) -> str:
 # ----------------------------------------------------------------------------- model
 
 
-def load_model(model_args, script_args, training_args):
+def load_training_model(model_args, script_args, training_args):
     """The model, loaded for the method: bf16/fp32, 4-bit for QLoRA, vision parts frozen on request."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import DistributedType
-    from transformers import AutoModelForImageTextToText
     from trl import get_quantization_config
 
-    quantization_config = get_quantization_config(model_args)
-    kwargs: dict[str, Any] = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
-        "trust_remote_code": training_args.trust_remote_code,
-    }
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-        # 4-bit weights are placed at load time: on this process's GPU, except under FSDP, which shards
-        # them itself (it then needs bnb_4bit_quant_storage equal to the dtype of the other weights).
-        state = PartialState()
-        if torch.cuda.is_available() and state.distributed_type != DistributedType.FSDP:
-            kwargs["device_map"] = {"": state.local_process_index}
-    model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, **kwargs)
+    from avlabel.families import family_of, load_model
 
-    visual = model.model.visual
-    if script_args.freeze_vision_tower:
-        for name, param in visual.named_parameters():
-            if not name.startswith("merger."):
-                param.requires_grad_(False)
-    if script_args.freeze_projector:
-        visual.merger.requires_grad_(False)
+    quantization_config = get_quantization_config(model_args)
+    device_map = None
+    # 4-bit weights are placed at load time: on this process's GPU, except under FSDP, which shards
+    # them itself (it then needs bnb_4bit_quant_storage equal to the dtype of the other weights).
+    if quantization_config is not None and torch.cuda.is_available():
+        state = PartialState()
+        if state.distributed_type != DistributedType.FSDP:
+            device_map = {"": state.local_process_index}
+    model = load_model(
+        model_args.model_name_or_path, revision=model_args.model_revision, dtype=model_args.dtype,
+        device_map=device_map, quantization_config=quantization_config,
+        attn_implementation=model_args.attn_implementation, trust_remote_code=training_args.trust_remote_code,
+    )
+
+    family = family_of(model)
+    for name, param in family.vision_tower(model).named_parameters():
+        frozen = script_args.freeze_projector if family.is_projector(name) else script_args.freeze_vision_tower
+        if frozen:
+            param.requires_grad_(False)
     if quantization_config is not None:
         prepare_kbit(model, script_args, training_args)
         if not torch.cuda.is_available():
@@ -191,11 +185,15 @@ def keep_frozen_vision_out_of_backward(model) -> bool:
     nothing uses. The projector may still train: its weight gradients need only its input.
     Returns whether a hook was removed.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = base.model.visual
-    if any(param.requires_grad for name, param in visual.named_parameters() if not name.startswith("merger.")):
+    from avlabel.families import family_of
+
+    family = family_of(model)
+    visual, embeddings = family.vision_tower(model), family.vision_input_embeddings(model)
+    if embeddings is None or any(
+        param.requires_grad for name, param in visual.named_parameters() if not family.is_projector(name)
+    ):
         return False
-    hooks = visual.get_input_embeddings()._forward_hooks
+    hooks = embeddings._forward_hooks
     hooked = [key for key, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]
     for key in hooked:
         del hooks[key]
@@ -214,10 +212,10 @@ def frozen_vision_callback():
     return FrozenVisionCallback()
 
 
-def default_lora_targets(model_args) -> None:
-    """LoRA on the language model's linear layers unless the recipe names targets (e.g. all-linear)."""
+def default_lora_targets(model_args, family) -> None:
+    """LoRA on the family's language-model layers unless the recipe names targets (e.g. all-linear)."""
     if model_args.use_peft and not model_args.lora_target_modules:
-        model_args.lora_target_modules = LANGUAGE_LINEAR_LAYERS
+        model_args.lora_target_modules = family.lora_target_modules
 
 
 # ----------------------------------------------------------------------------- data
@@ -349,10 +347,11 @@ def _last_logged(log_history: list[dict], key: str) -> float | None:
 def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     import torch
     import yaml
+    from transformers import AutoConfig, AutoProcessor
     from trl import get_peft_config
-    from transformers import AutoProcessor
 
     from avlabel.core.prompts import load_prompts
+    from avlabel.families import family_of
 
     from .collator import FrameCache, VideoSFTCollator
     from .export import export_model
@@ -362,7 +361,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     if not script_args.dataset_name:
         raise ValueError("dataset_name is required: the builder's dataset folder or a Hub dataset id")
     method = method_of(model_args)
-    default_lora_targets(model_args)
+    family = family_of(AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                  trust_remote_code=training_args.trust_remote_code))
+    default_lora_targets(model_args, family)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -388,7 +389,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    model = load_model(model_args, script_args, training_args)
+    model = load_training_model(model_args, script_args, training_args)
     quantization = quantization_summary(model)
     prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
     report_path = output_dir / "skipped.jsonl"
@@ -397,6 +398,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         processor=processor,
         prompts=prompts,
         frames=FrameCache(cache_dir, sampling_config(script_args, model.config, model_args.model_name_or_path)),
+        family=family,
         max_length=training_args.max_length,
         answer_format=script_args.answer_format,
         strict=script_args.strict,

@@ -64,11 +64,14 @@ class SamplingArguments:
         default=None, metadata={"help": "Most frames taken from one clip (unset: the model's own, else 768)."}
     )
     min_pixels: int | None = field(
-        default=None, metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else 128*28*28)."}
+        default=None,
+        metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else its family's: "
+                  "128*28*28 for Qwen2.5-VL, 128*32*32 for Qwen3-VL)."},
     )
     max_pixels: int | None = field(
         default=None,
-        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else 252x448 for 16:9)."},
+        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else its family's: "
+                  "252x448 for 16:9 with Qwen2.5-VL, 288x512 with Qwen3-VL)."},
     )
 
     def sampling_overrides(self) -> dict:
@@ -96,18 +99,19 @@ class SamplingConfig:
 
     @classmethod
     def for_model(cls, model_config, *sources: str | Path | None, **overrides) -> SamplingConfig:
-        """The sampling for a model: the `sampling_config.json` saved with it, else the defaults, then `overrides`.
+        """The sampling for a model: the `sampling_config.json` saved with it, else its family's defaults, then `overrides`.
 
         A model carries the sampling it was trained on, so captioning it with no settings
         given sees the frames training saw. `sources` are model folders or Hub ids, searched
         in order (an adapter before its base model); overrides that are None are ignored; the
-        patch factor always comes from the vision tower.
+        patch factor always comes from the model's family (avlabel/families).
         """
+        from avlabel.families import family_of
+
+        defaults = family_of(model_config).sampling_defaults(model_config)
         saved = next((found for found in map(_saved_sampling, filter(None, sources)) if found is not None), {})
-        vision = getattr(model_config, "vision_config", None)
-        factor = getattr(vision, "patch_size", 14) * getattr(vision, "spatial_merge_size", 2)
         given = {name: value for name, value in overrides.items() if value is not None}
-        return cls(**{**saved, **given, "factor": factor})
+        return cls(**{**defaults, **saved, **given, "factor": defaults["factor"]})
 
     def save(self, folder: str | Path) -> Path:
         """Write `sampling_config.json` into a model folder, next to its config.json."""

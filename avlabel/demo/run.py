@@ -5,7 +5,8 @@
     -> catalog query
 
 Everything runs on a CPU in a few minutes. The model is a *randomly initialised* tiny
-Qwen2.5-VL built locally, so the numbers show that the machinery learns what the pixels
+Qwen2.5-VL (the architecture of Cosmos Reason 1; `--family qwen3_vl`: Qwen3-VL, Cosmos
+Reason 2's) built locally, so the numbers show that the machinery learns what the pixels
 show, not how good Cosmos Reason is.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avlabel import recipes
+from avlabel.families import FAMILIES
 
 RECIPES = Path(recipes.__file__).parent  # recipes/ in a checkout, avlabel/recipes/ when installed
 # The closed questions whose answers the synthetic pixels determine: the demo's yardstick.
@@ -31,6 +33,11 @@ class DemoArguments:
     num_clips: int = field(default=240, metadata={"help": "Synthetic clips to draw."})
     test_clips: int = field(default=40, metadata={"help": "Clips held out for captioning and scoring."})
     seed: int = field(default=0, metadata={"help": "Seed of the clips, the model and training."})
+    family: str = field(
+        default="qwen2_5_vl",
+        metadata={"help": "Architecture of the tiny model: " + "; ".join(f"{name} for {f.title}" for name, f in FAMILIES.items()),
+                  "choices": list(FAMILIES)},
+    )
     recipe: str = field(default=str(RECIPES / "tiny" / "sft.yaml"), metadata={"help": "Training recipe for the tiny model."})
     max_steps: int | None = field(default=None, metadata={"help": "Cap the training steps (default: the recipe's epochs)."})
     judge_base_url: str | None = field(
@@ -97,8 +104,8 @@ def main(args: DemoArguments) -> dict:
     artifacts["dataset + card (load_dataset-ready)"] = dataset / "README.md"
     print(f"   {time.perf_counter() - t:.0f} s")
 
-    t = _step("3/8 Building a randomly initialised tiny Qwen2.5-VL (a test model, not Cosmos Reason)")
-    base = build_tiny_model(out / "tiny-model", seed=args.seed)
+    t = _step(f"3/8 Building a randomly initialised tiny {FAMILIES[args.family].title} (a test model, not Cosmos Reason)")
+    base = build_tiny_model(out / "tiny-model", family=args.family, seed=args.seed)
     artifacts["tiny base model"] = base
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())

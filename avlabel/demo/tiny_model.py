@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 from avlabel.core.sampling import SamplingConfig
+from avlabel.families import FAMILIES
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 TINY_SAMPLING = {"fps": 2.0, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
 TOKENIZERS = ("small", "qwen")
 
@@ -54,6 +54,25 @@ QWEN_SPECIAL_TOKENS = (
 # Qwen3 added these after the Qwen2.5 vocabulary (ids 151665-151668); Qwen2.5-VL lacks them.
 QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 QWEN25_VOCAB_END = 151665
+
+# What each family's tiny model has of its own, beside the shared text model (2 layers of width 128,
+# 4 heads of 32) and a 2-block vision tower of width 64: its vocabulary's later tokens, its
+# multimodal RoPE (the sections sum to head_dim / 2 = 16: temporal, height, width frequencies) and
+# its vision tower's structure. A new family adds an entry here.
+TINY = {
+    "qwen2_5_vl": {
+        "extra_tokens": (),
+        "text": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}},
+        "vision": {"tokens_per_second": 2, "window_size": 112, "fullatt_block_indexes": [1]},
+    },
+    "qwen3_vl": {
+        "extra_tokens": QWEN3_EXTRA_TOKENS,
+        # Qwen3-VL interleaves the t/h/w frequencies
+        "text": {"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
+                                                    "mrope_interleaved": True}},
+        "vision": {"num_position_embeddings": 256, "deepstack_visual_indexes": [0]},
+    },
+}
 
 SMALL_VOCAB_SIZE = 3000  # an upper bound: training stops once every word of the corpus is one token
 TEST_MODEL_NOTE = "randomly initialised test model: random weights, for tests and demos only; it has learned nothing"
@@ -85,8 +104,10 @@ CHAT_TEMPLATE = (
 @dataclass
 class TinyModelArguments:
     out_dir: str = field(default="tiny-models/qwen2_5_vl", metadata={"help": "Folder to write the checkpoint to."})
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = field(
-        default="qwen2_5_vl", metadata={"help": "Architecture: Qwen2.5-VL (Cosmos Reason 1) or Qwen3-VL."}
+    family: str = field(
+        default="qwen2_5_vl",
+        metadata={"help": "Architecture: " + "; ".join(f"{name} for {f.title}" for name, f in FAMILIES.items()) + ".",
+                  "choices": list(FAMILIES)},
     )
     tokenizer: Literal["small", "qwen"] = field(
         default="small",
@@ -181,7 +202,7 @@ def build_tokenizer(family: str = "qwen2_5_vl", kind: str = "small"):
 
     if kind not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {kind!r} (expected one of {', '.join(TOKENIZERS)})")
-    extra = QWEN3_EXTRA_TOKENS if family == "qwen3_vl" else ()
+    extra = TINY[family]["extra_tokens"]
     backend = _small_tokenizer(extra) if kind == "small" else _real_tokenizer(extra)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -210,15 +231,20 @@ def _token_ids(tokenizer) -> dict[str, int]:
     }
 
 
+def tiny_sizes(family: str) -> tuple[dict, dict]:
+    """The text and vision config values of a family's tiny model: 2 text layers of width 128 (4 heads of 32),
+    a 2-block vision tower of width 64, and the family's own structure (`TINY`)."""
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                **TINY[family]["text"])
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=FAMILIES[family].patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, **TINY[family]["vision"])
+    return text, vision
+
+
 def _config(family: str, vocab_size: int, ids: dict[str, int]):
-    """2 text layers of width 128 (4 heads of 32), a 2-block vision tower of width 64."""
-    text = dict(
+    text, vision = tiny_sizes(family)
+    text.update(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=8192,
         bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"],
@@ -226,59 +252,17 @@ def _config(family: str, vocab_size: int, ids: dict[str, int]):
         tie_word_embeddings=False,
     )
     top = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        # mrope_section sums to head_dim / 2 (32 / 2): temporal, height, width frequencies
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
-        vision = dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, tokens_per_second=2, window_size=112, fullatt_block_indexes=[1],
-            out_hidden_size=128,
-        )
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-
-        text["head_dim"] = 32
-        # Qwen3-VL interleaves the t/h/w frequencies; the sections still sum to head_dim / 2
-        text["rope_parameters"] = {
-            "rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True,
-        }
-        vision = dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
-            temporal_patch_size=2, num_position_embeddings=256, deepstack_visual_indexes=[0], out_hidden_size=128,
-        )
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **top)
-    raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
+    return FAMILIES[family].config_class(text_config=text, vision_config=vision, **top)
 
 
-def _processor(family: str, tokenizer):
+def _processor(family, tokenizer):
     """Processor with pixel limits for small clips: 4 to 64 merged tokens a frame (56x56 to 224x224 at factor 28).
 
     The stock limits (about 100k pixels minimum) would upscale a 112x112 clip to 336x336.
     """
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor as Processor
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
-        from transformers import Qwen2VLVideoProcessor as VideoProcessor
-
-        factor = 28
-    else:
-        from transformers import Qwen2VLImageProcessor as ImageProcessor
-        from transformers import Qwen3VLProcessor as Processor
-        from transformers import Qwen3VLVideoProcessor as VideoProcessor
-
-        factor = 32
+    factor = family.patch_size * family.merge_size
     limits = {"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor}
-    patch = factor // 2
-    image_processor = ImageProcessor(size=limits, patch_size=patch, merge_size=2, temporal_patch_size=2)
-    video_processor = VideoProcessor(
-        size=limits, patch_size=patch, merge_size=2, temporal_patch_size=2, fps=2.0, cap_pixels_per_frame=True
-    )
-    return Processor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
-    )
+    return family.make_processor(tokenizer, CHAT_TEMPLATE, size=limits, fps=2.0, cap_pixels_per_frame=True)
 
 
 def _readme(family: str, tokenizer_kind: str, seed: int, params: int) -> str:
@@ -296,8 +280,8 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", tokenizer:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r} (expected one of {', '.join(FAMILIES)})")
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r} (expected one of {', '.join(TINY)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(family, tokenizer)
@@ -315,7 +299,7 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_5_vl", tokenizer:
         do_sample=False,
     )
     model.save_pretrained(out)
-    _processor(family, tok).save_pretrained(out)
+    _processor(FAMILIES[family], tok).save_pretrained(out)
     # the small sampling that suits this model (4 frames of at most 112x112): training and
     # captioning both start from the model folder's sampling_config.json
     SamplingConfig.for_model(config, **TINY_SAMPLING).save(out)
