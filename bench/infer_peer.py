@@ -118,7 +118,13 @@ def vllm_timed(llm, inputs: list[dict], params: list) -> tuple[dict, list]:
 
 def run_vllm(args, text: str, clips: dict[str, range], lengths: dict[int, int], settings: GenerationSettings,
              attempts: Path) -> dict:
+    from transformers.processing_utils import ProcessorMixin
     from vllm import LLM, SamplingParams
+
+    # vLLM 0.22 tokenizes a prompt with its video placeholder but without the video (profiling, and its
+    # text-only path); transformers 5.24's processor input check refuses that ("Found 1 <|video_pad|> tokens
+    # in the text but no videos were passed"), so the check is skipped in this benchmark's process
+    ProcessorMixin.validate_inputs = lambda self, *args, **kwargs: None
 
     recipe = {"temperature": settings.temperature, "top_p": settings.top_p,
               "repetition_penalty": settings.repetition_penalty}
@@ -186,7 +192,8 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--model_dir", default="/dev/shm/peer_model", help="where the random model is saved for vLLM")
     parser.add_argument("--max_model_len", type=int, default=4096)
-    parser.add_argument("--gpu_memory_utilization", type=float, default=0.85)
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.6,
+                        help="vLLM's share of the GPU: 84 GB of an H200, room for a retry after a failed start")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "infer_peer.json"))
     parser.add_argument("--attempts_log", help="default: beside --out, <its name>_attempts.log")
     args = parser.parse_args()
