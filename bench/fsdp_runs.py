@@ -59,11 +59,12 @@ FIRST_STEPS, RESUMED_STEPS = 3, 5
 
 
 def model_config(tiny_dir: Path | None = None):
-    from transformers import AutoConfig
+    from transformers import AutoConfig, Qwen2_5_VLConfig
 
-    from bench.infer_7b import read_config
-
-    return AutoConfig.from_pretrained(tiny_dir) if tiny_dir is not None else read_config()
+    if tiny_dir is not None:
+        return AutoConfig.from_pretrained(tiny_dir)
+    values = json.loads((REPO / "bench" / "configs" / "qwen2_5_vl_7b.json").read_text())
+    return Qwen2_5_VLConfig(**{k: v for k, v in values.items() if not k.startswith("_")})
 
 
 def sampling_for(config):
@@ -118,13 +119,13 @@ def build_model(model_dir: Path, tiny: bool) -> None:
         return
     import torch
 
-    from avlabel.families import family_of
-    from bench.infer_7b import build_full_size, full_size_processor, read_config
+    from avlabel.families import FAMILIES
+    from bench.infer_7b import CONFIG, build_full_size, full_size_processor, read_config
 
-    config = read_config()
+    config = read_config(CONFIG)
     model = build_full_size(config, torch.device("cuda"))
     model.save_pretrained(model_dir)
-    full_size_processor(family_of(config)).save_pretrained(model_dir)
+    full_size_processor(FAMILIES[config.model_type]).save_pretrained(model_dir)
     del model
     torch.cuda.empty_cache()
 

@@ -63,7 +63,7 @@ def train_worker(args) -> dict:
 
     accelerator = Accelerator(cpu=args.tiny)
     device = accelerator.device
-    config = train_7b.model_config(train_7b.CONFIG, args.tiny)
+    config = train_7b.model_config(str(train_7b.ROOT / "configs" / "qwen2_5_vl_7b.json"), args.tiny)
     shape = train_7b.TINY_SHAPE if args.tiny else train_7b.SHAPE
     torch.manual_seed(0)
     model = train_7b.peft_language_lora(train_7b.build_model(config, device), bf16_adapters=False)
@@ -97,16 +97,16 @@ def infer_worker(args) -> dict:
 
     from bench import infer_7b
     from avlabel.core.prompts import load_prompts
-    from avlabel.families import family_of
+    from avlabel.families import FAMILIES
     from avlabel.infer.engine import CaptionEngine
     from avlabel.infer.inputs import ClipRef
     from avlabel.infer.settings import GenerationSettings
 
     state = PartialState(cpu=args.tiny)
-    config = infer_7b.read_config()
-    family = family_of(config)
+    config = infer_7b.read_config(infer_7b.CONFIG)
+    family = FAMILIES[config.model_type]
+    infer_7b.set_frame_shape(config, args.tiny)
     if args.tiny:
-        infer_7b.FRAME_SHAPE.update(frames=4, height=112, width=112)
         # save_pretrained writes on the main process only: it builds the model, then every process loads it
         with state.main_process_first():
             model, processor = infer_7b.build_tiny(Path(args.result).parent / "tiny_model", family)
