@@ -58,3 +58,18 @@ def synthetic_dataset_dir(synthetic_raw_dir, tmp_path_factory):
     result = build(BuildArguments(input=str(synthetic_raw_dir), output_dir=str(out), test_size=SYNTHETIC_TEST_CLIPS))
     assert not result.problems, result.problems
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`avlabel demo` as a newcomer runs it (minutes on 2 cores), made once for the tests that read its output.
+
+    Returns (output folder, what it printed)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout

@@ -1,8 +1,6 @@
 """The README's first command: the whole loop on synthetic clips, as a newcomer runs it."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,18 +11,9 @@ from avlabel.demo.run import VISUAL_FIELDS
 MARGIN = 0.2
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done.stdout
-
-
 @pytest.mark.timeout(1300)
-def test_fine_tuning_beats_the_untrained_model_and_the_majority_answer(demo):
-    out, _ = demo
+def test_fine_tuning_beats_the_untrained_model_and_the_majority_answer(demo_run):
+    out, _ = demo_run  # tests/conftest.py: one run per session
     accuracy = json.loads((out / "eval" / "visual_accuracy.json").read_text())
     for field in VISUAL_FIELDS:
         row = accuracy[field]
@@ -37,8 +26,8 @@ def test_fine_tuning_beats_the_untrained_model_and_the_majority_answer(demo):
 
 
 @pytest.mark.timeout(1300)
-def test_demo_writes_every_artifact_and_says_where(demo):
-    out, stdout = demo
+def test_demo_writes_every_artifact_and_says_where(demo_run):
+    out, stdout = demo_run
     html = (out / "eval" / "report.html").read_text()
     assert "<table" in html and "fine-tuned" in html and "weather" in html
     assert (out / "eval" / "deterministic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

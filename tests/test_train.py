@@ -360,9 +360,10 @@ def test_export_merges_a_checkpoint_sharded_or_not(runs, method, tmp_path):
         assert torch.equal(expected[name], got[name]), name
     final = load_file(run / "merged" / "model.safetensors")
     assert any(not torch.equal(final[name], got[name]) for name in got)
-    for folder in (plain, sharded):
-        assert (folder / "sampling_config.json").read_text() == (run / "merged" / "sampling_config.json").read_text()
-        assert (folder / "processor_config.json").exists()
+    for folder in (plain, sharded):  # the same processor, frame sampling (also for transformers) and prompts
+        for name in ("sampling_config.json", "processor_config.json", "prompts.json"):
+            assert (folder / name).read_text() == (run / "merged" / name).read_text(), name
+        assert json.loads((folder / "processor_config.json").read_text())["video_processor"]["do_sample_frames"] is True
     if method == "full":  # the plain export is the checkpoint's weights, in bf16
         saved = load_file(checkpoint / "model.safetensors")
         assert all(torch.equal(expected[name], saved[name].to(torch.bfloat16)) for name in saved)
