@@ -1,16 +1,10 @@
 #!/usr/bin/env bash
-<<<<<<< HEAD
-# Installs what the project needs, once: system packages (FFmpeg for torchcodec, Chromium for
-# the catalog's screenshot test), the Python package with its test extras, and a Label Studio
-# server for the review round-trip test. Re-running is cheap: it skips everything when
-# pyproject.toml hasn't changed since the last install.
-=======
 # Installs what this project's machines need, once: system packages (FFmpeg for torchcodec,
-# Chromium for the catalog's screenshot test), this machine's exact torch, and the package in
-# editable mode with every extra (catalog, judge, dev: what CI tests). The package itself only
-# asks for ranges (pyproject.toml), so `pip install avlabel` elsewhere keeps the user's torch.
-# Re-running is cheap: it skips everything when pyproject.toml hasn't changed since the last install.
->>>>>>> e20af34 (Package: dependency ranges, Python 3.11, extras (catalog, judge, dev) with one-line errors; metric carries generated copies of the schema and metrics; wheel and extras tests)
+# Chromium for the catalog's screenshot test), this machine's exact torch, the package in editable
+# mode with every extra (catalog, judge, dev: what CI tests), and a Label Studio server for the
+# review round-trip test. The package itself only asks for ranges (pyproject.toml), so
+# `pip install avlabel` elsewhere keeps the user's torch. Re-running is cheap: it skips everything
+# when pyproject.toml hasn't changed since the last install.
 set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."

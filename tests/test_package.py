@@ -187,7 +187,7 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
                 tmp_path, {**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "avlabel judge: the LLM judge needs the 'judge' extra (openai is not installed): pip install 'avlabel[judge]'")
+        "avlabel judge: error: the LLM judge needs the 'judge' extra (openai is not installed): pip install 'avlabel[judge]'")
     assert "Traceback" not in done.stderr
 
 

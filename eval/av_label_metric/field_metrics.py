@@ -54,7 +54,7 @@ def prediction_from_raw(clip_id: str, raw: Any, valid: bool | None = None) -> Pr
 def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Prediction:
     """A label the model wrote as JSON text; text that is not JSON is an invalid answer, not an input error."""
     try:
-        raw = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        raw = json.loads((text.decode("utf-8") if isinstance(text, bytes) else text).removeprefix("\ufeff"))
     except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return Prediction(clip_id, errors={schema.WHOLE_LABEL: [f"{source}: not valid JSON ({err})"]})
     return prediction_from_raw(clip_id, raw)

@@ -318,14 +318,47 @@ def normalize_label(raw: Any, source: str | None = None) -> dict[str, Any]:
     return label
 
 
-def load_label_file(path: str | Path) -> dict[str, Any]:
-    """Read and normalise a `<id>.label.json` file; errors name the file."""
-    path = Path(path)
+def split_extra(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the schema's fields, the keys beyond them): real annotation exports carry more, e.g. object lists."""
+    return ({k: v for k, v in raw.items() if k in FIELDS_BY_NAME}, {k: v for k, v in raw.items() if k not in FIELDS_BY_NAME})
+
+
+def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
+    """A human label as exports write it: (label, extra keys, None), or (None, {}, why it can't be used).
+
+    `source` is a label file, its JSON text, or the object. A UTF-8 byte-order mark (Windows tools
+    write one) is stripped. Keys beyond the schema are returned apart, never a reason to refuse the
+    label, unless `strict`. The reasons are the builder's report lines (the README lists them).
+    """
+    raw = source
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LabelError({WHOLE_LABEL: [f"is not valid JSON ({err})"]}, str(path)) from None
-    return normalize_label(raw, str(path))
+        if isinstance(raw, Path):
+            raw = raw.read_bytes().decode("utf-8")
+        if isinstance(raw, str):
+            raw = json.loads(raw.removeprefix("\ufeff"))
+    except OSError as err:
+        return None, {}, f"can't be read ({err.strerror})"
+    except UnicodeDecodeError:
+        return None, {}, "is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return None, {}, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    if not isinstance(raw, dict):
+        return None, {}, f"is not a JSON object (got {type(raw).__name__})"
+    fields, extra = split_extra(raw)
+    if strict and extra:
+        return None, {}, f"has keys beyond the schema: {', '.join(extra)} (refused by --strict)"
+    label, problems = check_label(fields)
+    if problems:
+        return None, {}, "; ".join(f"{name} {', '.join(msgs)}" for name, msgs in problems.items())
+    return label, extra, None
+
+
+def load_label_file(path: str | Path) -> dict[str, Any]:
+    """Read and normalise a `<id>.label.json` file (keys beyond the schema dropped); errors name the file."""
+    label, _, reason = read_label(Path(path))
+    if reason:
+        raise LabelError({WHOLE_LABEL: [reason]}, str(path))
+    return label
 
 
 def label_to_json(label: dict[str, Any], indent: int | None = None) -> str:
