@@ -118,12 +118,19 @@ def test_transformers_frame_positions_are_within_one_interval_of_the_projects():
 
 @pytest.mark.slow
 def test_the_cards_snippet_reproduces_the_projects_captions(demo_run, hub, tmp_path):
-    """The demo's fine-tuned model, published; its card's snippet, run without avlabel on the demo's clips."""
+    """The demo's fine-tuned model, published; its card's snippet, run without avlabel on the demo's clips.
+
+    The snippet loads the weights as saved (`dtype="auto"`: bf16), so the project captions the same
+    clips in bf16 too, greedily and with the same token limit, as on a GPU.
+    """
     from huggingface_hub import HfApi, hf_hub_download
     from transformers import AutoConfig, AutoProcessor
 
     from avlabel.core.sampling import SamplingConfig, sample_frames
     from avlabel.hub.publish import publish_model
+    from avlabel.infer.caption import CaptionArguments
+    from avlabel.infer.caption import main as caption
+    from avlabel.infer.settings import GenerationSettings
 
     out, _ = demo_run
     merged = out / "sft" / "merged"
@@ -132,8 +139,12 @@ def test_the_cards_snippet_reproduces_the_projects_captions(demo_run, hub, tmp_p
     snippet = snippet_of(Path(hf_hub_download(repo, "README.md")).read_text(encoding="utf-8"))
     assert '"clip.mp4"' in snippet and "avlabel" not in snippet
 
-    records = [json.loads(line) for line in (out / "captions" / "fine-tuned" / "captions.jsonl").read_text().splitlines()]
-    records = sorted(records, key=lambda r: r["clip_id"])[:SNIPPET_CLIPS]
+    short = json.loads((out / "sft" / "train_results.json").read_text())["short_prompt"]
+    caption(CaptionArguments(input=str(out / "dataset"), split="test", output_dir=str(tmp_path / "captions"),
+                             model=str(merged), short_prompt=short, dtype="bfloat16", limit=SNIPPET_CLIPS,
+                             batch_size=SNIPPET_CLIPS, num_workers=0),
+            GenerationSettings(temperature=0.0))
+    records = [json.loads(line) for line in (tmp_path / "captions" / "captions.jsonl").read_text().splitlines()]
     (tmp_path / "snippet.py").write_text(snippet, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", RUNNER, "snippet.py", ",".join(PROJECT_MODULES),
@@ -143,6 +154,7 @@ def test_the_cards_snippet_reproduces_the_projects_captions(demo_run, hub, tmp_p
     answers = json.loads(done.stdout.splitlines()[-1])
 
     expected = [r["raw"] for r in records]
+    assert len(records) == SNIPPET_CLIPS
     assert len(set(expected)) > 1, "the demo model answers every clip alike: the comparison would show nothing"
     assert answers == expected
 
