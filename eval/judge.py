@@ -348,7 +348,9 @@ class Judge:
         return out
 
     def _client(self, stats: JudgeStats):
-        import openai
+        from avlabel.extras import require
+
+        openai = require("openai", "judge", "the LLM judge")
 
         async def count_request(request) -> None:
             stats.http_requests += 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME
+from avlabel.infer.settings import GenerationSettings
 
 TEMPLATES = Path(__file__).parent  # model_card.md.jinja, eval_card.md.jinja (package data)
 TASK_TYPE = "video-text-to-text"
@@ -333,6 +334,7 @@ def model_card(
         f"--model {model_ref} --adapter {repo_id}" if weights == "adapter" else f"--model {repo_id}")
     if train.get("short_prompt"):
         caption_command += " --short_prompt"
+    decoding = GenerationSettings()  # the snippet decodes as `avlabel caption` does, greedily
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "model_card.md.jinja"),
@@ -345,6 +347,9 @@ def model_card(
         base_model_ref=model_ref,
         processor_ref=repo_id if processor_in_repo else model_ref,
         caption_command=caption_command,
+        answer_format=train.get("answer_format"),
+        repetition_penalty=decoding.repetition_penalty,
+        max_new_tokens=decoding.max_new_tokens,
         prompt_kind="the short prompt" if train.get("short_prompt") else "the full rubric",
         prompt_sha=train.get("prompt_sha", "unknown"),
         field_count=len(FIELD_NAMES),

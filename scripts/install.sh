@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs what the project needs, once: system packages (FFmpeg for torchcodec, Chromium for
-# the catalog's screenshot test), the Python package with its test extras, and a Label Studio
-# server for the review round-trip test. Re-running is cheap: it skips everything when
-# pyproject.toml hasn't changed since the last install.
+# Installs what this project's machines need, once: system packages (FFmpeg for torchcodec,
+# Chromium for the catalog's screenshot test), this machine's exact torch, the package in editable
+# mode with every extra (catalog, judge, dev: what CI tests), and a Label Studio server for the
+# review round-trip test. The package itself only asks for ranges (pyproject.toml), so
+# `pip install avlabel` elsewhere keeps the user's torch. Re-running is cheap: it skips everything
+# when pyproject.toml hasn't changed since the last install.
 set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
@@ -26,9 +28,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# torch first and pinned: pip takes these two wheels from the machine's local disk
+# torch first and pinned to this machine's build: pip takes these two wheels from the local disk
 python3 -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+python3 -m pip install -q --disable-pip-version-check -e ".[catalog,judge,dev]"
 
 if [ ! -x "$label_studio_venv/bin/label-studio" ]; then
     python3 -m venv "$label_studio_venv"

@@ -76,3 +76,30 @@ def synthetic_dataset_dir(synthetic_raw_dir, tmp_path_factory):
     result = build(BuildArguments(input=str(synthetic_raw_dir), output_dir=str(out), test_size=SYNTHETIC_TEST_CLIPS))
     assert not result.problems, result.problems
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_of(tmp_path_factory):
+    """`avlabel demo --family F` as a newcomer runs it (minutes on 2 cores), made once per family for the tests
+    that read its output. Returns a function of the family giving (output folder, what it printed)."""
+    import subprocess
+    import sys
+
+    runs = {}
+
+    def run(family: str = "qwen2_5_vl"):
+        if family not in runs:
+            out = tmp_path_factory.mktemp(f"demo_{family}") / "demo_output"
+            done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family", family],
+                                  capture_output=True, text=True, timeout=1200)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            runs[family] = out, done.stdout
+        return runs[family]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_of):
+    """The default demo (Qwen2.5-VL, Cosmos Reason 1's architecture): (output folder, what it printed)."""
+    return demo_of()

@@ -5,8 +5,6 @@ Each run takes minutes on a CPU, over the quick loop's budget: the whole module 
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -18,16 +16,10 @@ pytestmark = pytest.mark.slow  # the whole loop: minutes
 # untrained one gets 0% and the most common answer 22-45%. The test asks for a clear margin.
 MARGIN = 0.2
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def demo(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"demo_{request.param}") / "demo_output"
-    done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family", request.param],
-                          capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out, done.stdout
+def demo(request, demo_of):
+    return demo_of(request.param)  # tests/conftest.py: one run per family and session
 
 
 @pytest.mark.timeout(1300)

@@ -381,10 +381,10 @@ def test_export_merges_a_checkpoint_sharded_or_not(runs, family, method, tmp_pat
         assert torch.equal(expected[name], got[name]), name
     final = load_file(run / "merged" / "model.safetensors")
     assert any(not torch.equal(final[name], got[name]) for name in got)
-    for folder in (plain, sharded):
-        for saved_with_the_model in ("sampling_config.json", "answer_config.json"):
-            assert (folder / saved_with_the_model).read_text() == (run / "merged" / saved_with_the_model).read_text()
-        assert (folder / "processor_config.json").exists()
+    for folder in (plain, sharded):  # the same processor, frame sampling (also for transformers), prompts, answer layout
+        for name in ("sampling_config.json", "processor_config.json", "prompts.json", "answer_config.json"):
+            assert (folder / name).read_text() == (run / "merged" / name).read_text(), name
+        assert json.loads((folder / "processor_config.json").read_text())["video_processor"]["do_sample_frames"] is True
     if method == "full":  # the plain export is the checkpoint's weights, in bf16
         saved = load_file(checkpoint / "model.safetensors")
         assert all(torch.equal(expected[name], saved[name].to(torch.bfloat16)) for name in saved)

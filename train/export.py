@@ -1,7 +1,8 @@
 """What a run leaves behind for inference: the adapter (LoRA, QLoRA) and a merged bf16 model.
 
 `merged/` is a plain checkpoint plus the processor, so `from_pretrained` (and the `infer`
-package) load it like the base model. An adapter trained on 4-bit weights is merged into
+package) load it like the base model; the processor samples frames as training did, also in
+plain transformers (`save_processor`). An adapter trained on 4-bit weights is merged into
 the base model's bf16 weights, as QLoRA intends: the 4-bit copy was only a training aid.
 
 A run exports its last step itself. Any `checkpoint-N` of it, sharded by FSDP or not, is
@@ -12,25 +13,52 @@ exported the same way, on the CPU, with
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avlabel.core.prompts import Prompts
+from avlabel.core.sampling import SamplingConfig
 
-def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, processor=None, revision: str = "main") -> Path:
+
+def save_processor(processor, folder: str | Path, sampling: SamplingConfig, prompts: Prompts) -> None:
+    """Save, beside a model, the processor set to the trained frame sampling, the sampling and the prompts.
+
+    The video processor's config gets the trained fps, frame limits and pixel budget with
+    `do_sample_frames: true`, where plain transformers reads them: `AutoProcessor.from_pretrained`
+    on a clip path (the model card's snippet) then takes the trained number of frames at the
+    trained size. Its frame positions are transformers' own and can differ a little from
+    `sample_frames`' (README, "Using the model without avlabel"). `sampling_config.json` keeps the
+    exact settings for avlabel, `prompts.json` the prompts the model learned to answer.
+    """
+    from transformers import Qwen2VLVideoProcessor
+
+    processor = copy.deepcopy(processor)  # the run's own processor keeps sampling nothing itself
+    video = processor.video_processor
+    video.do_sample_frames = True
+    video.fps, video.min_frames, video.max_frames = sampling.fps, sampling.min_frames, sampling.max_frames
+    if isinstance(video, Qwen2VLVideoProcessor):  # Qwen2-VL, Qwen2.5-VL: a per-frame budget, as sample_frames'
+        video.size = {"shortest_edge": sampling.min_pixels, "longest_edge": sampling.max_pixels}
+    processor.save_pretrained(folder)
+    sampling.save(folder)
+    prompts.save(folder)
+
+
+def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, revision: str = "main") -> Path:
     """Load `base_model` in bf16 on the CPU, fold the adapter into it and save it to `out_dir`."""
     from avlabel.families import load_model
 
     merged = load_model(base_model, revision=revision, dtype="bfloat16", adapter=adapter_dir)
     merged.save_pretrained(out_dir)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
     return Path(out_dir)
 
 
-def export_model(trainer, processor, model_args, output_dir: Path, method: str, merged: bool = True) -> None:
-    """Write `adapter/` (PEFT runs) and `merged/`. Every process calls this: FSDP gathers the weights."""
+def export_model(trainer, processor, model_args, output_dir: Path, method: str, sampling: SamplingConfig,
+                 prompts: Prompts, merged: bool = True) -> None:
+    """Write `adapter/` (PEFT runs) and `merged/`, each with the processor, the frame sampling and the prompts
+    (`save_processor`). Every process calls this: FSDP gathers the weights."""
     import torch
 
     is_main = trainer.accelerator.is_main_process
@@ -46,13 +74,14 @@ def export_model(trainer, processor, model_args, output_dir: Path, method: str, 
         adapter_dir = output_dir / "adapter"
         if is_main:
             model.save_pretrained(adapter_dir, state_dict=state_dict)  # PEFT keeps only the adapter's weights
-            processor.save_pretrained(adapter_dir)
+            save_processor(processor, adapter_dir, sampling, prompts)
             if merged:
-                merge_adapter(model_args.model_name_or_path, adapter_dir, output_dir / "merged", processor, model_args.model_revision)
+                merge_adapter(model_args.model_name_or_path, adapter_dir, output_dir / "merged", model_args.model_revision)
+                save_processor(processor, output_dir / "merged", sampling, prompts)
     elif is_main:
         state_dict = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
         model.save_pretrained(output_dir / "merged", state_dict=state_dict)
-        processor.save_pretrained(output_dir / "merged")
+        save_processor(processor, output_dir / "merged", sampling, prompts)
         # save_pretrained records the dtype of the parameters in memory (fp32 master weights)
         config = type(model.config).from_pretrained(output_dir / "merged")
         for part in (config, *(getattr(config, name) for name in config.sub_configs)):
@@ -87,7 +116,8 @@ def read_sharded_weights(folder: Path) -> dict:
 
 
 def export_checkpoint(args: ExportArguments) -> Path:
-    """Merge `args.checkpoint` into a bf16 model with the run's processor and frame sampling."""
+    """Merge `args.checkpoint` into a bf16 model with the run's processor, frame sampling, prompts and answer layout."""
+    import torch
     import yaml
     # accelerate's name for an FSDP checkpoint's sharded model (a torch.distributed.checkpoint folder)
     from accelerate.utils.constants import FSDP_MODEL_NAME
@@ -95,6 +125,7 @@ def export_checkpoint(args: ExportArguments) -> Path:
     from transformers import AutoProcessor
     from trl import get_peft_config
 
+    from avlabel.core.prompts import load_prompts
     from avlabel.families import load_model
     from avlabel.infer.constrained import ANSWER_FILE
 
@@ -129,8 +160,9 @@ def export_checkpoint(args: ExportArguments) -> Path:
         model = model.merge_and_unload()
     out = Path(args.output_dir) if args.output_dir else checkpoint / "merged"
     model.save_pretrained(out)
-    AutoProcessor.from_pretrained(base_id, revision=revision).save_pretrained(out)
-    sampling_config(script_args, model.config, base_id).save(out)
+    prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
+    save_processor(AutoProcessor.from_pretrained(base_id, revision=revision), out,
+                   sampling_config(script_args, model.config, base_id), prompts)
     answer = checkpoint.parent / ANSWER_FILE  # written by training: the answer layout and text limits
     if answer.exists():
         shutil.copy(answer, out / ANSWER_FILE)

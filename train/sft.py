@@ -437,11 +437,12 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
             eval_loss = trainer.evaluate()["eval_loss"]
 
     trainer.save_state()  # trainer_state.json: the whole log history
-    export_model(trainer, processor, model_args, output_dir, method, merged=script_args.export_merged)
+    # the exported model carries its frames (captioning it uses them by default) and its prompts
+    export_model(trainer, processor, model_args, output_dir, method, collator.frames.sampling, prompts,
+                 merged=script_args.export_merged)
     if is_main:
         for folder in (output_dir / "adapter", output_dir / "merged"):
-            if folder.is_dir():  # the exported model carries its frames and answer layout: captioning uses them
-                collator.frames.sampling.save(folder)
+            if folder.is_dir():  # the exported model carries its answer layout: constrained captioning uses it
                 answer.save(folder)
         plot_loss(log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
         # the Trainer's own metrics (train_loss over every step, a resumed run's included; runtime, flos)

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, Callable, Iterable
 
+from avlabel.extras import MissingExtra
+
 DEBUG_ENV = "AVLABEL_DEBUG"
 
 
@@ -50,8 +52,9 @@ def run(function: Callable[..., Any], *args: Any, prog: str) -> Any:
         if debugging():
             raise
         message = one_line(err) or type(err).__name__
-        # errors the user can cause are ValueErrors (ours) or OSErrors (a file); anything else is ours to fix
-        if not isinstance(err, (ValueError, OSError)):
+        # errors the user can cause are ValueErrors (ours), OSErrors (a file) or a missing extra (its
+        # message names the pip command); anything else is ours to fix
+        if not isinstance(err, (ValueError, OSError, MissingExtra)):
             message = f"{type(err).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(getattr(err, "exit_code", 1)) from None

@@ -9,6 +9,7 @@ metrics at once. Users can replace either prompt with a file of their own.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ def rubric_prompt() -> str:
 SHORT_PROMPT = "Label this driving clip as JSON with the usual keys."
 
 
+PROMPTS_FILE = "prompts.json"  # in a model folder: the prompts it was trained with
+
+
 @dataclass(frozen=True)
 class Prompts:
     system: str
@@ -68,6 +72,13 @@ class Prompts:
     def sha(self) -> str:
         """A short stable hash: captions and judge scores record which prompts made them."""
         return hashlib.sha256(f"{self.system}\x00{self.user}".encode()).hexdigest()[:12]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `prompts.json` ({"system", "user"}) into a model folder, for users of the model without avlabel."""
+        path = Path(folder) / PROMPTS_FILE
+        path.write_text(json.dumps({"system": self.system, "user": self.user}, indent=2, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
+        return path
 
 
 def load_prompts(system_file: str | Path | None = None, user_file: str | Path | None = None, short: bool = False) -> Prompts:

@@ -79,6 +79,7 @@ def main(args: DemoArguments) -> dict:
     from avlabel.demo.synthetic import generate
     from avlabel.eval.compare import compare_runs
     from avlabel.eval.judge import JudgeConfig
+    from avlabel.extras import MissingExtra
     from avlabel.hub.publish import publish_dataset, publish_model
     from avlabel.infer.caption import CaptionArguments
     from avlabel.infer.caption import main as caption
@@ -168,8 +169,12 @@ def main(args: DemoArguments) -> dict:
     db = out / "catalog.sqlite"
     index_run(db, runs["fine-tuned"] / "captions.jsonl", run="fine-tuned")
     index_dataset(db, dataset, name="human")
-    embed_pending(db)
     query = dict(where=["lighting=Night (well-lit by streetlights)"], semantic="a pedestrian crossing in front of the car")
+    try:
+        embed_pending(db)
+    except MissingExtra as err:  # the embedding model is an extra: without it, search by the fields alone
+        print(f"   {err}; searching by fields only")
+        del query["semantic"]
     print(f"   query: {query}")
     found = search(db, **query, limit=8)
     print_result(found)

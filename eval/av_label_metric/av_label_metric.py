@@ -1,8 +1,11 @@
 """`evaluate` metric for dashcam clip labels: deterministic per-field metrics, optional LLM judge.
 
-Load it from this folder: `evaluate.load("path/to/eval/av_label_metric")`. The metrics are the
-project's own (eval/metrics.py and eval/judge.py), so the `avlabel` package (or the repository
-root) must be importable. See README.md beside this file for the keys `compute` returns.
+Load it from this folder or its Hub repository: `evaluate.load("path/to/av_label_metric")`. It needs
+only `evaluate` and the packages imported below. The metrics are the project's own code:
+`field_metrics.py` and `label_schema.py` beside this file are generated from the `avlabel`
+package (`python -m avlabel.eval.metric_bundle`), so they compute what `avlabel metrics` does.
+The optional LLM judge is the project's judge and needs `pip install 'avlabel[judge]'`.
+See README.md beside this file for the keys `compute` returns.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ import datasets
 import evaluate
 import numpy as np
 
-from avlabel.core import schema
-from avlabel.eval.data import prediction_from_json
-from avlabel.eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
-from avlabel.eval.metrics import evaluate_predictions
+# field_metrics imports these where it computes. Imported here too, `evaluate` sees them (it reads
+# this file's top-level import lines) and names what to install before anything runs; a "From:"
+# comment gives the pip name where it differs from the module's. Other comments on these lines
+# would be taken for pip names.
+import rouge_score
+import sacrebleu
+import sklearn  # From: scikit-learn
+
+from .field_metrics import evaluate_predictions, prediction_from_json
+from .label_schema import normalize_label
 
 _DESCRIPTION = """
 Compares a model's labels of driving clips with human labels, field by field, using the schema of
@@ -33,9 +42,9 @@ Args:
     predictions (list of str): the model's labels, each a JSON object as text. Text that is not
         JSON, or fields that do not validate, count as missing answers (scored as wrong).
     references (list of str): the human labels, JSON objects as text; each must be a valid label.
-    judge (dict or JudgeConfig, optional): judge settings (the `judge_*` options of
+    judge (dict or avlabel JudgeConfig, optional): judge settings (the `judge_*` options of
         `avlabel judge`, e.g. {"judge_model": "gpt-5", "judge_base_url": ..., "judge_cache": ...}).
-        Without it no network is used.
+        Needs `pip install 'avlabel[judge]'`. Without it no network is used.
 Returns:
     dict with "n", "json_valid_rate" and, for every field F, "F/<metric>" keys (see README.md),
     plus "F/judge_score" and "judge/*" when a judge is given.
@@ -74,11 +83,11 @@ class AvLabelMetric(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions: list[str], references: list[str], judge: dict | JudgeConfig | None = None) -> dict[str, Any]:
+    def _compute(self, predictions: list[str], references: list[str], judge: dict | Any = None) -> dict[str, Any]:
         refs = []
         for index, text in enumerate(references):
             try:
-                refs.append(schema.normalize_label(json.loads(text), source=f"references[{index}]"))
+                refs.append(normalize_label(json.loads(text), source=f"references[{index}]"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"references[{index}]: not valid JSON ({err})") from None
         preds = [prediction_from_json(str(i), text, f"predictions[{i}]") for i, text in enumerate(predictions)]
@@ -87,20 +96,30 @@ class AvLabelMetric(evaluate.Metric):
         for name, fields in run.to_dict()["fields"].items():
             _flatten(name, {k: v for k, v in fields.items() if k not in ("kind", "metric", "value")}, out)
         if judge is not None:
-            config = judge if isinstance(judge, JudgeConfig) else JudgeConfig(**judge)
-            judge_obj = Judge(config)
-            try:
-                judgments = judge_obj.judge([JudgeItem(p.clip_id, r, p.label) for r, p in zip(refs, preds)])
-            finally:
-                judge_obj.close()
-            scores = score_arrays(judgments, [p.clip_id for p in preds])
-            for name, values in scores.items():
-                scored = values[~np.isnan(values)]  # unscored judgments are left out, never counted
-                out[f"{name}/judge_score"] = float(scored.mean()) if len(scored) else None
-                out[f"{name}/judge_unscored"] = int(len(values) - len(scored))
-            stats = judge_obj.last
-            out |= {"judge/model": config.judge_model, "judge/prompt_sha": judge_obj.prompt_sha,
-                    "judge/calls": stats.calls, "judge/cached": stats.cached,
-                    "judge/prompt_tokens": stats.prompt_tokens, "judge/completion_tokens": stats.completion_tokens,
-                    "judge/cost_usd": stats.cost_usd}
+            out |= _judge_scores(refs, preds, judge)
         return out
+
+
+def _judge_scores(refs: list[dict], preds: list, judge) -> dict[str, Any]:
+    """Scores of the project's LLM judge; imported here only, so the metric loads without it."""
+    try:
+        from avlabel.eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
+    except ImportError:
+        raise ImportError("judge=... uses the avlabel LLM judge: pip install 'avlabel[judge]'") from None
+
+    config = judge if isinstance(judge, JudgeConfig) else JudgeConfig(**judge)
+    judge_obj = Judge(config)
+    try:
+        judgments = judge_obj.judge([JudgeItem(p.clip_id, r, p.label) for r, p in zip(refs, preds)])
+    finally:
+        judge_obj.close()
+    out: dict[str, Any] = {}
+    for name, values in score_arrays(judgments, [p.clip_id for p in preds]).items():
+        scored = values[~np.isnan(values)]  # unscored judgments are left out, never counted
+        out[f"{name}/judge_score"] = float(scored.mean()) if len(scored) else None
+        out[f"{name}/judge_unscored"] = int(len(values) - len(scored))
+    stats = judge_obj.last
+    return out | {"judge/model": config.judge_model, "judge/prompt_sha": judge_obj.prompt_sha,
+                  "judge/calls": stats.calls, "judge/cached": stats.cached,
+                  "judge/prompt_tokens": stats.prompt_tokens, "judge/completion_tokens": stats.completion_tokens,
+                  "judge/cost_usd": stats.cost_usd}
