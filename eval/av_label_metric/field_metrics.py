@@ -17,16 +17,17 @@ from . import label_schema as schema
 from .label_schema import LabelField
 
 
-def statistic(scores: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Mean over the last axis ignoring NaN; with `groups`, the mean of the per-group means."""
-    scores = np.asarray(scores, dtype=float)
+def statistic(scores: np.ndarray, groups: np.ndarray | None = None, axis: int = -1) -> np.ndarray:
+    """Mean along `axis` ignoring NaN; with `groups`, the mean of the per-group means."""
+    scores = np.moveaxis(np.asarray(scores, dtype=float), axis, -1)
     valid = ~np.isnan(scores)
     filled = np.where(valid, scores, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if groups is None:
             return filled.sum(-1) / valid.sum(-1)
+        groups = np.moveaxis(np.asarray(groups), axis, -1)
         means = [
-            (filled * (groups == g)).sum(-1) / (valid & (groups == g)).sum(-1) for g in np.unique(groups)
+            (filled * (groups == group)).sum(-1) / (valid & (groups == group)).sum(-1) for group in np.unique(groups)
         ]
         with warnings.catch_warnings():  # a resample may lack a class: that class is left out
             warnings.simplefilter("ignore", RuntimeWarning)
