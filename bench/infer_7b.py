@@ -24,6 +24,7 @@ the tiny test model of the config's family, to check the script before spending 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -44,6 +45,7 @@ from avlabel.core.sampling import ClipInfo, SampledClip, SamplingConfig, resized
 from avlabel.families import FAMILIES
 from avlabel.infer.engine import CaptionEngine, ClipPreparer, chat_text
 from avlabel.infer.inputs import ClipRef
+from avlabel.infer.parse import parse_output
 from avlabel.infer.settings import GenerationSettings
 
 CONFIG = REPO / "bench" / "configs" / "qwen2_5_vl_7b.json"
@@ -195,13 +197,17 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
     reset_peak()
     sync()
     start = time.perf_counter()
-    done = 0
+    done = tokens = 0
     for results in engine.run(refs, num_workers=workers, load_frames=load_frames):
         for clip, generation, error, _ in results:
             if error is not None:
                 raise RuntimeError(f"{clip.clip_id}: {error}")
             index = int(clip.clip_id.rsplit("-", 1)[1])
-            assert len(generation.tokens) == (settings.max_new_tokens if lengths is None else lengths[index])
+            if settings.constrained:  # the grammar ends the answer; the budget bounds it
+                assert parse_output(generation.text).valid and len(generation.tokens) <= settings.max_new_tokens, clip.clip_id
+            else:
+                assert len(generation.tokens) == (settings.max_new_tokens if lengths is None else lengths[index])
+            tokens += len(generation.tokens)
             done += 1
     sync()
     seconds = time.perf_counter() - start
@@ -210,6 +216,8 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
     return {
         **rates(done, seconds),
         "peak_gib": peak_gib(),
+        "constrained": settings.constrained,
+        "completion_tokens_per_clip": round(tokens / done, 1),
         "batch": max(t["rows"] for t in timings),
         "prefill_batch": prefill,
         "cuda_graphs": all(t["cuda_graphs"] for t in timings),
@@ -238,6 +246,8 @@ def main() -> None:
     parser.add_argument("--no_cuda_graphs", action="store_true")
     parser.add_argument("--compare_vision_attention", action="store_true",
                         help="also run the first batch size with transformers' per-window vision attention")
+    parser.add_argument("--constrained", action="store_true",
+                        help="also run the first batch size with schema-constrained decoding (same budget)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "infer_7b.json"))
     args = parser.parse_args()
 
@@ -267,21 +277,31 @@ def main() -> None:
     result["baseline"] = baseline(model, preparer, settings, args.baseline_clips, args.tokens)
     print(json.dumps(result["baseline"]), flush=True)
     runs = []
-    variants = [(int(b), True) for b in args.batch_sizes.split(",")]
+    variants = [(int(b), True, settings) for b in args.batch_sizes.split(",")]
     if args.compare_vision_attention:  # the first batch size again with transformers' per-window vision attention
-        variants.append((variants[0][0], False))
-    for batch, padded in variants:
-        print(f"engine batch {batch} (padded vision windows: {padded}) ...", flush=True)
+        variants.append((variants[0][0], False, settings))
+    if args.constrained:  # the first batch size again, every answer held to the label grammar within the same budget
+        variants.append((variants[0][0], True, dataclasses.replace(settings, constrained=True, min_new_tokens=0)))
+    for batch, padded, run_settings in variants:
+        print(f"engine batch {batch} (padded vision windows: {padded}, constrained: {run_settings.constrained}) ...",
+              flush=True)
         try:
-            runs.append(engine_run(model, processor, prompts, settings, batch, args.prefill_batch_size,
+            runs.append(engine_run(model, processor, prompts, run_settings, batch, args.prefill_batch_size,
                                    batch * args.clips_per_batch, args.num_workers, not args.no_cuda_graphs, padded))
         except Exception as err:  # noqa: BLE001 - record it and measure the other variants
             runs.append({"batch": batch, "error": f"{type(err).__name__}: {err}"[:400]})
             reset_peak()
         print(json.dumps(runs[-1]), flush=True)
-    measured = [run for run in runs if "clips_per_hour" in run]
+    measured = [run for run in runs if "clips_per_hour" in run and not run["constrained"]]
     result["engine"] = max(measured, key=lambda run: run["clips_per_hour"]) if measured else None
     result["engine_runs"] = runs
+    constrained_runs = [run for run in runs if run.get("constrained") and "clips_per_hour" in run]
+    if constrained_runs and measured:  # the same batch size, free against held to the grammar
+        free = next(run for run in measured if run["batch"] == constrained_runs[0]["batch"])
+        result["constrained_vs_free"] = {
+            "clips_per_hour": round(constrained_runs[0]["clips_per_hour"] / free["clips_per_hour"], 3),
+            "decode_step_ms": round(constrained_runs[0]["decode_step_ms"] / free["decode_step_ms"], 3),
+        }
     if measured:
         result["speedup"] = round(result["engine"]["clips_per_hour"] / result["baseline"]["clips_per_hour"], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +313,8 @@ def main() -> None:
     print(f"{'recipe loop (batch 1)':<22}{base['clips_per_hour']:>10}{base['seconds_per_clip']:>9}{base['peak_gib']!s:>10}")
     for run in runs:
         if "clips_per_hour" in run:
-            name = f"engine batch {run['batch']}" + ("" if run["vision_attention"].startswith("one") else " (v/w)")
+            name = f"engine batch {run['batch']}" + ("" if run["vision_attention"].startswith("one") else " (v/w)") \
+                + (" constrained" if run["constrained"] else "")
             print(f"{name:<22}{run['clips_per_hour']:>10}{run['seconds_per_clip']:>9}"
                   f"{run['peak_gib']!s:>10}{run['decode_step_ms']:>9}")
         else:
