@@ -87,14 +87,14 @@ def demo_of(tmp_path_factory):
 
     runs = {}
 
-    def run(family: str = "qwen2_5_vl"):
-        if family not in runs:
+    def run(family: str = "qwen2_5_vl", *options: str):
+        if (family, *options) not in runs:
             out = tmp_path_factory.mktemp(f"demo_{family}") / "demo_output"
-            done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family", family],
-                                  capture_output=True, text=True, timeout=1200)
+            done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family", family,
+                                   *options], capture_output=True, text=True, timeout=1200)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            runs[family] = out, done.stdout
-        return runs[family]
+            runs[family, *options] = out, done.stdout
+        return runs[family, *options]
 
     return run
 
