@@ -394,15 +394,18 @@ def _nearest_through_index(con: sqlite3.Connection, index, query_vector, where_s
                            notes: list[str]) -> dict[int, float] | None:
     """The `wanted` matching annotations nearest to the query, from the vector index; None when the
     filters keep so few of the nearest vectors that scanning the matching rows is the faster way."""
-    fts = "AND a.id IN (SELECT rowid FROM annotations_fts WHERE annotations_fts MATCH ?) " if match else ""
+    fts = "a.id IN (SELECT rowid FROM annotations_fts WHERE annotations_fts MATCH ?) AND " if match else ""
     # only rows indexed after the last complete embedding pass can lack a vector: a range of ids
     through = con.execute("SELECT value FROM meta WHERE key = 'embedded_through'").fetchone()
     unembedded = con.execute(f"SELECT count(*) FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
-                             f"WHERE a.id > ? AND a.text_sha IS NOT NULL AND e.text_sha IS NULL {fts}AND {where_sql}",
+                             f"WHERE a.id > ? AND a.text_sha IS NOT NULL AND e.text_sha IS NULL AND {fts}{where_sql}",
                              [int(through[0]) if through else 0, *([match] if match else []), *params]).fetchone()[0]
     _note_unembedded(unembedded, notes)
-    sql = (f"SELECT a.id, e.rowid FROM embeddings e JOIN annotations a ON a.text_sha = e.text_sha "
-           f"WHERE e.rowid IN (SELECT value FROM json_each(?)) {fts}AND {where_sql}")
+    # two steps: the rows of the nearest vectors, then the filters on those rows by id (asked in one
+    # statement, SQLite may walk a filter's index over most of the table instead)
+    rows_of = ("SELECT a.id, e.rowid FROM embeddings e JOIN annotations a ON a.text_sha = e.text_sha "
+               "WHERE e.rowid IN (SELECT value FROM json_each(?))")
+    passing = f"SELECT a.id FROM annotations a WHERE a.id IN (SELECT value FROM json_each(?)) AND {fts}{where_sql}"
     similarity: dict[int, float] = {}
     checked: set[int] = set()
     count = min(index.ntotal, ANN_OVERFETCH * wanted)
@@ -412,8 +415,9 @@ def _nearest_through_index(con: sqlite3.Connection, index, query_vector, where_s
         new = {int(key): float(cosine) for key, cosine in zip(rowids[close], cosines[close]) if int(key) not in checked}
         checked.update(new)
         if new:
-            for row_id, key in con.execute(sql, [_listed(new), *([match] if match else []), *params]):
-                similarity[row_id] = new[key]
+            key_of = dict(con.execute(rows_of, [_listed(new)]))
+            for (row_id,) in con.execute(passing, [_listed(key_of), *([match] if match else []), *params]):
+                similarity[row_id] = new[key_of[row_id]]
         # enough found, or no vector left that is alike enough, or none left at all
         if len(similarity) >= wanted or not close.all() or count >= index.ntotal:
             return _nearest_first(similarity, wanted)
