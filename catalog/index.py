@@ -108,17 +108,13 @@ def _probability(value: Any) -> float | None:
 def _caption_confidence(record: dict, label: dict, where: str, report: IndexReport) -> tuple[dict[str, float], float | None]:
     """The model's probability per closed field it answered, and for the clip, where the record carries them.
 
-    `confidence` is {field: p} with `clip_confidence` beside it, or, as `avlabel caption` writes it,
-    {"answer_probability": {field: p}, "clip": p, ...}. Free-text signals are not probabilities
-    of an answer and are not stored. Records without confidence are stored without it.
+    `avlabel caption` writes `confidence` as {field: p} with `clip_confidence` beside it. Free-text
+    signals (`text_mean_logprob`) are not probabilities of an answer and are not stored. Records
+    without confidence are stored without it.
     """
-    recorded = record.get("confidence")
-    if not isinstance(recorded, dict):
+    per_field, clip = record.get("confidence"), record.get("clip_confidence")
+    if not isinstance(per_field, dict):
         return {}, None
-    if isinstance(recorded.get("answer_probability"), dict):
-        per_field, clip = recorded["answer_probability"], recorded.get("clip")
-    else:
-        per_field, clip = recorded, record.get("clip_confidence")
     confidence = {}
     for name, value in per_field.items():
         if name not in CLOSED_FIELDS or name not in label:

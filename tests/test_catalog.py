@@ -360,8 +360,8 @@ def test_the_terminal_listing_reads_at_80_columns(world):
 
 def _scored_records(world):
     """The world's captions again, now carrying the model's confidence: per closed field a probability
-    that varies over clips and fields, and the clip's as their minimum. Even clips write it as
-    {field: p} + clip_confidence, odd ones as `avlabel caption` does ({"answer_probability": ..., "clip": ...})."""
+    that varies over clips and fields, and the clip's as their minimum, in the layout `avlabel caption` writes
+    ({field: p} + clip_confidence, free-text signals apart)."""
     closed = [f.name for f in schema.FIELDS if f.closed]
     records, expected = [], {}
     for index, line in enumerate((world["run_dir"] / "captions.jsonl").read_text().splitlines()):
@@ -372,11 +372,7 @@ def _scored_records(world):
         per_field = {name: round(0.05 + ((index * 7 + position * 3) % 10) / 10, 2)
                      for position, name in enumerate(closed) if name in record["label"]}
         clip = min(per_field.values())
-        if index % 2:
-            record["confidence"] = {"answer_probability": dict(per_field), "text_mean_logprob": {"road_type": -0.3},
-                                    "clip": clip}
-        else:
-            record |= {"confidence": dict(per_field), "clip_confidence": clip}
+        record |= {"confidence": dict(per_field), "clip_confidence": clip, "text_mean_logprob": {"road_type": -0.3}}
         if index == 4:  # not a probability: reported, and the field stored without one
             record["confidence"]["weather"] = 1.7
             del per_field["weather"]
