@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from avlabel.core.sampling import SamplingConfig
 from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME
 from avlabel.infer.settings import GenerationSettings
 
@@ -335,6 +336,12 @@ def model_card(
     if train.get("short_prompt"):
         caption_command += " --short_prompt"
     decoding = GenerationSettings()  # the snippet decodes as `avlabel caption` does, greedily
+    # the snippet's frames: qwen-vl-utils given the run's sampling takes the frames sample_frames takes
+    saved = (train.get("hyperparameters") or {}).get("sampling") or {}
+    sampling = SamplingConfig(**{k: v for k, v in saved.items() if k in SamplingConfig.__dataclass_fields__})
+    video_settings = ", ".join(f'"{name}": {getattr(sampling, name)!r}'
+                               for name in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels"))
+    patch = sampling.factor // 2  # the vision patch: 14 for Qwen2.5-VL, qwen-vl-utils' default
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "model_card.md.jinja"),
@@ -348,6 +355,8 @@ def model_card(
         processor_ref=repo_id if processor_in_repo else model_ref,
         caption_command=caption_command,
         answer_format=train.get("answer_format"),
+        video_settings=video_settings,
+        patch_argument="" if patch == 14 else f", image_patch_size={patch}",
         repetition_penalty=decoding.repetition_penalty,
         max_new_tokens=decoding.max_new_tokens,
         prompt_kind="the short prompt" if train.get("short_prompt") else "the full rubric",
