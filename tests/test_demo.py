@@ -45,8 +45,9 @@ def test_fine_tuning_beats_the_untrained_model_and_the_majority_answer(demo_run)
 
 
 @pytest.mark.timeout(1300)
-def test_demo_writes_every_artifact_and_says_where(demo):
+def test_demo_writes_every_artifact_and_says_where(demo, request):
     out, stdout = demo
+    short_loop = request.node.callspec.params["demo"] != "qwen2_5_vl"
     html = (out / "eval" / "report.html").read_text()
     assert "<table" in html and "fine-tuned" in html and "weather" in html
     assert (out / "eval" / "deterministic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -56,6 +57,9 @@ def test_demo_writes_every_artifact_and_says_where(demo):
     assert (next((out / "publish" / "datasets").glob("*/*")) / "README.md").is_file()
     assert (out / "sft" / "loss_curve.png").is_file()
     gallery = (out / "catalog_gallery.html").read_text()
-    assert "data:image" in gallery
+    hits = gallery.count('<article class="clip"')
+    assert gallery.count('<div class="strip">') == hits  # every hit shows its frames
+    # the short loop's 40 steps may not yet say "Night" on its 8 test clips; the full demo's query must find some
+    assert hits > 0 or short_loop
     for artifact in ("report (HTML)", "catalog gallery", "model repo as it would be pushed"):
         assert artifact in stdout
