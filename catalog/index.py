@@ -26,6 +26,7 @@ from avlabel.core.schema import FIELDS
 
 from . import embeddings, vectors
 from .store import (
+    Annotation,
     CLOSED_FIELDS,
     CONFIDENCE_COLUMNS,
     MULTI_FIELDS,
@@ -70,22 +71,11 @@ class IndexReport:
         )
 
 
-@dataclass
-class _Entry:
+@dataclass(kw_only=True)
+class _Entry(Annotation):
     """One clip of a source, ready to store."""
 
-    clip_id: str
-    video: str | None
-    split: str | None
-    model: str | None
-    adapter: str | None
-    prompt_sha: str | None
-    status: str
-    valid: bool
-    errors: dict[str, list[str]]
-    label: dict[str, Any]
-    confidence: dict[str, float] = field(default_factory=dict)  # closed field -> probability of the answer
-    clip_confidence: float | None = None
+    split: str | None = None
     sha: str | None = None  # the record's hash; by default, of every stored value
 
     def stored(self) -> tuple[str, tuple]:
@@ -187,9 +177,10 @@ def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
         if name not in label and name not in errors:
             errors[name] = ["is missing"]
     confidence, clip_confidence = _caption_confidence(record, label, where, report)
-    return _Entry(clip_id, record.get("video"), None, record.get("model"), record.get("adapter"),
-                  record.get("prompt_sha"), status, bool(record.get("valid")) and status == "ok" and not bad,
-                  errors, label, confidence, clip_confidence)
+    return _Entry(clip_id=clip_id, video=record.get("video"), model=record.get("model"), adapter=record.get("adapter"),
+                  prompt_sha=record.get("prompt_sha"), status=status,
+                  valid=bool(record.get("valid")) and status == "ok" and not bad, errors=errors, label=label,
+                  confidence=confidence, clip_confidence=clip_confidence)
 
 
 def _read_captions(path: Path, stored: dict[str, str], report: IndexReport) -> tuple[dict[str, _Entry], set[str]]:
@@ -250,7 +241,7 @@ def _read_dataset(dataset: str, splits: Iterable[str] | None, report: IndexRepor
             if clip_id in entries:
                 report.problems.append(f"{where}: clip {clip_id} is also in split {entries[clip_id].split}; set aside")
                 continue
-            entries[clip_id] = _Entry(clip_id, (row["video"] or {}).get("path"), split, None, None, None, "ok", True, {}, label)
+            entries[clip_id] = _Entry(clip_id=clip_id, video=(row["video"] or {}).get("path"), split=split, label=label)
     return entries
 
 

@@ -46,6 +46,7 @@ from avlabel.core.schema import FIELDS, FIELDS_BY_NAME, LabelField
 
 from . import embeddings, vectors
 from .store import (
+    Annotation,
     CLOSED_FIELDS,
     MULTI_FIELDS,
     TEXT_FIELDS,
@@ -294,30 +295,19 @@ def _connection(db: str | Path | sqlite3.Connection) -> Iterator[sqlite3.Connect
 # --------------------------------------------------------------------------- results
 
 
-@dataclass
-class Hit:
+@dataclass(kw_only=True)
+class Hit(Annotation):
     """One matching annotation, its scores, and the human label of the same clip where there is one."""
 
     id: int
     source: str
     kind: str
-    clip_id: str
-    video: str | None
-    model: str | None
-    adapter: str | None
-    prompt_sha: str | None
-    status: str
-    valid: bool
-    errors: dict[str, list[str]]
-    label: dict[str, Any]
     score: float
     bm25: float | None = None
     similarity: float | None = None
     highlights: dict[str, str] = field(default_factory=dict)  # text field -> text with \x02match\x03 marks
     human: dict[str, Any] | None = None
     human_source: str | None = None
-    confidence: dict[str, float] = field(default_factory=dict)  # closed field -> the model's probability of its answer
-    clip_confidence: float | None = None
 
     @property
     def answered(self) -> dict[str, Any]:

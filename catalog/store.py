@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,23 @@ def confidence_column(field: str) -> str:
 
 
 CONFIDENCE_COLUMNS = tuple(map(confidence_column, CLOSED_FIELDS))
+
+
+@dataclass(kw_only=True)
+class Annotation:
+    """One clip's row of one source, a model's caption or a human label: what indexing stores and a query returns."""
+
+    clip_id: str
+    video: str | None
+    model: str | None = None
+    adapter: str | None = None
+    prompt_sha: str | None = None
+    status: str = "ok"
+    valid: bool = True
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    label: dict[str, Any]
+    confidence: dict[str, float] = field(default_factory=dict)  # closed field -> the model's probability of its answer
+    clip_confidence: float | None = None
 
 
 def _quote(value: str) -> str:

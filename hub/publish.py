@@ -52,7 +52,7 @@ from typing import Literal
 
 import yaml
 
-from avlabel.core.layouts import METADATA_NAME
+from avlabel.core.layouts import METADATA_NAME, is_hub_id
 
 NAME = "publish"
 DATASET_LAYOUTS = ("auto", "folders", "parquet")
@@ -79,7 +79,6 @@ SCAN_WINDOW = 1 << 20  # binary files: container metadata lives in the first and
 SECRET_KEY = re.compile(r"(^|_)(hub|hf|access|auth|api|bearer)_?(token|key)$|secret|passw|credential", re.IGNORECASE)
 SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 ABSOLUTE_PATH = re.compile(r"^(~|[A-Za-z]:)?[/\\][^\s]*$")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 Content = Path | bytes
 
@@ -344,9 +343,7 @@ def _folder(path: str | Path | None, what: str) -> Path:
 
 def _hub_id(value: str | None) -> str | None:
     """`value` when it names a Hub repo rather than a local folder."""
-    if value and HUB_ID.match(value) and not Path(value).expanduser().exists():
-        return value
-    return None
+    return value if value and is_hub_id(value) else None
 
 
 def _is_test_model(*config_dirs: Path | None) -> bool:

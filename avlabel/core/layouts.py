@@ -50,7 +50,6 @@ MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".txt")
 METADATA_NAME = "metadata.parquet"
 EXTRA_COLUMN = "extra"  # a built dataset's column of label keys beyond the schema, as a JSON object
 LAYOUTS = ("auto", "dataset", "recipe", "manifest", "file", "flat")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SEARCHED = (
     f"a built dataset (<split>/{METADATA_NAME}), the recipe layout (videos/ + metas/), a manifest "
     f"({', '.join(MANIFEST_EXTENSIONS)}), a clip or glob, and a flat folder of clips "
@@ -330,9 +329,23 @@ def detect_layout(source: str) -> str:
                          f"({', '.join(MANIFEST_EXTENSIONS)}) or a folder")
     if glob.has_magic(source):
         return "file"
-    if _HUB_ID.match(source) and not path.parent.is_dir():  # owner/name, unless `owner` is a local folder
+    if is_hub_id(source):
         return "dataset"
     raise InputError(f"{source}: no such file or folder (nor a glob pattern or a Hub dataset id)")
+
+
+def is_hub_id(value: str, namespaced: bool = True) -> bool:
+    """`value` names a Hub repo rather than a local path: a valid repo id (owner/name; a bare name too unless
+    `namespaced`) that is no existing path and whose owner is no local folder (a mistyped `runs/x` stays a path)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(value).expanduser().exists() or (namespaced and "/" not in value):
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return "/" not in value or not Path(value.split("/")[0]).is_dir()
 
 
 def read_inputs(source: str | Path, layout: str = "auto", *, split: str | None = None, skip: Path | None = None,

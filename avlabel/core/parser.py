@@ -184,15 +184,7 @@ def check_source(value: str, option: str, what: str) -> None:
     Said before any download is tried, so a mistyped folder is reported as one, not as the Hub's
     "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .layouts import is_hub_id
 
-    path = Path(value).expanduser()
-    if path.exists():
-        return
-    try:
-        validate_repo_id(value)
-        hub_id = not value.startswith(("~", ".")) and not Path(value.split("/")[0]).is_dir()
-    except HFValidationError:
-        hub_id = False
-    if not hub_id:
+    if not Path(value).expanduser().exists() and not is_hub_id(value, namespaced=False):
         raise UsageError(f"{option} {value}: no such file or folder, and not a Hub {what} id (owner/name); check the path")
