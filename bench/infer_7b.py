@@ -125,6 +125,18 @@ def reset_peak():
         torch.cuda.reset_peak_memory_stats()
 
 
+def run_header(args, family, device: torch.device) -> dict:
+    """What every captioning benchmark's result starts with: where, when, which model and versions."""
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": f"{Path(args.config).stem} architecture, {family.title}, random bf16 weights" if not args.tiny
+        else f"tiny {family.model_type} test model",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
 def rates(clips: int, seconds: float) -> dict:
     return {"clips": clips, "seconds": round(seconds, 2), "clips_per_hour": round(clips / seconds * 3600, 1),
             "seconds_per_clip": round(seconds / clips, 4)}
@@ -264,12 +276,7 @@ def main() -> None:
     preparer = ClipPreparer(processor, chat_text(processor, prompts), model.dtype)
 
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": f"{Path(args.config).stem} architecture, {family.title}, random bf16 weights" if not args.tiny
-        else f"tiny {family.model_type} test model",
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **run_header(args, family, device),
         "clip": {**FRAME_SHAPE, "completion_tokens": args.tokens, "prompt": "system + full rubric"},
         "generation": settings.to_dict(),
     }

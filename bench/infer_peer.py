@@ -222,12 +222,7 @@ def main() -> None:
              "warm_up": range(10**6, 10**6 + 2)}
     lengths = clip_lengths(clips["mixed_lengths"], args.min_tokens, args.tokens)
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": f"{Path(args.config).stem} architecture, {family.title}, random bf16 weights" if not args.tiny
-        else f"tiny {family.model_type} test model",
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **infer_7b.run_header(args, family, device),
         "clips": args.clips,
         "settings": {"frames": dict(infer_7b.FRAME_SHAPE), "fps": 2.0, "prompt": "system + full rubric",
                      "temperature": settings.temperature, "top_p": settings.top_p,
