@@ -130,25 +130,34 @@ def build_model(model_dir: Path, tiny: bool) -> None:
     torch.cuda.empty_cache()
 
 
-def fill_frame_cache(data: Path, cache_dir: Path, config) -> int:
-    """Put the frames decoded by `prepare` into the training run's frame cache, under the run's own keys."""
-    import numpy as np
+def fill_frame_cache(dataset_dir: Path, cache_dir: Path, sampling, clip_of) -> int:
+    """Put each row's stand-in frames (`clip_of(row)`, a `Clip`) into a training run's frame cache, under the run's own keys.
+
+    Stands in for PyAV decoding (not on the GPU machine); the cache writes its entries as usual.
+    """
     from datasets import Video, load_dataset
 
-    from avlabel.train.collator import Clip, FrameCache
+    from avlabel.train.collator import FrameCache
 
-    cache = FrameCache(cache_dir, sampling_for(config))
-    frames = np.load(data / "frames.npz")
-    dataset = load_dataset(str(data / "dataset"), download_mode="force_redownload")
+    cache = FrameCache(cache_dir, sampling)
+    dataset = load_dataset(str(dataset_dir), download_mode="force_redownload")
     count = 0
     for split in dataset:
         for row in dataset[split].cast_column("video", Video(decode=False)):
-            clip_id = row["clip_id"]
-            # stands in for PyAV decoding (not on the GPU machine); the cache writes its entry as usual
-            cache._decode = lambda video, c=clip_id: Clip(frames=frames[f"frames/{c}"], sample_fps=float(frames[f"fps/{c}"]))
+            cache._decode = lambda video, r=row: clip_of(r)
             cache.load(row["video"])
             count += 1
     return count
+
+
+def decoded_frames(data: Path):
+    """`clip_of` for `fill_frame_cache`: the frames `prepare` decoded."""
+    import numpy as np
+
+    from avlabel.train.collator import Clip
+
+    frames = np.load(data / "frames.npz")
+    return lambda row: Clip(frames=frames[f"frames/{row['clip_id']}"], sample_fps=float(frames[f"fps/{row['clip_id']}"]))
 
 
 def nvidia_smi(field: str) -> list[str]:
@@ -292,8 +301,9 @@ def run(args) -> None:
                     "methods": {}}
     build_model(Path(args.model_dir), args.tiny)
     report["model_build_s"] = round(time.perf_counter() - start, 1)
-    report["frames_cached"] = fill_frame_cache(Path(args.data), work / "frame_cache",
-                                               model_config(Path(args.model_dir) if args.tiny else None))
+    report["frames_cached"] = fill_frame_cache(Path(args.data) / "dataset", work / "frame_cache",
+                                               sampling_for(model_config(Path(args.model_dir) if args.tiny else None)),
+                                               decoded_frames(Path(args.data)))
     for method in args.methods.split(","):
         if time.perf_counter() > deadline - args.min_run_s:
             report["methods"][method] = {"skipped": f"less than {args.min_run_s} s of the budget left"}

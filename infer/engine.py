@@ -13,7 +13,8 @@ one-clip `generate` loop):
   the same positions batched or alone;
 * a decode step whose attention reads only the filled part of the cache (in blocks of
   `KV_BLOCK` tokens) and, on CUDA, is replayed as a CUDA graph per block count;
-* the vision tower's window attention in one call per layer, not one per window;
+* the vision tower's window attention in one call per layer, not one per window
+  (avlabel/families/base.py `padded_windows_attention`, which training uses too);
 * sampling with the recipe's settings (repetition penalty, temperature, top-p), and
   optional constrained decoding (infer/constrained.py: the label grammar through xgrammar,
   closed within the token budget);
@@ -153,39 +154,6 @@ def _filled_part_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _padded_windows_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None,
-                              max_length_q=None, **kwargs):
-    """Every attention window of a vision layer in one SDPA call.
-
-    Without flash-attn, `transformers` runs Qwen-VL's vision tower one SDPA call per
-    window: ~120 windows a clip in each of 28 layers, tens of thousands of small calls per
-    prefill. Registered under a name containing "flash", this function gets the window
-    boundaries (`cu_seq_lens_q`) instead, pads every window to the longest, masks the
-    padding and attends once. (Qwen3-VL's windows are its frames.)
-    """
-    bounds = cu_seq_lens_q.long()
-    lengths = bounds[1:] - bounds[:-1]
-    windows, longest = lengths.numel(), int(max_length_q)
-    _, heads, total, dim = query.shape
-    window_of = torch.repeat_interleave(torch.arange(windows, device=query.device), lengths)
-    offset = torch.arange(total, device=query.device) - bounds[:-1][window_of]
-
-    def padded(states):  # (1, heads, total, dim) -> (windows, heads, longest, dim)
-        out = states.new_zeros(windows, longest, heads, dim)
-        out[window_of, offset] = states[0].transpose(0, 1)
-        return out.transpose(1, 2)
-
-    mask = None
-    if bool((lengths != longest).any()):
-        mask = torch.zeros(windows, longest, dtype=torch.bool, device=query.device)
-        mask[window_of, offset] = True
-        mask = mask[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        padded(query), padded(key), padded(value), attn_mask=mask, scale=scaling
-    )
-    return out.transpose(1, 2)[window_of, offset].unsqueeze(0), None
-
-
 def use_engine_attention(model, family, padded_vision_windows: bool = True) -> None:
     """Route the model's attention through the engine's functions (registered with `transformers`).
 
@@ -193,7 +161,9 @@ def use_engine_attention(model, family, padded_vision_windows: bool = True) -> N
     function it has no mask function for, so the engine's own masks (or, for an unpadded
     prefill, none: causal SDPA) are exactly what the language model's attention sees.
     """
-    family.set_attention(model, _filled_part_attention, _padded_windows_attention if padded_vision_windows else None)
+    from avlabel.families.base import padded_windows_attention
+
+    family.set_attention(model, _filled_part_attention, padded_windows_attention if padded_vision_windows else None)
 
 
 class _DecodeStep:

@@ -55,7 +55,8 @@ def _recording(calls: list, attention):
 def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from avlabel.infer.engine import _filled_part_attention, _padded_windows_attention
+    from avlabel.families.base import padded_windows_attention
+    from avlabel.infer.engine import _filled_part_attention
 
     model = tiny(family)
     adapter = family_of(model)
@@ -63,7 +64,7 @@ def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
 
     def vision(module, query, key, value, attention_mask, **kwargs):
         # without bounds, attend over everything, so that the assertion below says what changed
-        attention = _padded_windows_attention if "cu_seq_lens_q" in kwargs else sdpa_attention_forward
+        attention = padded_windows_attention if "cu_seq_lens_q" in kwargs else sdpa_attention_forward
         return attention(module, query, key, value, attention_mask, **kwargs)
 
     adapter.set_attention(model, text=_filled_part_attention, vision=_recording(calls, vision))
@@ -74,7 +75,7 @@ def test_a_flash_named_vision_attention_gets_the_window_bounds(tiny, family):
         "a vision attention function registered under a name containing 'flash' (AttentionInterface.register, "
         "set_attn_implementation({'vision_config': ...}), utils.generic.is_flash_attention_requested) no longer "
         "receives the window bounds cu_seq_lens_q / max_length_q",
-        "infer/engine.py's _padded_windows_attention (one SDPA call per vision layer)",
+        "avlabel/families/base.py's padded_windows_attention (one SDPA call per vision layer: captioning and training)",
     )
     assert len(calls) == model.config.vision_config.depth, message
     assert all({"cu_seq_lens_q", "max_length_q"} <= call.keys() for call in calls), message

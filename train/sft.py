@@ -80,11 +80,27 @@ class TrainScriptArguments(SamplingArguments):
                   "in fp32 (about 2 GiB more on the 7B model; bf16 compute does not need it)."},
     )
     use_liger: bool = field(
-        default=True, metadata={"help": "Use Liger's Triton kernels for the model's layers when liger-kernel is installed."}
+        default=True,
+        metadata={"help": "On a GPU with liger-kernel installed (pip install 'avlabel[liger]'), train with Liger's Triton "
+                  "kernels for the model's RMSNorm, SwiGLU and rotary layers (use_liger_kernel); false keeps transformers' own."},
+    )
+    padded_vision_windows: bool = field(
+        default=True,
+        metadata={"help": "Run the vision tower's windowed SDPA attention as one padded call per layer, as captioning does, "
+                  "instead of one call per window (same result and gradients; flash_attention_2 already does one call)."},
     )
     export_merged: bool = field(
         default=True, metadata={"help": "At the end, write merged/: the fine-tuned model in bf16 with the processor."}
     )
+
+
+def use_liger(wanted: bool) -> bool:
+    """Whether Liger's kernels can be used: asked for, liger-kernel installed, and a GPU for its Triton kernels."""
+    import importlib.util
+
+    import torch
+
+    return wanted and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def method_of(model_args) -> str:
@@ -123,6 +139,8 @@ def load_training_model(model_args, script_args, training_args):
     )
 
     family = family_of(model)
+    if script_args.padded_vision_windows and family.pad_vision_windows(model):
+        logger.info("vision tower: windowed attention as one padded SDPA call per layer")
     for name, param in family.vision_tower(model).named_parameters():
         frozen = script_args.freeze_projector if family.is_projector(name) else script_args.freeze_vision_tower
         if frozen:
@@ -352,6 +370,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
 
     from avlabel.core.prompts import load_prompts
     from avlabel.families import family_of
+    from avlabel.families.base import VISION_ATTENTION
 
     from .collator import FrameCache, VideoSFTCollator
     from .export import export_model
@@ -378,10 +397,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true":
         # FSDP checkpoints its wrapped layers itself; transformers refuses both at once
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
-    if script_args.use_liger and torch.cuda.is_available():
-        import importlib.util
-
-        training_args.use_liger_kernel = importlib.util.find_spec("liger_kernel") is not None
+    if use_liger(script_args.use_liger):
+        # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
+        training_args.use_liger_kernel = True
 
     is_main = training_args.process_index == 0
     if is_main:
@@ -475,6 +493,14 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
                 "lora_target_modules": model_args.lora_target_modules if model_args.use_peft else None,
                 "quantization": quantization,
                 "sampling": collator.frames.sampling.to_dict(),
+            },
+            # what the speed settings resolved to on this machine (bench/train_fsdp.py reads them back)
+            "speed_settings": {
+                "padded_vision_windows": family.vision_tower(model).config._attn_implementation == VISION_ATTENTION,
+                "use_liger_kernel": training_args.use_liger_kernel,
+                "activation_checkpointing": training_args.activation_checkpointing,
+                "activation_checkpointing_kwargs": training_args.activation_checkpointing_kwargs,
+                "fsdp_activation_checkpointing": os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") == "true",
             },
             "final_loss": _last_logged(log_history, "loss") or train_output.metrics["train_loss"],
             "eval_loss": eval_loss,

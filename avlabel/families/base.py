@@ -22,6 +22,43 @@ TEXT_ATTENTION = "avlabel_sdpa"
 VISION_ATTENTION = "avlabel_flash_padded_windows"
 
 
+def padded_windows_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None,
+                             max_length_q=None, **kwargs):
+    """Every attention window of a vision layer in one SDPA call (captioning and training).
+
+    Without flash-attn, `transformers` runs a Qwen-VL vision tower one SDPA call per window
+    (Qwen2.5-VL: ~120 windows a clip in each windowed layer; Qwen3-VL: one per frame), tens
+    of thousands of small calls per prefill, forward and backward. Registered under a name
+    containing "flash", this function gets the window boundaries (`cu_seq_lens_q`) instead,
+    pads every window to the longest, masks the padding keys and attends once. Each window
+    still attends only to itself, so the result and its gradients are those of the
+    per-window path (tests/test_train_speed.py checks both).
+    """
+    import torch  # here: importing the families must not load torch (the command line is checked first)
+
+    bounds = cu_seq_lens_q.long()
+    lengths = bounds[1:] - bounds[:-1]
+    windows, longest = lengths.numel(), int(max_length_q)
+    _, heads, total, dim = query.shape
+    window_of = torch.repeat_interleave(torch.arange(windows, device=query.device), lengths)
+    offset = torch.arange(total, device=query.device) - bounds[:-1][window_of]
+
+    def padded(states):  # (1, heads, total, dim) -> (windows, heads, longest, dim)
+        out = states.new_zeros(windows, longest, heads, dim)
+        out[window_of, offset] = states[0].transpose(0, 1)
+        return out.transpose(1, 2)
+
+    mask = None
+    if bool((lengths != longest).any()):
+        mask = torch.zeros(windows, longest, dtype=torch.bool, device=query.device)
+        mask[window_of, offset] = True
+        mask = mask[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        padded(query), padded(key), padded(value), attn_mask=mask, scale=scaling
+    )
+    return out.transpose(1, 2)[window_of, offset].unsqueeze(0), None
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str  # `config.model_type` of its checkpoints: how a model is recognised
@@ -124,16 +161,31 @@ class Family:
         positions, _ = self.inner_model(model).get_rope_index(**{k: batch[k] for k in self.rope_keys if k in batch})
         return positions
 
-    def set_attention(self, model, text: Callable, vision: Callable | None = None) -> None:
-        """Route the language model's attention through `text` and, if given, the vision tower's through `vision`.
+    def set_attention(self, model, text: Callable | None = None, vision: Callable | None = None) -> None:
+        """Route the language model's attention through `text` and the vision tower's through `vision`.
 
         `vision` is called once per layer with the window bounds (`cu_seq_lens_q`, `max_length_q`);
-        without it the vision tower keeps SDPA, one call per window.
+        without it the vision tower keeps SDPA, one call per window. Without `text` the language
+        model keeps the implementation it was loaded with (training: SDPA or flash-attn).
         """
         from transformers import AttentionInterface
 
-        AttentionInterface.register(TEXT_ATTENTION, text)
+        implementations = {"vision_config": VISION_ATTENTION if vision is not None else "sdpa"}
+        if text is not None:
+            AttentionInterface.register(TEXT_ATTENTION, text)
+            implementations["text_config"] = TEXT_ATTENTION
         if vision is not None:
             AttentionInterface.register(VISION_ATTENTION, vision)
-        model.set_attn_implementation({"text_config": TEXT_ATTENTION,
-                                       "vision_config": VISION_ATTENTION if vision is not None else "sdpa"})
+        model.set_attn_implementation(implementations)
+
+    def pad_vision_windows(self, model) -> bool:
+        """Training: the vision tower's attention as one padded SDPA call per layer (`padded_windows_attention`).
+
+        Only where the tower runs SDPA window by window: under flash-attn it already attends to
+        every window in one varlen call, and eager attention is left as asked for. Returns
+        whether the attention was switched.
+        """
+        if self.vision_tower(model).config._attn_implementation != "sdpa":
+            return False
+        self.set_attention(model, vision=padded_windows_attention)
+        return True
