@@ -205,13 +205,14 @@ class StepClock:
             now = time.perf_counter()
             log.write(line)
             log.flush()
-            text = line.strip()
-            if text.startswith("{") and "'loss'" in text and "'train_runtime'" not in text:
-                try:
-                    ast.literal_eval(text)
-                except (ValueError, SyntaxError):
-                    continue
-                self.times.append(now)
+            start = line.find("{'loss'")  # after any launcher prefix such as "[rank0]:"
+            if start < 0:
+                continue
+            try:
+                ast.literal_eval(line[start:].strip())
+            except (ValueError, SyntaxError):
+                continue
+            self.times.append(now)
 
     def join(self):
         self._thread.join()
@@ -278,7 +279,7 @@ def measure(output_dir: Path, times: list[float], args, n_params: int, samples_p
     samples = (last - first) * samples_per_step * args.gpus
     out.update({
         "tokens_per_s_per_gpu": round(per_gpu, 1),
-        "mfu": round(6 * n_params * per_gpu / (args.peak_tflops * 1e12), 4),
+        "mfu": float(f"{6 * n_params * per_gpu / (args.peak_tflops * 1e12):.4g}"),
         "measured_steps": [steps[first + 1]["step"], steps[last]["step"]],
         "seconds_per_step": round(seconds / (last - first), 3),
         "tokens_per_sample": round(tokens / samples, 1),
