@@ -5,7 +5,7 @@ fine-tune under `accelerate launch --config_file recipes/accelerate/fsdp.yaml` o
 LoRA on one GPU), on the Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B's) with random
 weights saved as a model folder, and a dataset of recipe-shaped clips built by the
 project's builder: 10 s at 448x252, so 20 frames at 2 fps and 1,440 video tokens, plus the
-rubric prompt and the fenced answer (about 2,500 tokens a sample).
+rubric prompt and the fenced answer: about 2,750 tokens a sample with the synthetic labels.
 
 Each run is one variant of the recipe; `baseline` is the recipe with the settings it had
 before issue 21 (vision windows one SDPA call each, no Liger, FSDP's checkpointing of every
@@ -311,8 +311,15 @@ def run(args) -> None:
         raise SystemExit(f"--out {args.out}: a --tiny dry run is not a result; write it outside bench/results/")
     for name, value in NCCL_SAFETY.items():
         os.environ.setdefault(name, value)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    needed = 0 if args.tiny else 25e9  # the 7B model in bf16 (17 GB), the frame cache, the runs' outputs
+    for folder in (args.work, "/tmp/train_fsdp"):
+        work = Path(folder)
+        work.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(work).free >= needed or (work / "model" / "config.json").exists():
+            break
+    else:
+        raise SystemExit(f"{args.work} and /tmp/train_fsdp: less than {needed / 1e9:.0f} GB free for the model and runs")
+    args.work = str(work)
     args.logs = args.logs or str(work / "logs")
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     args.model_dir = args.model_dir or str(work / ("tiny_model" if args.tiny else "model"))

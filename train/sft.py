@@ -82,7 +82,7 @@ class TrainScriptArguments(SamplingArguments):
     use_liger: bool = field(
         default=True,
         metadata={"help": "On a GPU with liger-kernel installed (pip install 'avlabel[liger]'), train with Liger's Triton "
-                  "kernels for the model's RMSNorm, SwiGLU and rotary layers (use_liger_kernel); false keeps transformers' own."},
+                  "kernels for the layers it patches (RMSNorm, SwiGLU: use_liger_kernel); false keeps transformers' own."},
     )
     padded_vision_windows: bool = field(
         default=True,
