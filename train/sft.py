@@ -94,15 +94,6 @@ class TrainScriptArguments(SamplingArguments):
     )
 
 
-def use_liger(wanted: bool) -> bool:
-    """Whether Liger's kernels can be used: asked for, liger-kernel installed, and a GPU for its Triton kernels."""
-    import importlib.util
-
-    import torch
-
-    return wanted and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-
-
 def method_of(model_args) -> str:
     """'full', 'lora' or 'qlora', from TRL's ModelConfig."""
     if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -397,9 +388,14 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     if os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true":
         # FSDP checkpoints its wrapped layers itself; transformers refuses both at once
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
-    if use_liger(script_args.use_liger):
-        # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
-        training_args.use_liger_kernel = True
+    if script_args.use_liger and torch.cuda.is_available():  # Liger's kernels are Triton: GPUs only
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is not None:
+            # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
+            training_args.use_liger_kernel = True
+        else:
+            logger.info("liger-kernel is not installed: transformers' own layers (pip install 'avlabel[liger]')")
 
     is_main = training_args.process_index == 0
     if is_main:
