@@ -304,6 +304,19 @@ def common_overrides(method: str, args) -> dict:
     return overrides
 
 
+def versions() -> dict:
+    """The libraries the runs train with; liger-kernel's absence is recorded too."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("torch", "transformers", "accelerate", "trl", "peft", "liger-kernel", "triton"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def run(args) -> None:
     start = time.perf_counter()
     args.deadline = start + args.budget_s
@@ -347,6 +360,7 @@ def run(args) -> None:
         "parameters": n_params,
         "mfu_basis": f"6 x {n_params:,} parameters x tokens/s per GPU / {args.peak_tflops:g} TFLOP/s (dense bf16 peak)",
         "throughput_basis": f"TRL num_tokens (no padding) over the steps after step {args.skip}; peak_gib: nvidia-smi",
+        "versions": versions(),
         "frames_cached": frames,
         "sampling": sampling.to_dict(),
     })
