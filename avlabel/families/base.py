@@ -27,7 +27,7 @@ def padded_windows_attention(module, query, key, value, attention_mask, scaling=
     """Every attention window of a vision layer in one SDPA call (captioning and training).
 
     Without flash-attn, `transformers` runs a Qwen-VL vision tower one SDPA call per window
-    (Qwen2.5-VL: ~120 windows a clip in each windowed layer; Qwen3-VL: one per frame), tens
+    (Qwen2.5-VL: ~120 windows a clip in each windowed layer; Qwen3-VL: one per pair of frames), tens
     of thousands of small calls per prefill, forward and backward. Registered under a name
     containing "flash", this function gets the window boundaries (`cu_seq_lens_q`) instead,
     pads every window to the longest, masks the padding keys and attends once. Each window

@@ -4,7 +4,7 @@ A windowed-attention vision tower (patches of 14 pixels, merged 2x2: frame sides
 multiples of 28) whose `merger` projects into the language model. The processor gives each
 video its seconds per temporal grid (`second_per_grid_ts`), which the 3-D RoPE positions use.
 Vision attention is block-diagonal: windows of 112x112 pixels (8x8 patches; smaller at a
-frame's right and bottom edges) in most layers, whole frames (one temporal patch) in the
+frame's right and bottom edges) in most layers, whole temporal patches (a pair of frames) in the
 `fullatt_block_indexes` layers. Uneven windows: `padded_windows_attention` masks the padding.
 """
 

@@ -6,8 +6,8 @@ the Reason 1 recipe's 16x9 tokens a frame (288x512 for 16:9). Besides `merger`, 
 model, so they count as projector. Time reaches the model as text (a "<t seconds>" before
 each temporal patch), not as `second_per_grid_ts`. The vision tower has no patch embedding
 that transformers hooks for input gradients. Its attention has no windows: every layer
-attends within one frame (one temporal patch), and transformers' SDPA path makes one call
-per frame; `padded_windows_attention` makes one call of equal frames (no mask needed).
+attends within one temporal patch (a pair of frames), and transformers' SDPA path makes one
+call per pair; `padded_windows_attention` makes one call of them all (equal sizes: no mask).
 """
 
 from .base import Family
