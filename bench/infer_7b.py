@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(CONFIG), help="the architecture: a file of bench/configs")
     parser.add_argument("--tiny", action="store_true", help="CPU check with the tiny test model of the config's family")
     parser.add_argument("--tokens", type=int, default=400, help="completion length forced on every clip")
-    parser.add_argument("--baseline_clips", type=int, default=2)
+    parser.add_argument("--baseline_clips", type=int, default=2, help="clips through the recipe's loop (0: skip it)")
     parser.add_argument("--batch_sizes", default="128,256", help="engine decode batch sizes to measure")
     parser.add_argument("--clips_per_batch", type=int, default=2, help="engine clips = this x batch size")
     parser.add_argument("--prefill_batch_size", type=int, default=8)
@@ -280,9 +280,11 @@ def main() -> None:
         "clip": {**FRAME_SHAPE, "completion_tokens": args.tokens, "prompt": "system + full rubric"},
         "generation": settings.to_dict(),
     }
-    print("baseline ...", flush=True)
-    result["baseline"] = baseline(model, preparer, settings, args.baseline_clips, args.tokens)
-    print(json.dumps(result["baseline"]), flush=True)
+    result["baseline"] = None
+    if args.baseline_clips:  # 0: the engine alone (bench/infer_cli.py compares the command with it)
+        print("baseline ...", flush=True)
+        result["baseline"] = baseline(model, preparer, settings, args.baseline_clips, args.tokens)
+        print(json.dumps(result["baseline"]), flush=True)
     runs = []
     variants = [(int(b), True, settings) for b in args.batch_sizes.split(",")]
     if args.compare_vision_attention:  # the first batch size again with transformers' per-window vision attention
@@ -309,7 +311,7 @@ def main() -> None:
             "clips_per_hour": round(constrained_runs[0]["clips_per_hour"] / free["clips_per_hour"], 3),
             "decode_step_ms": round(constrained_runs[0]["decode_step_ms"] / free["decode_step_ms"], 3),
         }
-    if measured:
+    if measured and result["baseline"]:
         result["speedup"] = round(result["engine"]["clips_per_hour"] / result["baseline"]["clips_per_hour"], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -317,7 +319,8 @@ def main() -> None:
     print(f"\n{result['device']}, {args.tokens} tokens per clip, prompt {measured[0]['prompt_tokens'] if measured else '?'} tokens")
     print(f"{'run':<22}{'clips/h':>10}{'s/clip':>9}{'peak GiB':>10}{'step ms':>9}")
     base = result["baseline"]
-    print(f"{'recipe loop (batch 1)':<22}{base['clips_per_hour']:>10}{base['seconds_per_clip']:>9}{base['peak_gib']!s:>10}")
+    if base:
+        print(f"{'recipe loop (batch 1)':<22}{base['clips_per_hour']:>10}{base['seconds_per_clip']:>9}{base['peak_gib']!s:>10}")
     for run in runs:
         if "clips_per_hour" in run:
             name = f"engine batch {run['batch']}" + ("" if run["vision_attention"].startswith("one") else " (v/w)") \

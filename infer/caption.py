@@ -114,15 +114,13 @@ def _record(clip, generation, error: str | None, seconds: float, identity: dict[
     }
 
 
-def _check_budget(model: str, settings: GenerationSettings, answer) -> None:
+def _check_budget(tokenizer, settings: GenerationSettings, answer) -> None:
     """Refuse (constrained) or warn about (free) a --max_new_tokens that no valid label fits in."""
-    from transformers import AutoTokenizer
-
     from avlabel.core.errors import UsageError
 
     from .constrained import budget_error, minimum_budget
 
-    minimum = minimum_budget(AutoTokenizer.from_pretrained(model), answer)
+    minimum = minimum_budget(tokenizer, answer)
     if settings.max_new_tokens < minimum:
         if settings.constrained:
             raise UsageError(budget_error(settings.max_new_tokens, minimum, answer))
@@ -142,12 +140,12 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoProcessor
 
     from avlabel.core.prompts import load_prompts
 
     from . import records
-    from .engine import CaptionEngine
+    from .engine import CaptionEngine, ClipPreparer, chat_text, prepared_clips
     from .inputs import resolve_inputs
 
     # without a GPU, `cpu=True` lets torchrun / mpirun processes form a gloo group
@@ -166,7 +164,8 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     # resolved before any record is read: a rerun with the same effective frames resumes however they were given
     sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
     answer = settings.answer(args.model, args.adapter)
-    _check_budget(args.model, settings, answer)
+    processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
+    _check_budget(processor.tokenizer, settings, answer)
     identity = {
         "model": args.model,
         "adapter": args.adapter,
@@ -181,15 +180,18 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     state.wait_for_everyone()  # every process has read the same records before any writes
 
     start = time.perf_counter()
+    load_seconds = None
     with state.split_between_processes(todo) as mine:
         if mine:
-            from transformers import AutoProcessor
-
             from avlabel.families import bnb_quantization, load_model
 
+            # the decoding workers start now and have frames ready when the weights are loaded
+            prepared = prepared_clips(mine, ClipPreparer(processor, chat_text(processor, prompts), getattr(torch, dtype)),
+                                      sampling, args.batch_size, args.num_workers)
+            loading = time.perf_counter()
             model = load_model(args.model, adapter=args.adapter, dtype=dtype, device_map={"": state.device},
                                quantization_config=bnb_quantization(args.quantization, dtype)).eval()
-            processor = AutoProcessor.from_pretrained(args.model)
+            load_seconds = round(time.perf_counter() - loading, 2)
             engine = CaptionEngine(
                 model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
                 sampling=sampling, answer=answer,
@@ -197,7 +199,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
             writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
             progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
             try:
-                for batch in engine.run(mine, num_workers=args.num_workers):
+                for batch in engine.run(mine, prepared=prepared):
                     writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes) for clip, gen, error, sec in batch])
                     progress.update(len(batch))
             finally:
@@ -217,6 +219,9 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
         "skipped": len(clips) - len(todo),
         "processes": state.num_processes,
         "seconds": round(time.perf_counter() - start, 2),
+        # this (the main) process's: loading the weights, and the most GPU memory its tensors took
+        "model_load_seconds": load_seconds,
+        "peak_gib": round(torch.cuda.max_memory_allocated(state.device) / 2**30, 2) if state.device.type == "cuda" else None,
     }
     wanted = {clip.clip_id for clip in clips}
     summary = records.summarize([r for r in merged if r["clip_id"] in wanted], len(clips), this_run, identity)

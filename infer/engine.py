@@ -114,6 +114,26 @@ def _worker_init(_):
     torch.set_num_threads(1)  # many decoding workers: one thread each, not one per core each
 
 
+def prepared_clips(clips: list[ClipRef], prepare: ClipPreparer, sampling: SamplingConfig, batch_size: int,
+                   num_workers: int = 4, load_frames: Callable = sample_frames) -> Iterator:
+    """(clip, model inputs or None, error or None) for each clip, in order, from `num_workers` processes.
+
+    The workers start decoding at once, so a caller that makes this before loading the model
+    (infer/caption.py) has frames ready when the model is.
+    """
+    loader = torch.utils.data.DataLoader(
+        _Clips(clips, load_frames, sampling, prepare),
+        batch_size=None,
+        collate_fn=_one_item,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None,
+        # enough clips in flight to fill the next grouping window while the model runs
+        prefetch_factor=max(2, math.ceil(2 * batch_size / num_workers)) if num_workers else None,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
 # ----------------------------------------------------------------------------- KV cache and attention
 
 
@@ -456,29 +476,23 @@ class CaptionEngine:
     # -- many clips -----------------------------------------------------------------
 
     def run(
-        self, clips: list[ClipRef], num_workers: int = 4, load_frames: Callable = sample_frames
+        self, clips: list[ClipRef], num_workers: int = 4, load_frames: Callable = sample_frames,
+        prepared: Iterator | None = None,
     ) -> Iterator[list[tuple[ClipRef, Generation | None, str | None, float]]]:
         """Caption clips batch by batch: yields [(clip, generation or None, error or None, seconds)].
 
-        Worker processes decode and prepare clips ahead of the model; clips are grouped
-        by prompt length (a window of two batches) so batches carry little padding.
+        Worker processes decode and prepare clips ahead of the model (`prepared_clips`, or
+        `prepared` when the caller started them); clips are grouped by prompt length (a window
+        of two batches) so batches carry little padding.
         """
-        loader = torch.utils.data.DataLoader(
-            _Clips(clips, load_frames, self.sampling, self.prepare),
-            batch_size=None,
-            collate_fn=_one_item,
-            num_workers=num_workers,
-            worker_init_fn=_worker_init if num_workers else None,
-            # enough clips in flight to fill the next grouping window while the model runs
-            prefetch_factor=max(2, math.ceil(2 * self.batch_size / num_workers)) if num_workers else None,
-            persistent_workers=False,
-        )
+        if prepared is None:
+            prepared = prepared_clips(clips, self.prepare, self.sampling, self.batch_size, num_workers, load_frames)
         pending: list = []
-        for clip, prepared, error in loader:
+        for clip, prepared_inputs, error in prepared:
             if error is not None:
                 yield [(clip, None, error, 0.0)]
                 continue
-            pending.append((clip, prepared))
+            pending.append((clip, prepared_inputs))
             if len(pending) >= 2 * self.batch_size:
                 pending.sort(key=lambda pair: pair[1]["input_ids"].shape[1])
                 batch, pending = pending[: self.batch_size], pending[self.batch_size :]

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -403,7 +404,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    loading = time.perf_counter()
     model = load_training_model(model_args, script_args, training_args)
+    load_seconds = time.perf_counter() - loading
     quantization = quantization_summary(model)
     prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
     report_path = output_dir / "skipped.jsonl"
@@ -441,6 +444,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         callbacks=[frozen_vision_callback()],
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     log_history = trainer.state.log_history
     eval_loss = None
     if eval_dataset is not None:
@@ -470,6 +474,9 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
             "epochs": training_args.num_train_epochs,
             "steps": trainer.state.global_step,
             "hardware": _hardware(training_args.world_size),
+            # the main process's: loading the weights, and the most GPU memory its tensors took while training
+            "model_load_seconds": round(load_seconds, 2),
+            "peak_gib": peak_gib,
             "prompt_sha": prompts.sha,
             "short_prompt": script_args.short_prompt,
             "answer_format": script_args.answer_format,
