@@ -242,6 +242,8 @@ def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_of, family, synt
     assert summary["captioned"] == 5 and summary["failed"] == 1 and summary["valid_rate"] == 1.0
     assert set(summary["field_valid_rate"].values()) == {1.0}
     assert summary["failures"] == {"broken": failed["error"]}
+    # the run's own timing and memory records (no GPU here: no peak)
+    assert summary["this_run"]["model_load_seconds"] > 0 and summary["this_run"]["peak_gib"] is None
     assert json.loads((out / "summary.json").read_text()) == summary
 
 

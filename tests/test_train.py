@@ -241,6 +241,7 @@ def test_each_method_trains_and_the_loss_falls(runs, family, method):
 
     results = json.loads((out / "train_results.json").read_text())
     assert results["method"] == method and results["train_samples"] == 12
+    assert results["model_load_seconds"] > 0 and results["peak_gib"] is None  # no GPU here: no peak
     assert results["eval_loss"] == pytest.approx(eval_loss[-1][1])
     assert results["final_loss"] == pytest.approx(train_loss[-1])
     assert {"learning_rate", "per_device_train_batch_size", "sampling"} <= results["hyperparameters"].keys()
