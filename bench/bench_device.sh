@@ -4,13 +4,13 @@
 #   STAGES: any of infer, train, peer, infer_cli, train_cli (default: infer train)
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
 #           the loop benchmark, the default; 0: not). Their model folder, clips and JSON stay in /tmp/cli_bench, so
-#           consecutive calls on a warm machine add to one infer_cli.json / train_cli.json (copied to $OUT each time).
+#           consecutive calls on a warm machine add to one infer_cli.json / train_cli.json (written in $OUT as it grows).
 #           They need .whl_av (decoding) and .whl_xg (the engine's vocabulary) installed: carried in the first call.
 #   carry:  .whl and .whl_infer (bench/device_wheels.sh) for infer; .whl_bnb for train; for peer the vLLM wheel,
 #           which is over the 64 MiB one call may carry, arrives in pieces: each call appends the .vllm/part-*
 #           it carries to /tmp/vllm.whl (a warm machine keeps /tmp), and .whl_vllm holds vLLM's missing needs.
 # The image's transformers (5.17) trains, as in the earlier train_7b runs; captioning runs transformers 5.24 from
-# .whl_infer, as the earlier infer_7b runs did.
+# .whl_infer, as the earlier infer_7b runs did. infer_cli and train_cli run the commands and their loops on 5.24.
 set -uo pipefail
 : "${OUT:?set OUT to the folder for results and logs}"
 export PYTHONUNBUFFERED=1
@@ -47,10 +47,12 @@ for stage in ${STAGES:-infer train}; do
     infer_cli|train_cli)  # the commands users run, on builder datasets, each beside its loop benchmark
         loop=$([ "${LOOP:-1}" = 1 ] && echo --loop)
         if [ $stage = infer_cli ]; then what=(--clips "${CLIPS:-256,2048}"); else what=(--methods "${METHODS:-lora,qlora,full}"); fi
+        # the JSON of earlier calls is added to in $OUT, so a call that runs out of time still returns what it measured
+        mkdir -p /tmp/cli_bench && { [ ! -f /tmp/cli_bench/$stage.json ] || cp /tmp/cli_bench/$stage.json "$OUT/"; }
         PYTHONPATH=$infer_path python3 bench/$stage.py "${what[@]}" $loop --work /tmp/cli_bench --logs "$OUT" \
-            --out /tmp/cli_bench/$stage.json --run_timeout 560 > "$OUT/$stage.log" 2>&1
-        cp /tmp/cli_bench/$stage.json "$OUT/"
-        tail -n 40 "$OUT/$stage.log" ;;
+            --out "$OUT/$stage.json" --run_timeout 560 > "$OUT/$stage.log" 2>&1
+        cp "$OUT/$stage.json" /tmp/cli_bench/
+        grep -v '%|' "$OUT/$stage.log" | tail -n 40 ;;
     peer)
         ls -l /tmp/vllm.whl && sha256sum /tmp/vllm.whl
         mv /tmp/vllm.whl /tmp/vllm-0.22.0-cp38-abi3-manylinux_2_28_x86_64.whl

@@ -106,7 +106,7 @@ class TimedRun:
     def __init__(self, command: list[str], log_path: Path, watch: Path | None = None, timeout: float = 3600):
         self.command, self.log_path, self.watch, self.timeout = command, log_path, watch, timeout
         self.lines: list[tuple[float, str]] = []
-        self.writes: list[tuple[float, int]] = []  # (seconds, lines in `watch`) whenever the count changed
+        self.writes: list[tuple[float, int]] = []  # (seconds, lines in `watch`) whenever the count grew
         self.rc: int | str | None = None
         self.seconds = 0.0
 
@@ -118,9 +118,12 @@ class TimedRun:
                     now = sum(1 for _ in handle)
             except FileNotFoundError:
                 continue
-            if now != count:
-                count = now
-                self.writes.append((round(time.perf_counter() - start, 2), count))
+            if now > count:  # (the final merge rewrites the file: never fewer lines)
+                count, seconds = now, round(time.perf_counter() - start, 2)
+                if self.writes and seconds - self.writes[-1][0] < 0.3:  # the next poll: the rest of one batch's write
+                    self.writes[-1] = (seconds, count)
+                else:
+                    self.writes.append((seconds, count))
 
     def run(self) -> TimedRun:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
