@@ -11,7 +11,7 @@ this runs the command itself, as a separate process, on a dataset the builder wr
      full fine-tuning also gets `--dtype bfloat16` (the recipe's fp32 master weights need ~124 GiB
      before activations: it is meant for FSDP on 2+ GPUs, BENCHMARKS.md) unless `--full_recipe_dtype`.
      Frames are decoded by the recipe's DataLoader workers into a fresh frame cache (the first epoch's
-     cost); the run ends with the recipe's export (adapter/, merged/);
+     cost); the run ends with the recipe's export (adapter/, merged/; `--no_merged_export`: adapter/ only);
   3. `--loop`: bench/train_7b.py for the same methods, in the same call, the ceiling; each command run is
      compared with the loop's variant of the same batch and checkpointing.
 
@@ -81,6 +81,8 @@ def train_run(args, method: str, model: Path, dataset: Path) -> dict:
         "gradient_accumulation_steps": max(1, args.samples_per_step // batch), "logging_steps": 1,
         "eval_strategy": "no", "save_strategy": "no", "report_to": "none",
     }
+    if args.no_merged_export:
+        overrides["export_merged"] = "false"
     if method == "full" and not args.full_recipe_dtype:
         overrides["dtype"] = "bfloat16"  # one GPU: bf16 weights and AdamW state, as the loop's full fine-tuning
     if args.tiny:  # the CPU: fp32, the tiny model's few small frames, one decoding worker
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=None, help="distinct clips rendered (default 16; tiny 2)")
     parser.add_argument("--seconds", type=float, default=None, help="clip length (default 10; tiny 2)")
     parser.add_argument("--full_recipe_dtype", action="store_true", help="full: keep the recipe's fp32 master weights")
+    parser.add_argument("--no_merged_export", action="store_true",
+                        help="skip the recipe's merged/ export at the end (about a minute of a 7B run)")
     parser.add_argument("--loop", action="store_true", help="also run bench/train_7b.py for the same methods")
     parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, 3 steps")
     parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and runs (kept for reruns)")
