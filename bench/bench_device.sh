@@ -3,7 +3,8 @@
 # (infer_cli, train_cli). Results and logs go to $OUT.
 #   STAGES: any of infer, train, peer, infer_cli, train_cli (default: infer train)
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
-#           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end). Their model folder, clips and JSON stay in /tmp/cli_bench, so
+#           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end), ARGS
+#           (more flags for the command itself, e.g. ARGS='--num_workers 12'; results of a run overwrite the run's entry). Their model folder, clips and JSON stay in /tmp/cli_bench, so
 #           consecutive calls on a warm machine add to one infer_cli.json / train_cli.json (written in $OUT as it grows).
 #           They need .whl_av (decoding) and .whl_xg (the engine's vocabulary) installed: carried in the first call.
 #   carry:  .whl and .whl_infer (bench/device_wheels.sh) for infer; .whl_bnb for train; for peer the vLLM wheel,
@@ -50,7 +51,8 @@ for stage in ${STAGES:-infer train}; do
         else what=(--methods "${METHODS:-lora,qlora,full}" $([ "${EXPORT:-1}" = 1 ] || echo --no_merged_export)); fi
         # the JSON of earlier calls is added to in $OUT, so a call that runs out of time still returns what it measured
         mkdir -p /tmp/cli_bench && { [ ! -f /tmp/cli_bench/$stage.json ] || cp /tmp/cli_bench/$stage.json "$OUT/"; }
-        PYTHONPATH=$infer_path python3 bench/$stage.py "${what[@]}" $loop --work /tmp/cli_bench --logs "$OUT" \
+        PYTHONPATH=$infer_path python3 bench/$stage.py "${what[@]}" $loop --command_args "${ARGS:-}" \
+            --work /tmp/cli_bench --logs "$OUT" \
             --out "$OUT/$stage.json" --run_timeout 560 > "$OUT/$stage.log" 2>&1
         cp "$OUT/$stage.json" /tmp/cli_bench/
         grep -v '%|' "$OUT/$stage.log" | tail -n 40 ;;

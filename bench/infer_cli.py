@@ -29,7 +29,8 @@ written a batch at a time):
   two_runs               with two counts: (larger - smaller) clips over the difference of their total times
                          (the marginal rate) and the start-up that leaves for the smaller run
 
-Results merge into `--out` (one entry per count), so the counts can run in separate calls on one machine:
+Results merge into `--out` (one entry per count, and per count and `--command_args`), so the counts can run in
+separate calls on one machine:
 
     python bench/infer_cli.py --clips 256 --loop && python bench/infer_cli.py --clips 2048   # GPU
     python bench/infer_cli.py --tiny --out /tmp/infer_cli_tiny.json   # CPU check: tiny model, small clips
@@ -191,7 +192,7 @@ def caption_run(args, model: Path, dataset: Path, count: int) -> dict:
     recipe = TINY_RECIPE if args.tiny else RECIPE
     command = [sys.executable, "-m", "avlabel.infer", "--config", recipe, "--model", str(model), "--input", str(dataset),
                "--split", "train", "--limit", str(count), "--output_dir", str(out),
-               "--max_new_tokens", str(args.tokens), "--min_new_tokens", str(args.tokens)]
+               "--max_new_tokens", str(args.tokens), "--min_new_tokens", str(args.tokens), *shlex.split(args.command_args)]
     print(f"captioning {count} clips ...", flush=True)
     run = TimedRun(command, Path(args.logs) / f"infer_cli_{count}.log", watch=out / "captions.jsonl",
                    timeout=args.run_timeout).run()
@@ -228,8 +229,9 @@ def caption_run(args, model: Path, dataset: Path, count: int) -> dict:
 
 
 def two_runs(runs: dict) -> dict | None:
-    """The marginal rate between the smallest and the largest finished run, and the start-up it leaves."""
-    finished = sorted((run for run in runs.values() if run.get("rc") == 0), key=lambda run: run["clips"])
+    """The marginal rate between the smallest and the largest finished run (the recipe's flags only), and the
+    start-up it leaves."""
+    finished = sorted((run for key, run in runs.items() if key.isdigit() and run.get("rc") == 0), key=lambda run: run["clips"])
     if len(finished) < 2 or finished[-1]["clips"] == finished[0]["clips"]:
         return None
     small, large = finished[0], finished[-1]
@@ -248,6 +250,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help="caption length forced on every clip, as the loop's (default 400; tiny 8)")
     parser.add_argument("--loop", action="store_true", help="also run bench/infer_7b.py's engine at the recipe's batch")
+    parser.add_argument("--command_args", default="", help="more flags for the command, last (e.g. '--num_workers 12')")
     parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, few tokens")
     parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and captions (kept for reruns)")
     parser.add_argument("--logs", default=None, help="folder for the runs' timestamped logs (default: --work)")
@@ -278,8 +281,9 @@ def main() -> None:
     })
     runs = results.setdefault("runs", {})
     for count in counts:
-        runs[str(count)] = caption_run(args, model, dataset, count)
-        print(json.dumps({k: v for k, v in runs[str(count)].items() if k != "writes"}), flush=True)
+        key = f"{count} {args.command_args}".strip()  # a run with more flags is an entry of its own
+        runs[key] = caption_run(args, model, dataset, count)
+        print(json.dumps({k: v for k, v in runs[key].items() if k != "writes"}), flush=True)
         results["two_runs"] = two_runs(runs)
         write_results(out, results)
 

@@ -29,7 +29,8 @@ trainer_state.json gives each step's exact `num_tokens`, TRL's count of non-padd
   peak_gib               the command's own `peak_gib` (torch.cuda.max_memory_allocated while training,
                          the loop's counter); gpu_peak_gib: nvidia-smi's memory.used, polled
 
-Results merge into `--out` (one entry per method), so methods can run in separate calls:
+Results merge into `--out` (one entry per method, and per method and `--command_args`), so methods can run in
+separate calls:
 
     python bench/train_cli.py --methods lora,qlora --loop      # GPU
     python bench/train_cli.py --tiny --out /tmp/train_cli_tiny.json   # CPU check: tiny model, 3 steps
@@ -90,6 +91,7 @@ def train_run(args, method: str, model: Path, dataset: Path) -> dict:
     command = [sys.executable, "-m", "avlabel.train", "--config", recipe]
     for name, value in overrides.items():
         command += [f"--{name}", str(value)]
+    command += shlex.split(args.command_args)  # last: they win
     print(f"training {method} ...", flush=True)
     run = TimedRun(command, Path(args.logs) / f"train_cli_{method}.log", timeout=args.run_timeout).run()
     metrics = read_results(output_dir / "train_results.json")
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--no_merged_export", action="store_true",
                         help="skip the recipe's merged/ export at the end (about a minute of a 7B run)")
     parser.add_argument("--loop", action="store_true", help="also run bench/train_7b.py for the same methods")
+    parser.add_argument("--command_args", default="", help="more flags for every command, last (e.g. "
+                        "'--dataloader_num_workers 8')")
     parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, 3 steps")
     parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and runs (kept for reruns)")
     parser.add_argument("--logs", default=None, help="folder for the runs' timestamped logs (default: --work)")
@@ -183,9 +187,10 @@ def main() -> None:
         "dataset": {"clips": args.clips, "distinct": min(args.distinct, args.clips), "seconds": args.seconds},
     })
     runs = results.setdefault("runs", {})
+    keys = {method: f"{method} {args.command_args}".strip() for method in methods}  # more flags: an entry of its own
     for method in methods:
-        runs[method] = train_run(args, method, model, dataset)
-        print(json.dumps({k: v for k, v in runs[method].items() if k != "step_s"}), flush=True)
+        runs[keys[method]] = train_run(args, method, model, dataset)
+        print(json.dumps({k: v for k, v in runs[keys[method]].items() if k != "step_s"}), flush=True)
         write_results(out, results)
 
     if args.loop:
@@ -194,12 +199,12 @@ def main() -> None:
         loop = loop_run("bench/train_7b.py", arguments, work / "train_7b.json", Path(args.logs) / "train_cli_loop.log",
                         args.run_timeout)
         for method in methods:
-            runs[method]["loop"] = {"command": shlex.join(["python", "bench/train_7b.py", *arguments]),
-                                    "date": loop.get("date"), **(loop_variant(loop, method, runs[method]) or
-                                                                 {"error": loop.get("error", "no such variant")})}
-            steady, ceiling = runs[method].get("steady_tokens_per_s"), runs[method]["loop"].get("tokens_per_s")
+            run = runs[keys[method]]
+            run["loop"] = {"command": shlex.join(["python", "bench/train_7b.py", *arguments]), "date": loop.get("date"),
+                           **(loop_variant(loop, method, run) or {"error": loop.get("error", "no such variant")})}
+            steady, ceiling = run.get("steady_tokens_per_s"), run["loop"].get("tokens_per_s")
             if steady and ceiling:
-                runs[method]["steady_vs_loop"] = round(steady / ceiling, 3)
+                run["steady_vs_loop"] = round(steady / ceiling, 3)
         write_results(out, results)
     print(json.dumps({method: {k: v for k, v in run.items() if k != "step_s"} for method, run in runs.items()}, indent=2))
 
