@@ -140,7 +140,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from avlabel.core.prompts import load_prompts
 
@@ -164,8 +164,6 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     # resolved before any record is read: a rerun with the same effective frames resumes however they were given
     sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
     answer = settings.answer(args.model, args.adapter)
-    processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
-    _check_budget(processor.tokenizer, settings, answer)
     identity = {
         "model": args.model,
         "adapter": args.adapter,
@@ -175,6 +173,10 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     }
     earlier = records.read_all(out)
     records.check_same_run(earlier, identity, out)
+    from transformers import AutoProcessor  # after the inputs and earlier records are known good: it imports the model code
+
+    processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
+    _check_budget(processor.tokenizer, settings, answer)
     done = records.done_clip_ids(earlier)
     todo = [clip for clip in clips if clip.clip_id not in done]
     state.wait_for_everyone()  # every process has read the same records before any writes
