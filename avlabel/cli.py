@@ -26,6 +26,7 @@ COMMANDS = {
     "export": ("avlabel.train.export", "Merge a training checkpoint into a bf16 model"),
     "metrics": ("avlabel.eval.metrics", "Deterministic per-field metrics of one run"),
     "judge": ("avlabel.eval.judge", "Score one run's answers with an LLM judge"),
+    "calibrate": ("avlabel.eval.calibration", "Fit a model's confidence calibration on held-out labeled clips"),
     "compare": ("avlabel.eval.compare", "Compare runs with intervals and paired tests; write the report"),
     "review": ("avlabel.eval.review", "Choose the clips a person should check; round-trip them through Label Studio"),
     "publish": ("avlabel.hub.publish", "Push a model, a dataset, an evaluation run and the metric to the Hub"),

@@ -11,6 +11,8 @@ permutation p-value and per-clip wins/ties/losses. Outputs in `output_dir`:
                         per-clip browser of the clips where runs and references disagree most
     judge_scores.png    grouped bars per field, runs side by side, 95% intervals (with a judge)
     deterministic.png   the same for the deterministic headline metrics
+    reliability.png     reliability diagrams of the closed-set fields' confidence (runs whose records carry one),
+                        beside the ECE table: before and after calibration when the records are calibrated
     per_clip.jsonl      one record per clip, field and run: answers, scores, the judge's reason
 
 Command: `avlabel compare --runs baseline=out/base sft=out/sft --references DATASET --output_dir DIR [--judge]`.
@@ -41,6 +43,7 @@ from .data import (
     print_problems,
     render_value,
 )
+from .calibration import calibration_report, reliability_chart
 from .judge import Judge, JudgeConfig, JudgeError, run_items, score_arrays
 from .metrics import RunMetrics, evaluate_run
 from .stats import bootstrap, paired
@@ -163,6 +166,7 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         },
         "judge": judge_section,
         "trust": trust_section,
+        "calibration": calibration_report(loaded),
         "runs_summary": {
             name: {"json_valid_rate": metrics[name].json_valid_rate, "missing_clips": loaded[name].missing,
                    "extra_clips": loaded[name].extra, "problems": [str(problem) for problem in loaded[name].problems],
@@ -178,6 +182,8 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     if judge_table:
         charts["judge_scores.png"] = _chart(results["fields"], names, "judge score (1-5)", (1, 5), "LLM-judge score per field")
     charts["deterministic.png"] = _chart(results["deterministic"], names, "score (0-1)", (0, 1), "Deterministic headline metric per field")
+    if results["calibration"]["runs"]:
+        charts["reliability.png"] = reliability_chart(results["calibration"])
     for file_name, png in charts.items():
         (out / file_name).write_bytes(png)
     records = _per_clip(loaded, metrics, judgments, clip_ids)
@@ -343,6 +349,7 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             ])
     tables["majority"] = {"title": "Against always answering the majority class", "header": ["field", "majority", "majority scores", *names],
                           "rows": baselines}
+    tables |= _calibration_table(results["calibration"])
     if results["trust"]:
         rows = []
         for field_name, checks in results["trust"]["fields"].items():
@@ -354,6 +361,35 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                                       "repeat std", "Spearman vs metric", "why doubtful"],
                            "rows": rows}
     return tables
+
+
+def _calibration_table(section: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """ECE per closed-set field and run with confidence: the model's own (raw) and, for calibrated records, after."""
+    runs = section["runs"]
+    if not runs:
+        return {}
+    header, columns = ["field"], []
+    for name, run in runs.items():
+        kinds = ("raw", "calibrated") if run["calibrated"] else ("raw",)
+        header += [f"{name} accuracy"] + [f"{name} {kind} mean p / ECE" if run["calibrated"] else f"{name} mean p / ECE"
+                                          for kind in kinds]
+        columns.append((name, kinds))
+    fields = [name for name in schema.FIELD_NAMES if any(name in run["fields"] for run in runs.values())]
+    rows = []
+    for field_name in fields:
+        row = [field_name]
+        for name, kinds in columns:
+            entry = runs[name]["fields"].get(field_name)
+            row += [f"{entry['accuracy']:.3f} (n={entry['n']})" if entry else "n/a"]
+            row += [f"{entry[kind]['mean_confidence']:.3f} / {entry[kind]['ece']:.3f}" if entry else "n/a" for kind in kinds]
+        rows.append(row)
+    mean_row = ["mean ECE"]
+    for name, kinds in columns:
+        mean_row += [""] + [f"{runs[name]['mean_ece'][kind]:.3f}" for kind in kinds]
+    rows.append(mean_row)
+    title = (f"Calibration of closed-set confidence (ECE over {section['bins']} equal-width bins; raw: the model's own "
+             "probability, calibrated: after the model's calibration.json)")
+    return {"calibration": {"title": title, "header": header, "rows": rows}}
 
 
 def _markdown_row(cells: list[str]) -> str:

@@ -32,6 +32,11 @@ class Prediction:
     label: dict[str, Any] = field(default_factory=dict)
     valid: bool = False
     errors: dict[str, list[str]] = field(default_factory=dict)
+    # closed-set fields of a caption record: p of the answer, calibrated when the record says so (`calibration`),
+    # and the model's own p (avlabel/core/calibration.py); empty for label files
+    confidence: dict[str, float] = field(default_factory=dict)
+    confidence_raw: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
 
     def has(self, name: str) -> bool:
         return name in self.label
@@ -87,6 +92,11 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
                 for name, reason in (record.get("cut_fields") or {}).items():
                     prediction.label.pop(name, None)
                     prediction.errors.setdefault(name, []).append(f"cut short by the {reason}")
+                confidence = record.get("confidence") or {}
+                raw = record.get("confidence_raw") or confidence  # records written before calibration existed
+                prediction.confidence = {name: p for name, p in confidence.items() if prediction.has(name)}
+                prediction.confidence_raw = {name: p for name, p in raw.items() if prediction.has(name)}
+                prediction.calibrated = bool(record.get("calibration"))
                 predictions[clip_id] = prediction
             else:  # a failed caption is a real answer of the run: every field missing
                 predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})

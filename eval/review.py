@@ -125,7 +125,8 @@ def expected_wrong(record: dict[str, Any]) -> float | None:
     return sum(1.0 - float(p) for name, p in confidence.items() if name in answered and name not in errors) + unanswered
 
 
-def _same(spec: schema.LabelField, mine: Any, theirs: Any) -> bool:
+def same_answer(spec: schema.LabelField, mine: Any, theirs: Any) -> bool:
+    """Two normalised answers of a field agree (a list as a set; free text up to case and spacing)."""
     if spec.kind == "multi_category":
         return set(mine or ()) == set(theirs or ())
     if spec.kind == "text" and isinstance(mine, str) and isinstance(theirs, str):
@@ -137,7 +138,7 @@ def differing_fields(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
     """The fields two labels answer differently, after the schema's normalisation (a field either one lacks
     or gets wrong differs)."""
     a, b = schema.check_label(one)[0], schema.check_label(other)[0]
-    return [f.name for f in schema.FIELDS if f.name not in a or f.name not in b or not _same(f, a[f.name], b[f.name])]
+    return [f.name for f in schema.FIELDS if f.name not in a or f.name not in b or not same_answer(f, a[f.name], b[f.name])]
 
 
 def parse_budget(budget: str, candidates: int) -> int:

@@ -6,7 +6,8 @@
 Writes `captions.jsonl` (one record per clip), `labels/<clip_id>.label.json` and
 `summary.json` to the output folder. Frames are sampled as the model was trained (the
 `sampling_config.json` that training saves in its model or adapter folder) unless --fps,
---max_frames, --min_pixels or --max_pixels say otherwise. Rerunning the same command resumes: clips already
+--max_frames, --min_pixels or --max_pixels say otherwise; a `calibration.json` there (`avlabel
+calibrate`) calibrates the records' confidence. Rerunning the same command resumes: clips already
 captioned with the same model, adapter, prompts and settings are skipped, failed ones
 are retried. Under `accelerate launch` every process captions its share of the clips
 into its own shard, and the main process merges the shards at the end.
@@ -82,7 +83,7 @@ def make_parser(subparsers=None):
 
 
 def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any],
-            token_bytes: list[bytes]) -> dict[str, Any]:
+            token_bytes: list[bytes], calibration=None) -> dict[str, Any]:
     from .confidence import answer_confidence
     from .parse import parse_output
 
@@ -90,11 +91,15 @@ def _record(clip, generation, error: str | None, seconds: float, identity: dict[
     if generation is None:
         return {
             **record, "raw": None, "label": {}, "valid": False, "errors": {}, "cut_fields": {}, "confidence": {},
-            "text_mean_logprob": {}, "clip_confidence": None, "prompt_tokens": None, "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed",
-            "error": error,
+            "confidence_raw": {}, "text_mean_logprob": {}, "clip_confidence": None, "prompt_tokens": None,
+            "completion_tokens": None, "seconds": round(seconds, 4), "status": "failed", "error": error,
         }
     parsed = parse_output(generation.text)
     answered = [name for name in parsed.label if name not in generation.cut_fields]
+    confidence = answer_confidence([token_bytes[t] for t in generation.tokens], generation.logprobs, answered)
+    # the model folder's calibration.json (avlabel/core/calibration.py): `confidence` calibrated, the model's own
+    # probabilities in `confidence_raw`; without one both are the model's
+    confidence = calibration.calibrate(confidence) if calibration else {**confidence, "confidence_raw": confidence["confidence"]}
     return {
         **record,
         "raw": generation.text,
@@ -105,7 +110,7 @@ def _record(clip, generation, error: str | None, seconds: float, identity: dict[
         # the label is valid, but these values are not the model's whole answer
         "cut_fields": generation.cut_fields,
         # infer/confidence.py: p of each closed-set answer, mean token log-probability of free text, the clip's lowest p
-        **answer_confidence([token_bytes[t] for t in generation.tokens], generation.logprobs, answered),
+        **confidence,
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
         "seconds": round(seconds, 4),
@@ -142,6 +147,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
+    from avlabel.core.calibration import Calibration
     from avlabel.core.prompts import load_prompts
 
     from . import records
@@ -164,12 +170,15 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     # resolved before any record is read: a rerun with the same effective frames resumes however they were given
     sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
     answer = settings.answer(args.model, args.adapter)
+    calibration = Calibration.for_model(args.adapter, args.model)
     identity = {
         "model": args.model,
         "adapter": args.adapter,
         "prompt_sha": prompts.sha,
         "generation": {**settings.to_dict(), **sampling.to_dict(), "dtype": dtype, "quantization": args.quantization,
                        **({"answer": answer.to_dict()} if settings.constrained else {})},
+        # the record's `confidence` is calibrated with these parameters (None: the model's own probabilities)
+        "calibration": calibration.record_entry() if calibration else None,
     }
     earlier = records.read_all(out)
     records.check_same_run(earlier, identity, out)
@@ -202,7 +211,8 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
             progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
             try:
                 for batch in engine.run(mine, prepared=prepared):
-                    writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes) for clip, gen, error, sec in batch])
+                    writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes, calibration)
+                                  for clip, gen, error, sec in batch])
                     progress.update(len(batch))
             finally:
                 writer.close()

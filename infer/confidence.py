@@ -8,8 +8,9 @@ after its key; its tokens are those whose bytes overlap that text.
   probabilities (the punctuation around it costs a trained model nothing).
 * Free text: the mean token log-probability, labelled as such. The probability of a whole
   sentence shrinks with its length and says little; the mean says how sure each word was.
-* The clip: the lowest answer probability of its closed-set fields, since the least sure
-  answer decides whether a person should look at the clip.
+* The clip: the lowest answer probability of its closed-set fields (avlabel.core.records.clip_confidence).
+
+A model folder's `calibration.json` (avlabel/core/calibration.py) then maps these probabilities to calibrated ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from avlabel.core.records import clip_confidence
 from avlabel.core.schema import FIELDS_BY_NAME
 
 _SPACE = b" \t\r\n"
@@ -122,4 +124,4 @@ def answer_confidence(pieces: Sequence[bytes], logprobs: Sequence[float], fields
             probability[name] = _short(math.exp(sum(values)))
         else:
             text_mean[name] = _short(sum(values) / len(values))
-    return {"confidence": probability, "text_mean_logprob": text_mean, "clip_confidence": min(probability.values(), default=None)}
+    return {"confidence": probability, "text_mean_logprob": text_mean, "clip_confidence": clip_confidence(probability)}

@@ -129,16 +129,9 @@ class AnswerConfig:
 
 
 def _saved_answer_config(source: str | Path) -> AnswerConfig | None:
-    from transformers.utils import cached_file
+    from avlabel.core.loading import saved_with_model
 
-    path = cached_file(str(source), ANSWER_FILE, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if path is None:
-        return None
-    try:
-        return AnswerConfig(**json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ValueError(f"{source}/{ANSWER_FILE}: not a valid answer config ({err}); delete it or fix it") from None
+    return saved_with_model(source, ANSWER_FILE, "answer config", AnswerConfig)
 
 
 # ----------------------------------------------------------------------------- grammar

@@ -32,7 +32,7 @@ from avlabel.core.schema import FIELD_NAMES, label_to_json
 SUMMARY = "summary.json"
 LABELS = "labels"
 # what must match for an earlier record to count as done by this run
-RUN_KEYS = ("model", "adapter", "prompt_sha", "generation")
+RUN_KEYS = ("model", "adapter", "prompt_sha", "generation", "calibration")
 
 
 def _trim_partial_line(path: Path) -> None:

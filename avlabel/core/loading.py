@@ -1,5 +1,5 @@
 """Loading a builder dataset: the one `load_dataset` call that training, inference, evaluation
-and the catalog share.
+and the catalog share; and the settings files a model folder carries beside its weights.
 
 datasets (5.2) keys its cache of a local folder by the card and the file names inside it, not
 by the folder's path: two folders built the same way (two demo runs, a copy, a rebuilt folder)
@@ -11,10 +11,14 @@ by its absolute path and the state of its metadata files; Hub ids use the normal
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from .layouts import METADATA_NAME
+
+T = TypeVar("T")
 
 
 def _cache_dir(folder: Path) -> str:
@@ -39,3 +43,20 @@ def load_clip_dataset(source: str | Path, split: str | None = None, *, name: str
     folder = Path(source)
     cache_dir = _cache_dir(folder) if folder.is_dir() else None
     return datasets.load_dataset(str(source), name=name, split=split, streaming=streaming, cache_dir=cache_dir)
+
+
+def saved_with_model(source: str | Path, file_name: str, what: str, make: Callable[..., T]) -> T | None:
+    """`make(**json)` of the settings file `file_name` in a model folder or Hub repo (sampling_config.json,
+    answer_config.json, calibration.json), or None when it has none. A file that `make` refuses raises
+    ValueError naming it."""
+    from transformers.utils import cached_file
+
+    path = cached_file(str(source), file_name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    try:
+        saved: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+        return make(**saved)
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}/{file_name}: not a valid {what} ({err}); delete it or fix it") from None

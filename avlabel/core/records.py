@@ -28,6 +28,12 @@ def record_files(out_dir: Path) -> list[Path]:
     return files + sorted(out_dir.glob("captions.rank-*.jsonl"))
 
 
+def clip_confidence(confidence: dict[str, float]) -> float | None:
+    """A clip's confidence from its closed-set answers' probabilities: the lowest, since the least sure
+    answer decides whether a person should look at the clip (None without any)."""
+    return min(confidence.values(), default=None)
+
+
 def succeeded(record: dict[str, Any]) -> bool:
     """A record without a status (written by hand, or by another tool) counts as a success."""
     return record.get("status", "ok") == "ok"

@@ -125,18 +125,13 @@ class SamplingConfig:
 
 def _saved_sampling(source: str | Path) -> dict | None:
     """The settings a model folder or Hub repo saved in `sampling_config.json`, or None if it has none."""
-    from transformers.utils import cached_file
+    from .loading import saved_with_model
 
-    path = cached_file(str(source), SAMPLING_FILE, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if path is None:
-        return None
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    def checked(**saved) -> dict:
         SamplingConfig(**saved)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{source}/{SAMPLING_FILE}: not a valid sampling config ({err})") from None
-    return saved
+        return saved
+
+    return saved_with_model(source, SAMPLING_FILE, "sampling config", checked)
 
 
 @dataclass(frozen=True)

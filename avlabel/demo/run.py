@@ -1,8 +1,8 @@
 """`avlabel demo`: the whole loop on this machine, with nothing downloaded.
 
-    synthetic clips -> dataset -> tiny model -> baseline captions -> SFT -> captions again
-    -> metrics (+ LLM judge when an endpoint is configured) -> report -> publish --dry_run
-    -> catalog query
+    synthetic clips -> dataset -> tiny model -> baseline captions -> SFT -> confidence calibration
+    on held-out clips -> captions again -> metrics (+ LLM judge when an endpoint is configured)
+    -> report -> publish --dry_run -> catalog query
 
 Everything runs on a CPU in a few minutes. The model is a *randomly initialised* tiny
 Qwen2.5-VL (the architecture of Cosmos Reason 1; `--family qwen3_vl`: Qwen3-VL, Cosmos
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avlabel import recipes
+from avlabel.core.calibration import CALIBRATION_FILE
 from avlabel.families import FAMILIES
 
 RECIPES = Path(recipes.__file__).parent  # recipes/ in a checkout, avlabel/recipes/ when installed
@@ -32,6 +33,11 @@ class DemoArguments:
     output_dir: str = field(default="demo_output", metadata={"help": "Folder for every artifact of the demo."})
     num_clips: int = field(default=240, metadata={"help": "Synthetic clips to draw."})
     test_clips: int = field(default=40, metadata={"help": "Clips held out for captioning and scoring."})
+    calibration_clips: int = field(
+        default=40,
+        metadata={"help": "Clips of another seed, outside the dataset, that the fine-tuned model's confidence calibration "
+                  "is fitted on (0: no calibration)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the clips, the model and training."})
     family: str = field(
         default="qwen2_5_vl",
@@ -77,6 +83,8 @@ def main(args: DemoArguments) -> dict:
     from avlabel.catalog.view import print_result, write_gallery
     from avlabel.data_builder.build import BuildArguments, build, print_summary
     from avlabel.demo.synthetic import generate
+    from avlabel.eval.calibration import CalibrateArguments
+    from avlabel.eval.calibration import main as calibrate
     from avlabel.eval.compare import compare_runs
     from avlabel.eval.judge import JudgeConfig
     from avlabel.extras import MissingExtra
@@ -95,6 +103,9 @@ def main(args: DemoArguments) -> dict:
     t = _step(f"1/8 Drawing {args.num_clips} synthetic dashcam clips")
     generate(out / "clips", num_clips=args.num_clips, seed=args.seed)
     artifacts["synthetic clips (recipe layout)"] = out / "clips"
+    if args.calibration_clips:
+        # another seed draws other clips: labeled, never trained on, and not the test split the report reads
+        generate(out / "calibration_clips", num_clips=args.calibration_clips, seed=args.seed + 1)
     print(f"   {time.perf_counter() - t:.0f} s")
 
     t = _step("2/8 Building the dataset")
@@ -113,9 +124,9 @@ def main(args: DemoArguments) -> dict:
     # greedy decoding; the frames are the ones each model carries (its sampling_config.json)
     settings = GenerationSettings(temperature=0.0, max_new_tokens=400, seed=args.seed)
 
-    def captions(model: Path, name: str) -> Path:
+    def captions(model: Path, name: str, clips: Path = dataset) -> Path:
         folder = out / "captions" / name
-        caption(CaptionArguments(input=str(dataset), split="test", output_dir=str(folder), model=str(model),
+        caption(CaptionArguments(input=str(clips), split="test", output_dir=str(folder), model=str(model),
                                  short_prompt=recipe.get("short_prompt", False), batch_size=16, num_workers=0),
                 settings)
         return folder
@@ -134,7 +145,11 @@ def main(args: DemoArguments) -> dict:
     artifacts["loss curve"] = trained / "loss_curve.png"
     print(f"   {time.perf_counter() - t:.0f} s")
 
-    t = _step("6/8 Captioning again with the fine-tuned model")
+    t = _step("6/8 Calibrating the fine-tuned model's confidence on held-out clips, then captioning the test clips again")
+    if args.calibration_clips:
+        held_out = captions(trained / "merged", "calibration", out / "calibration_clips")
+        calibrate(CalibrateArguments(captions=str(held_out), labels=str(out / "calibration_clips"), model=str(trained / "merged")))
+        artifacts["confidence calibration"] = trained / "merged" / CALIBRATION_FILE
     runs["fine-tuned"] = captions(trained / "merged", "fine-tuned")
     print(f"   {time.perf_counter() - t:.0f} s")
 
@@ -148,6 +163,11 @@ def main(args: DemoArguments) -> dict:
     results = compare_runs({k: str(v) for k, v in runs.items()}, dataset, out / "eval", judge=judge)
     accuracy = visual_accuracy(out / "eval" / "per_clip.jsonl", list(runs))
     (out / "eval" / "visual_accuracy.json").write_text(json.dumps(accuracy, indent=2))
+    calibration = results["calibration"]["runs"].get("fine-tuned")
+    if calibration and calibration["calibrated"]:
+        ece = calibration["mean_ece"]
+        print(f"   fine-tuned confidence, mean ECE of the closed-set fields on the test clips: {ece['raw']:.3f} as the model "
+              f"gives it, {ece['calibrated']:.3f} calibrated")
     table = Table(title="Exact-match accuracy on held-out clips")
     table.add_column("field")
     for column in ("majority answer", *runs):

@@ -42,6 +42,11 @@ class Prediction:
     label: dict[str, Any] = field(default_factory=dict)
     valid: bool = False
     errors: dict[str, list[str]] = field(default_factory=dict)
+    # closed-set fields of a caption record: p of the answer, calibrated when the record says so (`calibration`),
+    # and the model's own p (avlabel/core/calibration.py); empty for label files
+    confidence: dict[str, float] = field(default_factory=dict)
+    confidence_raw: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False
 
     def has(self, name: str) -> bool:
         return name in self.label
