@@ -21,6 +21,7 @@ from pathlib import Path
 
 from avlabel import recipes
 from avlabel.core.calibration import CALIBRATION_FILE
+from avlabel.core.errors import UsageError
 from avlabel.families import FAMILIES
 
 RECIPES = Path(recipes.__file__).parent  # recipes/ in a checkout, avlabel/recipes/ when installed
@@ -148,8 +149,11 @@ def main(args: DemoArguments) -> dict:
     t = _step("6/8 Calibrating the fine-tuned model's confidence on held-out clips, then captioning the test clips again")
     if args.calibration_clips:
         held_out = captions(trained / "merged", "calibration", out / "calibration_clips")
-        calibrate(CalibrateArguments(captions=str(held_out), labels=str(out / "calibration_clips"), model=str(trained / "merged")))
-        artifacts["confidence calibration"] = trained / "merged" / CALIBRATION_FILE
+        try:
+            calibrate(CalibrateArguments(captions=str(held_out), labels=str(out / "calibration_clips"), model=str(trained / "merged")))
+            artifacts["confidence calibration"] = trained / "merged" / CALIBRATION_FILE
+        except UsageError as err:  # a short run may answer too few fields to fit: the demo goes on uncalibrated
+            print(f"   no calibration: {err}")
     runs["fine-tuned"] = captions(trained / "merged", "fine-tuned")
     print(f"   {time.perf_counter() - t:.0f} s")
 
