@@ -251,6 +251,9 @@ def main(args: CalibrateArguments) -> Calibration:
     run_path = Path(args.captions)
     folder = _model_folder(args, run_path)
     run = read_run(run_path, args.labels, args.split)
+    if args.split == "test" and any(Path(args.labels).glob("test/metadata.*")):
+        print(f"warning: fitting on the test split of {args.labels}: the report's ECE after calibration on that split "
+              "will look better than it is; hold out other clips", file=sys.stderr)
     if not any(prediction.confidence_raw for prediction in run.predictions.values()):
         raise UsageError(f"--captions {args.captions}: no record gives a confidence for any clip of {args.labels} "
                          f"({args.split}); caption those clips with `avlabel caption` first")
