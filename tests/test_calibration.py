@@ -173,7 +173,6 @@ def test_comparison_report_shows_ece_before_and_after_calibration(labeled, tmp_p
     assert html.count("<img") == 2  # deterministic.png and reliability.png
 
 
-@pytest.mark.slow  # two caption runs of the tiny model under the grammar: about 25 s on 2 cores
 def test_caption_applies_the_calibration_saved_with_the_model(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     """The tiny model constrained (so its closed-set answers are there), with and without a calibration.json."""
     from avlabel.infer.caption import main as caption
