@@ -195,7 +195,7 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot(curves, output.with_name("review_capture.png"),
+    plot(curves, output.with_name(f"{output.stem}_capture.png"),
          f"Error capture on {len(clips)} test clips, tiny model after {args.max_steps or 'the demo default'} steps "
          f"({results['wrong_fields']} wrong closed-set fields)")
     print(json.dumps({key: value for key, value in results.items() if key != "curve"}, indent=2))
