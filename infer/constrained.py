@@ -540,10 +540,6 @@ class AnswerCloser:
         """Whether `next_token` may replace the next proposed token (else it returns it, or the forced one)."""
         return not self.forced and self.left - 1 < self.plan.slack[self.cursor.segment]
 
-    def next_forced(self) -> int | None:
-        """The next token of the completion being forced, if one is."""
-        return self.forced[-1] if self.forced else None
-
     def next_token(self, proposed: int) -> int:
         plan, cursor = self.plan, self.cursor
         self.left -= 1  # the tokens left after this one

@@ -17,7 +17,8 @@ one-clip `generate` loop):
   (avlabel/families/base.py `padded_windows_attention`, which training uses too);
 * sampling with the recipe's settings (repetition penalty, temperature, top-p), and
   optional constrained decoding (infer/constrained.py: the label grammar through xgrammar,
-  closed within the token budget);
+  closed within the token budget; its host work, `ConstrainedRows`, runs beside the GPU's
+  forward pass);
 * each written token's log-probability under the model, for per-field confidence.
 
 Greedy output equals one-clip-at-a-time `generate` (tests/test_infer.py checks it).
