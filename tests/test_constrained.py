@@ -215,6 +215,20 @@ def test_batched_path_writes_what_the_per_row_path_writes(tokenizer_kind):
     assert all(seen.values()), seen  # every path was taken
 
 
+def test_text_limits_stay_in_the_grammar_for_a_token_that_spans_a_field_head():
+    """The host keeps text limits only where that is exact: a token holding a whole field head could write
+    into two strings at once, so with such a vocabulary the engine keeps the bounded grammar."""
+    config = constrained.AnswerConfig("plain")
+
+    def plan_of(pieces):
+        return constrained.ClosingPlan(config, lambda text: list(text.encode()), pieces)
+
+    byte_pieces = [bytes([b]) for b in range(256)]
+    head = b', "road_type": '  # a free-text field's head in the plain layout
+    assert plan_of(byte_pieces + [b'", "x']).limits_text
+    assert not plan_of(byte_pieces + [b'ab"' + head + b'"cd']).limits_text
+
+
 # ----------------------------------------------------------------------------- the command
 
 
