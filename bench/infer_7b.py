@@ -183,9 +183,9 @@ class ForcedLengthEngine(CaptionEngine):
         self.row_lengths = torch.tensor([item.pop("forced_length") for item in items], device=self.device)
         return super()._generate_rows(items, length, capacity)
 
-    def _choose(self, logits, seen, step, matchers, bitmask):
+    def _choose(self, logits, seen, step, constraint):
         logits[:, self.eos_ids] = -math.inf
-        tokens = super()._choose(logits, seen, step, matchers, bitmask)
+        tokens = super()._choose(logits, seen, step, constraint)
         return torch.where(self.row_lengths == step + 1, self.eos_ids[0], tokens)
 
 
@@ -239,6 +239,9 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
         "prefill_seconds_per_clip": round(sum(t["prefill_seconds"] for t in timings) / done, 4),
         "decode_seconds_per_clip": round(sum(t["decode_seconds"] for t in timings) / done, 4),
         "decode_step_ms": round(1000 * sum(t["decode_seconds"] for t in timings) / steps, 2),
+        # constrained: the host's grammar work per step (masks, closers, matchers), most of it beside the GPU's step
+        "grammar_host_ms_per_step": round(1000 * sum(t["grammar_host_seconds"] for t in timings) / steps, 2)
+        if settings.constrained else None,
         "other_seconds_per_clip": round(
             (seconds - sum(t["prefill_seconds"] + t["decode_seconds"] for t in timings)) / done, 4
         ),

@@ -4,7 +4,7 @@ A grammar alone restricts which token may come next; it does not bound how long 
 runs, nor keep the tokens needed to close the object. This module adds both, in pieces
 that hold no engine state: `label_grammar` is plain EBNF (xgrammar's dialect, which vLLM's
 structured outputs also take), and `AnswerCloser` needs only each row's proposed token and
-the right to replace it (the batched engine's hook is `_within_grammar_and_budget`).
+the right to replace it (the batched engine drives them through `ConstrainedRows`).
 
 * `AnswerConfig`: the layout of the answer (the `answer_format` the model was trained
   with) and the longest text each free-text field may hold. Training saves it beside
@@ -24,7 +24,12 @@ the right to replace it (the batched engine's hook is `_within_grammar_and_budge
   leave too few is replaced by the completion, written out token by token. The fields
   it had to fill are reported as cut. Searching the grammar matcher for the shortest
   completion would be general but costs a vocabulary-wide search per step; this check
-  is a few byte comparisons per token and runs the exact count only near the end.
+  is one comparison for a token of free text, a few byte comparisons for others, and
+  runs the exact count only near the end.
+* `ConstrainedRows`: the host side for the rows of a decode batch, laid out around the
+  GPU's step: masks filled by xgrammar's batched, multithreaded fill while the next
+  forward pass runs, applied on the device; forced tokens written there; the host made
+  to wait only for rows whose budget is nearly spent.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +170,14 @@ def _lit(text: str) -> str:
     return json.dumps(text)  # an EBNF string literal: xgrammar reads JSON's escapes
 
 
-def label_grammar(config: AnswerConfig) -> str:
-    """The label in `config`'s layout as an EBNF grammar (root rule `root`)."""
+def label_grammar(config: AnswerConfig, bounded: bool = True) -> str:
+    """The label in `config`'s layout as an EBNF grammar (root rule `root`).
+
+    `bounded=False` leaves the length of free text open: xgrammar fills a mask for a repeated rule
+    (`text_char{0,2000}`) by checking the vocabulary token by token, up to seconds a row inside a
+    string, against microseconds for `text_char*`. `ConstrainedRows` then keeps each text within its
+    limit itself (`ClosingPlan.text_limit_mask`), which allows exactly the tokens the bounded grammar allows.
+    """
     layout = LAYOUTS[config.answer_format]
     rules = [
         # a character of JSON string text: anything but controls, quote, backslash and lone surrogates (which
@@ -178,7 +190,8 @@ def label_grammar(config: AnswerConfig) -> str:
         root += [_lit((layout.prefix if i == 0 else layout.field_sep) + json.dumps(spec.name) + layout.key_sep), f"field_{i}"]
         if spec.kind == "text":
             most = config.max_chars[spec.name]
-            body = f'"\\"" text_char{{0,{most}}} "\\""' if spec.nullable else f'"\\"" text_first text_char{{0,{most - 1}}} "\\""'
+            chars, rest = (f"{{0,{most}}}", f"{{0,{most - 1}}}") if bounded else ("*", "*")
+            body = f'"\\"" text_char{chars} "\\""' if spec.nullable else f'"\\"" text_first text_char{rest} "\\""'
             rule = f'{body} | "null"' if spec.nullable else body
         elif spec.kind == "multi_category":
             rules.append(f"item_{i} ::= " + " | ".join(_lit(json.dumps(c)) for c in spec.choices))
@@ -280,6 +293,45 @@ class _Cursor:
         return raw, text + '"'
 
 
+def _text_units(piece: bytes, start: int = 0) -> int:
+    """Characters of JSON string text in `piece[start:]` before its first unescaped quote, counted as `_Cursor.feed`
+    counts them (an escape is one, a character is counted at its first byte)."""
+    units = pending = 0
+    escape = False
+    for byte in piece[start:]:
+        if pending:
+            pending -= 1
+        elif escape:
+            escape = False
+        elif byte == 0x22:  # "
+            break
+        else:
+            units += 1
+            if byte == 0x5C:  # backslash
+                escape = True
+            elif byte >= 0xC0:
+                pending = _continuations(byte)
+    return units
+
+
+def _packed(allowed) -> Any:
+    """A boolean row over the vocabulary as a row of xgrammar's bitmask (int32 words, token 32w + j at bit j)."""
+    import numpy as np
+
+    allowed = np.pad(allowed, (0, -len(allowed) % 32), constant_values=True)
+    return np.packbits(allowed, bitorder="little").view("<i4")
+
+
+def _plain_chars(piece: bytes) -> int:
+    """How many characters `piece` adds to JSON string text (what `_Cursor.feed` counts byte by byte),
+    or -1 unless it is whole UTF-8 characters without a quote or a backslash."""
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return -1
+    return len(text) if text and '"' not in text and "\\" not in text else -1
+
+
 class ClosingPlan:
     """What closing needs for one tokenizer and answer config: the shortest value of each field,
     the tokens that finish the label from each field on, and the fewest tokens a label takes.
@@ -308,6 +360,12 @@ class ClosingPlan:
             if len(piece) == 1:
                 self.byte_tokens.setdefault(piece[0], i)
         self.min_budget = self.need(_Cursor())
+        # inside free text, a token of whole characters with no quote or backslash leaves the shortest completion
+        # as it was (the closing quote, then the tail): closers take such tokens with one comparison
+        self.plain_chars = [_plain_chars(piece) for piece in token_bytes or ()]
+        self._inside: dict[int, Any] = {}  # text_limit_mask's tables, made when first needed
+        self._opening: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.string_need = [self._length('"') + len(self.tails[i + 1]) for i in range(len(FIELDS))]
         # a bound on `need` from any point of segment i on (tokens never outnumber the bytes they write):
         # while more tokens than this are left, no check is needed
         most = [max(len(self.tails[i]), len(head) + self._longest_value(spec) + len(self.tails[i + 1]))
@@ -373,6 +431,65 @@ class ClosingPlan:
                 return layout.array_close[len(rest):]
             return layout.array_sep[len(rest):] + smallest + layout.array_close
 
+    # -- free-text limits, for the grammar without them (ConstrainedRows) ---------
+
+    @cached_property
+    def limits_text(self) -> bool:
+        """Whether `text_limit_mask` is exact for this tokenizer. It is when no token holds the whole head of a
+        free-text field: then a token can write into one string only, the one open or the one it opens."""
+        joined = b"\0".join(self.token_bytes)  # no head holds a zero byte: a match lies within one token
+        return not any(self.heads[i] in joined for i, spec in enumerate(FIELDS) if spec.kind == "text")
+
+    def text_limit_mask(self, cursor: _Cursor):
+        """The tokens that keep the free text open at `cursor` (or opened by the next token) within its limit, as
+        a row of xgrammar's bitmask; None where no token can overrun it. With `label_grammar(bounded=False)`,
+        this allows exactly what the bounded grammar allows."""
+        import numpy as np
+
+        segment = cursor.segment
+        if segment >= len(FIELDS) or FIELDS[segment].kind != "text" or (cursor.value and not cursor.quoted):
+            return None  # no free text here, or a null being written
+        most = self.config.max_chars[FIELDS[segment].name]
+        if cursor.quoted:
+            units, longest = self._units_inside(1 if cursor.escape else cursor.pending)
+            left = most - cursor.chars
+            return None if left >= longest else _packed(units <= left)
+        if most >= self._longest_quoted:
+            return None  # no token writes that many characters after a quote
+        over = [token for token, units in self._units_opening(segment, cursor.head) if units > most]
+        if not over:
+            return None
+        allowed = np.ones(len(self.token_bytes), dtype=bool)
+        allowed[over] = False
+        return _packed(allowed)
+
+    def _units_inside(self, skip: int):
+        """Each token's characters in an open string whose next `skip` bytes end an escape or a character; the most."""
+        import numpy as np
+
+        if skip not in self._inside:
+            units = np.array([n if n >= 0 and not skip else _text_units(piece, skip)
+                              for n, piece in zip(self.plain_chars, self.token_bytes)])
+            self._inside[skip] = units, int(units.max())
+        return self._inside[skip]
+
+    @cached_property
+    def _quoted(self) -> list[tuple[int, bytes]]:
+        return [(token, piece) for token, piece in enumerate(self.token_bytes) if b'"' in piece]
+
+    @cached_property
+    def _longest_quoted(self) -> int:
+        return max((len(piece) for _, piece in self._quoted), default=0)
+
+    def _units_opening(self, segment: int, head: int) -> list[tuple[int, int]]:
+        """(token, characters it writes into the string) of each token opening field `segment`'s string from
+        `head` bytes into its head."""
+        if (segment, head) not in self._opening:
+            prefix = self.heads[segment][head:] + b'"'
+            self._opening[segment, head] = [(token, _text_units(piece, len(prefix))) for token, piece in self._quoted
+                                            if piece.startswith(prefix)]
+        return self._opening[segment, head]
+
     # -- budget --------------------------------------------------------------------
 
     def need(self, cursor: _Cursor) -> int:
@@ -409,26 +526,37 @@ class AnswerCloser:
     def __init__(self, plan: ClosingPlan, budget: int):
         self.plan, self.left = plan, budget
         self.cursor = _Cursor()
-        self.forced: list[int] = []
+        self.forced: list[int] = []  # the rest of the completion being written, last token first
         self.cut: tuple[str, ...] = ()  # fields the budget cut (their values are placeholders or truncated)
 
+    def needs_check(self) -> bool:
+        """Whether `next_token` may replace the next proposed token (else it returns it, or the forced one)."""
+        return not self.forced and self.left - 1 < self.plan.slack[self.cursor.segment]
+
     def next_token(self, proposed: int) -> int:
-        plan = self.plan
+        plan, cursor = self.plan, self.cursor
         self.left -= 1  # the tokens left after this one
         if not self.forced:
             if proposed in plan.stop_ids:
                 return proposed
-            if self.left >= plan.slack[self.cursor.segment]:
-                self.cursor.feed(plan, plan.token_bytes[proposed])
+            chars = plan.plain_chars[proposed]
+            if chars > 0 and cursor.quoted and not cursor.pending and not cursor.escape:
+                # more free text: the shortest completion is still the closing quote and the tail
+                if self.left >= plan.string_need[cursor.segment]:
+                    cursor.chars += chars
+                    return proposed
+            elif self.left >= plan.slack[cursor.segment]:
+                cursor.feed(plan, plan.token_bytes[proposed])
                 return proposed
-            trial = self.cursor.copy()
-            trial.feed(plan, plan.token_bytes[proposed])
-            if plan.need(trial) <= self.left:
-                self.cursor = trial
-                return proposed
-            self.forced = plan.completion(self.cursor)
+            else:
+                trial = cursor.copy()
+                trial.feed(plan, plan.token_bytes[proposed])
+                if plan.need(trial) <= self.left:
+                    self.cursor = trial
+                    return proposed
+            self.forced = plan.completion(self.cursor)[::-1]
             self.cut = FIELD_NAMES[self.cursor.segment:]
-        token = self.forced.pop(0)
+        token = self.forced.pop()
         self.cursor.feed(plan, plan.token_bytes[token])
         return token
 
@@ -465,11 +593,11 @@ def token_bytes(info) -> list[bytes]:
     return list(info.decoded_vocab) + [b""] * max(0, info.vocab_size - len(info.decoded_vocab))
 
 
-def compile_grammar(info, config: AnswerConfig):
-    """The label grammar compiled by xgrammar for this tokenizer (`tokenizer_info`)."""
+def compile_grammar(info, config: AnswerConfig, bounded: bool = True):
+    """The label grammar compiled by xgrammar for this tokenizer (`tokenizer_info`); `bounded`: see `label_grammar`."""
     import xgrammar as xgr
 
-    return xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_ebnf(label_grammar(config)))
+    return xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_ebnf(label_grammar(config, bounded)))
 
 
 def closing_plan(tokenizer, config: AnswerConfig, pieces: Sequence[bytes], stop_ids: Iterable[int] = ()) -> ClosingPlan:
@@ -484,6 +612,143 @@ def closing_plan(tokenizer, config: AnswerConfig, pieces: Sequence[bytes], stop_
             raise ValueError(f"{type(tokenizer).__name__} does not write its tokens' text byte for byte; "
                              "constrained decoding can't close labels with it")
     return plan
+
+
+class ConstrainedRows:
+    """The host side of constrained decoding for the rows of one decode batch, arranged so the GPU waits little.
+
+    A decode step of a 7B model at batch 128 takes about 20 ms on a GPU; the grammar work for 128 rows
+    has to fit beside it. So, each step, the engine calls:
+
+    * `mask_logits`: the grammar mask of every row, filled on the host during the previous forward
+      pass, goes to the device (from pinned memory, without waiting) and is applied there;
+    * `settle` with the chosen tokens: rows writing a forced completion get their token in place on the
+      device; only rows whose budget is nearly spent need the host to see their token before the next
+      forward pass (their closer may replace it), and the GPU waits for those few checks alone;
+    * then it launches the next forward pass, and calls `advance`, which runs while the GPU computes:
+      every other row's closer, one batched accept by the matchers, and the next mask, filled by
+      xgrammar's multithreaded batch fill for the rows that need one (not finished, not forced).
+
+    Every row gets the same tokens as when each matcher fills its row and each closer runs in turn.
+    """
+
+    def __init__(self, grammar, plan: ClosingPlan, budget: int, rows: int, vocab_size: int, device):
+        """`grammar`: compiled from `label_grammar`, bounded or not (the limits are kept here either way)."""
+        import torch
+        import xgrammar as xgr
+
+        self.plan, self.device = plan, torch.device(device)
+        self.matchers = [xgr.GrammarMatcher(grammar) for _ in range(rows)]
+        self.closers = [plan.closer(budget) for _ in range(rows)]
+        self.filler = xgr.BatchGrammarMatcher()  # "auto": threads for half the cores
+        pinned = self.device.type == "cuda"  # host buffers the device copies from or to without waiting
+        self.bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
+        self.bitmask = self.bitmask.pin_memory() if pinned else self.bitmask
+        self._bitmask_words = self.bitmask.numpy()  # the same memory
+        self._device_bitmask = self.bitmask.to(self.device)  # the host bitmask itself on a CPU
+        self._forced_host = torch.full((rows,), -1, dtype=torch.long, pin_memory=pinned)  # -1: not forced
+        self._forced = self._forced_host.to(self.device)
+        self._tokens_host = torch.zeros(rows, dtype=torch.long, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None  # the chosen tokens have reached the host
+        self.live = list(range(rows))  # rows whose label is not finished (matcher not terminated)
+        self._check: list[int] = []  # rows whose closer may replace the next token: the host decides it
+        self._settled: set[int] = set()  # rows whose closer ran in `settle` this step
+        self._any_forced = False
+        self._idle: set[int] = set()  # rows whose mask allows every token
+        self.seconds = 0.0  # the host's time in settle and advance, waits for the device left out
+        self._next_step()
+        self._fill()
+
+    def _fill(self) -> None:
+        forced = self._forced_host.numpy()
+        masked = [row for row in self.live if forced[row] < 0]
+        idle = set(range(len(self.matchers))).difference(masked)
+        if idle - self._idle:  # newly finished or forced: any token (padding or the forced token replaces it)
+            self._bitmask_words[sorted(idle - self._idle)] = -1
+        self._idle = idle
+        if masked:
+            self.filler.batch_fill_next_token_bitmask([self.matchers[row] for row in masked], self.bitmask, masked)
+        for row in masked:  # the free-text limits the grammar leaves to the host (label_grammar's `bounded`)
+            allowed = self.plan.text_limit_mask(self.closers[row].cursor)
+            if allowed is not None:
+                self._bitmask_words[row] &= allowed
+
+    def mask_logits(self, logits) -> None:
+        """Keep only the tokens each row's grammar allows next (in place)."""
+        import xgrammar as xgr
+
+        mask = self._device_bitmask
+        if mask is not self.bitmask:
+            mask.copy_(self.bitmask, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, mask)
+
+    def settle(self, tokens):
+        """The tokens to write this step: forced tokens in place, and the closers' choice where the budget is close."""
+        import torch
+
+        start = time.perf_counter()
+        if self._any_forced:
+            self._forced.copy_(self._forced_host, non_blocking=True)
+            tokens = torch.where(self._forced >= 0, self._forced, tokens)
+        self._tokens_host.copy_(tokens, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self._settled = set(self._check)
+        if not self._check:
+            self.seconds += time.perf_counter() - start
+            return tokens
+        chosen = self._host_tokens()
+        replaced = False
+        for row in self._check:
+            token = self.closers[row].next_token(chosen[row])
+            replaced |= token != chosen[row]
+            chosen[row] = token
+        if replaced:
+            tokens = torch.tensor(chosen)
+            self._tokens_host.copy_(tokens)
+            tokens = tokens.to(self.device)
+        self.seconds += time.perf_counter() - start
+        return tokens
+
+    def _host_tokens(self) -> list[int]:
+        if self._copied is not None:
+            start = time.perf_counter()
+            self._copied.synchronize()  # waits for this step's tokens only, not for a forward pass launched since
+            self.seconds -= time.perf_counter() - start  # the device's time, not the host's
+        return self._tokens_host.tolist()
+
+    def advance(self, fill: bool = True) -> None:
+        """After `settle`'s tokens: every other closer, the matchers accept the tokens, and (`fill`) the next mask."""
+        import xgrammar as xgr
+
+        start = time.perf_counter()
+        tokens = self._host_tokens()
+        for row in self.live:
+            if row not in self._settled and self.closers[row].next_token(tokens[row]) != tokens[row]:
+                raise RuntimeError(f"row {row}: its closer replaced a token the host did not check")
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[row] for row in self.live],
+                                                              [tokens[row] for row in self.live])
+        if not all(accepted):
+            row = self.live[accepted.index(False)]
+            raise RuntimeError(f"the label grammar rejected token {tokens[row]} chosen for row {row}")
+        self.live = [row for row in self.live if not self.matchers[row].is_terminated()]
+        self._next_step()
+        if fill:
+            self._fill()
+        self.seconds += time.perf_counter() - start
+
+    def _next_step(self) -> None:
+        """Which rows the next step forces a token on, and which the host must check."""
+        forced = self._forced_host.numpy()
+        forced[:] = -1
+        self._check, self._any_forced = [], False
+        for row in self.live:
+            closer = self.closers[row]
+            if closer.forced:
+                forced[row] = closer.forced[-1]
+                self._any_forced = True
+            elif closer.needs_check():
+                self._check.append(row)
 
 
 def minimum_budget(tokenizer, config: AnswerConfig) -> int:

@@ -17,7 +17,8 @@ one-clip `generate` loop):
   (avlabel/families/base.py `padded_windows_attention`, which training uses too);
 * sampling with the recipe's settings (repetition penalty, temperature, top-p), and
   optional constrained decoding (infer/constrained.py: the label grammar through xgrammar,
-  closed within the token budget);
+  closed within the token budget; its host work, `ConstrainedRows`, runs beside the GPU's
+  forward pass);
 * each written token's log-probability under the model, for per-field confidence.
 
 Greedy output equals one-clip-at-a-time `generate` (tests/test_infer.py checks it).
@@ -282,10 +283,16 @@ class CaptionEngine:
         self.answer = answer or settings.answer()  # caption.py resolves it with the model's folder
         self.grammar = self.closing = None
         if settings.constrained:
-            self.grammar = constrained.compile_grammar(vocabulary, self.answer)
             self.closing = constrained.closing_plan(processor.tokenizer, self.answer, self.token_bytes, self.eos_ids)
+            # text limits in the grammar make xgrammar's masks slow: ConstrainedRows keeps them where it can
+            self.grammar = constrained.compile_grammar(vocabulary, self.answer, bounded=not self.closing.limits_text)
             if settings.max_new_tokens < self.closing.min_budget:
                 raise ValueError(constrained.budget_error(settings.max_new_tokens, self.closing.min_budget, self.answer))
+            if self.device.type == "cuda":  # compile xgrammar's mask kernel (Triton) now, not in the first batch's time
+                import xgrammar as xgr
+
+                xgr.apply_token_bitmask_inplace(torch.zeros(batch_size, self.vocab_size, device=self.device),
+                                                xgr.allocate_token_bitmask(batch_size, self.vocab_size).to(self.device))
         self.timings: list[dict] = []  # per decode batch: where the time went (prefill, decode)
         use_engine_attention(model, self.family, padded_vision_windows)
 
@@ -341,7 +348,8 @@ class CaptionEngine:
         next_positions = positions.amax(dim=(0, 2)) + 1
         return out.logits[:, -1].float(), next_positions
 
-    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, step: int, matchers, bitmask) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, seen: torch.Tensor | None, step: int,
+                constraint: constrained.ConstrainedRows | None) -> torch.Tensor:
         """Next token per row, with the processors `generate` applies, in its order."""
         from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -353,15 +361,8 @@ class CaptionEngine:
             logits = torch.where(seen, penalized, logits)
         if step < settings.min_new_tokens:
             logits[:, self.eos_ids] = -math.inf
-        if matchers is not None:
-            import xgrammar as xgr
-
-            for row, matcher in enumerate(matchers):
-                if matcher.is_terminated():  # a finished row: its token is replaced by padding anyway
-                    bitmask[row] = -1
-                else:
-                    matcher.fill_next_token_bitmask(bitmask, row)
-            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+        if constraint is not None:
+            constraint.mask_logits(logits)
         if settings.temperature <= 0:
             return logits.argmax(dim=-1)
         logits = TemperatureLogitsWarper(settings.temperature)(None, logits)
@@ -402,13 +403,10 @@ class CaptionEngine:
         if settings.repetition_penalty != 1.0:
             seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
             seen.scatter_(1, prompt_ids.clamp(min=0), prompt_ids >= 0)
-        matchers = bitmask = closers = None
+        constraint = None
         if self.grammar is not None:
-            import xgrammar as xgr
-
-            matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(rows)]
-            bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size)
-            closers = [self.closing.closer(settings.max_new_tokens) for _ in range(rows)]
+            constraint = constrained.ConstrainedRows(self.grammar, self.closing, settings.max_new_tokens, rows,
+                                                     self.vocab_size, self.device)
 
         eos = torch.tensor(self.eos_ids, device=self.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
@@ -416,27 +414,30 @@ class CaptionEngine:
         for step in range(settings.max_new_tokens):
             # the model's own distribution, before _choose penalises or masks anything (for confidence)
             normalizer = torch.logsumexp(logits, dim=-1)
-            tokens = self._choose(logits, seen, step, matchers, bitmask)
+            tokens = self._choose(logits, seen, step, constraint)
             tokens = torch.where(finished, self.pad_id, tokens)
-            if matchers is not None:
-                tokens = self._within_grammar_and_budget(tokens, finished, matchers, closers)
+            if constraint is not None:  # forced tokens, and the closers of rows whose budget is nearly spent
+                tokens = constraint.settle(tokens)
             generated.append(tokens)
             # _choose only ever sets disallowed tokens to -inf, so a written token's logit is still the model's
             logprobs.append(logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
             finished |= torch.isin(tokens, eos)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
-            last = step == settings.max_new_tokens - 1
             # checking for the end costs a device sync: do it every few steps
-            if last or (step % 8 == 7 and bool(finished.all())):
+            last = step == settings.max_new_tokens - 1 or (step % 8 == 7 and bool(finished.all()))
+            if not last:
+                column = length + step  # where this token's keys and values go
+                step_fn.mask[:, 0, 0, column] = True
+                cache.position.fill_(column)
+                step_fn.ids.copy_(tokens[:, None])
+                if step:
+                    step_fn.positions += 1
+                logits = step_fn(math.ceil((column + 1) / KV_BLOCK) * KV_BLOCK)
+            if constraint is not None:  # the host's grammar work, while the GPU runs the forward pass just launched
+                constraint.advance(fill=not last)
+            if last:
                 break
-            column = length + step  # where this token's keys and values go
-            step_fn.mask[:, 0, 0, column] = True
-            cache.position.fill_(column)
-            step_fn.ids.copy_(tokens[:, None])
-            if step:
-                step_fn.positions += 1
-            logits = step_fn(math.ceil((column + 1) / KV_BLOCK) * KV_BLOCK)
         tokens = torch.stack(generated, dim=1).tolist()  # waits for the device
         token_logprobs = torch.stack(logprobs, dim=1).tolist()
         decoded = time.perf_counter()
@@ -445,22 +446,10 @@ class CaptionEngine:
         self.timings.append(
             {"rows": rows, "prompt_length": length, "prefill_seconds": prefilled - started,
              "decode_steps": len(generated), "decode_seconds": decoded - prefilled,
-             "cuda_graphs": step_fn.use_graphs, "capture_error": step_fn.capture_error}
+             "cuda_graphs": step_fn.use_graphs, "capture_error": step_fn.capture_error,
+             "grammar_host_seconds": constraint.seconds if constraint else None}
         )
-        return self._results(items, tokens, token_logprobs, closers)
-
-    @staticmethod
-    def _within_grammar_and_budget(tokens: torch.Tensor, finished: torch.Tensor, matchers, closers) -> torch.Tensor:
-        """Each unfinished row's token through its closer (which replaces it when only the budget to
-        finish the label is left), then through its grammar matcher."""
-        chosen, done = tokens.tolist(), finished.tolist()
-        for row, (matcher, closer) in enumerate(zip(matchers, closers)):
-            if done[row] or matcher.is_terminated():
-                continue
-            chosen[row] = closer.next_token(chosen[row])
-            if not matcher.accept_token(chosen[row]):
-                raise RuntimeError(f"the label grammar rejected token {chosen[row]} chosen for row {row}")
-        return torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
+        return self._results(items, tokens, token_logprobs, constraint.closers if constraint else None)
 
     def _results(self, items, generated: list[list[int]], logprobs: list[list[float]], closers) -> list[Generation]:
         results = []

@@ -22,6 +22,7 @@ from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME, check_label, clean_
 from avlabel.infer import constrained
 from avlabel.infer.confidence import value_spans
 from avlabel.infer.parse import parse_output
+from constrained_reference import batched_decode, per_row_decode
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "infer" / "tiny.yaml"
@@ -175,6 +176,57 @@ def test_closing_with_the_real_qwen_vocabulary():
     from avlabel.demo.tiny_model import build_tokenizer
 
     _check_closing(build_tokenizer("qwen2_5_vl", "qwen"), "fenced", trials=40, seed=1)
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["small", pytest.param("qwen", marks=pytest.mark.slow)])
+def test_batched_path_writes_what_the_per_row_path_writes(tokenizer_kind):
+    """The engine's fast path (the grammar without text limits and the limits kept on the host, batched mask
+    fill, closers deferred past the forward pass, forced tokens written on the device, the closers' shortcuts)
+    writes the same tokens and cut fields as the engine's old per-row path with the bounded grammar."""
+    import torch
+
+    from avlabel.demo.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer("qwen2_5_vl", tokenizer_kind)
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # limits small enough that a token opening a string can overrun one
+    config = constrained.AnswerConfig("fenced", {name: (3, 6, 40)[i % 3] for i, name in enumerate(constrained.TEXT_FIELDS)})
+    info = constrained.tokenizer_info(tokenizer, stop_ids=[stop, tokenizer.pad_token_id])
+    grammar = constrained.compile_grammar(info, config)
+    plan = constrained.closing_plan(tokenizer, config, constrained.token_bytes(info), info.stop_token_ids)
+    assert plan.limits_text  # so the engine compiles the grammar without them
+    unbounded = constrained.compile_grammar(info, config, bounded=False)
+    # Qwen's 151k tokens make the bounded grammar's masks slow (the reason for the unbounded one): fewer rows
+    rows, extra = (12, (0, 7, 60, 400)) if tokenizer_kind == "small" else (4, (0, 60, 400))
+    seen = {"forced": 0, "length limit": 0, "within budget": 0}
+    for budget in (plan.min_budget + n for n in extra):
+        def logits_at(step, budget=budget):  # a confused model: random scores, the same for both paths
+            generator = torch.Generator().manual_seed(budget * 10_000 + step)
+            return torch.randn(rows, info.vocab_size, generator=generator) * 4
+
+        expected = per_row_decode(plan, grammar, info.vocab_size, budget, rows, logits_at)[:2]
+        assert batched_decode(plan, unbounded, info.vocab_size, budget, rows, logits_at)[:2] == expected
+        written, cut = expected
+        for tokens in written:  # the reference is itself right: a valid label within the budget
+            assert len(tokens) <= budget and parse_output(b"".join(plan.token_bytes[t] for t in tokens).decode()).valid
+        seen["forced"] += sum(constrained.CUT_BY_BUDGET in c.values() for c in cut)
+        seen["length limit"] += sum(constrained.CUT_BY_LENGTH in c.values() for c in cut)
+        seen["within budget"] += sum(constrained.CUT_BY_BUDGET not in c.values() for c in cut)
+    assert all(seen.values()), seen  # every path was taken
+
+
+def test_text_limits_stay_in_the_grammar_for_a_token_that_spans_a_field_head():
+    """The host keeps text limits only where that is exact: a token holding a whole field head could write
+    into two strings at once, so with such a vocabulary the engine keeps the bounded grammar."""
+    config = constrained.AnswerConfig("plain")
+
+    def plan_of(pieces):
+        return constrained.ClosingPlan(config, lambda text: list(text.encode()), pieces)
+
+    byte_pieces = [bytes([b]) for b in range(256)]
+    head = b', "road_type": '  # a free-text field's head in the plain layout
+    assert plan_of(byte_pieces + [b'", "x']).limits_text
+    assert not plan_of(byte_pieces + [b'ab"' + head + b'"cd']).limits_text
 
 
 # ----------------------------------------------------------------------------- the command
