@@ -113,16 +113,15 @@ def read_run(path: str | Path, problems: list[Problem]) -> dict[str, dict[str, A
 
 def expected_wrong(record: dict[str, Any]) -> float | None:
     """Wrong fields a record is expected to hold: 1 - p summed over its field confidences, plus each field it
-    did not answer (certainly to fix). None when the record has no confidence at all."""
+    did not answer or that constrained decoding cut (certainly to fix). None when the record has no confidence."""
     confidence = record.get("confidence")
     if not succeeded(record):
         return float(len(schema.FIELDS))
     if not confidence:
         return None
     answered = record.get("label") or {}
-    errors = record.get("errors") or {}
-    unanswered = sum(1 for f in schema.FIELD_NAMES if f not in answered or f in errors)
-    return sum(1.0 - float(p) for name, p in confidence.items() if name in answered and name not in errors) + unanswered
+    missing = {f for f in schema.FIELD_NAMES if f not in answered} | set(record.get("errors") or ()) | set(record.get("cut_fields") or ())
+    return sum(1.0 - float(p) for name, p in confidence.items() if name not in missing) + len(missing & set(schema.FIELD_NAMES))
 
 
 def same_answer(spec: schema.LabelField, mine: Any, theirs: Any) -> bool:

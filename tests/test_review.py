@@ -86,11 +86,13 @@ def test_a_failed_or_unanswered_record_counts_its_fields_as_wrong(clips, tmp_pat
     records[3] = {"clip_id": records[3]["clip_id"], "status": "failed", "error": "out of memory", "label": {}}
     del records[5]["label"]["weather"]
     records[5]["errors"] = {"weather": ["is missing"]}
+    records[6]["cut_fields"] = {"road_type": "token budget"}  # constrained decoding closed it: not the model's answer
     (run / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    queue = choose(ReviewArguments(captions=str(run), budget="2"))
-    assert [c.clip_id for c in queue.chosen] == [records[3]["clip_id"], records[5]["clip_id"]]
+    queue = choose(ReviewArguments(captions=str(run), budget="3"))
+    assert [c.clip_id for c in queue.chosen] == [records[3]["clip_id"], records[6]["clip_id"], records[5]["clip_id"]]
     assert queue.chosen[0].expected_wrong == len(schema.FIELDS)
-    assert math.isclose(queue.chosen[1].expected_wrong, 1 + (len(CLOSED) - 1) * 0.1)
+    assert math.isclose(queue.chosen[1].expected_wrong, 1 + len(CLOSED) * 0.1)
+    assert math.isclose(queue.chosen[2].expected_wrong, 1 + (len(CLOSED) - 1) * 0.1)
 
 
 def test_disagreement_order_counts_differing_closed_fields(clips, tmp_path):
