@@ -104,8 +104,10 @@ class TimedRun:
     """A command in its own process group: each output line stored with the second it arrived, a file's line
     count polled, the GPUs' memory polled (nvidia-smi), the whole group ended at `timeout`."""
 
-    def __init__(self, command: list[str], log_path: Path, watch: Path | None = None, timeout: float = 3600):
+    def __init__(self, command: list[str], log_path: Path, watch: Path | None = None, timeout: float = 3600,
+                 batch: int | None = None):
         self.command, self.log_path, self.watch, self.timeout = command, log_path, watch, timeout
+        self.batch = batch  # lines `watch` grows by at once (the caption batch): a count between is a write half read
         self.lines: list[tuple[float, str]] = []
         self.writes: list[tuple[float, int]] = []  # (seconds, lines in `watch`) whenever the count grew
         self.rc: int | str | None = None
@@ -121,7 +123,7 @@ class TimedRun:
                 continue
             if now > count:  # (the final merge rewrites the file: never fewer lines)
                 count, seconds = now, round(time.perf_counter() - start, 2)
-                if self.writes and seconds - self.writes[-1][0] < 0.3:  # the next poll: the rest of one batch's write
+                if self.writes and self.writes[-1][1] % self.batch:  # the last poll read a batch half written
                     self.writes[-1] = (seconds, count)
                 else:
                     self.writes.append((seconds, count))
@@ -194,8 +196,10 @@ def caption_run(args, model: Path, dataset: Path, count: int) -> dict:
                "--split", "train", "--limit", str(count), "--output_dir", str(out),
                "--max_new_tokens", str(args.tokens), "--min_new_tokens", str(args.tokens), *shlex.split(args.command_args)]
     print(f"captioning {count} clips ...", flush=True)
+    batch = next((int(value) for flag, value in zip(command, command[1:]) if flag == "--batch_size"),
+                 recipe_values(recipe)["batch_size"])
     run = TimedRun(command, Path(args.logs) / f"infer_cli_{count}.log", watch=out / "captions.jsonl",
-                   timeout=args.run_timeout).run()
+                   timeout=args.run_timeout, batch=batch).run()
     summary = read_results(out / "summary.json")
     this_run = summary.get("this_run", {})
     outcome = {

@@ -41,8 +41,12 @@ def test_infer_cli_times_the_caption_command_and_its_loop(tmp_path):
         assert 0 < run["first_caption_s"] <= run["writes"][-1][0] <= run["total_s"]
         assert run["weight_load_s"] > 0 and run["peak_gib"] is None and run["gpu_peak_gib"] is None
         assert (tmp_path / "work_tiny" / f"infer_cli_{count}.log").read_text().startswith("$ ")
-    assert report["runs"]["8"]["steady_clips_per_hour"] > 0
-    assert report["runs"]["8"]["startup_s"] < report["runs"]["8"]["first_caption_s"]
+    eight = report["runs"]["8"]
+    # a steady rate needs two batch writes apart; on a fast CPU the tiny model's two batches can land in one poll
+    if len(eight["writes"]) > 1:
+        assert eight["steady_clips_per_hour"] > 0 and eight["startup_s"] < eight["first_caption_s"]
+    else:
+        assert "steady_clips_per_hour" not in eight
     assert report["two_runs"]["clips"] == [4, 8]
     assert report["loop"]["clips_per_hour"] > 0 and report["loop"]["batch"] == 4
     assert report["device"] == "cpu" and report["date"]
