@@ -175,7 +175,7 @@ def test_closing_with_the_real_qwen_vocabulary():
     """Qwen's 151k tokens: multi-byte pieces, punctuation merged across a value's end and the next key."""
     from avlabel.demo.tiny_model import build_tokenizer
 
-    _check_closing(build_tokenizer("qwen2_5_vl", "qwen"), "fenced", trials=12, seed=1)  # 5 s a trial
+    _check_closing(build_tokenizer("qwen2_5_vl", "qwen"), "fenced", trials=12, seed=1)  # about 1.7 s a trial
 
 
 @pytest.mark.parametrize("tokenizer_kind", ["small", pytest.param("qwen", marks=pytest.mark.slow)])
