@@ -239,6 +239,8 @@ def two_runs(runs: dict) -> dict | None:
     if len(finished) < 2 or finished[-1]["clips"] == finished[0]["clips"]:
         return None
     small, large = finished[0], finished[-1]
+    if large["total_s"] <= small["total_s"]:  # more clips in no more time (a tiny model's batches): no rate to tell
+        return None
     rate = (large["clips"] - small["clips"]) / (large["total_s"] - small["total_s"])
     return {"clips": [small["clips"], large["clips"]], "marginal_clips_per_hour": round(rate * 3600, 1),
             f"startup_s_of_{small['clips']}": round(small["total_s"] - small["clips"] / rate, 1)}
