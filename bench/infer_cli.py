@@ -185,6 +185,38 @@ def recipe_values(recipe: str) -> dict:
     return yaml.safe_load((REPO / recipe).read_text(encoding="utf-8"))
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options both command benchmarks take: the CPU check, where they work and log, a run's limit, the result."""
+    parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, a short run")
+    parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and runs (kept for reruns)")
+    parser.add_argument("--logs", default=None, help="folder for the runs' timestamped logs (default: --work)")
+    parser.add_argument("--run_timeout", type=float, default=1200, help="seconds before a run is ended")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / f"{name}.json"))
+
+
+def settle(args: argparse.Namespace, defaults: dict[str, tuple]) -> Path:
+    """Fill the options left unset ({name: (full size, tiny)}), give the tiny check its own work folder, and make it."""
+    for name, (full_size, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full_size)
+    if args.tiny:
+        args.work = args.work + "_tiny"
+    args.logs = args.logs or args.work
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def result_header(tiny: bool) -> dict:
+    """Where, when and which model, as each command benchmark's result starts."""
+    return {
+        "device": gpu_names(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "tiny qwen2_5_vl test model" if tiny
+        else "qwen2_5_vl_7b architecture (Cosmos-Reason1-7B), random bf16 weights, Qwen processor",
+    }
+
+
 # ----------------------------------------------------------------------------- captioning
 
 
@@ -257,20 +289,9 @@ def main() -> None:
                         help="caption length forced on every clip, as the loop's (default 400; tiny 8)")
     parser.add_argument("--loop", action="store_true", help="also run bench/infer_7b.py's engine at the recipe's batch")
     parser.add_argument("--command_args", default="", help="more flags for the command, last (e.g. '--num_workers 12')")
-    parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, few tokens")
-    parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and captions (kept for reruns)")
-    parser.add_argument("--logs", default=None, help="folder for the runs' timestamped logs (default: --work)")
-    parser.add_argument("--run_timeout", type=float, default=1200, help="seconds before a run is ended")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "infer_cli.json"))
+    add_run_arguments(parser, "infer_cli")
     args = parser.parse_args()
-    for name, full_size, tiny in (("clips", "256,2048", "8,16"), ("distinct", 16, 2), ("seconds", 10.0, 2.0), ("tokens", 400, 8)):
-        if getattr(args, name) is None:
-            setattr(args, name, tiny if args.tiny else full_size)
-    if args.tiny:
-        args.work = args.work + "_tiny"
-    args.logs = args.logs or args.work
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = settle(args, {"clips": ("256,2048", "8,16"), "distinct": (16, 2), "seconds": (10.0, 2.0), "tokens": (400, 8)})
     counts = [int(count) for count in args.clips.split(",")]
 
     model = prepare_model(work, args.tiny)
@@ -278,10 +299,7 @@ def main() -> None:
     out = Path(args.out)
     results = read_results(out)
     results.update({
-        "device": gpu_names(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "tiny qwen2_5_vl test model" if args.tiny
-        else "qwen2_5_vl_7b architecture (Cosmos-Reason1-7B), random bf16 weights, Qwen processor",
+        **result_header(args.tiny),
         "clip": {**(TINY_CLIP if args.tiny else CLIP), "seconds": args.seconds, "distinct": min(args.distinct, max(counts)),
                  "completion_tokens": args.tokens},
     })

@@ -51,8 +51,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.fsdp_runs import SAMPLING as TINY_SAMPLING
-from bench.fsdp_runs import gpu_names
-from bench.infer_cli import TimedRun, loop_run, prepare_dataset, prepare_model, read_results, recipe_values, write_results
+from bench.infer_cli import (
+    TimedRun,
+    add_run_arguments,
+    loop_run,
+    prepare_dataset,
+    prepare_model,
+    read_results,
+    recipe_values,
+    result_header,
+    settle,
+    write_results,
+)
 
 RECIPES = "recipes/cosmos_reason1_7b/{}.yaml"
 
@@ -159,20 +169,9 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="also run bench/train_7b.py for the same methods")
     parser.add_argument("--command_args", default="", help="more flags for every command, last (e.g. "
                         "'--dataloader_num_workers 8')")
-    parser.add_argument("--tiny", action="store_true", help="CPU check: the tiny test model, small clips, 3 steps")
-    parser.add_argument("--work", default="/tmp/cli_bench", help="model folder, clips and runs (kept for reruns)")
-    parser.add_argument("--logs", default=None, help="folder for the runs' timestamped logs (default: --work)")
-    parser.add_argument("--run_timeout", type=float, default=1200, help="seconds before a run is ended")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_cli.json"))
+    add_run_arguments(parser, "train_cli")
     args = parser.parse_args()
-    for name, full_size, tiny in (("steps", 12, 3), ("clips", 64, 12), ("distinct", 16, 2), ("seconds", 10.0, 2.0)):
-        if getattr(args, name) is None:
-            setattr(args, name, tiny if args.tiny else full_size)
-    if args.tiny:
-        args.work = args.work + "_tiny"
-    args.logs = args.logs or args.work
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = settle(args, {"steps": (12, 3), "clips": (64, 12), "distinct": (16, 2), "seconds": (10.0, 2.0)})
     methods = args.methods.split(",")
 
     model = prepare_model(work, args.tiny)
@@ -180,10 +179,7 @@ def main() -> None:
     out = Path(args.out)
     results = read_results(out)
     results.update({
-        "device": gpu_names(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "tiny qwen2_5_vl test model" if args.tiny
-        else "qwen2_5_vl_7b architecture (Cosmos-Reason1-7B), random bf16 weights, Qwen processor",
+        **result_header(args.tiny),
         "dataset": {"clips": args.clips, "distinct": min(args.distinct, args.clips), "seconds": args.seconds},
     })
     runs = results.setdefault("runs", {})
