@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from avlabel.core import schema  # noqa: E402
-from avlabel.eval.calibration import CLOSED_FIELDS  # noqa: E402
 from avlabel.eval.data import load_references, load_run  # noqa: E402
 from avlabel.eval.review import ReviewArguments, choose, same_answer  # noqa: E402
 
@@ -54,7 +53,7 @@ def wrong_fields(run_dir: Path, dataset: Path) -> dict[str, int]:
     run = load_run("reviewed", run_dir, references)
     return {clip: sum(not run.predictions[clip].has(name)
                       or not same_answer(schema.FIELDS_BY_NAME[name], run.predictions[clip].label[name], references[clip][name])
-                      for name in CLOSED_FIELDS)
+                      for name in schema.CLOSED_FIELD_NAMES)
             for clip in run.clip_ids}
 
 
@@ -180,7 +179,7 @@ def main() -> None:
                      "sample": {"temperature": 1.0, "top_p": 1.0, "seed": args.sample_seed},
                      "family": DemoArguments.family, "decoding of the reviewed run": "greedy, calibrated confidence"},
         "clips": len(clips),
-        "closed_fields": list(CLOSED_FIELDS),
+        "closed_fields": list(schema.CLOSED_FIELD_NAMES),
         "wrong_fields": sum(wrong.values()),
         "clips_with_a_wrong_field": sum(1 for n in wrong.values() if n),
         "capture": capture,

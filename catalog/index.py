@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from avlabel.core import schema
-from avlabel.core.schema import FIELDS
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS
 
 from . import embeddings, vectors
 from .store import (
     Annotation,
-    CLOSED_FIELDS,
     CONFIDENCE_COLUMNS,
     MULTI_FIELDS,
     TEXT_FIELDS,
@@ -82,7 +81,7 @@ class _Entry(Annotation):
         """(record_sha, the stored values after `id, source, kind`)."""
         text = embeddings.embedding_text(self.label)
         fields = tuple(to_column(spec, self.label.get(spec.name)) for spec in FIELDS)
-        confidences = (self.clip_confidence, *(self.confidence.get(name) for name in CLOSED_FIELDS))
+        confidences = (self.clip_confidence, *(self.confidence.get(name) for name in CLOSED_FIELD_NAMES))
         head = (self.clip_id, self.video, self.split, self.model, self.adapter, self.prompt_sha,
                 self.status, int(self.valid), json.dumps(self.errors, sort_keys=True, ensure_ascii=False))
         sha = self.sha or hashlib.sha256(json.dumps([head, fields, confidences], ensure_ascii=False).encode()).hexdigest()
@@ -107,7 +106,7 @@ def _caption_confidence(record: dict, label: dict, where: str, report: IndexRepo
         return {}, None
     confidence = {}
     for name, value in per_field.items():
-        if name not in CLOSED_FIELDS or name not in label:
+        if name not in CLOSED_FIELD_NAMES or name not in label:
             continue  # free text, not a field, or an answer set aside: nothing to be confident about
         if _probability(value) is None:
             report.problems.append(f"{where}: clip {record['clip_id']}: confidence of {name} is {value!r}, "

@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from avlabel.core import schema
-from avlabel.core.schema import FIELDS, FIELDS_BY_NAME, LabelField
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, FIELDS_BY_NAME, LabelField
 
 from . import embeddings, vectors
 from .store import (
     Annotation,
-    CLOSED_FIELDS,
     MULTI_FIELDS,
     TEXT_FIELDS,
     confidence_column,
@@ -188,8 +187,8 @@ def confidence_of(name: str) -> str:
     if name == "confidence":
         return CLIP_CONFIDENCE
     field_name = resolve_field(name.removesuffix(".confidence"))
-    if field_name not in CLOSED_FIELDS:
-        raise QueryError(f"{name}: confidence is recorded for the closed fields only ({', '.join(CLOSED_FIELDS)})")
+    if field_name not in CLOSED_FIELD_NAMES:
+        raise QueryError(f"{name}: confidence is recorded for the closed fields only ({', '.join(CLOSED_FIELD_NAMES)})")
     return confidence_column(field_name)
 
 
@@ -320,7 +319,7 @@ class Hit(Annotation):
         if self.human is None or self.kind == "human":
             return []
         out = []
-        for name in CLOSED_FIELDS:
+        for name in CLOSED_FIELD_NAMES:
             mine, theirs = self.label.get(name), self.human.get(name)
             if FIELDS_BY_NAME[name].kind == "multi_category":
                 mine, theirs = set(mine or ()), set(theirs or ())
@@ -526,7 +525,7 @@ def search(
     return SearchResult(query, len(score), hits, counts, notes, time.perf_counter() - started)
 
 
-COUNTED = ("source", *CLOSED_FIELDS)  # what the counts per category cover (the run, every closed field)
+COUNTED = ("source", *CLOSED_FIELD_NAMES)  # what the counts per category cover (the run, every closed field)
 
 
 def _counts(rows: list[tuple]) -> dict[str, dict[str, int]]:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avlabel.core.schema import FIELDS, LabelField
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, LabelField
 
 # Bump when the layout below changes; a catalog written by another layout is refused.
 LAYOUT_VERSION = 2  # 2: the model's confidence per closed field and per clip
 
 TEXT_FIELDS = tuple(f.name for f in FIELDS if f.kind == "text")
-CLOSED_FIELDS = tuple(f.name for f in FIELDS if f.closed)
 MULTI_FIELDS = tuple(f.name for f in FIELDS if f.kind == "multi_category")
 
 
@@ -41,7 +40,7 @@ def confidence_column(field: str) -> str:
     return f"{field}__confidence"
 
 
-CONFIDENCE_COLUMNS = tuple(map(confidence_column, CLOSED_FIELDS))
+CONFIDENCE_COLUMNS = tuple(map(confidence_column, CLOSED_FIELD_NAMES))
 
 
 @dataclass(kw_only=True)
@@ -127,7 +126,7 @@ def _layout_sql() -> list[str]:
         "CREATE INDEX annotations_clip ON annotations (clip_id, kind)",
         "CREATE INDEX annotations_text_sha ON annotations (text_sha)",
         "CREATE INDEX annotations_clip_confidence ON annotations (clip_confidence)",
-        *(f'CREATE INDEX "annotations_{name}" ON annotations ("{name}")' for name in CLOSED_FIELDS if name not in MULTI_FIELDS),
+        *(f'CREATE INDEX "annotations_{name}" ON annotations ("{name}")' for name in CLOSED_FIELD_NAMES if name not in MULTI_FIELDS),
         f"""CREATE VIRTUAL TABLE annotations_fts USING fts5({text_columns},
   content='annotations', content_rowid='id', tokenize='porter unicode61')""",
         # external-content FTS: the triggers keep the index in step with the table
@@ -226,4 +225,4 @@ def row_label(row: sqlite3.Row | dict) -> dict[str, Any]:
 
 def row_confidence(row: sqlite3.Row | dict) -> dict[str, float]:
     """The recorded confidence per closed field of an annotations row (fields without one left out)."""
-    return {name: row[column] for name, column in zip(CLOSED_FIELDS, CONFIDENCE_COLUMNS) if row[column] is not None}
+    return {name: row[column] for name, column in zip(CLOSED_FIELD_NAMES, CONFIDENCE_COLUMNS) if row[column] is not None}

@@ -39,7 +39,6 @@ from .data import REFERENCES_HELP, Run
 
 NAME = "calibrate"
 BINS = 10
-CLOSED_FIELDS = tuple(spec.name for spec in schema.FIELDS if spec.closed)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -50,11 +49,11 @@ def outcomes(run: Run, raw: bool = False) -> dict[str, tuple[np.ndarray, np.ndar
     `raw`: the model's own p (`confidence_raw`) rather than the calibrated one."""
     from .review import same_answer
 
-    found: dict[str, tuple[list[float], list[bool]]] = {name: ([], []) for name in CLOSED_FIELDS}
+    found: dict[str, tuple[list[float], list[bool]]] = {name: ([], []) for name in schema.CLOSED_FIELD_NAMES}
     for clip_id in run.clip_ids:
         prediction = run.predictions[clip_id]
         confidence = prediction.confidence_raw if raw else prediction.confidence
-        for name in CLOSED_FIELDS:
+        for name in schema.CLOSED_FIELD_NAMES:
             if name in confidence:
                 found[name][0].append(float(confidence[name]))
                 found[name][1].append(same_answer(schema.FIELDS_BY_NAME[name], prediction.label[name],
@@ -114,7 +113,7 @@ def reliability_chart(report: Mapping[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fields = [name for name in CLOSED_FIELDS if any(name in run["fields"] for run in report["runs"].values())]
+    fields = [name for name in schema.CLOSED_FIELD_NAMES if any(name in run["fields"] for run in report["runs"].values())]
     columns = min(3, len(fields))
     rows = -(-len(fields) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.9 * rows), squeeze=False)
@@ -179,7 +178,7 @@ def fit(run: Run, bins: int = BINS, min_clips: int = 10) -> tuple[Calibration, l
     own probabilities; and the fields left out (too few answers)."""
     found = outcomes(run, raw=True)
     fitted, left_out = {}, []
-    for name in CLOSED_FIELDS:
+    for name in schema.CLOSED_FIELD_NAMES:
         p, right = found.get(name, (np.array([]), np.array([], dtype=bool)))
         if len(p) < min_clips:
             left_out.append(f"{name} ({len(p)} answers)")

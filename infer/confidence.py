@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from avlabel.core.records import clip_confidence
+from avlabel.core.records import clip_confidence, short_probability
 from avlabel.core.schema import FIELDS_BY_NAME
 
 _SPACE = b" \t\r\n"
@@ -102,10 +102,6 @@ def value_spans(text: bytes) -> dict[str, tuple[int, int]]:
     return spans
 
 
-def _short(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
 def answer_confidence(pieces: Sequence[bytes], logprobs: Sequence[float], fields: Iterable[str]) -> dict[str, Any]:
     """Confidence of `fields` in an answer written as tokens with these bytes (`pieces`) and log-probabilities,
     as a caption record holds it: `confidence` ({closed-set field: p}), `text_mean_logprob` ({free-text field:
@@ -121,7 +117,7 @@ def answer_confidence(pieces: Sequence[bytes], logprobs: Sequence[float], fields
         start, end = spans[name]
         values = [lp for lp, a, b in zip(logprobs, ends, ends[1:]) if a < end and b > start]
         if FIELDS_BY_NAME[name].closed:
-            probability[name] = _short(math.exp(sum(values)))
+            probability[name] = short_probability(math.exp(sum(values)))
         else:
-            text_mean[name] = _short(sum(values) / len(values))
+            text_mean[name] = short_probability(sum(values) / len(values))
     return {"confidence": probability, "text_mean_logprob": text_mean, "clip_confidence": clip_confidence(probability)}

@@ -15,8 +15,9 @@ import pytest
 from avlabel.core import schema
 from avlabel.core.calibration import CALIBRATION_FILE, Calibration, platt
 from avlabel.core.errors import UsageError
+from avlabel.core.schema import CLOSED_FIELD_NAMES
 from avlabel.eval.calibration import (
-    CLOSED_FIELDS, CalibrateArguments, expected_calibration_error, fit_platt, main, reliability,
+    CalibrateArguments, expected_calibration_error, fit_platt, main, reliability,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -92,7 +93,7 @@ def test_calibration_file_and_what_a_record_holds(tmp_path):
 
 def _records(labels: dict[str, dict], references: dict[str, dict], p: float) -> str:
     return "".join(json.dumps({"clip_id": clip, "label": label, "valid": True, "status": "ok",
-                               "confidence": dict.fromkeys(CLOSED_FIELDS, p), "clip_confidence": p}) + "\n"
+                               "confidence": dict.fromkeys(CLOSED_FIELD_NAMES, p), "clip_confidence": p}) + "\n"
                    for clip, label in labels.items())
 
 
@@ -141,7 +142,7 @@ def test_comparison_report_shows_ece_before_and_after_calibration(labeled, tmp_p
     root, references, answers = labeled
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "captions.jsonl").write_text(_records(answers, references, 0.99))
-    calibration = Calibration({name: {"a": 1.0, "b": -4.0 if name == "weather" else 0.0} for name in CLOSED_FIELDS})
+    calibration = Calibration({name: {"a": 1.0, "b": -4.0 if name == "weather" else 0.0} for name in CLOSED_FIELD_NAMES})
     # as `avlabel caption` writes them with that calibration: calibrated values, the raw kept beside them
     calibrated = [{**record, "calibration": calibration.record_entry(),
                    **calibration.calibrate({"confidence": record["confidence"], "text_mean_logprob": {}, "clip_confidence": None})}

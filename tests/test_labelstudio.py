@@ -29,7 +29,7 @@ from avlabel.hub.labelstudio import export_tasks, label_to_results, push_tasks
 REPO = Path(__file__).resolve().parents[1]
 SERVER = Path(os.environ.get("LABEL_STUDIO_BIN", REPO / ".cache" / "label-studio" / "bin" / "label-studio"))
 TOKEN = "avlabel-review-test-token"
-CLOSED = [f.name for f in schema.FIELDS if f.closed]
+CLOSED = list(schema.CLOSED_FIELD_NAMES)
 
 
 def _free_port() -> int:

@@ -20,7 +20,7 @@ from avlabel.hub.labelstudio import (
     import_annotations, label_to_results, labeling_config, queue_to_tasks, results_to_label,
 )
 
-CLOSED = [f.name for f in schema.FIELDS if f.closed]
+CLOSED = list(schema.CLOSED_FIELD_NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import clip_confidence
+from .records import clip_confidence, short_probability
 from .schema import FIELDS_BY_NAME
 
 CALIBRATION_FILE = "calibration.json"  # in a model folder, beside sampling_config.json
@@ -34,10 +34,6 @@ def logit(p: float) -> float:
 def platt(p: float, a: float, b: float) -> float:
     z = a * logit(p) + b
     return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-
-
-def _short(x: float) -> float:
-    return float(f"{x:.6g}")  # as infer/confidence.py writes probabilities
 
 
 @dataclass
@@ -61,7 +57,7 @@ class Calibration:
     def apply(self, name: str, p: float) -> float:
         """The calibrated probability of field `name`'s answer (unchanged for a field without a fit)."""
         params = self.fields.get(name)
-        return p if params is None else _short(platt(p, params["a"], params["b"]))
+        return p if params is None else short_probability(platt(p, params["a"], params["b"]))
 
     def record_entry(self) -> dict[str, Any]:
         """What a caption record says about its calibration: the method and each field's (a, b)."""

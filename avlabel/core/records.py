@@ -28,6 +28,11 @@ def record_files(out_dir: Path) -> list[Path]:
     return files + sorted(out_dir.glob("captions.rank-*.jsonl"))
 
 
+def short_probability(x: float) -> float:
+    """A probability (or mean log-probability) as caption records write it: 6 significant digits."""
+    return float(f"{x:.6g}")
+
+
 def clip_confidence(confidence: dict[str, float]) -> float | None:
     """A clip's confidence from its closed-set answers' probabilities: the lowest, since the least sure
     answer decides whether a person should look at the clip (None without any)."""

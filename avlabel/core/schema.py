@@ -181,6 +181,7 @@ FIELDS: tuple[LabelField, ...] = (
 )
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+CLOSED_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS if f.closed)  # the fields with a fixed answer set
 WHOLE_LABEL = "<label>"  # where problems of the label as a whole (not one field) are reported
 FIELDS_BY_NAME: dict[str, LabelField] = {f.name: f for f in FIELDS}
 
