@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine calls behind infer_7b / train_7b (both families), infer_peer and the commands' own benchmarks
 # (infer_cli, train_cli). Results and logs go to $OUT.
-#   STAGES: any of infer, constrained, train, peer, infer_cli, train_cli (default: infer train)
+#   STAGES: any of infer, confidence, constrained, train, peer, infer_cli, train_cli (default: infer train)
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
 #           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end), ARGS
 #           (more flags for the command itself, e.g. ARGS='--num_workers 12'; results of a run overwrite the run's entry). Their model folder, clips and JSON stay in /tmp/cli_bench, so
@@ -39,6 +39,10 @@ for stage in ${STAGES:-infer train}; do
         PYTHONPATH=$infer_path python3 bench/infer_7b.py --batch_sizes 128 --config bench/configs/qwen3_vl_8b.json \
             --out "$OUT/infer_qwen3vl_8b.json" 2>&1 | grep -v '%|' > "$OUT/infer_qwen3vl_8b.log"
         tail -n 5 "$OUT/infer_qwen3vl_8b.log" ;;
+    confidence)  # issue 19's line: captioning with per-field confidence against without, batch 128, two runs each
+        PYTHONPATH=$infer_path python3 bench/infer_7b.py --batch_sizes 128 --baseline_clips 0 --compare_confidence \
+            --out "$OUT/infer_7b_confidence.json" 2>&1 | grep -v '%|' > "$OUT/infer_7b_confidence.log"
+        tail -n 8 "$OUT/infer_7b_confidence.log" ;;
     constrained)  # issue 20's line, --constrained within 10% of free decoding (batch 128, one process), then the host's share
         PYTHONPATH=$infer_path python3 bench/infer_7b.py --batch_sizes 128 --clips_per_batch 1 --baseline_clips 0 \
             --constrained --out "$OUT/infer_7b_constrained.json" 2>&1 | grep -v '%|' > "$OUT/infer_7b_constrained.log"

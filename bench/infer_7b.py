@@ -11,7 +11,12 @@ to `--tokens` tokens (end-of-text suppressed), then measures, in one run on one 
   recipe's sampling settings;
 * engine: `infer.engine.CaptionEngine.run` at each `--batch_sizes`, frames prepared by
   DataLoader workers (synthetic frames stand in for PyAV decoding, which the GPU machine
-  lacks; BENCHMARKS.md gives PyAV's own rate).
+  lacks; BENCHMARKS.md gives PyAV's own rate), each answer's per-field confidence computed
+  from its token log-probabilities as `avlabel caption` does;
+* with `--compare_confidence`: the first batch size without confidence (no log-probabilities
+  on the GPU, none read on the host), alternating with it, twice each, after one unrecorded
+  batch (the first run of a process pays for CUDA graph capture and kernel compilation:
+  about 11% of a 256-clip run on an H200).
 
 Writes bench/results/infer_7b.json (or `--out`). `--tiny` runs the same code on a CPU with
 the tiny test model of the config's family, to check the script before spending GPU time.
@@ -43,6 +48,9 @@ sys.path.insert(0, str(REPO))
 from avlabel.core.prompts import load_prompts
 from avlabel.core.sampling import ClipInfo, SampledClip, SamplingConfig, resized_size
 from avlabel.families import FAMILIES
+from avlabel.core.schema import FIELDS_BY_NAME
+from avlabel.infer.confidence import answer_confidence
+from avlabel.infer.constrained import token_bytes, tokenizer_info
 from avlabel.infer.engine import CaptionEngine, ClipPreparer, chat_text
 from avlabel.infer.inputs import ClipRef
 from avlabel.infer.parse import parse_output
@@ -197,14 +205,15 @@ def frames_with_length(lengths: dict[int, int], path: str, sampling) -> SampledC
 
 
 def engine_run(model, processor, prompts, settings, batch: int, prefill: int, clips: int, workers: int, graphs: bool,
-               padded_vision_windows: bool = True, lengths: dict[int, int] | None = None, first: int = 0) -> dict:
+               padded_vision_windows: bool = True, lengths: dict[int, int] | None = None, first: int = 0,
+               confidence: bool = True) -> dict:
     """The engine over synthetic clips `first`.. `first + clips - 1`; each caption `settings.max_new_tokens` long,
-    or clip i's `lengths[i]`."""
+    or clip i's `lengths[i]`; with `confidence`, each answer's per-field confidence as `avlabel caption` records it."""
     engine_class, load_frames = CaptionEngine, synthetic_frames
     if lengths is not None:
         engine_class, load_frames = ForcedLengthEngine, functools.partial(frames_with_length, lengths)
     engine = engine_class(model, processor, prompts, settings, batch_size=batch, prefill_batch_size=prefill,
-                          cuda_graphs=graphs, padded_vision_windows=padded_vision_windows)
+                          cuda_graphs=graphs, padded_vision_windows=padded_vision_windows, record_logprobs=confidence)
     refs = [ClipRef(f"synthetic-{i}", f"synthetic-{i}") for i in range(first, first + clips)]
     reset_peak()
     sync()
@@ -219,6 +228,8 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
                 assert parse_output(generation.text).valid and len(generation.tokens) <= settings.max_new_tokens, clip.clip_id
             else:
                 assert len(generation.tokens) == (settings.max_new_tokens if lengths is None else lengths[index])
+            if confidence:
+                answer_confidence([engine.token_bytes[t] for t in generation.tokens], generation.logprobs, FIELDS_BY_NAME)
             tokens += len(generation.tokens)
             done += 1
     sync()
@@ -229,6 +240,7 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
         **rates(done, seconds),
         "peak_gib": peak_gib(),
         "constrained": settings.constrained,
+        "confidence": confidence,
         "completion_tokens_per_clip": round(tokens / done, 1),
         "batch": max(t["rows"] for t in timings),
         "prefill_batch": prefill,
@@ -248,6 +260,19 @@ def engine_run(model, processor, prompts, settings, batch: int, prefill: int, cl
     }
 
 
+def confidence_host_ms(tokenizer, token_bytes, answers: int = 200) -> float:
+    """Host milliseconds per clip to read the per-field confidence of a real answer: the forced random
+    captions above hold no fields, so this times it on the demo's labels written as answers."""
+    from avlabel.demo.synthetic import scene_labels
+
+    written = [tokenizer.encode(json.dumps(label), add_special_tokens=False) for label in scene_labels(answers)]
+    start = time.perf_counter()
+    for tokens in written:
+        found = answer_confidence([token_bytes[t] for t in tokens], [-0.01] * len(tokens), FIELDS_BY_NAME)
+        assert len(found["confidence"]) + len(found["text_mean_logprob"]) >= 10, found
+    return round(1000 * (time.perf_counter() - start) / answers, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG), help="the architecture: a file of bench/configs")
@@ -263,6 +288,8 @@ def main() -> None:
                         help="also run the first batch size with transformers' per-window vision attention")
     parser.add_argument("--constrained", action="store_true",
                         help="also run the first batch size with schema-constrained decoding (same budget)")
+    parser.add_argument("--compare_confidence", action="store_true",
+                        help="also run the first batch size without per-field confidence, alternating with it")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "infer_7b.json"))
     args = parser.parse_args()
 
@@ -289,22 +316,30 @@ def main() -> None:
         result["baseline"] = baseline(model, preparer, settings, args.baseline_clips, args.tokens)
         print(json.dumps(result["baseline"]), flush=True)
     runs = []
-    variants = [(int(b), True, settings) for b in args.batch_sizes.split(",")]
+    variants = [(int(b), True, settings, True) for b in args.batch_sizes.split(",")]
+    first = variants[0][0]
     if args.compare_vision_attention:  # the first batch size again with transformers' per-window vision attention
-        variants.append((variants[0][0], False, settings))
+        variants.append((first, False, settings, True))
     if args.constrained:  # the first batch size again, every answer held to the label grammar within the same budget
-        variants.append((variants[0][0], True, dataclasses.replace(settings, constrained=True, min_new_tokens=0)))
-    for batch, padded, run_settings in variants:
-        print(f"engine batch {batch} (padded vision windows: {padded}, constrained: {run_settings.constrained}) ...",
-              flush=True)
+        variants.append((first, True, dataclasses.replace(settings, constrained=True, min_new_tokens=0), True))
+    if args.compare_confidence:  # without, with, without: two runs each way with the first one, in turn
+        variants[1:1] = [(first, True, settings, False), (first, True, settings, True), (first, True, settings, False)]
+    if args.compare_confidence:  # a 5% comparison needs every run warm
+        print("warm-up batch ...", flush=True)
+        engine_run(model, processor, prompts, settings, first, args.prefill_batch_size, first, args.num_workers,
+                   not args.no_cuda_graphs, first=10**6)
+    for batch, padded, run_settings, confidence in variants:
+        print(f"engine batch {batch} (padded vision windows: {padded}, constrained: {run_settings.constrained}, "
+              f"confidence: {confidence}) ...", flush=True)
         try:
             runs.append(engine_run(model, processor, prompts, run_settings, batch, args.prefill_batch_size,
-                                   batch * args.clips_per_batch, args.num_workers, not args.no_cuda_graphs, padded))
+                                   batch * args.clips_per_batch, args.num_workers, not args.no_cuda_graphs, padded,
+                                   confidence=confidence))
         except Exception as err:  # noqa: BLE001 - record it and measure the other variants
             runs.append({"batch": batch, "error": f"{type(err).__name__}: {err}"[:400]})
             reset_peak()
         print(json.dumps(runs[-1]), flush=True)
-    measured = [run for run in runs if "clips_per_hour" in run and not run["constrained"]]
+    measured = [run for run in runs if "clips_per_hour" in run and not run["constrained"] and run["confidence"]]
     result["engine"] = max(measured, key=lambda run: run["clips_per_hour"]) if measured else None
     result["engine_runs"] = runs
     constrained_runs = [run for run in runs if run.get("constrained") and "clips_per_hour" in run]
@@ -314,6 +349,20 @@ def main() -> None:
             "clips_per_hour": round(constrained_runs[0]["clips_per_hour"] / free["clips_per_hour"], 3),
             "decode_step_ms": round(constrained_runs[0]["decode_step_ms"] / free["decode_step_ms"], 3),
         }
+    if args.compare_confidence:  # the same batch size, free decoding, with and without confidence: means of two runs
+        def mean_of(confidence: bool, key: str) -> float:
+            values = [run[key] for run in runs if "clips_per_hour" in run and run["batch"] == first
+                      and run["vision_attention"].startswith("one") and not run["constrained"]
+                      and run["confidence"] == confidence]
+            return sum(values) / len(values)
+
+        result["confidence_vs_none"] = {
+            key: round(mean_of(True, key) / mean_of(False, key), 3) for key in ("clips_per_hour", "decode_step_ms")
+        }
+        result["clips_per_hour_with_confidence"] = round(mean_of(True, "clips_per_hour"))
+        result["clips_per_hour_without_confidence"] = round(mean_of(False, "clips_per_hour"))
+        result["confidence_host_ms_per_clip"] = confidence_host_ms(processor.tokenizer, token_bytes(
+            tokenizer_info(processor.tokenizer, model.get_output_embeddings().weight.shape[0])))
     if measured and result["baseline"]:
         result["speedup"] = round(result["engine"]["clips_per_hour"] / result["baseline"]["clips_per_hour"], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +376,7 @@ def main() -> None:
     for run in runs:
         if "clips_per_hour" in run:
             name = f"engine batch {run['batch']}" + ("" if run["vision_attention"].startswith("one") else " (v/w)") \
-                + (" constrained" if run["constrained"] else "")
+                + (" constrained" if run["constrained"] else "") + ("" if run["confidence"] else " no conf.")
             print(f"{name:<22}{run['clips_per_hour']:>10}{run['seconds_per_clip']:>9}"
                   f"{run['peak_gib']!s:>10}{run['decode_step_ms']:>9}")
         else:

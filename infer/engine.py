@@ -257,12 +257,14 @@ class CaptionEngine:
         padded_vision_windows: bool = True,
         sampling: SamplingConfig | None = None,
         answer: constrained.AnswerConfig | None = None,
+        record_logprobs: bool = True,
     ):
         from avlabel.families import family_of
 
         self.model, self.processor, self.prompts, self.settings = model, processor, prompts, settings
         self.family = family_of(model.config)
         self.batch_size, self.prefill_batch_size, self.cuda_graphs = batch_size, prefill_batch_size, cuda_graphs
+        self.record_logprobs = record_logprobs  # for confidence; off only for bench/infer_7b.py's baseline
         self.device = next(model.parameters()).device
         self.dtype = model.dtype  # of activations and so of the KV cache (4-bit weights still compute in it)
         self.text_config = model.config.get_text_config()
@@ -413,14 +415,14 @@ class CaptionEngine:
         generated, logprobs = [], []
         for step in range(settings.max_new_tokens):
             # the model's own distribution, before _choose penalises or masks anything (for confidence)
-            normalizer = torch.logsumexp(logits, dim=-1)
+            normalizer = torch.logsumexp(logits, dim=-1) if self.record_logprobs else None
             tokens = self._choose(logits, seen, step, constraint)
             tokens = torch.where(finished, self.pad_id, tokens)
             if constraint is not None:  # forced tokens, and the closers of rows whose budget is nearly spent
                 tokens = constraint.settle(tokens)
             generated.append(tokens)
-            # _choose only ever sets disallowed tokens to -inf, so a written token's logit is still the model's
-            logprobs.append(logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
+            if self.record_logprobs:  # _choose only ever sets disallowed tokens to -inf: a written token's logit is the model's
+                logprobs.append(logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
             finished |= torch.isin(tokens, eos)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
@@ -439,7 +441,7 @@ class CaptionEngine:
             if last:
                 break
         tokens = torch.stack(generated, dim=1).tolist()  # waits for the device
-        token_logprobs = torch.stack(logprobs, dim=1).tolist()
+        token_logprobs = torch.stack(logprobs, dim=1).tolist() if logprobs else [[] for _ in range(rows)]
         decoded = time.perf_counter()
         if step_fn.capture_error:
             self.cuda_graphs = False  # don't try again for every batch

@@ -177,6 +177,11 @@ def test_batched_greedy_equals_one_clip_at_a_time(tiny_model_of, family, synthet
     assert len({item["input_ids"].shape[1] for item in items}) == 3
 
     batched = engine.generate(items)
+    # the benchmark's baseline without confidence (bench/infer_7b.py) decodes the same tokens, minus log-probabilities
+    unscored = CaptionEngine(model, processor, load_prompts(), settings, batch_size=4, prefill_batch_size=2,
+                             record_logprobs=False).generate(items)
+    assert [g.tokens for g in unscored] == [g.tokens for g in batched]
+    assert all(len(g.logprobs) == len(g.tokens) for g in batched) and not any(g.logprobs for g in unscored)
     alone = []
     for item in items:
         with torch.no_grad():
