@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from avlabel.core.prompts import load_prompts
 from avlabel.core.sampling import ClipInfo, SampledClip, SamplingConfig, resized_size
-from avlabel.families import FAMILIES
 from avlabel.core.schema import FIELDS_BY_NAME
+from avlabel.families import FAMILIES
 from avlabel.infer.confidence import answer_confidence
 from avlabel.infer.constrained import token_bytes, tokenizer_info
 from avlabel.infer.engine import CaptionEngine, ClipPreparer, chat_text
@@ -324,8 +324,7 @@ def main() -> None:
         variants.append((first, True, dataclasses.replace(settings, constrained=True, min_new_tokens=0), True))
     if args.compare_confidence:  # without, with, without: two runs each way with the first one, in turn
         variants[1:1] = [(first, True, settings, False), (first, True, settings, True), (first, True, settings, False)]
-    if args.compare_confidence:  # a 5% comparison needs every run warm
-        print("warm-up batch ...", flush=True)
+        print("warm-up batch ...", flush=True)  # a 5% comparison needs every run warm
         engine_run(model, processor, prompts, settings, first, args.prefill_batch_size, first, args.num_workers,
                    not args.no_cuda_graphs, first=10**6)
     for batch, padded, run_settings, confidence in variants:

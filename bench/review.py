@@ -7,10 +7,11 @@ gets fields wrong, but not everywhere. The demo itself (240 clips, 1,200 steps, 
 weather and the lighting but not the small objects that set the manoeuvres and the difficulty: it gets those
 wrong on any clip, so its errors are spread and no order finds many more than a random one. Trained on more
 clips for longer, the tiny model sees the objects on most clips, and its errors gather on the clips it is
-unsure of; BENCHMARKS.md gives the runs between the two. The demo fits the fine-tuned model's confidence calibration on clips of another seed and captions
-the test split with it; the queue reviews that run (greedy decoding). A wrong field: a closed-set field
-whose answer differs from the human (here: synthetic) label, or is missing. Free text is left out: it
-is almost never word for word the human's, so "wrong" would mean nothing there.
+unsure of; BENCHMARKS.md gives the runs between the two. The demo fits the fine-tuned model's confidence
+calibration on clips of another seed and captions the test split with it; the queue reviews that run
+(greedy decoding). A wrong field: a closed-set field whose answer differs from the human (here: synthetic)
+label, or is missing. Free text is left out: it is almost never word for word the human's, so "wrong" would
+mean nothing there.
 
 Orders, each of every test clip, from `avlabel review`'s own ordering (avlabel/eval/review.py: `choose`):
   confidence                     the clips with the most expected wrong fields first (sum of 1 - calibrated p)

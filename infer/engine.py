@@ -421,7 +421,8 @@ class CaptionEngine:
             if constraint is not None:  # forced tokens, and the closers of rows whose budget is nearly spent
                 tokens = constraint.settle(tokens)
             generated.append(tokens)
-            if self.record_logprobs:  # _choose only ever sets disallowed tokens to -inf: a written token's logit is the model's
+            # _choose only ever sets disallowed tokens to -inf, so a written token's logit is still the model's
+            if self.record_logprobs:
                 logprobs.append(logits.gather(1, tokens[:, None]).squeeze(1) - normalizer)
             finished |= torch.isin(tokens, eos)
             if seen is not None:
