@@ -69,30 +69,35 @@ def review_order(captions: Path, other: Path | None = None) -> list[str]:
     return [candidate.clip_id for candidate in queue.chosen]
 
 
-def capture_curve(order: list[str], wrong: dict[str, int]) -> np.ndarray:
-    """Share of all wrong fields found after reviewing the first k clips, k = 0..clips."""
-    found = np.cumsum([0] + [wrong[clip] for clip in order])
-    return found / found[-1]
+def capture_curve(found: np.ndarray) -> np.ndarray:
+    """Share of all wrong fields found after reviewing the first k clips, k = 0..clips, from each clip's count
+    of wrong fields in review order (a resample without any wrong field finds none)."""
+    cumulative = np.concatenate([[0], np.cumsum(found)])
+    return cumulative / max(cumulative[-1], 1)
+
+
+def random_curve(clips: int) -> np.ndarray:
+    """What a random order finds on average: k of n clips hold k/n of the wrong fields."""
+    return np.arange(clips + 1) / clips
 
 
 def at_share(curve: np.ndarray, share: float) -> float:
     return float(curve[math.ceil((len(curve) - 1) * share)])  # `avlabel review --budget N%` takes ceil(N% of clips)
 
 
-def ratio_interval(order: list[str], wrong: dict[str, int], share: float = 0.2) -> list[float]:
-    """95% bootstrap interval of an order's capture at `share` over random's, resampling the test clips."""
+def ratio_to_random(found: np.ndarray, share: float = 0.2) -> float:
+    return at_share(capture_curve(found), share) / at_share(random_curve(len(found)), share)
+
+
+def ratio_interval(found: np.ndarray, share: float = 0.2) -> list[float]:
+    """95% bootstrap interval of `ratio_to_random`, resampling the test clips (`found`: in review order)."""
     from scipy.stats import bootstrap
 
-    position = {clip: i for i, clip in enumerate(order)}
-    clips = sorted(wrong, key=position.__getitem__)
-
     def ratio(positions, counts):  # a resample keeps the order's ranking of the clips it drew
-        found = counts[np.argsort(positions, kind="stable")]
-        k = math.ceil(len(found) * share)
-        return found[:k].sum() / max(found.sum(), 1) / (k / len(found))
+        return ratio_to_random(counts[np.argsort(positions, kind="stable")], share)
 
-    result = bootstrap((np.array([position[c] for c in clips]), np.array([wrong[c] for c in clips])), ratio,
-                       paired=True, vectorized=False, n_resamples=2000, method="percentile", random_state=0)
+    result = bootstrap((np.arange(len(found)), found), ratio, paired=True, vectorized=False, n_resamples=2000,
+                       method="percentile", random_state=0)
     return [round(float(result.confidence_interval.low), 2), round(float(result.confidence_interval.high), 2)]
 
 
@@ -177,14 +182,14 @@ def main() -> None:
             "oracle": sorted(wrong, key=lambda clip: -wrong[clip]),
         }
         compare = json.loads((out / "eval" / "results.json").read_text())
-    curves = {name: capture_curve(order, wrong) for name, order in orders.items()}
+    found = {name: np.array([wrong[clip] for clip in order]) for name, order in orders.items()}
     clips = list(wrong)
-    curves["random"] = np.arange(len(clips) + 1) / len(clips)
+    curves = {name: capture_curve(counts) for name, counts in found.items()} | {"random": random_curve(len(clips))}
 
     capture = {name: {f"{share:.0%}": round(at_share(curve, share), 4) for share in SHARES} for name, curve in curves.items()}
     compared = [name for name in orders if name != "oracle"]
-    ratio = {name: round(at_share(curves[name], 0.2) / at_share(curves["random"], 0.2), 2) for name in compared}
-    interval = {name: ratio_interval(orders[name], wrong) for name in compared}
+    ratio = {name: round(ratio_to_random(found[name]), 2) for name in compared}
+    interval = {name: ratio_interval(found[name]) for name in compared}
     fine_tuned = compare["calibration"]["runs"]["fine-tuned"]
     results = {
         "device": f"CPU: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores",
