@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-machine calls behind infer_7b / train_7b (both families), infer_peer and the commands' own benchmarks
 # (infer_cli, train_cli). Results and logs go to $OUT.
-#   STAGES: any of infer, confidence, constrained, train, peer, infer_cli, train_cli (default: infer train)
+#   STAGES: any of infer, confidence, constrained, train, train_fsdp, peer, infer_cli, train_cli (default: infer train)
+#   train_fsdp: bench/train_fsdp.py on .train_fsdp_data (its `prepare`, carried); METHOD (full: FSDP on every GPU,
+#           lora: one GPU), VARIANTS (default: the script's), BUDGET_S (default 540). A train_fsdp.json of earlier
+#           calls in bench/results is copied to $OUT first and added to. Carry .whl, .whl_liger, .train_fsdp_data.
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
 #           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end), ARGS
 #           (more flags for the command itself, e.g. ARGS='--num_workers 12'; results of a run overwrite the run's entry). Their model folder, clips and JSON stay in /tmp/cli_bench, so
@@ -24,6 +27,7 @@ install() {  # install <folder> <target>: once per warm machine
 for part in .vllm/part-*; do [ -f "$part" ] && cat "$part" >> /tmp/vllm.whl && echo "appended $part"; done
 install .whl /tmp/site
 install .whl_bnb /tmp/site
+install .whl_liger /tmp/site
 install .whl_infer /tmp/site_infer
 install .whl_av /tmp/site
 install .whl_xg /tmp/site_infer
@@ -56,6 +60,12 @@ for stage in ${STAGES:-infer train}; do
         PYTHONPATH=$train_path python3 bench/train_7b.py --config bench/configs/qwen3_vl_8b.json \
             --out "$OUT/train_qwen3vl_8b.json" > "$OUT/train_qwen3vl_8b.log" 2>&1
         tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
+    train_fsdp)  # issue 21's table: each speed setting of the recipe against its baseline, in one call
+        [ -f bench/results/train_fsdp.json ] && cp bench/results/train_fsdp.json "$OUT/"
+        PYTHONPATH=$train_path python3 bench/train_fsdp.py run .train_fsdp_data --method "${METHOD:-full}" \
+            ${VARIANTS:+--variants "$VARIANTS"} --logs "$OUT" --out "$OUT/train_fsdp.json" \
+            --budget_s "${BUDGET_S:-540}" > "$OUT/train_fsdp.log" 2>&1
+        grep -v '%|' "$OUT/train_fsdp.log" | tail -n 20 ;;
     infer_cli|train_cli)  # the commands users run, on builder datasets, each beside its loop benchmark
         loop=$([ "${LOOP:-1}" = 1 ] && echo --loop)
         if [ $stage = infer_cli ]; then what=(--clips "${CLIPS:-256,2048}")

@@ -106,6 +106,7 @@ class BuildResult:
     packed: int  # clips written in this run (linked, copied, remuxed or presampled)
     remuxed: int = 0  # clips stored in Matroska because videofolder does not list their container
     with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
+    kept_splits: int = 0  # clips kept in the split of the earlier build where --test_size alone would move them
 
     @property
     def num_rows(self) -> int:
@@ -339,20 +340,39 @@ def _hash_unit(clip_id: str) -> float:
     return int(hashlib.sha256(clip_id.encode("utf-8")).hexdigest()[:15], 16) / 16**15
 
 
-def assign_splits(clip_ids: list[str], test_size: float) -> dict[str, str]:
-    """clip id -> "train" | "test", by a hash of the id.
+def assign_splits(clip_ids: list[str], test_size: float, previous: dict[str, str] | None = None) -> dict[str, str]:
+    """clip id -> "train" | "test", by a hash of the id; a clip of `previous` (the dataset being updated) keeps
+    the split it had there.
 
     A fraction holds out each clip whose hash falls below it, so a clip keeps its split when others are
-    added; a count holds out the clips with the smallest hashes, exactly that many.
+    added; a count holds out the new clips with the smallest hashes, as many as the count lacks beside the
+    test clips kept. Either way a rebuild that adds clips (labels back from review, say) moves no clip
+    between train and test: a moved test clip would train the next version on what the last one is tested on.
     """
     if test_size < 0:
         raise BuildError(f"test_size must be at least 0, got {test_size}")
-    if test_size < 1:
-        return {c: "test" if _hash_unit(c) < test_size else "train" for c in clip_ids}
-    if test_size != int(test_size):
+    if test_size >= 1 and test_size != int(test_size):
         raise BuildError(f"test_size of 1 or more is a clip count and must be whole, got {test_size}")
-    held_out = set(sorted(clip_ids, key=lambda c: (_hash_unit(c), c))[: int(test_size)])
-    return {c: "test" if c in held_out else "train" for c in clip_ids}
+    kept = {c: previous[c] for c in clip_ids if previous and previous.get(c) in SPLITS}
+    new = [c for c in clip_ids if c not in kept]
+    if test_size < 1:
+        held_out = {c for c in new if _hash_unit(c) < test_size}
+    else:
+        room = max(0, int(test_size) - sum(split == "test" for split in kept.values()))
+        held_out = set(sorted(new, key=lambda c: (_hash_unit(c), c))[:room])
+    return {c: kept.get(c) or ("test" if c in held_out else "train") for c in clip_ids}
+
+
+def built_splits(out: Path) -> dict[str, str]:
+    """clip id -> split of the dataset already built in `out` (none when there is none)."""
+    import pyarrow.parquet as pq
+
+    found = {}
+    for split in SPLITS:
+        path = out / split / METADATA_NAME
+        if path.is_file():
+            found.update(dict.fromkeys(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist(), split))
+    return found
 
 
 # ----------------------------------------------------------------------------- the build
@@ -423,7 +443,9 @@ def build(args: BuildArguments) -> BuildResult:
             infos[clip_id] = result["info"]
 
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
-    splits = assign_splits(good, args.test_size)
+    splits = assign_splits(good, args.test_size, built_splits(out))
+    fresh = assign_splits(good, args.test_size)
+    kept_splits = sum(splits[c] != fresh[c] for c in good)
     stored, packed = _pack(args, out, cache, clips, keys, splits, num_proc, problems)
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
@@ -463,6 +485,7 @@ def build(args: BuildArguments) -> BuildResult:
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
+        kept_splits=kept_splits,
     )
 
 
@@ -573,6 +596,10 @@ def print_summary(result: BuildResult, file=None) -> None:
     if result.remuxed:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
                       "not list their container; the video is copied, its frames untouched.")
+    if result.kept_splits:
+        console.print(f"{result.kept_splits} clip(s) kept the split they had in the earlier build, where --test_size "
+                      "alone would move them: no test clip of one version trains the next (build into a new "
+                      "--output_dir to split afresh).")
     if result.with_extra:
         console.print(f"{result.with_extra} label(s) had keys beyond the schema: kept in the `{EXTRA_COLUMN}` column.")
     if not result.problems:

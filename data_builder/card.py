@@ -197,15 +197,19 @@ def _size_category(count: int) -> str:
 
 
 def _split_rule(test_size: float, clips: dict[str, int]) -> str:
+    kept = ("A rebuild keeps every clip in the split it had and assigns only the new ones, so no clip moves between "
+            "`train` and `test` from one version of the dataset to the next.")
     if test_size <= 0:
-        return "All clips are in `train`; nothing is held out."
+        if not clips.get("test"):
+            return "All clips are in `train`; nothing is held out."
+        return f"New clips go to `train`; the {clips['test']} `test` clips were held out by an earlier build. {kept}"
     if test_size < 1:
         rule = f"each clip whose hash falls below {test_size:g} (a fraction {test_size:g} of the clips on average)"
     else:
-        rule = f"the {int(test_size)} clips with the smallest hashes"
+        rule = f"the {int(test_size)} clips with the smallest hashes (on a rebuild, topped up from the new clips)"
     return (
         "Splits are chosen by the SHA-256 hash of the clip id, read as a number in [0, 1): `test` holds "
-        f"{rule}, `train` the rest. The same clips always give the same splits."
+        f"{rule}, `train` the rest. {kept}"
     )
 
 

@@ -14,7 +14,9 @@ many wrong fields the queue is expected to hold (from confidence) and writes, un
   queue.jsonl                 one line per clip, most urgent first: the model's answer, its confidence, why chosen
   labelstudio/config.xml      a Label Studio labeling configuration generated from the schema
   labelstudio/tasks.json      the queue as Label Studio tasks, the model's answer as a scored pre-annotation
-With `--annotations <Label Studio JSON export> --labels_dir <folder>`, it instead writes the submitted
+With `--label_studio URL` (the access token in LABEL_STUDIO_API_KEY) it also makes a project of those tasks
+on that server. Back: with `--annotations <Label Studio JSON export>`, or `--label_studio URL --project N` to
+read the project's annotations from the server, and `--labels_dir <folder>`, it instead writes the submitted
 annotations as label files in the recipe layout (`metas/<id>.label.json`, the clip under `videos/`), each
 marked with a `review` key; `avlabel build` on that folder makes the next dataset version, and its card counts
 the labels that came from review.
@@ -61,6 +63,14 @@ class ReviewArguments:
                   "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=--media_root)."},
     )
     media_root: str = field(default="/", metadata={"help": "The folder clip paths are made relative to in the tasks."})
+    label_studio: str | None = field(
+        default=None,
+        metadata={"help": "URL of a Label Studio server: make a project of the queue there, or with --project read "
+                  "its annotations back. The access token comes from LABEL_STUDIO_API_KEY."},
+    )
+    project: int | None = field(
+        default=None, metadata={"help": "Import instead: the project on --label_studio whose annotations to read."}
+    )
     annotations: str | None = field(
         default=None, metadata={"help": "Import instead: a Label Studio JSON export of the reviewed tasks."}
     )
@@ -264,11 +274,22 @@ def make_parser(subparsers=None):
 
 
 def _import(args: ReviewArguments):
-    from avlabel.hub.labelstudio import import_annotations
+    from avlabel.hub.labelstudio import connect, export_tasks, import_annotations, server_errors
 
+    given = "--annotations" if args.annotations else "--project"
+    if args.annotations and args.project is not None:
+        raise ReviewError("--annotations and --project: give one, the export file or the project to read it from")
     if not args.labels_dir:
-        raise ReviewError("--annotations needs --labels_dir: the recipe-layout folder to write the label files to")
-    result = import_annotations(args.annotations, args.labels_dir)
+        raise ReviewError(f"{given} needs --labels_dir: the recipe-layout folder to write the label files to")
+    if args.annotations:
+        result = import_annotations(args.annotations, args.labels_dir)
+    else:
+        if not args.label_studio:
+            raise ReviewError(f"--project {args.project} needs --label_studio: the URL of the server that holds it")
+        client = connect(args.label_studio)
+        with server_errors(args.label_studio, f"exporting project {args.project}"):
+            tasks = export_tasks(client, args.project)
+        result = import_annotations(tasks, args.labels_dir, source=f"Label Studio project {args.project}")
     warn(result.problems)
     print(f"Wrote {len(result.written)} reviewed label(s) to {Path(args.labels_dir) / 'metas'} "
           f"({result.corrected_fields} field(s) corrected); `avlabel build --input {args.labels_dir}` adds them.")
@@ -279,7 +300,7 @@ def main(args: ReviewArguments):
     from avlabel.hub.labelstudio import labeling_config, queue_to_tasks
 
     try:
-        if args.annotations:
+        if args.annotations or args.project is not None:
             return _import(args)
         queue = choose(args)
     except ReviewError as err:
@@ -301,7 +322,24 @@ def main(args: ReviewArguments):
     else:
         print("Expected wrong fields: unknown (the records carry no confidence)", file=sys.stderr)
     print(f"Label Studio: labeling config {studio / 'config.xml'}, {len(tasks)} task(s) {studio / 'tasks.json'}")
+    if args.label_studio:
+        _push(args, captions.name, tasks)
     return queue
+
+
+def _push(args: ReviewArguments, run_name: str, tasks: list[dict[str, Any]]) -> int:
+    """The queue as a project on the --label_studio server; the clips' folders become its local storages
+    unless --media_url serves them."""
+    from avlabel.hub.labelstudio import connect, push_tasks, server_errors
+
+    folders = [] if args.media_url else [Path(t["data"]["path"]).parent for t in tasks if t["data"]["path"]]
+    client = connect(args.label_studio)
+    with server_errors(args.label_studio, "making the review project"):
+        project = push_tasks(client, f"avlabel review: {run_name}", tasks, folders)
+    print(f"Label Studio project {project}: {args.label_studio.rstrip('/')}/projects/{project}/ ({len(tasks)} task(s)); "
+          f"bring the annotations back with `avlabel review --label_studio {args.label_studio} --project {project} "
+          "--labels_dir <folder>`")
+    return project
 
 
 if __name__ == "__main__":

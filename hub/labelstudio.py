@@ -10,8 +10,9 @@ model's answer, scored with its confidence, so a reviewer corrects rather than t
 it came from and which fields the reviewer changed; the builder keeps that key in the `extra` column and the
 dataset card counts those labels.
 
-The file formats are Label Studio's; `push_tasks` and `export_tasks` talk to a server through
-`label-studio-sdk` (the `labelstudio` extra) for those who want the project made for them.
+The file formats are Label Studio's; `connect`, `push_tasks` and `export_tasks` talk to a server through
+`label-studio-sdk` (the `labelstudio` extra), so that `avlabel review --label_studio URL` makes the project and
+`--project N` brings its annotations back without files passed by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,12 @@ from xml.sax.saxutils import quoteattr
 from avlabel.core import schema
 from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, clip_id_of, is_video
 from avlabel.core.problems import Problem
+from avlabel.extras import require
 
 VIDEO_TAG = "video"  # the Video tag's name: every control labels it
 REVIEW_KEY = "review"  # the key beyond the schema that marks a label as reviewed (kept in `extra`)
 TOOL = "label-studio"
+API_KEY_ENV = "LABEL_STUDIO_API_KEY"  # label-studio-sdk's own variable for the access token
 
 
 # ----------------------------------------------------------------------------- out: config and tasks
@@ -152,12 +157,14 @@ def _store_video(source: str, videos: Path, clip_id: str) -> str | None:
     return None
 
 
-def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: str | Path) -> ImportResult:
+def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: str | Path,
+                       source: str = "export") -> ImportResult:
     """Write each task's latest submitted annotation as a recipe-layout label file; returns what was written.
+    `export`: the export file, or its tasks (`source` names them in problems).
 
     A task with no submitted annotation, or whose annotation the schema refuses, is reported, not written.
     """
-    where = str(export) if not isinstance(export, list) else "export"
+    where = str(export) if not isinstance(export, list) else source
     tasks = export if isinstance(export, list) else json.loads(Path(export).read_text(encoding="utf-8"))
     if not isinstance(tasks, list):
         raise ValueError(f"{where}: not a Label Studio JSON export (expected a list of tasks)")
@@ -201,17 +208,51 @@ def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: st
 # ----------------------------------------------------------------------------- a server, through the SDK
 
 
-def push_tasks(client, title: str, tasks: list[dict[str, Any]], clips_dir: str | None = None) -> int:
+class LabelStudioError(ValueError):
+    """The server can't be reached or refused a request; the message is the one line to print."""
+
+
+def connect(url: str):
+    """A label-studio-sdk client of the server at `url`, with the access token from LABEL_STUDIO_API_KEY."""
+    sdk = require("label_studio_sdk", "labelstudio", "Talking to a Label Studio server")
+    key = os.environ.get(API_KEY_ENV)
+    if not key:
+        raise LabelStudioError(f"--label_studio {url}: set {API_KEY_ENV} to your access token "
+                               "(Label Studio: Account & Settings)")
+    return sdk.LabelStudio(base_url=url.rstrip("/"), api_key=key)
+
+
+@contextmanager
+def server_errors(url: str, doing: str) -> Iterator[None]:
+    """Turn the SDK's transport and HTTP errors into one LabelStudioError line saying what failed and why."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        yield
+    except httpx.HTTPError as err:
+        raise LabelStudioError(f"--label_studio {url}: can't reach the server while {doing} ({err}); start "
+                               "Label Studio or check the URL") from None
+    except ApiError as err:
+        if err.status_code in (401, 403):
+            hint = f"it refused the access token in {API_KEY_ENV}"
+        else:
+            body = err.body if isinstance(err.body, str) else json.dumps(err.body, default=str)
+            hint = f"HTTP {err.status_code}: {' '.join(str(body).split())[:300]}"
+        raise LabelStudioError(f"--label_studio {url}: {doing} failed, {hint}") from None
+
+
+def push_tasks(client, title: str, tasks: list[dict[str, Any]], clips_dirs: Iterable[str | Path] = ()) -> int:
     """Create a project with the schema's labeling config, import the tasks; returns the project id.
 
-    With `clips_dir` (a folder holding the clips, below the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT,
-    which is the tasks' --media_root), the project also gets a local storage there: Label Studio serves a local
-    file only to a project whose storage holds it, and only with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true.
+    Each of `clips_dirs` (folders holding the clips, below the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT,
+    which is the tasks' --media_root) becomes a local storage of the project: Label Studio serves a local file
+    only to a project whose storage holds it, and only with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true.
     """
     project = client.projects.create(title=title, label_config=labeling_config())
-    if clips_dir:
-        client.import_storage.local.create(project=project.id, path=str(Path(clips_dir).resolve()),
-                                           title="avlabel clips", use_blob_urls=False)
+    for folder in sorted({str(Path(folder).resolve()) for folder in clips_dirs}):
+        client.import_storage.local.create(project=project.id, path=folder, title=f"clips: {Path(folder).name}",
+                                           use_blob_urls=False)
     client.projects.import_tasks(id=project.id, request=tasks)
     return project.id
 

@@ -215,6 +215,7 @@ def test_rebuild_is_identical_and_incremental(tmp_path):
     first = build.build(args)
     assert (first.probed, first.packed, first.num_rows) == (12, 12, 12)
     before = _snapshot(out)
+    first_splits = {row["clip_id"]: split for split, rows in _metadata(out).items() for row in rows}
 
     again = build.build(args)
     assert (again.probed, again.packed) == (0, 0)
@@ -228,6 +229,8 @@ def test_rebuild_is_identical_and_incremental(tmp_path):
     rows = [row["clip_id"] for rows in _metadata(out).values() for row in rows]
     assert sorted(rows) == sorted(ids[1:] + added)
     assert len(_metadata(out)["test"]) == 3
+    grown_splits = {row["clip_id"]: split for split, rows in _metadata(out).items() for row in rows}
+    assert all(grown_splits[c] == first_splits[c] for c in ids[1:])  # no clip moved between train and test
     stored = {p.name for p in out.glob("*/*.mp4")}
     assert stored == {f"{clip_id}.mp4" for clip_id in ids[1:] + added}  # the removed clip's file is gone
 
@@ -339,6 +342,18 @@ def test_splits_are_deterministic_by_clip_id():
     assert 60 < Counter(by_fraction.values())["test"] < 140
     grown = build.assign_splits(ids + [f"new{i}" for i in range(100)], 0.25)
     assert all(grown[i] == by_fraction[i] for i in ids)  # adding clips moves none of the old ones
+    # a count alone would move some: the smallest hashes of the grown set differ
+    more = ids + [f"new{i}" for i in range(100)]
+    assert any(build.assign_splits(more, 40)[i] != by_count[i] for i in ids)
+    # updating a built dataset keeps every clip's split and tops the test split up from the new clips only
+    kept = build.assign_splits(more, 40, previous=by_count)
+    assert all(kept[i] == by_count[i] for i in ids) and Counter(kept.values())["test"] == 40
+    dropped = [i for i in ids if by_count[i] == "test"][:5]  # five test clips gone: five new ones replace them
+    refilled = build.assign_splits([i for i in more if i not in dropped], 40, previous=by_count)
+    assert Counter(refilled.values())["test"] == 40
+    assert {c for c, split in refilled.items() if split == "test" and c not in by_count} <= {f"new{i}" for i in range(100)}
+    resplit = build.assign_splits(more, 0.5, previous=by_fraction)  # a new fraction applies to new clips only
+    assert all(resplit[i] == by_fraction[i] for i in ids) and any(resplit[c] == "test" for c in more[400:])
     with pytest.raises(build.BuildError):
         build.assign_splits(ids, 2.5)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,8 +22,7 @@ import pytest
 from avlabel.core import schema
 from avlabel.core.layouts import CAMERA_SUFFIX
 from avlabel.demo import synthetic
-from avlabel.eval.review import ReviewArguments, main as review
-from avlabel.hub.labelstudio import export_tasks, label_to_results, push_tasks
+from avlabel.hub.labelstudio import export_tasks, label_to_results
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = Path(os.environ.get("LABEL_STUDIO_BIN", REPO / ".cache" / "label-studio" / "bin" / "label-studio"))
@@ -111,24 +109,27 @@ def _model_run(folder: Path, root: Path, truth: dict, clip_ids: list[str]) -> Pa
 
 
 @pytest.mark.slow
-def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path):
+def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq
     import requests
     from label_studio_sdk import LabelStudio
 
+    from avlabel.cli import main as avlabel
     from avlabel.data_builder.build import BuildArguments, build
 
     root, truth, unlabelled = media
     first = build(BuildArguments(input=str(root), output_dir=str(tmp_path / "dataset"), test_size=0, num_proc=1))
     assert first.num_rows == 3
 
+    # out: the command chooses the queue and makes the project on the server
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
     run = _model_run(tmp_path / "run", root, truth, unlabelled)
-    queue = review(ReviewArguments(captions=str(run), budget="100%", media_root=str(root)))
+    queue = avlabel(["review", "--captions", str(run), "--budget", "100%", "--media_root", str(root),
+                     "--label_studio", label_studio])
     assert [c.clip_id for c in queue.chosen] == unlabelled[::-1]  # most wrong fields first
-    tasks = json.loads((run / "review" / "labelstudio" / "tasks.json").read_text())
-
     client = LabelStudio(base_url=label_studio, api_key=TOKEN)
-    project = push_tasks(client, "avlabel review", tasks, clips_dir=str(root / "videos"))
+    (project,) = [p.id for p in client.projects.list()]
+    assert f"Label Studio project {project}: {label_studio}/projects/{project}/" in capsys.readouterr().out
     served = list(client.tasks.list(project=project, fields="all"))
     assert sorted(t.data["clip_id"] for t in served) == sorted(unlabelled)
     for task in served:  # the reviewer sees the clip and the model's scored answer, and submits the truth
@@ -142,12 +143,15 @@ def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path):
         assert scores["weather"] == (0.3 if unlabelled.index(clip_id) else 0.9)
         client.annotations.create(id=task.id, result=label_to_results(truth[clip_id]), was_cancelled=False)
 
-    export = export_tasks(client, project)
-    from avlabel.hub.labelstudio import import_annotations
-
-    imported = import_annotations(export, root)
+    # back: the command reads the project's export from the server and writes label files
+    imported = avlabel(["review", "--label_studio", label_studio, "--project", str(project), "--labels_dir", str(root)])
     assert not imported.problems and len(imported.written) == 3
     assert imported.corrected_fields == 0 + 1 + 2
+    # the same export, downloaded as a file, imports the same way
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(export_tasks(client, project)))
+    again = avlabel(["review", "--annotations", str(export), "--labels_dir", str(tmp_path / "again")])
+    assert [p.name for p in again.written] == [p.name for p in imported.written]
 
     second = build(BuildArguments(input=str(root), output_dir=str(tmp_path / "dataset"), test_size=0, num_proc=1))
     assert second.num_rows == 6 and not second.problems

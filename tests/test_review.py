@@ -214,3 +214,39 @@ def test_the_avlabel_command_runs_it(clips, tmp_path, capsys):
     assert err.value.code == 0 and "--budget" in capsys.readouterr().out
     queue = avlabel(["review", "--captions", str(run), "--budget", "5%", "--output_dir", str(tmp_path / "q")])
     assert len(queue.chosen) == 1 and (tmp_path / "q" / "labelstudio" / "tasks.json").is_file()
+
+
+def test_label_studio_problems_are_one_line_and_keep_the_queue(clips, tmp_path, capsys, monkeypatch):
+    import socket
+
+    from avlabel.cli import main as avlabel
+
+    root, labels = clips
+    run = _write_run(tmp_path / "run", root, labels, dict.fromkeys(labels, 0.75), {})
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    out = tmp_path / "q"
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    asked = ["review", "--captions", str(run), "--output_dir", str(out), "--label_studio", nowhere]
+    cases = [
+        (asked, "set LABEL_STUDIO_API_KEY to your access token"),
+        (["review", "--label_studio", nowhere, "--project", "3"], "--project needs --labels_dir"),
+        (["review", "--project", "3", "--labels_dir", str(tmp_path / "l")], "--project 3 needs --label_studio"),
+        (["review", "--project", "3", "--annotations", "x.json", "--labels_dir", str(tmp_path / "l")], "give one"),
+    ]
+    for argv, expected in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as err:
+            avlabel(argv)
+        message = capsys.readouterr().err.strip() or str(err.value.code)
+        assert expected in message and len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert (out / "labelstudio" / "tasks.json").is_file()  # the queue is written before the server is asked
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "a-token")
+    for argv in (asked, ["review", "--label_studio", nowhere, "--project", "3", "--labels_dir", str(tmp_path / "l")]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as err:
+            avlabel(argv)
+        message = capsys.readouterr().err.strip()
+        assert err.value.code == 1 and f"--label_studio {nowhere}: can't reach the server" in message, message
+        assert len(message.splitlines()) == 1
