@@ -121,9 +121,17 @@ def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path, m
     first = build(BuildArguments(input=str(root), output_dir=str(tmp_path / "dataset"), test_size=0, num_proc=1))
     assert first.num_rows == 3
 
+    # a token the server refuses: one line, no project
+    run = _model_run(tmp_path / "run", root, truth, unlabelled)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-a-token")
+    with pytest.raises(SystemExit) as refused:
+        avlabel(["review", "--captions", str(run), "--budget", "100%", "--label_studio", label_studio])
+    message = capsys.readouterr().err.strip()
+    assert refused.value.code == 1 and "refused the access token in LABEL_STUDIO_API_KEY" in message, message
+    assert len(message.splitlines()) == 1
+
     # out: the command chooses the queue and makes the project on the server
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
-    run = _model_run(tmp_path / "run", root, truth, unlabelled)
     queue = avlabel(["review", "--captions", str(run), "--budget", "100%", "--media_root", str(root),
                      "--label_studio", label_studio])
     assert [c.clip_id for c in queue.chosen] == unlabelled[::-1]  # most wrong fields first
