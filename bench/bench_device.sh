@@ -3,7 +3,7 @@
 # (infer_cli, train_cli). Results and logs go to $OUT.
 #   STAGES: any of infer, confidence, constrained, train, train_fsdp, peer, infer_cli, train_cli (default: infer train)
 #   train_fsdp: bench/train_fsdp.py on .train_fsdp_data (its `prepare`, carried); METHOD (full: FSDP on every GPU,
-#           lora: one GPU), VARIANTS (default: the script's), BUDGET_S (default 540). A train_fsdp.json of earlier
+#           lora: one GPU), VARIANTS (default: the script's), STEPS and SKIP (default 5 and 2), BUDGET_S (default 540). A train_fsdp.json of earlier
 #           calls in bench/results is copied to $OUT first and added to. Carry .whl, .whl_liger, .train_fsdp_data.
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
 #           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end), ARGS
@@ -62,8 +62,8 @@ for stage in ${STAGES:-infer train}; do
         tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
     train_fsdp)  # issue 21's table: each speed setting of the recipe against its baseline, in one call
         [ -f bench/results/train_fsdp.json ] && cp bench/results/train_fsdp.json "$OUT/"
-        PYTHONPATH=$train_path python3 bench/train_fsdp.py run .train_fsdp_data --method "${METHOD:-full}" \
-            ${VARIANTS:+--variants "$VARIANTS"} --logs "$OUT" --out "$OUT/train_fsdp.json" \
+        PYTHONPATH=$infer_path python3 bench/train_fsdp.py run .train_fsdp_data --method "${METHOD:-full}" \
+            ${VARIANTS:+--variants "$VARIANTS"} ${STEPS:+--steps "$STEPS" --skip "${SKIP:-2}"} --logs "$OUT" --out "$OUT/train_fsdp.json" \
             --budget_s "${BUDGET_S:-540}" > "$OUT/train_fsdp.log" 2>&1
         grep -v '%|' "$OUT/train_fsdp.log" | tail -n 20 ;;
     infer_cli|train_cli)  # the commands users run, on builder datasets, each beside its loop benchmark

@@ -225,7 +225,7 @@ def run_one(method: str, variant: str, args, common: dict, recipe: dict, n_param
     output_dir = Path(args.work) / "runs" / f"{method}_{variant}"
     shutil.rmtree(output_dir, ignore_errors=True)
     command = command_for(method, args, settings, {**common, "output_dir": output_dir})
-    log_path = Path(args.logs) / f"train_fsdp_{method}_{variant}.log"
+    log_path = Path(args.logs) / f"train_fsdp_{method}_{variant.replace('+', '__')}.log"  # a "+" in a file name doesn't travel back from the device
     outcome: dict = {"method": method, "variant": variant, "gpus": args.gpus, "device": args.device,
                      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "log": log_path.name,
                      "settings": settings, "command": " ".join(command)}

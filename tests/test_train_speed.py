@@ -161,9 +161,40 @@ def test_a_speed_setting_leaves_the_training_losses_unchanged(reference_run, tin
         assert used["activation_checkpointing"] and used["activation_checkpointing_kwargs"] == {"every_n_layers": 2}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_liger_is_used_only_where_it_can_patch_the_family(family):
+    """An H200 run of the LoRA recipe with liger-kernel 0.8.5 installed stopped at the trainer's start: under
+    transformers 5.23+ Liger's Qwen-VL modules import output classes transformers removed. The training script
+    now asks first and falls back; this runs the same check against the installed packages."""
+    import importlib
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    from avlabel.train.sft import liger_problem
+
+    pytest.importorskip("liger_kernel", reason="pip install 'avlabel[liger]'")
+    problem = liger_problem(family)
+    try:
+        importlib.import_module(f"liger_kernel.transformers.model.{family}")
+        importable = True
+    except ImportError:
+        importable = False
+    assert (problem is None) == importable
+    known_mismatch = (Version(metadata.version("liger-kernel")) <= Version("0.8.5")
+                      and Version(metadata.version("transformers")) >= Version("5.23"))
+    if known_mismatch:
+        assert problem is not None and f"can't patch {family} under transformers" in problem
+    assert "can't patch" in liger_problem("not_a_model_type")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton kernels: they run on a GPU only")
 def test_liger_kernels_leave_the_training_losses_unchanged(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     pytest.importorskip("liger_kernel", reason="pip install 'avlabel[liger]'")
+    from avlabel.train.sft import liger_problem
+
+    if (problem := liger_problem("qwen2_5_vl")) is not None:
+        pytest.skip(problem)
     runs = {}
     for use_liger in (False, True):
         out = tmp_path / f"liger_{use_liger}"

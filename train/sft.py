@@ -222,6 +222,27 @@ def frozen_vision_callback():
     return FrozenVisionCallback()
 
 
+def liger_problem(model_type: str) -> str | None:
+    """Why Liger's kernels can't train a `model_type` model here, or None when they can.
+
+    transformers patches a model through Liger's module for its model type. That import fails when the two
+    disagree (liger-kernel 0.8.5 imports the Qwen-VL output classes that transformers 5.23 removed), which would
+    stop the run when the trainer starts; trying it first lets the run fall back to transformers' layers.
+    """
+    import importlib
+    import importlib.util
+    from importlib import metadata
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'avlabel[liger]')"
+    try:
+        importlib.import_module(f"liger_kernel.transformers.model.{model_type}")
+    except ImportError as err:  # a missing module too: Liger has no kernels for this model type
+        return (f"liger-kernel {metadata.version('liger-kernel')} can't patch {model_type} under transformers "
+                f"{metadata.version('transformers')} ({err})")
+    return None
+
+
 def default_lora_targets(model_args, family) -> None:
     """LoRA on the family's language-model layers unless the recipe names targets (e.g. all-linear)."""
     if model_args.use_peft and not model_args.lora_target_modules:
@@ -390,13 +411,12 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         # FSDP checkpoints its wrapped layers itself; transformers refuses both at once
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
     if script_args.use_liger and torch.cuda.is_available():  # Liger's kernels are Triton: GPUs only
-        import importlib.util
-
-        if importlib.util.find_spec("liger_kernel") is not None:
+        problem = liger_problem(family.model_type)
+        if problem is None:
             # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
             training_args.use_liger_kernel = True
         else:
-            logger.info("liger-kernel is not installed: transformers' own layers (pip install 'avlabel[liger]')")
+            logger.warning(f"use_liger: {problem}; training with transformers' own layers")
 
     is_main = training_args.process_index == 0
     if is_main:
