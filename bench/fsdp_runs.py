@@ -109,25 +109,30 @@ def prepare(data: Path, clips: int = 12, test_clips: int = 4) -> None:
 
 
 def build_model(model_dir: Path, tiny: bool) -> None:
-    """The 7B architecture with random bf16 weights and the Qwen vocabulary, saved for `from_pretrained`."""
+    """The 7B architecture with random bf16 weights and the Qwen vocabulary, saved for `from_pretrained`.
+    Written beside and renamed when whole, so a call that dies half-way leaves no folder a later call would reuse."""
     if (model_dir / "config.json").exists():
         return
+    partial = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     if tiny:
         from avlabel.demo.tiny_model import build_tiny_model
 
-        build_tiny_model(model_dir, "qwen2_5_vl", "small")
-        return
-    import torch
+        build_tiny_model(partial, "qwen2_5_vl", "small")
+    else:
+        import torch
 
-    from avlabel.families import FAMILIES
-    from bench.infer_7b import CONFIG, build_full_size, full_size_processor, read_config
+        from avlabel.families import FAMILIES
+        from bench.infer_7b import CONFIG, build_full_size, full_size_processor, read_config
 
-    config = read_config(CONFIG)
-    model = build_full_size(config, torch.device("cuda"))
-    model.save_pretrained(model_dir)
-    full_size_processor(FAMILIES[config.model_type]).save_pretrained(model_dir)
-    del model
-    torch.cuda.empty_cache()
+        config = read_config(CONFIG)
+        model = build_full_size(config, torch.device("cuda"))
+        model.save_pretrained(partial)
+        full_size_processor(FAMILIES[config.model_type]).save_pretrained(partial)
+        del model
+        torch.cuda.empty_cache()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    partial.rename(model_dir)
 
 
 def fill_frame_cache(dataset_dir: Path, cache_dir: Path, sampling, clip_of) -> int:
