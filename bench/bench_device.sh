@@ -2,9 +2,11 @@
 # The GPU-machine calls behind infer_7b / train_7b (both families), infer_peer and the commands' own benchmarks
 # (infer_cli, train_cli). Results and logs go to $OUT.
 #   STAGES: any of infer, confidence, constrained, train, train_fsdp, peer, infer_cli, train_cli (default: infer train)
-#   train_fsdp: bench/train_fsdp.py on .train_fsdp_data (its `prepare`, carried); METHOD (full: FSDP on every GPU,
-#           lora: one GPU), VARIANTS (default: the script's), STEPS and SKIP (default 5 and 2), BUDGET_S (default 540). A train_fsdp.json of earlier
-#           calls in bench/results is copied to $OUT first and added to. Carry .whl, .whl_liger, .train_fsdp_data.
+#   train_fsdp: bench/train_fsdp.py on .train_fsdp_data (its `prepare`, carried). METHOD: full (FSDP on every GPU)
+#           or lora (one GPU); MODEL: the recipes folder, cosmos_reason1_7b (into train_fsdp.json) or
+#           cosmos_reason2_8b (into train_fsdp_cosmos_reason2_8b.json); VARIANTS (default: the script's); STEPS and
+#           SKIP (default 5 and 2); BUDGET_S (default 540). The JSON of earlier calls in bench/results is copied to
+#           $OUT first and added to. Carry .whl, .whl_liger, .whl_xg, .whl_infer and .train_fsdp_data.
 #   infer_cli, train_cli: CLIPS (caption runs, default 256,2048), METHODS (default lora,qlora,full), LOOP (1: also
 #           the loop benchmark, the default; 0: not), EXPORT (0: train without the merged export at the end), ARGS
 #           (more flags for the command itself, e.g. ARGS='--num_workers 12'; results of a run overwrite the run's entry). Their model folder, clips and JSON stay in /tmp/cli_bench, so
@@ -61,9 +63,11 @@ for stage in ${STAGES:-infer train}; do
             --out "$OUT/train_qwen3vl_8b.json" > "$OUT/train_qwen3vl_8b.log" 2>&1
         tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
     train_fsdp)  # issue 21's table: each speed setting of the recipe against its baseline, in one call
-        [ -f bench/results/train_fsdp.json ] && cp bench/results/train_fsdp.json "$OUT/"
+        name=train_fsdp${MODEL:+_$MODEL}
+        [ -f bench/results/$name.json ] && cp bench/results/$name.json "$OUT/"
         PYTHONPATH=$infer_path python3 bench/train_fsdp.py run .train_fsdp_data --method "${METHOD:-full}" \
-            ${VARIANTS:+--variants "$VARIANTS"} ${STEPS:+--steps "$STEPS" --skip "${SKIP:-2}"} --logs "$OUT" --out "$OUT/train_fsdp.json" \
+            --model "${MODEL:-cosmos_reason1_7b}" ${VARIANTS:+--variants "$VARIANTS"} \
+            ${STEPS:+--steps "$STEPS" --skip "${SKIP:-2}"} --logs "$OUT" --out "$OUT/$name.json" \
             --budget_s "${BUDGET_S:-540}" > "$OUT/train_fsdp.log" 2>&1
         grep -v '%|' "$OUT/train_fsdp.log" | tail -n 20 ;;
     infer_cli|train_cli)  # the commands users run, on builder datasets, each beside its loop benchmark

@@ -108,8 +108,9 @@ def prepare(data: Path, clips: int = 12, test_clips: int = 4) -> None:
 # ----------------------------------------------------------------------------- run (GPUs)
 
 
-def build_model(model_dir: Path, tiny: bool) -> None:
-    """The 7B architecture with random bf16 weights and the Qwen vocabulary, saved for `from_pretrained`.
+def build_model(model_dir: Path, tiny: bool, config_path: Path | None = None) -> None:
+    """The architecture of `config_path` (default: the 7B's) with random bf16 weights and the Qwen vocabulary, saved
+    for `from_pretrained`.
     Written beside and renamed when whole, so a call that dies half-way leaves no folder a later call would reuse."""
     if (model_dir / "config.json").exists():
         return
@@ -125,7 +126,7 @@ def build_model(model_dir: Path, tiny: bool) -> None:
         from avlabel.families import FAMILIES
         from bench.infer_7b import CONFIG, build_full_size, full_size_processor, read_config
 
-        config = read_config(CONFIG)
+        config = read_config(config_path or CONFIG)
         model = build_full_size(config, torch.device("cuda"))
         model.save_pretrained(partial)
         full_size_processor(FAMILIES[config.model_type]).save_pretrained(partial)

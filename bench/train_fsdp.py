@@ -2,7 +2,8 @@
 
 Runs `python -m train` with a shipped recipe, exactly as the README tells users to (the full
 fine-tune under `accelerate launch --config_file recipes/accelerate/fsdp.yaml` on N GPUs;
-LoRA on one GPU), on the Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B's) with random
+LoRA on one GPU), on the Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B's; `--model
+cosmos_reason2_8b`: its recipes on Qwen3-VL-8B) with random
 weights saved as a model folder, and a dataset of recipe-shaped clips built by the
 project's builder: 10 s at 448x252, so 20 frames at 2 fps and 1,440 video tokens, plus the
 rubric prompt and the fenced answer: about 2,750 tokens a sample with the synthetic labels.
@@ -57,10 +58,9 @@ from bench.fsdp_runs import GpuMemory, build_model, fill_frame_cache, gpu_names
 from bench.scaling import NCCL_SAFETY, child_env
 
 RESULTS = REPO / "bench" / "results" / "train_fsdp.json"
-METHODS = {  # method: (recipe, FSDP launcher config or None for one process / DDP)
-    "full": ("recipes/cosmos_reason1_7b/full.yaml", "recipes/accelerate/fsdp.yaml"),
-    "lora": ("recipes/cosmos_reason1_7b/lora.yaml", None),
-}
+METHODS = {"full": "recipes/accelerate/fsdp.yaml", "lora": None}  # method: FSDP launcher config, or None (one process / DDP)
+# --model: the recipes/<model>/<method>.yaml trained, and the architecture built for it (random weights)
+MODELS = {"cosmos_reason1_7b": "bench/configs/qwen2_5_vl_7b.json", "cosmos_reason2_8b": "bench/configs/qwen3_vl_8b.json"}
 H100_H200_BF16_DENSE_TFLOPS = 989.0
 # Recipe-shaped clips: 10 s at 448x252 (16x9 tokens a frame at factor 28: the recipe's budget, no resizing)
 CLIP = {"width": 448, "height": 252, "seconds": 10.0, "fps": 4}
@@ -91,10 +91,14 @@ DEFAULT_VARIANTS = {
 }
 
 
-def read_recipe(method: str) -> dict:
+def recipe_path(model: str, method: str) -> str:
+    return f"recipes/{model}/{method}.yaml"
+
+
+def read_recipe(model: str, method: str) -> dict:
     import yaml
 
-    return yaml.safe_load((REPO / METHODS[method][0]).read_text(encoding="utf-8"))
+    return yaml.safe_load((REPO / recipe_path(model, method)).read_text(encoding="utf-8"))
 
 
 def variant_settings(name: str, recipe: dict, samples_per_step: int) -> dict:
@@ -179,7 +183,7 @@ def random_frames(sampling):
 
 
 def command_for(method: str, args, settings: dict, overrides: dict) -> list[str]:
-    recipe, launcher = METHODS[method]
+    recipe, launcher = recipe_path(args.model, method), METHODS[method]
     if args.tiny or (launcher is None and args.gpus == 1):
         command = [sys.executable, "-m", "train"]  # one process: the single-GPU path
     else:
@@ -335,7 +339,7 @@ def run(args) -> None:
     args.work = str(work)
     args.logs = args.logs or str(work / "logs")
     Path(args.logs).mkdir(parents=True, exist_ok=True)
-    args.model_dir = args.model_dir or str(work / ("tiny_model" if args.tiny else "model"))
+    args.model_dir = args.model_dir or str(work / ("tiny_model" if args.tiny else f"model_{args.model}"))
     if args.gpus is None:
         import torch
 
@@ -346,7 +350,7 @@ def run(args) -> None:
         # the run's GPUs: one process alone must see one GPU (Trainer would use nn.DataParallel over several)
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(args.gpus)))
     args.device = "cpu (tiny dry run)" if args.tiny else gpu_names().split(" x ", 1)[-1]
-    build_model(Path(args.model_dir), args.tiny)
+    build_model(Path(args.model_dir), args.tiny, REPO / MODELS[args.model])
     n_params = parameter_count(Path(args.model_dir))
     sampling = run_sampling(Path(args.model_dir), args.tiny)
     frames = fill_frame_cache(Path(args.data) / "dataset", work / "frame_cache", sampling, random_frames(sampling))
@@ -356,7 +360,8 @@ def run(args) -> None:
     report.update({
         "device": args.device, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "gpus": args.gpus if args.method == "full" else report.get("gpus", args.gpus),
-        "model": "Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B), random weights" if not args.tiny else "tiny qwen2_5_vl",
+        "model": f"{MODELS[args.model]} architecture, random weights; recipe {recipe_path(args.model, args.method)}"
+        if not args.tiny else "tiny qwen2_5_vl",
         "parameters": n_params,
         "mfu_basis": f"6 x {n_params:,} parameters x tokens/s per GPU / {args.peak_tflops:g} TFLOP/s (dense bf16 peak)",
         "throughput_basis": f"TRL num_tokens (no padding) over the steps after step {args.skip}; peak_gib: nvidia-smi",
@@ -365,7 +370,7 @@ def run(args) -> None:
         "sampling": sampling.to_dict(),
     })
     common = common_overrides(args.method, args)
-    recipe = read_recipe(args.method)
+    recipe = read_recipe(args.model, args.method)
     for variant in args.variants.split(","):
         key = f"{args.method}/{variant}"
         if time.perf_counter() > args.deadline - args.min_run_s:
@@ -390,6 +395,8 @@ def main() -> None:
     go = sub.add_parser("run", help="train each variant of a recipe and measure it")
     go.add_argument("data")
     go.add_argument("--method", choices=list(METHODS), default="full")
+    go.add_argument("--model", choices=list(MODELS), default="cosmos_reason1_7b",
+                    help="the recipes folder trained, and the architecture built for it")
     go.add_argument("--variants", default=None, help=f"comma-separated; a+b combines (default per method: {DEFAULT_VARIANTS})")
     go.add_argument("--gpus", type=int, default=None, help="processes (default: every GPU for full, 1 for lora)")
     go.add_argument("--out", default=None, help=f"results JSON, merged into (default {RESULTS.relative_to(REPO)}; "
