@@ -63,7 +63,7 @@ for stage in ${STAGES:-infer train}; do
             --out "$OUT/train_qwen3vl_8b.json" > "$OUT/train_qwen3vl_8b.log" 2>&1
         tail -n 6 "$OUT/train_qwen3vl_8b.log" ;;
     train_fsdp)  # issue 21's table: each speed setting of the recipe against its baseline, in one call
-        name=train_fsdp${MODEL:+_$MODEL}
+        name=train_fsdp; [ "${MODEL:-cosmos_reason1_7b}" = cosmos_reason1_7b ] || name=train_fsdp_$MODEL  # train_fsdp.py's results_path
         [ -f bench/results/$name.json ] && cp bench/results/$name.json "$OUT/"
         PYTHONPATH=$infer_path python3 bench/train_fsdp.py run .train_fsdp_data --method "${METHOD:-full}" \
             --model "${MODEL:-cosmos_reason1_7b}" ${VARIANTS:+--variants "$VARIANTS"} \

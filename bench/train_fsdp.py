@@ -6,11 +6,12 @@ LoRA on one GPU), on the Qwen2.5-VL-7B architecture (Cosmos-Reason1-7B's; `--mod
 cosmos_reason2_8b`: its recipes on Qwen3-VL-8B) with random
 weights saved as a model folder, and a dataset of recipe-shaped clips built by the
 project's builder: 10 s at 448x252, so 20 frames at 2 fps and 1,440 video tokens, plus the
-rubric prompt and the fenced answer: about 2,750 tokens a sample with the synthetic labels.
+rubric prompt and the fenced answer: about 2,770 tokens a sample with the synthetic labels.
 
 Each run is one variant of the recipe; `baseline` is the recipe with the settings it had
 before issue 21 (vision windows one SDPA call each, no Liger, FSDP's checkpointing of every
-layer, the recipe's micro-batch); every other variant changes one thing (`VARIANTS`), and
+layer) and before this benchmark tuned it (`BEFORE_TUNING`: micro-batch, checkpointing);
+every other variant changes one thing (`VARIANTS`), and
 `a+b` runs several together. For each run it reports, from the run's own logs:
 
 * tokens_per_s_per_gpu: TRL's `num_tokens` (real tokens, padding excluded, summed over the
@@ -57,7 +58,6 @@ sys.path.insert(0, str(REPO))
 from bench.fsdp_runs import GpuMemory, build_model, fill_frame_cache, gpu_names
 from bench.scaling import NCCL_SAFETY, child_env
 
-RESULTS = REPO / "bench" / "results" / "train_fsdp.json"
 METHODS = {"full": "recipes/accelerate/fsdp.yaml", "lora": None}  # method: FSDP launcher config, or None (one process / DDP)
 # --model: the recipes/<model>/<method>.yaml trained, and the architecture built for it (random weights)
 MODELS = {"cosmos_reason1_7b": "bench/configs/qwen2_5_vl_7b.json", "cosmos_reason2_8b": "bench/configs/qwen3_vl_8b.json"}
@@ -69,6 +69,9 @@ TINY_SAMPLING = {"max_frames": 4, "min_pixels": 3136, "max_pixels": 12544}  # --
 # One change each against the baseline. "train": the training script's arguments; "launch": accelerate launch's
 # (FSDP only). micro_batch_N is made by `variant_settings`: N samples a micro-batch, the same samples a step.
 BASELINE = {"padded_vision_windows": "false", "use_liger": "false"}
+# What the recipes set before this benchmark tuned them (2026-12-01), so that `baseline` stays the same starting point
+BEFORE_TUNING = {("cosmos_reason1_7b", "lora"): {"per_device_train_batch_size": "1"},
+                 ("cosmos_reason2_8b", "lora"): {"activation_checkpointing": "true"}}
 VARIANTS = {
     "baseline": {},
     "padded_vision_windows": {"train": {"padded_vision_windows": "true"}},
@@ -91,6 +94,11 @@ DEFAULT_VARIANTS = {
 }
 
 
+def results_path(model: str) -> Path:
+    """bench/results/train_fsdp.json for Reason 1 7B (the table issue 21 asked for), train_fsdp_<model>.json for others."""
+    return REPO / "bench" / "results" / ("train_fsdp.json" if model == "cosmos_reason1_7b" else f"train_fsdp_{model}.json")
+
+
 def recipe_path(model: str, method: str) -> str:
     return f"recipes/{model}/{method}.yaml"
 
@@ -101,10 +109,13 @@ def read_recipe(model: str, method: str) -> dict:
     return yaml.safe_load((REPO / recipe_path(model, method)).read_text(encoding="utf-8"))
 
 
-def variant_settings(name: str, recipe: dict, samples_per_step: int) -> dict:
-    """{"train": ..., "launch": ...} of a variant or of several joined by '+' (later ones win)."""
-    micro = int(recipe["per_device_train_batch_size"])
-    settings = {"train": {**BASELINE, "gradient_accumulation_steps": str(max(1, samples_per_step // micro))}, "launch": {}}
+def variant_settings(name: str, recipe: dict, samples_per_step: int, before: dict | None = None) -> dict:
+    """{"train": ..., "launch": ...} of a variant or of several joined by '+' (later ones win), over the baseline:
+    the recipe with `before` (its settings before tuning) and the speed settings off."""
+    before = before or {}
+    micro = int(before.get("per_device_train_batch_size", recipe["per_device_train_batch_size"]))
+    settings = {"train": {**BASELINE, **before, "gradient_accumulation_steps": str(max(1, samples_per_step // micro))},
+                "launch": {}}
     for part in name.split("+"):
         if part.startswith("micro_batch_") and part.removeprefix("micro_batch_").isdigit():
             micro = int(part.removeprefix("micro_batch_"))
@@ -225,7 +236,7 @@ class StepClock:
 def run_one(method: str, variant: str, args, common: dict, recipe: dict, n_params: int) -> dict:
     import signal
 
-    settings = variant_settings(variant, recipe, args.samples_per_step)
+    settings = variant_settings(variant, recipe, args.samples_per_step, BEFORE_TUNING.get((args.model, method)))
     output_dir = Path(args.work) / "runs" / f"{method}_{variant}"
     shutil.rmtree(output_dir, ignore_errors=True)
     command = command_for(method, args, settings, {**common, "output_dir": output_dir})
@@ -328,11 +339,11 @@ def run(args) -> None:
         raise SystemExit(f"--out {args.out}: a --tiny dry run is not a result; write it outside bench/results/")
     for name, value in NCCL_SAFETY.items():
         os.environ.setdefault(name, value)
-    needed = 0 if args.tiny else 25e9  # the 7B model in bf16 (17 GB), the frame cache, the runs' outputs
+    needed = 0 if args.tiny else 25e9  # the 7B or 8B model in bf16 (17 GB), the frame cache, the runs' outputs
     for folder in (args.work, "/tmp/train_fsdp"):
         work = Path(folder)
         work.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(work).free >= needed or (work / "model" / "config.json").exists():
+        if shutil.disk_usage(work).free >= needed or (work / f"model_{args.model}" / "config.json").exists():
             break
     else:
         raise SystemExit(f"{args.work} and /tmp/train_fsdp: less than {needed / 1e9:.0f} GB free for the model and runs")
@@ -399,11 +410,11 @@ def main() -> None:
                     help="the recipes folder trained, and the architecture built for it")
     go.add_argument("--variants", default=None, help=f"comma-separated; a+b combines (default per method: {DEFAULT_VARIANTS})")
     go.add_argument("--gpus", type=int, default=None, help="processes (default: every GPU for full, 1 for lora)")
-    go.add_argument("--out", default=None, help=f"results JSON, merged into (default {RESULTS.relative_to(REPO)}; "
-                    "--tiny: <work>/train_fsdp_tiny.json)")
+    go.add_argument("--out", default=None, help="results JSON, merged into (default bench/results/train_fsdp.json, "
+                    "train_fsdp_<model>.json for another --model; --tiny: <work>/train_fsdp_tiny.json)")
     go.add_argument("--logs", default=None, help="folder for each run's log (default <work>/logs)")
     go.add_argument("--work", default="/dev/shm/train_fsdp", help="model, frame cache and run outputs")
-    go.add_argument("--model_dir", default=None, help="where the random 7B model is saved (default <work>/model)")
+    go.add_argument("--model_dir", default=None, help="where the random model is saved (default <work>/model_<model>)")
     go.add_argument("--steps", type=int, default=5, help="optimizer steps a run")
     go.add_argument("--skip", type=int, default=2, help="steps left out of the throughput (warm-up)")
     go.add_argument("--samples_per_step", type=int, default=4, help="samples per GPU per optimizer step")
@@ -420,7 +431,7 @@ def main() -> None:
         parser.error(f"--skip {args.skip} --steps {args.steps}: need 1 <= skip < steps (the timing starts at the end of step `skip`)")
     args.variants = args.variants or DEFAULT_VARIANTS[args.method]
     if args.out is None:
-        args.out = str(Path(args.work) / "train_fsdp_tiny.json") if args.tiny else str(RESULTS)
+        args.out = str(Path(args.work) / "train_fsdp_tiny.json") if args.tiny else str(results_path(args.model))
     run(args)
 
 

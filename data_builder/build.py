@@ -47,6 +47,7 @@ NAME = "build"
 SPLITS = ("train", "test")
 QUARANTINE_NAME = "quarantine.jsonl"
 CACHE_NAME = ".build_cache.jsonl"
+DEFAULT_TEST_SIZE = 0.1
 CACHE_VERSION = 2  # raise when what a probe records changes: older entries then stop matching
 CHECKPOINT_EVERY = 200  # clips probed or presampled between saves of the cache
 PROBE_COLUMNS = ("duration", "fps", "width", "height", "codec")
@@ -66,9 +67,10 @@ class BuildArguments(SamplingArguments):
         default="auto",
         metadata={"help": "Input layout; `auto` picks dataset, recipe (videos/ + metas/), manifest, file or flat."},
     )
-    test_size: float = field(
-        default=0.1,
-        metadata={"help": "Held-out clips: a fraction below 1, or a count from 1 up (the recipe holds out 1000)."},
+    test_size: float | None = field(
+        default=None,
+        metadata={"help": "Held-out clips: a fraction below 1, or a count from 1 up (the recipe holds out 1000). "
+                  f"Default: the earlier build's in --output_dir, else {DEFAULT_TEST_SIZE}."},
     )
     license: str = field(default="unknown", metadata={"help": "License identifier written into the dataset card."})
     pretty_name: str | None = field(default=None, metadata={"help": "Dataset name for the card's title."})
@@ -106,7 +108,8 @@ class BuildResult:
     packed: int  # clips written in this run (linked, copied, remuxed or presampled)
     remuxed: int = 0  # clips stored in Matroska because videofolder does not list their container
     with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
-    kept_splits: int = 0  # clips kept in the split of the earlier build where --test_size alone would move them
+    kept_splits: int = 0  # clips kept in the split an earlier build gave them where --test_size alone would move them
+    test_size: float = DEFAULT_TEST_SIZE  # the one this build used (given, or the earlier build's)
 
     @property
     def num_rows(self) -> int:
@@ -264,18 +267,25 @@ def file_key(path: Path) -> str:
 
 
 class _Cache:
-    """`.build_cache.jsonl`: probe results per input file and what produced each stored clip."""
+    """`.build_cache.jsonl`: probe results per input file, what produced each stored clip, the split each clip
+    was ever given (kept while it is set aside or gone, so it comes back to the same split) and the test_size."""
 
     def __init__(self, out: Path):
         self.path = out / CACHE_NAME
         self.probes: dict[str, dict] = {}
         self.outputs: dict[str, dict] = {}  # stored file (relative) -> {"source", "recipe", "info"}
+        self.splits: dict[str, str] = {}  # clip id -> "train" | "test"
+        self.test_size: float | None = None
         if self.path.exists():
             for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
                 try:
                     record = json.loads(line)
                     if "probe" in record:
                         self.probes[record.pop("probe")] = record
+                    elif "clip" in record:
+                        self.splits[record["clip"]] = record["split"]
+                    elif "test_size" in record:
+                        self.test_size = float(record["test_size"])
                     else:
                         self.outputs[record.pop("output")] = record
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
@@ -288,6 +298,9 @@ class _Cache:
         keys = sorted(self.probes if used_probes is None else used_probes)
         lines = [json.dumps({"probe": key, **self.probes[key]}, sort_keys=True) for key in keys]
         lines += [json.dumps({"output": name, **self.outputs[name]}, sort_keys=True) for name in sorted(self.outputs)]
+        lines += [json.dumps({"clip": clip_id, "split": self.splits[clip_id]}) for clip_id in sorted(self.splits)]
+        if self.test_size is not None:
+            lines.append(json.dumps({"test_size": self.test_size}))
         write_if_changed(self.path, "".join(line + "\n" for line in lines))
 
 
@@ -443,9 +456,15 @@ def build(args: BuildArguments) -> BuildResult:
             infos[clip_id] = result["info"]
 
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
-    splits = assign_splits(good, args.test_size, built_splits(out))
-    fresh = assign_splits(good, args.test_size)
-    kept_splits = sum(splits[c] != fresh[c] for c in good)
+    # a dataset built before splits were cached has them only in its metadata
+    test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
+        else DEFAULT_TEST_SIZE
+    previous = built_splits(out) | cache.splits
+    splits = assign_splits(good, test_size, previous)
+    fresh = assign_splits(good, test_size)
+    kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)
+    cache.splits.update(splits)
+    cache.test_size = test_size
     stored, packed = _pack(args, out, cache, clips, keys, splits, num_proc, problems)
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
@@ -475,7 +494,7 @@ def build(args: BuildArguments) -> BuildResult:
         rows,
         problems,
         layout=inputs.layout,
-        test_size=args.test_size,
+        test_size=test_size,
         license=args.license,
         pretty_name=args.pretty_name,
         presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
@@ -485,7 +504,7 @@ def build(args: BuildArguments) -> BuildResult:
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
-        kept_splits=kept_splits,
+        kept_splits=kept_splits, test_size=test_size,
     )
 
 
@@ -597,9 +616,9 @@ def print_summary(result: BuildResult, file=None) -> None:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
                       "not list their container; the video is copied, its frames untouched.")
     if result.kept_splits:
-        console.print(f"{result.kept_splits} clip(s) kept the split they had in the earlier build, where --test_size "
-                      "alone would move them: no test clip of one version trains the next (build into a new "
-                      "--output_dir to split afresh).")
+        console.print(f"{result.kept_splits} clip(s) kept the split an earlier build gave them, where --test_size "
+                      f"{result.test_size:g} alone would move them: no test clip of one version trains the next "
+                      "(build into a new --output_dir to split afresh).")
     if result.with_extra:
         console.print(f"{result.with_extra} label(s) had keys beyond the schema: kept in the `{EXTRA_COLUMN}` column.")
     if not result.problems:

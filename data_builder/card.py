@@ -197,19 +197,20 @@ def _size_category(count: int) -> str:
 
 
 def _split_rule(test_size: float, clips: dict[str, int]) -> str:
-    kept = ("A rebuild keeps every clip in the split it had and assigns only the new ones, so no clip moves between "
-            "`train` and `test` from one version of the dataset to the next.")
+    held_out = clips.get("test", 0)
+    if test_size <= 0 and not held_out:
+        return "All clips are in `train`; nothing is held out."
     if test_size <= 0:
-        if not clips.get("test"):
-            return "All clips are in `train`; nothing is held out."
-        return f"New clips go to `train`; the {clips['test']} `test` clips were held out by an earlier build. {kept}"
-    if test_size < 1:
-        rule = f"each clip whose hash falls below {test_size:g} (a fraction {test_size:g} of the clips on average)"
+        rule = "none: every new clip goes to `train`"
+    elif test_size < 1:
+        rule = f"those whose hash falls below {test_size:g} (a fraction {test_size:g} of them on average)"
     else:
-        rule = f"the {int(test_size)} clips with the smallest hashes (on a rebuild, topped up from the new clips)"
+        rule = f"those with the smallest hashes, up to {int(test_size)} clips in `test`"
     return (
-        "Splits are chosen by the SHA-256 hash of the clip id, read as a number in [0, 1): `test` holds "
-        f"{rule}, `train` the rest. {kept}"
+        f"`test` holds {held_out} clip(s), `train` the rest. A clip's split is chosen when it first enters the "
+        "dataset, by the SHA-256 hash of its id read as a number in [0, 1); of the clips new to this version, "
+        f"`test` took {rule}. Every clip keeps its split from one version to the next, so no test clip of one "
+        "version is trained on by the next."
     )
 
 

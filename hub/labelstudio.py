@@ -17,6 +17,7 @@ The file formats are Label Studio's; `connect`, `push_tasks` and `export_tasks` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -250,10 +251,15 @@ def push_tasks(client, title: str, tasks: list[dict[str, Any]], clips_dirs: Iter
     only to a project whose storage holds it, and only with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true.
     """
     project = client.projects.create(title=title, label_config=labeling_config())
-    for folder in sorted({str(Path(folder).resolve()) for folder in clips_dirs}):
-        client.import_storage.local.create(project=project.id, path=folder, title=f"clips: {Path(folder).name}",
-                                           use_blob_urls=False)
-    client.projects.import_tasks(id=project.id, request=tasks)
+    try:
+        for folder in sorted({str(Path(folder).resolve()) for folder in clips_dirs}):
+            client.import_storage.local.create(project=project.id, path=folder, title=f"clips: {Path(folder).name}",
+                                               use_blob_urls=False)
+        client.projects.import_tasks(id=project.id, request=tasks)
+    except Exception:
+        with contextlib.suppress(Exception):  # a half-made project would only be made again by the rerun
+            client.projects.delete(id=project.id)
+        raise
     return project.id
 
 

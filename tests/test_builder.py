@@ -235,6 +235,31 @@ def test_rebuild_is_identical_and_incremental(tmp_path):
     assert stored == {f"{clip_id}.mp4" for clip_id in ids[1:] + added}  # the removed clip's file is gone
 
 
+def test_a_test_clip_set_aside_for_a_while_comes_back_to_test(tmp_path):
+    """Splits are kept in the build cache, not only in the metadata: a test clip whose label was broken for one
+    build (so it is in no split file) returns to test, and a rebuild without --test_size keeps the earlier one."""
+    root, out = tmp_path / "raw", tmp_path / "dataset"
+    ids = _make_recipe_input(root, 12)
+    first = build.build(BuildArguments(input=str(root), output_dir=str(out), test_size=3, num_proc=2))
+    assert first.test_size == 3
+    before = {row["clip_id"]: split for split, rows in _metadata(out).items() for row in rows}
+    held = sorted(c for c, split in before.items() if split == "test")[0]
+    label = root / "metas" / f"{held}.label.json"
+    good_label = label.read_text(encoding="utf-8")
+    label.write_text(good_label[:-20], encoding="utf-8")  # a torn label: the clip is set aside
+    broken = build.build(BuildArguments(input=str(root), output_dir=str(out), num_proc=2))
+    assert held not in {row["clip_id"] for rows in _metadata(out).values() for row in rows}
+    assert broken.test_size == 3 and len(_metadata(out)["test"]) == 2  # no other clip moved in
+    added = _make_recipe_input(root, 10, seed=1)
+    label.write_text(good_label, encoding="utf-8")
+    back = build.build(BuildArguments(input=str(root), output_dir=str(out), num_proc=2))
+    after = {row["clip_id"]: split for split, rows in _metadata(out).items() for row in rows}
+    assert all(after[c] == before[c] for c in ids) and after[held] == "test"
+    assert len(_metadata(out)["test"]) == 3 and all(after[c] == "train" for c in added)  # the count 3 is kept
+    assert back.test_size == 3
+    assert "`test` holds 3 clip(s)" in (out / "README.md").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("layout", ["flat", "csv", "jsonl"])
 def test_other_input_layouts(layout, tmp_path):
     recipe = tmp_path / "recipe"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,12 +131,24 @@ def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path, m
     assert refused.value.code == 1 and "refused the access token in LABEL_STUDIO_API_KEY" in message, message
     assert len(message.splitlines()) == 1
 
-    # out: the command chooses the queue and makes the project on the server
+    # clips the server may not serve (outside its document root): one line, and no half-made project left
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    client = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = json.loads((run / "captions.jsonl").read_text().splitlines()[0])
+    outside["video"] = str(shutil.copy(outside["video"], elsewhere))
+    (elsewhere / "captions.jsonl").write_text(json.dumps(outside) + "\n")
+    with pytest.raises(SystemExit) as refused:
+        avlabel(["review", "--captions", str(elsewhere), "--budget", "1", "--label_studio", label_studio])
+    message = capsys.readouterr().err.strip()
+    assert refused.value.code == 1 and "making the review project failed, HTTP 400" in message, message
+    assert list(client.projects.list()) == []
+
+    # out: the command chooses the queue and makes the project on the server
     queue = avlabel(["review", "--captions", str(run), "--budget", "100%", "--media_root", str(root),
                      "--label_studio", label_studio])
     assert [c.clip_id for c in queue.chosen] == unlabelled[::-1]  # most wrong fields first
-    client = LabelStudio(base_url=label_studio, api_key=TOKEN)
     (project,) = [p.id for p in client.projects.list()]
     assert f"Label Studio project {project}: {label_studio}/projects/{project}/" in capsys.readouterr().out
     served = list(client.tasks.list(project=project, fields="all"))

@@ -233,13 +233,19 @@ def liger_problem(model_type: str) -> str | None:
     import importlib.util
     from importlib import metadata
 
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:  # importable from a source tree, without package metadata
+            return "(version unknown)"
+
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed (pip install 'avlabel[liger]')"
     try:
         importlib.import_module(f"liger_kernel.transformers.model.{model_type}")
     except ImportError as err:  # a missing module too: Liger has no kernels for this model type
-        return (f"liger-kernel {metadata.version('liger-kernel')} can't patch {model_type} under transformers "
-                f"{metadata.version('transformers')} ({err})")
+        return (f"liger-kernel {version('liger-kernel')} can't patch {model_type} under transformers "
+                f"{version('transformers')} ({err})")
     return None
 
 
