@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,10 @@ def test_train_cli_times_the_training_command(tmp_path):
     run = report["runs"]["lora"]
     assert run["rc"] == 0 and run["command"].startswith("python -m avlabel.train --config recipes/cosmos_reason1_7b/lora.yaml ")
     assert run["steps"] == 3 and len(run["step_s"]) == 3 and run["samples_per_step"] == 4
-    assert run["batch"] == 1 and run["gradient_checkpointing"] is False  # the recipe's, read back from recipe.yaml
+    recipe = yaml.safe_load((ROOT / "recipes" / "cosmos_reason1_7b" / "lora.yaml").read_text(encoding="utf-8"))
+    # the recipe's, as the run's own recipe.yaml gives them back
+    assert run["batch"] == recipe["per_device_train_batch_size"]
+    assert run["gradient_checkpointing"] is recipe["activation_checkpointing"]
     assert 0 < run["first_step_s"] == run["step_s"][0] < run["step_s"][-1] < run["total_s"]
     assert run["steady_tokens_per_s"] > 0 and run["trainer_tokens_per_s"] > 0 and run["tokens"] > 0
     assert run["startup_s"] < run["first_step_s"]
