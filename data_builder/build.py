@@ -456,10 +456,9 @@ def build(args: BuildArguments) -> BuildResult:
             infos[clip_id] = result["info"]
 
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
-    # a dataset built before splits were cached has them only in its metadata
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
-    previous = built_splits(out) | cache.splits
+    previous = built_splits(out) | cache.splits  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
     fresh = assign_splits(good, test_size)
     kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)

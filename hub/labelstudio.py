@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +222,7 @@ def connect(url: str):
     return sdk.LabelStudio(base_url=url.rstrip("/"), api_key=key)
 
 
-@contextmanager
+@contextlib.contextmanager
 def server_errors(url: str, doing: str) -> Iterator[None]:
     """Turn the SDK's transport and HTTP errors into one LabelStudioError line saying what failed and why."""
     import httpx

@@ -223,14 +223,13 @@ def frozen_vision_callback():
 
 
 def liger_problem(model_type: str) -> str | None:
-    """Why Liger's kernels can't train a `model_type` model here, or None when they can.
+    """Why the installed liger-kernel can't train a `model_type` model here, or None when it can.
 
     transformers patches a model through Liger's module for its model type. That import fails when the two
     disagree (liger-kernel 0.8.5 imports the Qwen-VL output classes that transformers 5.23 removed), which would
     stop the run when the trainer starts; trying it first lets the run fall back to transformers' layers.
     """
     import importlib
-    import importlib.util
     from importlib import metadata
 
     def version(package: str) -> str:
@@ -239,8 +238,6 @@ def liger_problem(model_type: str) -> str | None:
         except metadata.PackageNotFoundError:  # importable from a source tree, without package metadata
             return "(version unknown)"
 
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install 'avlabel[liger]')"
     try:
         importlib.import_module(f"liger_kernel.transformers.model.{model_type}")
     except ImportError as err:  # a missing module too: Liger has no kernels for this model type
@@ -417,12 +414,15 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         # FSDP checkpoints its wrapped layers itself; transformers refuses both at once
         training_args.activation_checkpointing = training_args.gradient_checkpointing = False
     if script_args.use_liger and torch.cuda.is_available():  # Liger's kernels are Triton: GPUs only
-        problem = liger_problem(family.model_type)
-        if problem is None:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            logger.info("liger-kernel is not installed: transformers' own layers (pip install 'avlabel[liger]')")
+        elif (problem := liger_problem(family.model_type)) is not None:
+            logger.warning(f"use_liger: {problem}; training with transformers' own layers")
+        else:
             # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
             training_args.use_liger_kernel = True
-        else:
-            logger.warning(f"use_liger: {problem}; training with transformers' own layers")
 
     is_main = training_args.process_index == 0
     if is_main:
