@@ -112,52 +112,49 @@ def _index(args: SearchArguments) -> None:
 
 
 def main(args: SearchArguments):
-    from . import CatalogError, QueryError, search
+    from . import search
     from .use import export_dataset, parse_slice, print_slices, slice_metrics
     from .view import print_result, write_gallery
 
     wants_query = any([args.where, args.text, args.semantic, args.html, args.json_out, args.export])
-    try:
-        if args.index or args.labels:
-            _index(args)
-        result = None
-        if wants_query or not (args.index or args.labels or args.slice):
-            common = dict(where=args.where, text=args.text, semantic=args.semantic, runs=args.run,
-                          kind="human" if args.human else "model", min_similarity=args.min_similarity,
-                          neighbours=args.neighbours, sort=args.sort)
-            result = search(args.db, limit=args.limit, **common)
-            print_result(result)
-            if args.html:
-                print(f"wrote {write_gallery(result, args.html, progress=True)}")
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps(
-                    {"query": result.query, "total": result.total, "counts": result.counts, "notes": result.notes,
-                     "hits": [asdict(hit) | {"disagreements": hit.disagreements} for hit in result.hits]},
-                    indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-                print(f"wrote {args.json_out}")
-            if args.export:
-                everything = result if result.total <= len(result.hits) else search(args.db, limit=None, **common)
-                exported = export_dataset(everything.hits, args.export, labels=args.export_labels,
-                                          test_size=args.export_test_size)
-                from avlabel.data_builder.build import print_summary
+    if args.index or args.labels:
+        _index(args)
+    result = None
+    if wants_query or not (args.index or args.labels or args.slice):
+        common = dict(where=args.where, text=args.text, semantic=args.semantic, runs=args.run,
+                      kind="human" if args.human else "model", min_similarity=args.min_similarity,
+                      neighbours=args.neighbours, sort=args.sort)
+        result = search(args.db, limit=args.limit, **common)
+        print_result(result)
+        if args.html:
+            print(f"wrote {write_gallery(result, args.html, progress=True)}")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(
+                {"query": result.query, "total": result.total, "counts": result.counts, "notes": result.notes,
+                 "hits": [asdict(hit) | {"disagreements": hit.disagreements} for hit in result.hits]},
+                indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            print(f"wrote {args.json_out}")
+        if args.export:
+            everything = result if result.total <= len(result.hits) else search(args.db, limit=None, **common)
+            exported = export_dataset(everything.hits, args.export, labels=args.export_labels,
+                                      test_size=args.export_test_size)
+            from avlabel.data_builder.build import print_summary
 
-                print_summary(exported.build)
-                print(f"exported {exported.clips} clips ({exported.human_labels} human labels, "
-                      f"{exported.caption_labels} caption labels) via {exported.manifest}")
-                for reason in exported.skipped:
-                    print(f"  left out: {reason}", file=sys.stderr)
-        if args.slice:
-            from .store import connect
+            print_summary(exported.build)
+            print(f"exported {exported.clips} clips ({exported.human_labels} human labels, "
+                  f"{exported.caption_labels} caption labels) via {exported.manifest}")
+            for reason in exported.skipped:
+                print(f"  left out: {reason}", file=sys.stderr)
+    if args.slice:
+        from .store import connect
 
-            slices = dict(parse_slice(text) for text in args.slice)
-            con = connect(args.db, create=False)
-            runs = args.run or [row[0] for row in con.execute("SELECT name FROM sources WHERE kind = 'model' ORDER BY name")]
-            con.close()
-            for run in runs:
-                print_slices(slice_metrics(args.db, slices, run, where=args.where), run)
-        return result
-    except (QueryError, CatalogError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+        slices = dict(parse_slice(text) for text in args.slice)
+        con = connect(args.db, create=False)
+        runs = args.run or [row[0] for row in con.execute("SELECT name FROM sources WHERE kind = 'model' ORDER BY name")]
+        con.close()
+        for run in runs:
+            print_slices(slice_metrics(args.db, slices, run, where=args.where), run)
+    return result
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from avlabel.core import schema
+from avlabel.core import records, schema
 from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS
 
 from . import embeddings, vectors
@@ -182,37 +182,46 @@ def _caption_entry(record: dict, where: str, report: IndexReport) -> _Entry:
                   confidence=confidence, clip_confidence=clip_confidence)
 
 
-def _read_captions(path: Path, stored: dict[str, str], report: IndexReport) -> tuple[dict[str, _Entry], set[str]]:
-    """(entries to write, clips whose stored record is still current), the later record of a clip winning.
+def _read_captions(files: list[Path], stored: dict[str, tuple[str, str]], report: IndexReport
+                   ) -> tuple[dict[str, _Entry], set[str]]:
+    """(entries to write, clips whose stored record is still current): one record per clip, chosen as
+    captioning and evaluation choose it (avlabel.core.records.keeps_earlier), over the run's merged file
+    and the shards of an unfinished multi-process run.
 
     A record's hash is the hash of its line, so a line already in the catalog (`stored`: line hash
-    -> clip id) is recognised without parsing it: re-indexing a grown or partly rewritten run file
+    -> (clip id, status)) is recognised without parsing it: re-indexing a grown or partly rewritten run
     only parses the lines that are new.
     """
-    latest: dict[str, _Entry | None] = {}  # clip -> entry to write, or None: the stored record stands
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            sha = hashlib.sha256(line.rstrip(b"\r\n")).hexdigest()
-            clip_id = stored.get(sha)
-            if clip_id is None:
-                try:
-                    record = json.loads(line)
-                    clip_id = record["clip_id"]
-                    if not isinstance(clip_id, str) or not clip_id:
-                        raise ValueError(f"clip_id must be a non-empty string, got {clip_id!r}")
-                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    report.problems.append(f"{where}: not a caption record ({err}); set aside")
+    chosen: dict[str, tuple[bool, _Entry | None]] = {}  # clip -> (succeeded, entry to write or None: the stored one stands)
+    for path in files:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
                     continue
-            if clip_id in latest:
-                report.problems.append(f"{where}: clip {clip_id} appears again; the later record is used")
-            latest[clip_id] = None if sha in stored else _caption_entry(record, where, report)
-            if latest[clip_id] is not None:
-                latest[clip_id].sha = sha
-    entries = {clip: entry for clip, entry in latest.items() if entry is not None}
-    return entries, {clip for clip, entry in latest.items() if entry is None}
+                where = f"{path}:{number}"
+                sha = hashlib.sha256(line.rstrip(b"\r\n")).hexdigest()
+                if sha in stored:
+                    clip_id, status = stored[sha]
+                    entry = None
+                else:
+                    try:
+                        record = json.loads(line)
+                        clip_id = record["clip_id"]
+                        if not isinstance(clip_id, str) or not clip_id:
+                            raise ValueError(f"clip_id must be a non-empty string, got {clip_id!r}")
+                    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                        report.problems.append(f"{where}: not a caption record ({err}); set aside")
+                        continue
+                    entry = _caption_entry(record, where, report)
+                    entry.sha, status = sha, entry.status
+                current = chosen.get(clip_id)
+                keep_earlier = current is not None and records.keeps_earlier(current[0], status == "ok")
+                if current is not None:
+                    report.problems.append(f"{where}: {records.repeat_problem(clip_id, keep_earlier)}")
+                if not keep_earlier:
+                    chosen[clip_id] = (status == "ok", entry)
+    entries = {clip: entry for clip, (_, entry) in chosen.items() if entry is not None}
+    return entries, {clip for clip, (_, entry) in chosen.items() if entry is None}
 
 
 def _read_dataset(dataset: str, splits: Iterable[str] | None, report: IndexReport) -> dict[str, _Entry]:
@@ -248,16 +257,16 @@ def _store(con: sqlite3.Connection, name: str, kind: str, path: str, content_sha
            read, report: IndexReport) -> None:
     """Make the stored rows of `name` equal what `read(stored)` returns, touching only what differs.
 
-    `read` gets {record_sha: clip_id} of the stored rows and returns (entries, kept): the records
+    `read` gets {record_sha: (clip_id, status)} of the stored rows and returns (entries, kept): the records
     to write and the clips whose stored record is current as it is.
     """
     with con:  # one transaction: an interrupted run leaves the previous state
         known = con.execute("SELECT kind, records FROM sources WHERE name = ?", (name,)).fetchone()
         if known and known[0] != kind:
             raise CatalogError(f"source name {name!r} is already used by a {known[0]} source; choose another name")
-        rows = con.execute("SELECT id, clip_id, record_sha FROM annotations WHERE source = ?", (name,)).fetchall()
-        stored = {clip: (row_id, sha) for row_id, clip, sha in rows}
-        entries, kept = read({sha: clip for _, clip, sha in rows})
+        rows = con.execute("SELECT id, clip_id, record_sha, status FROM annotations WHERE source = ?", (name,)).fetchall()
+        stored = {clip: (row_id, sha) for row_id, clip, sha, _ in rows}
+        entries, kept = read({sha: (clip, status) for _, clip, sha, status in rows})
         report.records = len(entries) + len(kept)
         report.unchanged = len(kept)
         next_id = (con.execute("SELECT max(id) FROM annotations").fetchone()[0] or 0) + 1
@@ -304,38 +313,41 @@ def _store(con: sqlite3.Connection, name: str, kind: str, path: str, content_sha
             con.execute("UPDATE sources SET content_sha = ?, path = ? WHERE name = ?", (content_sha, path, name))
 
 
-def _file_sha(path: Path) -> str:
+def _files_sha(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for path in files:
+        digest.update(str(path.name).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
-def captions_file(path: str | Path) -> Path:
-    """`captions.jsonl` itself, or the `avlabel caption` output folder holding it."""
+def caption_files(path: str | Path) -> list[Path]:
+    """The record files of an `avlabel caption` output folder (`captions.jsonl`, and the shards of an
+    unfinished multi-process run), or the one file given."""
     path = Path(path)
-    file = path / "captions.jsonl" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
-    return file
+    files = records.run_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no {records.CAPTIONS} (expected an `avlabel caption` output folder or the file)")
+    return files
 
 
 def index_run(db: str | Path, captions: str | Path, run: str | None = None) -> IndexReport:
-    """Index one caption run; `run` names it (default: the folder holding captions.jsonl)."""
+    """Index one caption run; `run` names it (default: the output folder's name)."""
     started = time.perf_counter()
-    file = captions_file(captions)
-    name = run or file.resolve().parent.name
+    files = caption_files(captions)
+    name = run or files[0].resolve().parent.name
     report = IndexReport(name, "model")
     con = connect(db)
     try:
-        content_sha = _file_sha(file)
+        content_sha = _files_sha(files)
         row = con.execute("SELECT content_sha, records FROM sources WHERE name = ?", (name,)).fetchone()
-        if row and row[0] == content_sha:  # the very same file: nothing to compare
+        if row and row[0] == content_sha:  # the very same files: nothing to compare
             report.records = report.unchanged = row[1]
         else:
-            _store(con, name, "model", str(file.resolve()), content_sha,
-                   lambda stored: _read_captions(file, stored, report), report)
+            _store(con, name, "model", str(Path(captions).resolve()), content_sha,
+                   lambda stored: _read_captions(files, stored, report), report)
     finally:
         con.close()
     report.seconds = time.perf_counter() - started

@@ -71,6 +71,8 @@ ANN_OVERFETCH, ANN_ROUNDS = 2, 3
 class QueryError(ValueError):
     """A query the catalog can't run; the message says what is wrong and what would be valid."""
 
+    exit_code = 2  # a query is the command line: change an argument
+
 
 @dataclass(frozen=True)
 class Filter:

@@ -155,7 +155,7 @@ def _fields_signature() -> str:
     return json.dumps([[f.name, f.kind, list(f.choices), f.nullable] for f in FIELDS])
 
 
-class CatalogError(RuntimeError):
+class CatalogError(ValueError):
     """A catalog file that can't be used as it is; the message names the file and what to do."""
 
 

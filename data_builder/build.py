@@ -36,6 +36,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+from avlabel.core.errors import UsageError
 from avlabel.core.layouts import (
     EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, read_inputs,
 )
@@ -120,8 +121,9 @@ class BuildResult:
         return sorted({problem.path for problem in self.problems})
 
 
-class BuildError(RuntimeError):
-    """A problem with the build as a whole (not one clip): bad arguments, an input that can't be read."""
+class BuildError(ValueError):
+    """A problem with the build as a whole (not one clip): an input that can't be read, an output folder that
+    isn't the builder's (exit 1; a wrong argument is a UsageError, exit 2)."""
 
 
 # ----------------------------------------------------------------------------- dataset features
@@ -363,9 +365,9 @@ def assign_splits(clip_ids: list[str], test_size: float, previous: dict[str, str
     between train and test: a moved test clip would train the next version on what the last one is tested on.
     """
     if test_size < 0:
-        raise BuildError(f"test_size must be at least 0, got {test_size}")
+        raise UsageError(f"--test_size {test_size:g}: must be at least 0")
     if test_size >= 1 and test_size != int(test_size):
-        raise BuildError(f"test_size of 1 or more is a clip count and must be whole, got {test_size}")
+        raise UsageError(f"--test_size {test_size:g}: 1 or more is a clip count and must be whole")
     kept = {c: previous[c] for c in clip_ids if previous and previous.get(c) in SPLITS}
     new = [c for c in clip_ids if c not in kept]
     if test_size < 1:
@@ -395,7 +397,7 @@ def _check_output_dir(out: Path, input_path: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / CACHE_NAME).exists():
         raise BuildError(f"{out}: not empty and not made by `avlabel build`; choose a new folder")
     if out.resolve() == input_path.resolve():
-        raise BuildError(f"{out}: the output folder can't be the input folder")
+        raise UsageError(f"--output_dir {out}: the output folder can't be the input folder")
 
 
 def build(args: BuildArguments) -> BuildResult:
@@ -641,13 +643,10 @@ def make_parser(subparsers=None):
 
 
 def main(args: BuildArguments) -> BuildResult:
-    try:
-        result = build(args)
-    except BuildError as err:
-        raise SystemExit(f"error: {err}") from None
+    result = build(args)
     print_summary(result)
     if args.strict and result.problems:
-        raise SystemExit(
+        raise BuildError(
             f"--strict: {len(result.set_aside)} input file(s) set aside; see {result.output_dir / QUARANTINE_NAME}"
         )
     return result

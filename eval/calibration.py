@@ -221,11 +221,11 @@ def make_parser(subparsers=None):
 
 def _model_folder(args: CalibrateArguments, run_path: Path) -> Path:
     from avlabel.core.errors import UsageError
-    from avlabel.core.records import read_all, read_records
+    from avlabel.core.records import read_records, run_files
 
     model = args.model
     if model is None:
-        records = read_all(run_path) if run_path.is_dir() else read_records(run_path)
+        records = [record for file in run_files(run_path) for record in read_records(file)]
         named = {record.get("adapter") or record.get("model") for record in records} - {None}
         if len(named) != 1:
             raise UsageError(f"--model: give the model folder to write {CALIBRATION_FILE} into (the captions name "

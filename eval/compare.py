@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from avlabel.core import schema
+from avlabel.core.errors import UsageError
 
 from .data import (
     REFERENCES_HELP,
@@ -44,7 +45,7 @@ from .data import (
     render_value,
 )
 from .calibration import calibration_report, reliability_chart
-from .judge import Judge, JudgeConfig, JudgeError, run_items, score_arrays
+from .judge import Judge, JudgeConfig, run_items, score_arrays
 from .metrics import RunMetrics, evaluate_run
 from .stats import bootstrap, paired
 from .trust import TrustConfig, judge_trust
@@ -454,9 +455,9 @@ def parse_runs(entries: list[str]) -> dict[str, str]:
     for entry in entries:
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--runs expects NAME=PATH, got {entry!r}")
+            raise UsageError(f"--runs expects NAME=PATH, got {entry!r}")
         if name in runs:
-            raise SystemExit(f"--runs names {name!r} twice")
+            raise UsageError(f"--runs names {name!r} twice")
         runs[name] = path
     return runs
 
@@ -472,8 +473,6 @@ def main(args: CompareArguments, config: JudgeConfig) -> dict[str, Any]:
     except KeyboardInterrupt:
         print("\ninterrupted: judgments received so far are cached; run the same command again to continue", file=sys.stderr)
         raise SystemExit(130)
-    except JudgeError as err:
-        raise SystemExit(f"judge stopped: {err}")
     print(_markdown(results, _tables(results)))
     print(f"wrote {Path(args.output_dir) / 'report.html'} and results.json")
     return results

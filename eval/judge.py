@@ -42,20 +42,22 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from avlabel.core import schema
+from avlabel.core.loading import cache_root
 
 from .data import Run, RunArguments, read_run, render_value
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEFAULT_PRICE_TABLE = Path(__file__).parent / "prices.json"
-DEFAULT_CACHE = Path(os.environ.get("AVLABEL_JUDGE_CACHE", Path.home() / ".cache" / "avlabel" / "judge_cache.sqlite"))
+DEFAULT_CACHE = Path(os.environ.get("AVLABEL_JUDGE_CACHE", cache_root() / "judge_cache.sqlite"))
 MISSING_SCORE = 1  # the rubric's "no agreement", given without a call when the model gave no answer
 
 FIELD_ANSWER = re.compile(r"<answer>\s*([1-5])\s*</answer>", re.IGNORECASE)
 CLIP_ANSWER = re.compile(r"<answer\s+field\s*=\s*[\"']?([A-Za-z_]+)[\"']?\s*>\s*([1-5])\s*</answer>", re.IGNORECASE)
 
 
-class JudgeError(RuntimeError):
-    """The judge cannot go on (bad key, unknown model, endpoint down); judgments so far are cached."""
+class JudgeError(ValueError):
+    """The judge cannot go on (bad key, unknown model, endpoint down); judgments so far are cached. A
+    ValueError, as every error a user can cause: the command prints it as one line."""
 
 
 @dataclass
@@ -558,8 +560,6 @@ def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
         print("\ninterrupted: every judgment received so far is in the cache "
               f"({judge.cache.path}); run the same command again to continue", file=sys.stderr)
         raise SystemExit(130)
-    except JudgeError as err:
-        raise SystemExit(f"judge stopped: {err}")
     finally:
         judge.close()
     with (out / "judgments.jsonl").open("w", encoding="utf-8") as handle:

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core import schema
+from avlabel.core.errors import UsageError
 from avlabel.core.problems import Problem, warn
-from avlabel.core.records import latest_per_clip, read_located, record_files, succeeded
+from avlabel.core.records import latest_per_clip, read_located, run_files, succeeded
 
 NAME = "review"
 QUEUE_NAME = "queue.jsonl"
@@ -80,7 +81,7 @@ class ReviewArguments:
 
 
 class ReviewError(ValueError):
-    """Bad input to the review; the message is the one line to print."""
+    """A run the review can't order (exit 1; a wrong argument is a UsageError, exit 2)."""
 
 
 @dataclass
@@ -115,9 +116,9 @@ class Candidate:
 def read_run(path: str | Path, problems: list[Problem]) -> dict[str, dict[str, Any]]:
     """clip id -> the record the core's merge rule picks, from a caption folder or a captions.jsonl."""
     path = Path(path)
-    files = record_files(path) if path.is_dir() else [path] if path.is_file() else []
+    files = run_files(path)
     if not files:
-        raise ReviewError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
+        raise UsageError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
     return latest_per_clip((pair for file in files for pair in read_located(file, problems)), problems)
 
 
@@ -163,7 +164,7 @@ def parse_budget(budget: str, candidates: int) -> int:
             raise ValueError
         return count
     except ValueError:
-        raise ReviewError(f"--budget {budget!r}: expected a clip count (50) or a share of the clips (5%)") from None
+        raise UsageError(f"--budget {budget!r}: expected a clip count (50) or a share of the clips (5%)") from None
 
 
 def catalog_matches(captions: str | Path, where: list[str]) -> set[str]:
@@ -177,7 +178,7 @@ def catalog_matches(captions: str | Path, where: list[str]) -> set[str]:
         try:
             result = search(db, where=where, runs=["review"], limit=None)
         except QueryError as err:
-            raise ReviewError(f"--where: {err}") from None
+            raise UsageError(f"--where: {err}") from None
     return set(result.clip_ids())
 
 
@@ -203,7 +204,7 @@ class Queue:
 
 def choose(args: ReviewArguments) -> Queue:
     if not args.captions:
-        raise ReviewError("--captions: give the caption run to review (an `avlabel caption` output folder)")
+        raise UsageError("--captions: give the caption run to review (an `avlabel caption` output folder)")
     problems: list[Problem] = []
     run = read_run(args.captions, problems)
     candidates = {clip_id: Candidate(clip_id, record, expected_wrong(record)) for clip_id, record in run.items()}
@@ -278,14 +279,14 @@ def _import(args: ReviewArguments):
 
     given = "--annotations" if args.annotations else "--project"
     if args.annotations and args.project is not None:
-        raise ReviewError("--annotations and --project: give one, the export file or the project to read it from")
+        raise UsageError("--annotations and --project: give one, the export file or the project to read it from")
     if not args.labels_dir:
-        raise ReviewError(f"{given} needs --labels_dir: the recipe-layout folder to write the label files to")
+        raise UsageError(f"{given} needs --labels_dir: the recipe-layout folder to write the label files to")
     if args.annotations:
         result = import_annotations(args.annotations, args.labels_dir)
     else:
         if not args.label_studio:
-            raise ReviewError(f"--project {args.project} needs --label_studio: the URL of the server that holds it")
+            raise UsageError(f"--project {args.project} needs --label_studio: the URL of the server that holds it")
         client = connect(args.label_studio)
         with server_errors(args.label_studio, f"exporting project {args.project}"):
             tasks = export_tasks(client, args.project)
@@ -299,12 +300,9 @@ def _import(args: ReviewArguments):
 def main(args: ReviewArguments):
     from avlabel.hub.labelstudio import labeling_config, queue_to_tasks
 
-    try:
-        if args.annotations or args.project is not None:
-            return _import(args)
-        queue = choose(args)
-    except ReviewError as err:
-        raise SystemExit(f"error: {err}") from None
+    if args.annotations or args.project is not None:
+        return _import(args)
+    queue = choose(args)
     warn(queue.problems)
     captions = Path(args.captions)
     out = Path(args.output_dir) if args.output_dir else (captions if captions.is_dir() else captions.parent) / NAME

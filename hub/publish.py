@@ -52,6 +52,7 @@ from typing import Literal
 
 import yaml
 
+from avlabel.core.errors import UsageError
 from avlabel.core.layouts import METADATA_NAME, is_hub_id
 
 NAME = "publish"
@@ -83,8 +84,9 @@ ABSOLUTE_PATH = re.compile(r"^(~|[A-Za-z]:)?[/\\][^\s]*$")
 Content = Path | bytes
 
 
-class PublishError(RuntimeError):
-    """Publishing cannot go on; the message says which repo or file and what to do."""
+class PublishError(ValueError):
+    """Publishing cannot go on; the message says which repo or file and what to do (exit 1; a wrong
+    argument is a UsageError, exit 2)."""
 
 
 @dataclass
@@ -528,7 +530,7 @@ def plan_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto",
         raise PublishError(f"{dataset_dir}: not a dataset folder of `avlabel build` "
                            f"(expected README.md and <split>/{METADATA_NAME})")
     if not 0 < clips_per_folder <= MAX_FOLDER_ENTRIES:
-        raise PublishError(f"--clips_per_folder {clips_per_folder}: must be 1 to {MAX_FOLDER_ENTRIES:,} "
+        raise UsageError(f"--clips_per_folder {clips_per_folder}: must be 1 to {MAX_FOLDER_ENTRIES:,} "
                            "(the Hub refuses folders with more entries)")
     scrub = Scrubber([dataset_dir])
     plan = Plan(repo_id, "dataset")
@@ -554,7 +556,7 @@ def plan_dataset(dataset_dir: str | Path, repo_id: str, *, layout: str = "auto",
         text = card.read_text(encoding="utf-8") if isinstance(card, Path) else card.decode("utf-8")
         plan.add("README.md", _parquet_card(text, list(tables)), str(dataset_dir / "README.md"))
     else:
-        raise PublishError(f"--dataset_layout {layout}: must be one of {', '.join(DATASET_LAYOUTS)}")
+        raise UsageError(f"--dataset_layout {layout}: must be one of {', '.join(DATASET_LAYOUTS)}")
     return plan, scrub
 
 
@@ -596,7 +598,7 @@ def plan_metric(repo_id: str, metric_dir: str | Path | None = None) -> tuple[Pla
     folder = _folder(metric_dir or METRIC_DIR, "evaluate metric")
     name = repo_id.split("/")[-1]
     if not name.isidentifier():
-        raise PublishError(f"--metric_repo {repo_id}: evaluate imports the metric as a module named after the repo, "
+        raise UsageError(f"--metric_repo {repo_id}: evaluate imports the metric as a module named after the repo, "
                            f"so the name must be a Python identifier, e.g. {repo_id.split('/')[0]}/av_label_metric")
     module = folder / f"{folder.name}.py"
     if not module.is_file():
@@ -697,7 +699,7 @@ def push(plan: Plan, *, private: bool = False, revision: str = "main", create_re
     if get_token() is None:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry_run)")
     if files_per_commit < 1:
-        raise PublishError(f"--files_per_commit {files_per_commit}: must be at least 1")
+        raise UsageError(f"--files_per_commit {files_per_commit}: must be at least 1")
     api = HfApi()
     where = f"{plan.repo_type} repo '{plan.repo_id}' on {api.endpoint}"
     try:
@@ -811,12 +813,12 @@ def make_parser(subparsers=None):
 
 def publish(args: PublishArguments) -> list[Published]:
     if not (args.model_dir or args.dataset_dir or args.eval_dir or args.metric_repo):
-        raise PublishError("nothing to publish: give --model_dir, --dataset_dir, --eval_dir and/or --metric_repo")
+        raise UsageError("nothing to publish: give --model_dir, --dataset_dir, --eval_dir and/or --metric_repo")
     for folder, repo, option in ((args.model_dir, args.model_repo, "model"), (args.dataset_dir, args.dataset_repo, "dataset")):
         if folder and not repo:
-            raise PublishError(f"--{option}_dir needs --{option}_repo (the Hub repo to publish it to)")
+            raise UsageError(f"--{option}_dir needs --{option}_repo (the Hub repo to publish it to)")
     if args.eval_dir and not (args.eval_repo or args.model_dir):
-        raise PublishError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
+        raise UsageError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
     common = dict(private=args.private, revision=args.revision, create_repo=args.create_repo,
                   create_branch=args.create_branch, commit_message=args.commit_message,
                   files_per_commit=args.files_per_commit, dry_run_dir=args.dry_run_dir if args.dry_run else None)
@@ -836,12 +838,7 @@ def publish(args: PublishArguments) -> list[Published]:
 
 
 def main(args: PublishArguments) -> list[Published]:
-    from .cards import CardInputError
-
-    try:
-        done = publish(args)
-    except (PublishError, CardInputError) as err:
-        raise SystemExit(f"publish: {err}") from None
+    done = publish(args)
     for published in done:
         print(published.describe())
         for skipped in published.skipped:

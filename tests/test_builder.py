@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from avlabel.core import schema
+from avlabel.core.errors import UsageError
 from avlabel.core.layouts import CAMERA_SUFFIX, STORED_EXTENSIONS
 from avlabel.data_builder import build
 from avlabel.demo import synthetic
@@ -318,8 +319,8 @@ def test_strict_makes_problems_an_error(tmp_path):
     strict = subprocess.run(
         [*command, "--output_dir", str(tmp_path / "a"), "--strict"], capture_output=True, text=True, check=False
     )
-    assert strict.returncode != 0
-    assert "--strict" in strict.stderr and "quarantine.jsonl" in strict.stderr
+    assert strict.returncode == 1 and strict.stderr.count("\n") == 1
+    assert "build: error: --strict" in strict.stderr and "quarantine.jsonl" in strict.stderr
     assert "empty file (0 bytes)" in (tmp_path / "a" / "quarantine.jsonl").read_text()
     relaxed = build.main(BuildArguments(input=str(root), output_dir=str(tmp_path / "b"), num_proc=1))
     assert relaxed.num_rows == 2 and relaxed.set_aside == ["metas/empty.label.json", f"videos/empty{SUFFIX}"]
@@ -379,7 +380,7 @@ def test_splits_are_deterministic_by_clip_id():
     assert {c for c, split in refilled.items() if split == "test" and c not in by_count} <= {f"new{i}" for i in range(100)}
     resplit = build.assign_splits(more, 0.5, previous=by_fraction)  # a new fraction applies to new clips only
     assert all(resplit[i] == by_fraction[i] for i in ids) and any(resplit[c] == "test" for c in more[400:])
-    with pytest.raises(build.BuildError):
+    with pytest.raises(UsageError, match="--test_size 2.5: 1 or more is a clip count and must be whole"):
         build.assign_splits(ids, 2.5)
 
 

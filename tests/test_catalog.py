@@ -223,8 +223,16 @@ def test_command_line_query_writes_json_and_rejects_unknown_values(world, tmp_pa
     api = _all(world["db"], where=["weather=Heavy rain"], text="wet")
     assert {h["clip_id"] for h in written["hits"]} == _ids(api) and written["total"] == api.total
     assert "matching" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="error: weather: unknown category 'Sunny'"):
-        cli.main(["search", "--db", str(world["db"]), "--where", "weather=Sunny"])
+    for argv, code, message in [
+        (["--where", "weather=Sunny"], 2, "error: weather: unknown category 'Sunny'"),
+        # an --export folder that holds something else: one line, exit 1, the folder untouched
+        (["--export", str(tmp_path)], 1, f"error: {tmp_path}: not empty and not made by `avlabel build`"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["search", "--db", str(world["db"]), *argv])
+        lines = capsys.readouterr().err.splitlines()
+        assert exited.value.code == code and len(lines) == 1 and message in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
 
 
 def test_caption_labels_that_are_not_canonical_are_normalised_or_set_aside(world, tmp_path):
@@ -240,6 +248,35 @@ def test_caption_labels_that_are_not_canonical_are_normalised_or_set_aside(world
     assert hits[clip_a].label == label | {"weather": "Heavy rain", "rule_violation": "True", "driving_difficulty": 2}
     assert hits[clip_a].valid and not hits[clip_b].valid and "weather" in hits[clip_b].errors
     assert hits[clip_b].label["road_type"] == "Highway - four lanes"  # the schema's text cleaning
+
+
+def test_a_run_is_read_as_evaluation_reads_it_shards_and_failed_retries_included(world, tmp_path):
+    """An unfinished 2-process run (only its shards) whose retry of one clip failed after a success: the
+    catalog keeps the clips and the records that `avlabel compare` and `review` keep."""
+    from avlabel.eval.data import load_predictions
+
+    clip_a, clip_b, clip_c = sorted(world["captions"])[:3]
+    label = dict(world["humans"][clip_a])
+    failed = _caption_record(clip_a, None, label) | {"status": "failed", "error": "CUDA out of memory", "label": None,
+                                                     "raw": None, "valid": False}
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    for rank, records in enumerate([[_caption_record(clip_a, None, label), _caption_record(clip_b, None, label)],
+                                    [_caption_record(clip_c, None, label | {"weather": "Dense fog"}), failed]]):
+        (run / f"captions.rank-{rank:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    db = tmp_path / "unfinished.db"
+    report = index_run(db, run)
+    assert report.records == 3
+    assert report.problems == [f"{run / 'captions.rank-00001.jsonl'}:2: clip {clip_a} appears again; "
+                               "the earlier successful record is used"]
+    hits = {hit.clip_id: hit for hit in search(db, limit=None).hits}
+    predictions, _ = load_predictions(run)
+    assert set(hits) == set(predictions) == {clip_a, clip_b, clip_c}
+    assert hits[clip_a].valid and hits[clip_a].label == predictions[clip_a].label == label
+    assert hits[clip_c].label["weather"] == "Dense fog"
+    assert not index_run(db, run).changed  # the same files again: nothing to do
+    with pytest.raises(FileNotFoundError, match="no captions.jsonl"):
+        index_run(db, tmp_path / "empty_folder")
 
 
 def test_indexing_twice_changes_nothing_and_reindexing_is_incremental(world, tmp_path):

@@ -115,6 +115,28 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     assert not heavy & set(MODEL_CODE)  # found out by reading the folder, before the model
 
 
+@pytest.mark.parametrize(("args", "code", "fragment"), [
+    (["build", "--input", ".", "--output_dir", "."], 2, "--output_dir .: the output folder can't be the input folder"),
+    (["compare", "--runs", "captions", "--references", "dataset", "--output_dir", "eval"], 2, "--runs expects NAME=PATH, got 'captions'"),
+    (["publish", "--dataset_dir", "dataset"], 2, "--dataset_dir needs --dataset_repo"),
+    (["review", "--budget", "5%"], 2, "--captions: give the caption run to review"),
+    (["search", "--db", "nowhere.sqlite"], 1, "nowhere.sqlite: no catalog here"),
+])
+def test_every_command_answers_a_mistake_in_one_line(tmp_path, args, code, fragment):
+    """Each command's own checks end as the parser's do: `avlabel <command>: error: ...`, exit 2 for the
+    command line, 1 for the data."""
+    found, lines, _ = avlabel(tmp_path, *args)
+    line = assert_one_line(found, lines, code, fragment)
+    assert line.startswith(f"avlabel {args[0]}: error: "), line
+
+
+def test_the_judge_cache_follows_avlabel_cache(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "from avlabel.eval.judge import DEFAULT_CACHE; print(DEFAULT_CACHE)"],
+                          env={**os.environ, "AVLABEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == str(tmp_path / "cache" / "judge_cache.sqlite")
+
+
 def test_an_unknown_split(tmp_path, dataset_dir, model_dir):
     code, lines, heavy = avlabel(tmp_path, "caption", "--input", str(dataset_dir), "--split", "valid",
                                  "--model", str(model_dir))

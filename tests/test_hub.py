@@ -28,10 +28,10 @@ import pytest
 import yaml
 
 from avlabel.core import schema
+from avlabel.core.errors import UsageError
 from avlabel.core.layouts import METADATA_NAME
 from avlabel.hub.publish import (
     METRIC_DIR,
-    PublishArguments,
     PublishError,
     main,
     make_parser,
@@ -561,7 +561,7 @@ def test_folders_layout_refuses_more_clips_than_a_repo_holds(tmp_path):
     pq.write_table(pa.table({"file_name": names}), tmp_path / "train" / METADATA_NAME)
     with pytest.raises(PublishError, match=r"100,000 clips, one file each, do not fit .* --dataset_layout parquet"):
         publish_dataset(tmp_path, "tester/too-many", layout="folders", dry_run_dir=tmp_path / "dry")
-    with pytest.raises(PublishError, match=r"--clips_per_folder 10001: must be 1 to 10,000"):
+    with pytest.raises(UsageError, match=r"--clips_per_folder 10001: must be 1 to 10,000"):
         publish_dataset(tmp_path, "tester/too-many", clips_per_folder=10_001, dry_run_dir=tmp_path / "dry")
 
 
@@ -691,7 +691,7 @@ def test_published_metric_loads_with_evaluate_by_repo_id(hub, tmp_path):
     assert from_hub == from_folder and from_hub["weather/accuracy"] is not None
     assert ("GET", "/spaces/tester/av_label_metric/resolve/main/av_label_metric.py") in hub.requests[before:]
 
-    with pytest.raises(PublishError, match="must be a Python identifier"):
+    with pytest.raises(UsageError, match="must be a Python identifier"):
         publish_metric("tester/av-label-metric")
 
 
@@ -753,13 +753,20 @@ def test_cli_in_a_fresh_process_reads_the_environment(hub, request, eval_output,
     assert failed.returncode == 1 and "does not exist" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def test_cli_arguments_are_checked(tmp_path):
-    parser = make_parser()
-    (args,) = parser.parse_args_and_config(args=["--model_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--model_dir needs --model_repo"):
-        main(args)
-    with pytest.raises(SystemExit, match="nothing to publish"):
-        main(PublishArguments())
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model_dir", "."], "--model_dir needs --model_repo"),
+    ([], "nothing to publish"),
+    (["--metric_repo", "me/av-label-metric", "--dry_run"], "--metric_repo me/av-label-metric: evaluate imports the metric"),
+])
+def test_cli_arguments_are_checked(argv, message, capsys):
+    """A wrong argument is one line and exit code 2, as for every command."""
+    from avlabel.cli import main as avlabel
+
+    with pytest.raises(SystemExit) as exited:
+        avlabel(["publish", *argv])
+    lines = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("avlabel publish: error: "), lines
+    assert message in lines[0], lines
 
 
 # ----------------------------------------------------------------------------- secrets and paths

@@ -117,22 +117,28 @@ def test_catalog_query_chooses_the_clips(clips, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        ({"budget": "five"}, "--budget 'five': expected a clip count (50) or a share of the clips (5%)"),
-        ({"budget": "0%"}, "--budget '0%'"),
-        ({}, "the records carry no `confidence`; give --other <run>"),
-        ({"where": ["weather=Sunny spells"]}, "--where: "),
+        (["--budget", "five"], 2, "--budget 'five': expected a clip count (50) or a share of the clips (5%)"),
+        (["--budget", "0%"], 2, "--budget '0%'"),
+        ([], 1, "the records carry no `confidence`; give --other <run>"),
+        (["--where", "weather=Sunny spells"], 2, "--where: "),
+        (["--captions", "no/such/run"], 2, "no/such/run: no captions.jsonl"),
     ],
 )
-def test_bad_input_is_one_line(clips, tmp_path, args, message):
+def test_bad_input_is_one_line(clips, tmp_path, capsys, args, code, message):
+    """A wrong argument exits 2, a run that can't be ordered 1; either way one line naming it."""
+    from avlabel.cli import main as avlabel
+
     root, labels = clips
     run = _write_run(tmp_path / "run", root, labels, None, {})
-    if "budget" in args:  # confidence present, so only the budget is wrong
+    if "--budget" in args:  # confidence present, so only the budget is wrong
         run = _write_run(tmp_path / "run", root, labels, dict.fromkeys(labels, 0.5), {})
     with pytest.raises(SystemExit) as err:
-        main(ReviewArguments(captions=str(run), **args))
-    assert str(err.value).startswith("error: ") and message in str(err.value) and "\n" not in str(err.value)
+        avlabel(["review", "--captions", str(run), "--output_dir", str(tmp_path / "q"), *args])
+    lines = capsys.readouterr().err.splitlines()
+    assert err.value.code == code and len(lines) == 1 and lines[0].startswith("avlabel review: error: "), lines
+    assert message in lines[0], lines
 
 
 def test_labeling_config_and_tasks_are_valid_for_label_studio(clips):

@@ -28,6 +28,12 @@ def record_files(out_dir: Path) -> list[Path]:
     return files + sorted(out_dir.glob("captions.rank-*.jsonl"))
 
 
+def run_files(path: Path) -> list[Path]:
+    """The record files of a run given as an `avlabel caption` output folder (`record_files`) or as one
+    file; none when there are none."""
+    return record_files(path) if path.is_dir() else [path] if path.is_file() else []
+
+
 def short_probability(x: float) -> float:
     """A probability (or mean log-probability) as caption records write it: 6 significant digits."""
     return float(f"{x:.6g}")
@@ -80,17 +86,27 @@ def read_all(out_dir: Path) -> list[dict[str, Any]]:
     return [record for path in record_files(out_dir) for record in read_records(path)]
 
 
+def keeps_earlier(earlier_succeeded: bool, later_succeeded: bool) -> bool:
+    """Whether a clip's earlier record stands against its later one: a success beats a failure,
+    otherwise the later record wins."""
+    return earlier_succeeded and not later_succeeded
+
+
+def repeat_problem(clip_id: str, kept_earlier: bool) -> str:
+    used = "earlier successful" if kept_earlier else "later"
+    return f"clip {clip_id} appears again; the {used} record is used"
+
+
 def latest_per_clip(located: Iterable[tuple[str, dict[str, Any]]], problems: list[Problem] | None = None) -> dict[str, dict[str, Any]]:
-    """One record per clip from (where, record) pairs in the order written: a success beats a failure,
-    otherwise the later record wins. Each repeat is reported to `problems` when given."""
+    """One record per clip from (where, record) pairs in the order written (`keeps_earlier`). Each repeat
+    is reported to `problems` when given."""
     chosen: dict[str, dict[str, Any]] = {}
     for where, record in located:
         clip_id = record["clip_id"]
         current = chosen.get(clip_id)
-        keep_earlier = current is not None and succeeded(current) and not succeeded(record)
+        keep_earlier = current is not None and keeps_earlier(succeeded(current), succeeded(record))
         if current is not None and problems is not None:
-            used = "earlier successful" if keep_earlier else "later"
-            problems.append(Problem(where, "read", f"clip {clip_id} appears again; the {used} record is used"))
+            problems.append(Problem(where, "read", repeat_problem(clip_id, keep_earlier)))
         if not keep_earlier:
             chosen[clip_id] = record
     return chosen
