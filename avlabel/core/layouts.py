@@ -120,19 +120,33 @@ class _Reader:
         self.skip = skip.resolve() if skip else None
 
     def name(self, path: Path) -> str:
-        try:
-            return path.resolve().relative_to(self.inputs.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        # where the file sits in the input, not where a symbolic link to it points (resolve() would)
+        for absolute in (os.path.abspath, os.path.realpath):
+            try:
+                return Path(absolute(path)).relative_to(absolute(self.inputs.root)).as_posix()
+            except ValueError:
+                continue
+        return str(path)
 
     def set_aside(self, name: str, reason: str) -> None:
         self.inputs.problems.append(Problem(name, "scan", reason))
 
     def walk(self, folder: Path):
-        """Visible files under `folder`, subfolders included, in name order (the output folder left out)."""
-        for current, folders, files in os.walk(folder):
+        """Visible files under `folder`, subfolders included, in name order (the output folder left out).
+
+        Links to folders are followed (fleets link in a day's or a disk's clips), each folder once: a
+        second link to one already read, or a loop, is set aside."""
+        read = set()
+        for current, folders, files in os.walk(folder, followlinks=True):
             here = Path(current)
+            read.add(os.path.realpath(here))
             folders[:] = sorted(f for f in folders if not f.startswith(".") and not self._skipped(here / f))
+            for name in list(folders):
+                real = os.path.realpath(here / name)
+                if real in read:
+                    folders.remove(name)
+                    self.other(here / name, f"a link to {real}, a folder already read")
+                read.add(real)
             for name in sorted(files):
                 if not name.startswith("."):
                     yield here / name
