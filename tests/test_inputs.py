@@ -171,6 +171,32 @@ def test_linked_folders_are_read_once_and_a_dangling_link_is_named(tmp_path):
     assert len(result.inputs) == 4 + len(result.set_aside)
 
 
+def test_a_folder_of_clips_with_its_own_split_named_table_is_a_folder_of_clips(tmp_path):
+    """`test_routes.csv` or a README in another encoding beside the clips does not make the folder a dataset."""
+    from avlabel.core.layouts import detect_layout
+
+    text = json.dumps(reference_label())
+    fleet, recipe = tmp_path / "fleet", tmp_path / "recipe"
+    for clip_id in ("a", "b"):
+        write_video(fleet / f"{clip_id}.mp4")
+        (fleet / f"{clip_id}.json").write_text(text, encoding="utf-8")
+        write_video(recipe / "videos" / f"{clip_id}.mp4")
+        (recipe / "metas").mkdir(exist_ok=True)
+        (recipe / "metas" / f"{clip_id}.label.json").write_text(text, encoding="utf-8")
+    for folder in (fleet, recipe):
+        (folder / "test_routes.csv").write_text("date,route\n2024-05-01,A4\n", encoding="utf-8")
+        (folder / "README.md").write_bytes("Flotte \u00e9t\u00e9 2024\n".encode("latin-1"))
+    result = build.build(BuildArguments(input=str(fleet), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    assert result.layout == "flat" and set(_rows(result)) == {"a", "b"}
+    assert {p.path for p in result.problems} == {"test_routes.csv", "README.md"}
+    assert {c.clip_id for c in resolve_inputs(str(fleet), problems=[])} == {"a", "b"} == set(load_references(fleet)[0])
+    assert detect_layout(str(recipe)) == "recipe"
+    # split-named data files alone still make a dataset
+    (tmp_path / "data" / "test.jsonl").parent.mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text("{}\n", encoding="utf-8")
+    assert detect_layout(str(tmp_path / "data")) == "dataset"
+
+
 # ----------------------------------------------------------------------------- one definition of a clip
 
 

@@ -321,11 +321,16 @@ _SPLIT_FILE = re.compile(r"^(train|test|validation|valid|dev|eval)([-_.].*)?\.(p
 
 def is_dataset_folder(folder: Path) -> bool:
     """A folder `datasets.load_dataset` reads as a dataset: `avlabel build`'s (`<split>/metadata.parquet`),
-    one with a dataset card naming its configs, or one of split-named data files (`test.jsonl`)."""
-    if any(folder.glob(f"*/{METADATA_NAME}")) or any(_SPLIT_FILE.match(p.name) for p in folder.iterdir()):
+    one with a dataset card naming its configs, or one of split-named data files (`test.jsonl`) with no clips
+    or labels beside them (a fleet's folder of clips may hold its own `test_routes.csv`)."""
+    if any(folder.glob(f"*/{METADATA_NAME}")):
         return True
-    card = folder / "README.md"
-    return card.is_file() and re.search(r"^configs:", card.read_text(encoding="utf-8"), re.MULTILINE) is not None
+    names = [p.name for p in folder.iterdir()]
+    clips_beside = any(is_video(n) or n.endswith(LABEL_SUFFIX) for n in names) or {"videos", "metas"} <= set(names)
+    if any(_SPLIT_FILE.match(name) for name in names) and not clips_beside:
+        return True
+    card = folder / "README.md"  # a card is UTF-8; any other README is a user's notes
+    return card.is_file() and re.search(r"^configs:", card.read_text(encoding="utf-8", errors="replace"), re.MULTILINE) is not None
 
 
 def detect_layout(source: str) -> str:
