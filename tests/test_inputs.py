@@ -169,6 +169,8 @@ def test_linked_folders_are_read_once_and_a_dangling_link_is_named(tmp_path):
     # named where they sit in the input, not where the links point
     assert {"day2/linked.mp4", "day2/linked.json"} < set(result.inputs)
     assert len(result.inputs) == 4 + len(result.set_aside)
+    # a glob lists the dangling link too, for caption to report
+    assert [c.clip_id for c in resolve_inputs(str(flat / "*.mp4"))] == ["unmounted"]
 
 
 def test_a_folder_of_clips_with_its_own_split_named_table_is_a_folder_of_clips(tmp_path):

@@ -399,7 +399,7 @@ def read_inputs(source: str | Path, layout: str = "auto", *, split: str | None =
         _read_manifest(reader, path)
     elif layout == "file":
         files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(source, recursive=True))
-        for file in (f for f in files if f.is_file()):
+        for file in (f for f in files if f.is_file() or f.is_symlink()):  # a dangling link is the probe's to report
             reader.loose_file(file)
         if path.is_file():
             for name in (f"{clip_id_of(path)}{LABEL_SUFFIX}", f"{clip_id_of(path)}.json"):
