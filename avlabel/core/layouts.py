@@ -330,7 +330,8 @@ def is_dataset_folder(folder: Path) -> bool:
     if any(_SPLIT_FILE.match(name) for name in names) and not clips_beside:
         return True
     card = folder / "README.md"  # a card is UTF-8; any other README is a user's notes
-    return card.is_file() and re.search(r"^configs:", card.read_text(encoding="utf-8", errors="replace"), re.MULTILINE) is not None
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    return re.search(r"^configs:", text, re.MULTILINE) is not None
 
 
 def detect_layout(source: str) -> str:
