@@ -41,7 +41,7 @@ from avlabel.core.layouts import (
     EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, read_inputs,
 )
 from avlabel.core.problems import InputError, Problem
-from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, probe, sample_frames
+from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames
 from avlabel.core.schema import label_to_row, read_label
 
 NAME = "build"
@@ -440,7 +440,8 @@ def build(args: BuildArguments) -> BuildResult:
         try:
             keys[clip.clip_id] = file_key(clip.video)
         except OSError as err:
-            reason = "file not found" if isinstance(err, FileNotFoundError) else f"can't be read ({err.strerror})"
+            missing = isinstance(err, FileNotFoundError)
+            reason = missing_file_reason(clip.video) if missing else f"can't be read ({err.strerror})"
             problems.append(Problem(clip.video_name, "probe", reason))
     sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)

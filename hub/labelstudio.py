@@ -165,7 +165,13 @@ def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: st
     A task with no submitted annotation, or whose annotation the schema refuses, is reported, not written.
     """
     where = str(export) if not isinstance(export, list) else source
-    tasks = export if isinstance(export, list) else json.loads(Path(export).read_text(encoding="utf-8"))
+    try:  # utf-8-sig: an export saved again by a Windows editor starts with a byte-order mark
+        tasks = export if isinstance(export, list) else json.loads(Path(export).read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not a Label Studio JSON export (not UTF-8); export the project as JSON") from None
+    except json.JSONDecodeError as err:  # a CSV export, or a download cut short
+        raise ValueError(f"{where}: not a Label Studio JSON export ({err.msg} at line {err.lineno} column "
+                         f"{err.colno}); export the project as JSON") from None
     if not isinstance(tasks, list):
         raise ValueError(f"{where}: not a Label Studio JSON export (expected a list of tasks)")
     labels_dir = Path(labels_dir)

@@ -43,10 +43,19 @@ def _trim_partial_line(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
+def _same(key: str, earlier: Any, now: Any) -> bool:
+    """One setting of an earlier record and of this run agree; a model or adapter folder may be named
+    another way (`runs/merged`, `./runs/merged`, its absolute path) by the command that resumes."""
+    if earlier == now:
+        return True
+    local = key in ("model", "adapter") and isinstance(earlier, str) and isinstance(now, str)
+    return local and Path(earlier).exists() and Path(earlier).resolve() == Path(now).resolve()
+
+
 def check_same_run(records: Iterable[dict[str, Any]], identity: dict[str, Any], out_dir: Path) -> None:
     """Refuse to mix captions made with other settings into one folder."""
     for record in records:
-        differing = [key for key in RUN_KEYS if record.get(key) != identity[key]]
+        differing = [key for key in RUN_KEYS if not _same(key, record.get(key), identity[key])]
         if differing:
             raise UsageError(
                 f"{out_dir} already holds captions made with a different {', '.join(differing)} "

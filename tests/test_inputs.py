@@ -139,6 +139,66 @@ def test_an_empty_input_is_an_error(tmp_path):
         resolve_inputs(str(tmp_path / "empty"))
 
 
+def _write_links(tmp_path: Path) -> Path:
+    """A flat folder whose clips are partly links: a day's folder linked in from another disk (and linked twice),
+    a link back up (a loop), and a clip linked to a disk that is not mounted."""
+    text = json.dumps(reference_label())
+    flat, disk = tmp_path / "linked", tmp_path / "disk"
+    for folder, clip_id in ((flat / "day1", "own"), (disk / "day2", "linked")):
+        write_video(folder / f"{clip_id}.mp4")
+        (folder / f"{clip_id}.json").write_text(text, encoding="utf-8")
+    (flat / "day2").symlink_to(disk / "day2")
+    (flat / "latest").symlink_to(disk / "day2")
+    (flat / "day1" / "up").symlink_to(flat)
+    (flat / "unmounted.mp4").symlink_to(tmp_path / "nas" / "unmounted.mp4")
+    (flat / "unmounted.json").write_text(text, encoding="utf-8")
+    return flat
+
+
+def test_linked_folders_are_read_once_and_a_dangling_link_is_named(tmp_path):
+    flat = _write_links(tmp_path)
+    result = build.build(BuildArguments(input=str(flat), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    assert set(_rows(result)) == {"own", "linked"}
+    reasons = {p.path: p.reason for p in result.problems}
+    assert reasons == {
+        "latest": f"a link to {(tmp_path / 'disk' / 'day2').resolve()}, a folder already read",
+        "day1/up": f"a link to {flat.resolve()}, a folder already read",
+        "unmounted.mp4": f"a link to {tmp_path / 'nas' / 'unmounted.mp4'}, which does not exist",
+        "unmounted.json": "its clip unmounted.mp4 was set aside",
+    }
+    # named where they sit in the input, not where the links point
+    assert {"day2/linked.mp4", "day2/linked.json"} < set(result.inputs)
+    assert len(result.inputs) == 4 + len(result.set_aside)
+    # a glob lists the dangling link too, for caption to report
+    assert [c.clip_id for c in resolve_inputs(str(flat / "*.mp4"))] == ["unmounted"]
+
+
+def test_a_folder_of_clips_with_its_own_split_named_table_is_a_folder_of_clips(tmp_path):
+    """`test_routes.csv` or a README in another encoding beside the clips does not make the folder a dataset."""
+    from avlabel.core.layouts import detect_layout
+
+    text = json.dumps(reference_label())
+    fleet, recipe = tmp_path / "fleet", tmp_path / "recipe"
+    for clip_id in ("a", "b"):
+        write_video(fleet / f"{clip_id}.mp4")
+        (fleet / f"{clip_id}.json").write_text(text, encoding="utf-8")
+        write_video(recipe / "videos" / f"{clip_id}.mp4")
+        (recipe / "metas").mkdir(exist_ok=True)
+        (recipe / "metas" / f"{clip_id}.label.json").write_text(text, encoding="utf-8")
+    for folder in (fleet, recipe):
+        (folder / "test_routes.csv").write_text("date,route\n2024-05-01,A4\n", encoding="utf-8")
+        (folder / "README.md").write_bytes("Flotte \u00e9t\u00e9 2024\n".encode("latin-1"))
+    result = build.build(BuildArguments(input=str(fleet), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    assert result.layout == "flat" and set(_rows(result)) == {"a", "b"}
+    assert {p.path for p in result.problems} == {"test_routes.csv", "README.md"}
+    assert {c.clip_id for c in resolve_inputs(str(fleet), problems=[])} == {"a", "b"} == set(load_references(fleet)[0])
+    assert detect_layout(str(recipe)) == "recipe"
+    # split-named data files alone still make a dataset
+    (tmp_path / "data" / "test.jsonl").parent.mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text("{}\n", encoding="utf-8")
+    assert detect_layout(str(tmp_path / "data")) == "dataset"
+
+
 # ----------------------------------------------------------------------------- one definition of a clip
 
 
@@ -306,6 +366,9 @@ def test_readme_table_matches_what_the_builder_prints(collection, built, tmp_pat
     listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "manifest"), num_proc=1))
     assert listed.num_rows == 1 and len(listed.problems) == 4
     printed += [p.reason for p in listed.problems]
+    linked = build.build(BuildArguments(input=str(_write_links(tmp_path)), output_dir=str(tmp_path / "linked_out"),
+                                        test_size=0, num_proc=1))
+    printed += [p.reason for p in linked.problems]
     (tmp_path / "empty").mkdir()
     with pytest.raises(build.BuildError) as caught:
         build.build(BuildArguments(input=str(tmp_path / "empty"), output_dir=str(tmp_path / "none")))

@@ -47,3 +47,20 @@ def test_caption_merge_and_eval_pick_the_same_records(tmp_path):
     }
     again, _ = load_predictions(tmp_path)  # the merged captions.jsonl: the same answers
     assert {c: p.label for c, p in again.items()} == {c: p.label for c, p in from_eval.items()}
+
+
+def test_a_resumed_run_may_name_its_model_folder_another_way(tmp_path, monkeypatch):
+    """`--model runs/merged` resumes a folder written with `--model ./runs/merged` or the absolute path."""
+    import pytest
+
+    from avlabel.core.errors import UsageError
+
+    (tmp_path / "runs" / "merged").mkdir(parents=True)
+    (tmp_path / "runs" / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    identity = {"model": "runs/merged", "adapter": None, "prompt_sha": "p", "generation": {}, "calibration": None}
+    for earlier in ("./runs/merged", str(tmp_path / "runs" / "merged"), "runs/merged/"):
+        caption_records.check_same_run([{**identity, "model": earlier, "clip_id": "a"}], identity, tmp_path)
+    for earlier in ("runs/other", "org/merged"):
+        with pytest.raises(UsageError, match="captions made with a different model"):
+            caption_records.check_same_run([{**identity, "model": earlier, "clip_id": "a"}], identity, tmp_path)

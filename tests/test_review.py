@@ -202,6 +202,30 @@ def test_import_writes_reviewed_labels_and_the_build_counts_them(clips, tmp_path
     assert "1 label(s) came from review" in card and "corrected 1 field(s)" in card
 
 
+@pytest.mark.parametrize(("content", "reason"), [
+    (b'[{"id": 1, "data": {"clip_id": "a"}, "annotations": [', "Expecting value at line 1 column 54"),  # cut short
+    (b"id,clip_id,weather\n1,a,Clear skies\n", "Expecting value at line 1 column 1"),  # the CSV export
+    ("[]".encode("utf-16"), "not UTF-8"),
+])
+def test_an_export_that_is_no_json_export_is_named(tmp_path, content, reason):
+    export = tmp_path / "export.json"
+    export.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        import_annotations(export, tmp_path / "reviewed")
+    assert str(err.value) == f"{export}: not a Label Studio JSON export ({reason}); export the project as JSON"
+
+
+def test_an_export_saved_with_a_byte_order_mark_is_read(clips, tmp_path):
+    root, labels = clips
+    clip_id = sorted(labels)[0]
+    task = {"id": 1, "data": {"clip_id": clip_id, "path": str(root / "videos" / f"{clip_id}{CAMERA_SUFFIX}.mp4")},
+            "annotations": [{"id": 10, "result": label_to_results(labels[clip_id])}]}
+    export = tmp_path / "export.json"
+    export.write_text("\ufeff" + json.dumps([task]), encoding="utf-8")
+    result = import_annotations(export, tmp_path / "reviewed")
+    assert [p.name for p in result.written] == [f"{clip_id}.label.json"] and not result.problems
+
+
 def test_differing_fields_normalises_before_comparing():
     label = {"weather": "clear skies", "interactive_expanded_metaaction": ["Yield to VRUs", "Vehicle following"],
              "safety_analysis": "A calm  drive."}

@@ -1,6 +1,7 @@
 """The label schema and the prompts generated from it."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,14 @@ def test_rubric_is_generated_from_the_schema(tmp_path):
     custom = prompts.load_prompts(user_file=own)
     assert custom.user == "Describe the clip as JSON." and custom.system == default.system
     assert custom.sha != default.sha and len(default.sha) == 12
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_a_difficulty_that_is_no_finite_number_is_refused(tmp_path, number):
+    """Python's json reads these (spreadsheets and NumPy write them); one such label must not stop a build."""
+    text = REFERENCE.read_text()
+    path = tmp_path / "x.label.json"
+    path.write_text(re.sub(r'"driving_difficulty": *\d', f'"driving_difficulty": {number}', text))
+    assert path.read_text() != text
+    label, _, reason = schema.read_label(path)
+    assert label is None and reason.startswith("driving_difficulty must be an integer from 1 to 4, got ")

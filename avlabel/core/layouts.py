@@ -120,19 +120,33 @@ class _Reader:
         self.skip = skip.resolve() if skip else None
 
     def name(self, path: Path) -> str:
-        try:
-            return path.resolve().relative_to(self.inputs.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        # where the file sits in the input, not where a symbolic link to it points (resolve() would)
+        for absolute in (os.path.abspath, os.path.realpath):
+            try:
+                return Path(absolute(path)).relative_to(absolute(self.inputs.root)).as_posix()
+            except ValueError:
+                continue
+        return str(path)
 
     def set_aside(self, name: str, reason: str) -> None:
         self.inputs.problems.append(Problem(name, "scan", reason))
 
     def walk(self, folder: Path):
-        """Visible files under `folder`, subfolders included, in name order (the output folder left out)."""
-        for current, folders, files in os.walk(folder):
+        """Visible files under `folder`, subfolders included, in name order (the output folder left out).
+
+        Links to folders are followed (fleets link in a day's or a disk's clips), each folder once: a
+        second link to one already read, or a loop, is set aside."""
+        read = set()
+        for current, folders, files in os.walk(folder, followlinks=True):
             here = Path(current)
+            read.add(os.path.realpath(here))
             folders[:] = sorted(f for f in folders if not f.startswith(".") and not self._skipped(here / f))
+            for name in list(folders):
+                real = os.path.realpath(here / name)
+                if real in read:
+                    folders.remove(name)
+                    self.other(here / name, f"a link to {real}, a folder already read")
+                read.add(real)
             for name in sorted(files):
                 if not name.startswith("."):
                     yield here / name
@@ -307,11 +321,17 @@ _SPLIT_FILE = re.compile(r"^(train|test|validation|valid|dev|eval)([-_.].*)?\.(p
 
 def is_dataset_folder(folder: Path) -> bool:
     """A folder `datasets.load_dataset` reads as a dataset: `avlabel build`'s (`<split>/metadata.parquet`),
-    one with a dataset card naming its configs, or one of split-named data files (`test.jsonl`)."""
-    if any(folder.glob(f"*/{METADATA_NAME}")) or any(_SPLIT_FILE.match(p.name) for p in folder.iterdir()):
+    one with a dataset card naming its configs, or one of split-named data files (`test.jsonl`) with no clips
+    or labels beside them (a fleet's folder of clips may hold its own `test_routes.csv`)."""
+    if any(folder.glob(f"*/{METADATA_NAME}")):
         return True
-    card = folder / "README.md"
-    return card.is_file() and re.search(r"^configs:", card.read_text(encoding="utf-8"), re.MULTILINE) is not None
+    names = [p.name for p in folder.iterdir()]
+    clips_beside = any(is_video(n) or n.endswith(LABEL_SUFFIX) for n in names) or {"videos", "metas"} <= set(names)
+    if any(_SPLIT_FILE.match(name) for name in names) and not clips_beside:
+        return True
+    card = folder / "README.md"  # a card is UTF-8; any other README is a user's notes
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    return re.search(r"^configs:", text, re.MULTILINE) is not None
 
 
 def detect_layout(source: str) -> str:
@@ -380,7 +400,7 @@ def read_inputs(source: str | Path, layout: str = "auto", *, split: str | None =
         _read_manifest(reader, path)
     elif layout == "file":
         files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(source, recursive=True))
-        for file in (f for f in files if f.is_file()):
+        for file in (f for f in files if f.is_file() or f.is_symlink()):  # a dangling link is the probe's to report
             reader.loose_file(file)
         if path.is_file():
             for name in (f"{clip_id_of(path)}{LABEL_SUFFIX}", f"{clip_id_of(path)}.json"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -242,11 +243,16 @@ def _ffmpeg_reason(err: Exception) -> str:
     return getattr(err, "strerror", None) or str(err)
 
 
+def missing_file_reason(path: Path) -> str:
+    """Why a listed clip isn't there: a link to a missing file (a disk not mounted) names where it points."""
+    return f"a link to {os.readlink(path)}, which does not exist" if path.is_symlink() else "file not found"
+
+
 def _open(path: Path):
     import av
 
     if not path.exists():
-        raise VideoError(path, "file not found")
+        raise VideoError(path, missing_file_reason(path))
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
     try:
