@@ -269,7 +269,7 @@ def _normalize_value(spec: LabelField, value: Any) -> Any:
             number = float(value.strip()) if isinstance(value, str) else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"must be an integer from 1 to 4, got {value!r}") from None
-        if number != int(number) or int(number) not in DIFFICULTY_LEVELS:
+        if not number.is_integer() or int(number) not in DIFFICULTY_LEVELS:  # not int(): inf overflows
             raise ValueError(f"must be an integer from 1 to 4, got {value!r}")
         return int(number)
 
