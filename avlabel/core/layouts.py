@@ -141,7 +141,8 @@ class _Reader:
             here = Path(current)
             read.add(os.path.realpath(here))
             folders[:] = sorted(f for f in folders if not f.startswith(".") and not self._skipped(here / f))
-            for name in list(folders):
+            # real folders before links, so a link to a folder that is also in the input is what's set aside
+            for name in sorted(folders, key=lambda f: os.path.islink(here / f)):
                 real = os.path.realpath(here / name)
                 if real in read:
                     folders.remove(name)
