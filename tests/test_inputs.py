@@ -157,17 +157,19 @@ def _write_links(tmp_path: Path) -> Path:
 
 def test_linked_folders_are_read_once_and_a_dangling_link_is_named(tmp_path):
     flat = _write_links(tmp_path)
+    (flat / "a_day1").symlink_to(flat / "day1")  # sorts before the folder it links to, which is the one read
     result = build.build(BuildArguments(input=str(flat), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
     assert set(_rows(result)) == {"own", "linked"}
     reasons = {p.path: p.reason for p in result.problems}
     assert reasons == {
         "latest": f"a link to {(tmp_path / 'disk' / 'day2').resolve()}, a folder already read",
         "day1/up": f"a link to {flat.resolve()}, a folder already read",
+        "a_day1": f"a link to {(flat / 'day1').resolve()}, a folder already read",
         "unmounted.mp4": f"a link to {tmp_path / 'nas' / 'unmounted.mp4'}, which does not exist",
         "unmounted.json": "its clip unmounted.mp4 was set aside",
     }
     # named where they sit in the input, not where the links point
-    assert {"day2/linked.mp4", "day2/linked.json"} < set(result.inputs)
+    assert {"day1/own.mp4", "day2/linked.mp4", "day2/linked.json"} < set(result.inputs)
     assert len(result.inputs) == 4 + len(result.set_aside)
     # a glob lists the dangling link too, for caption to report
     assert [c.clip_id for c in resolve_inputs(str(flat / "*.mp4"))] == ["unmounted"]
