@@ -24,6 +24,10 @@ TEMPLATES = Path(__file__).parent  # model_card.md.jinja, eval_card.md.jinja (pa
 TASK_TYPE = "video-text-to-text"
 TASK_NAME = "Dashcam clip labelling"
 TEST_MODEL_TAGS = ["test-model", "randomly-initialised"]
+# qwen-vl-utils, which the card's snippet samples frames with, resizes to multiples of its
+# `image_patch_size` (default 14) times its own SPATIAL_MERGE_SIZE (2), whatever the model's merge
+QWEN_VL_UTILS_PATCH_SIZE = 14
+QWEN_VL_UTILS_MERGE_SIZE = 2
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (LoRA on a 4-bit quantised base)"}
 # Licenses of base models we know; a fine-tune inherits its base model's terms.
 NVIDIA_OPEN_MODEL_LICENSE = {
@@ -341,7 +345,7 @@ def model_card(
     sampling = SamplingConfig(**{k: v for k, v in saved.items() if k in SamplingConfig.__dataclass_fields__})
     video_settings = ", ".join(f'"{name}": {getattr(sampling, name)!r}'
                                for name in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels"))
-    patch = sampling.factor // 2  # the vision patch: 14 for Qwen2.5-VL, qwen-vl-utils' default
+    patch = sampling.factor // QWEN_VL_UTILS_MERGE_SIZE  # the image_patch_size giving qwen-vl-utils the run's factor
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "model_card.md.jinja"),
@@ -356,7 +360,7 @@ def model_card(
         caption_command=caption_command,
         answer_format=train.get("answer_format"),
         video_settings=video_settings,
-        patch_argument="" if patch == 14 else f", image_patch_size={patch}",
+        patch_argument="" if patch == QWEN_VL_UTILS_PATCH_SIZE else f", image_patch_size={patch}",
         repetition_penalty=decoding.repetition_penalty,
         max_new_tokens=decoding.max_new_tokens,
         prompt_kind="the short prompt" if train.get("short_prompt") else "the full rubric",
