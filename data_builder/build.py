@@ -43,6 +43,7 @@ from avlabel.core.layouts import (
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames
 from avlabel.core.schema import label_to_row, read_label
+from avlabel.families import FAMILIES
 
 NAME = "build"
 SPLITS = ("train", "test")
@@ -85,7 +86,8 @@ class BuildArguments(SamplingArguments):
     )
     factor: int = field(
         default=SamplingConfig.factor,
-        metadata={"help": "Presampling: frame sides are multiples of this (28 for Qwen2.5-VL, 32 for Qwen3-VL)."},
+        metadata={"help": "Presampling: frame sides are multiples of this ("
+                  + ", ".join(f"{family.patch_factor()} for {family.title}" for family in FAMILIES.values()) + ")."},
     )
     crf: int = field(default=18, metadata={"help": "Presampling: H.264 quality (lower is better and larger)."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for probing (default: all cores)."})

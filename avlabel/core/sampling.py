@@ -8,8 +8,8 @@ with different frames in training than in inference. The rules are Qwen's (the
   number of frames in the file, rounded down to an even number (Qwen's temporal patch
   merges two frames);
 * frame positions: evenly spaced from the first to the last frame, rounded;
-* frame size: both sides multiples of the patch factor (28 for Qwen2.5-VL, 32 for
-  Qwen3-VL), aspect ratio kept, pixel count within [min_pixels, max_pixels].
+* frame size: both sides multiples of the patch factor (the model family's:
+  avlabel/families), aspect ratio kept, pixel count within [min_pixels, max_pixels].
 
 Decoding uses PyAV, which bundles FFmpeg and so reads H.264, HEVC, VP9, AV1 and 10-bit
 files the same on every machine. Real-world quirks are handled here: variable frame
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from avlabel.families import DEFAULT_FAMILY, FAMILIES, family_of
+
 SAMPLING_FILE = "sampling_config.json"  # in a model folder: the sampling it was trained with
 TEMPORAL_PATCH = 2  # Qwen2.5-VL / Qwen3-VL merge two consecutive frames into one token grid
 
@@ -48,6 +50,12 @@ class VideoError(RuntimeError):
 
 
 SAMPLING_FLAGS = ("fps", "max_frames", "min_pixels", "max_pixels")
+
+
+def _family_budgets(name: str) -> str:
+    """Each family's default `min_pixels` or `max_pixels` as tokens x factor x factor, for the flags' help."""
+    return ", ".join(f"{defaults[name] // defaults['factor'] ** 2}*{defaults['factor']}*{defaults['factor']} for {family.title}"
+                     for family in FAMILIES.values() for defaults in [family.sampling_defaults()])
 
 
 @dataclass
@@ -67,12 +75,12 @@ class SamplingArguments:
     min_pixels: int | None = field(
         default=None,
         metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else its family's: "
-                  "128*28*28 for Qwen2.5-VL, 128*32*32 for Qwen3-VL)."},
+                  f"{_family_budgets('min_pixels')})."},
     )
     max_pixels: int | None = field(
         default=None,
         metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else its family's: "
-                  "252x448 for 16:9 with Qwen2.5-VL, 288x512 with Qwen3-VL)."},
+                  f"{_family_budgets('max_pixels')})."},
     )
 
     def sampling_overrides(self) -> dict:
@@ -89,14 +97,15 @@ class SamplingArguments:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How frames are taken from a clip. Defaults are the Cosmos recipe's (2 fps, 252x448 for 16:9)."""
+    """How frames are taken from a clip. Defaults are the Cosmos recipe's: 2 fps, and the pixel budget and
+    patch factor of its model family (`DEFAULT_FAMILY`: 252x448 for 16:9)."""
 
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
-    min_pixels: int = 128 * 28 * 28  # Qwen's video minimum (128 tokens a frame)
-    max_pixels: int = 16 * 9 * 28 * 28  # the recipe's budget: 252x448 for a 16:9 clip
-    factor: int = 28  # patch size x spatial merge: 14x2 for Qwen2.5-VL, 16x2 for Qwen3-VL
+    min_pixels: int = DEFAULT_FAMILY.sampling_defaults()["min_pixels"]
+    max_pixels: int = DEFAULT_FAMILY.sampling_defaults()["max_pixels"]
+    factor: int = DEFAULT_FAMILY.sampling_defaults()["factor"]  # frame sides are multiples of this
 
     @classmethod
     def for_model(cls, model_config, *sources: str | Path | None, **overrides) -> SamplingConfig:
@@ -107,8 +116,6 @@ class SamplingConfig:
         in order (an adapter before its base model); overrides that are None are ignored; the
         patch factor always comes from the model's family (avlabel/families).
         """
-        from avlabel.families import family_of
-
         defaults = family_of(model_config).sampling_defaults(model_config)
         saved = next((found for found in map(_saved_sampling, filter(None, sources)) if found is not None), {})
         given = {name: value for name, value in overrides.items() if value is not None}

@@ -17,8 +17,10 @@ from .qwen2_5_vl import QWEN2_5_VL
 from .qwen3_vl import QWEN3_VL
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (QWEN2_5_VL, QWEN3_VL)}
+# the Cosmos recipe's (Reason 1): frames are sampled at its defaults when no model is known
+DEFAULT_FAMILY = QWEN2_5_VL
 
-__all__ = ["FAMILIES", "Family", "bnb_quantization", "family_of", "load_model"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "bnb_quantization", "family_of", "load_model"]
 
 
 def family_of(source) -> Family:

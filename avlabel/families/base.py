@@ -105,13 +105,16 @@ class Family:
 
     # -- frames --------------------------------------------------------------------------
 
-    def patch_factor(self, config) -> int:
-        """Frame sides are multiples of this: patch size x spatial merge (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+    def patch_factor(self, config=None) -> int:
+        """Frame sides are multiples of this: patch size x spatial merge (28 for Qwen2.5-VL, 32 for Qwen3-VL),
+        from a model's config, or without one the family's own."""
+        if config is None:
+            return self.patch_size * self.merge_size
         vision = config.vision_config
         return vision.patch_size * vision.spatial_merge_size
 
-    def sampling_defaults(self, config) -> dict[str, int]:
-        """The patch factor and pixel budget frames are sampled at when nothing else says."""
+    def sampling_defaults(self, config=None) -> dict[str, int]:
+        """The patch factor and pixel budget frames are sampled at when nothing else says (`patch_factor`)."""
         factor = self.patch_factor(config)
         return {"factor": factor, "min_pixels": self.min_tokens_per_frame * factor**2,
                 "max_pixels": self.max_tokens_per_frame * factor**2}
