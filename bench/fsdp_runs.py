@@ -68,9 +68,9 @@ def model_config(tiny_dir: Path | None = None):
 
 
 def sampling_for(config):
-    from avlabel.train.sft import TrainScriptArguments, sampling_config
+    from avlabel.train.sft import TrainScriptArguments
 
-    return sampling_config(TrainScriptArguments(**SAMPLING), config)
+    return TrainScriptArguments(**SAMPLING).resolve_sampling(config)
 
 
 # ----------------------------------------------------------------------------- prepare (CPU, with PyAV)

@@ -168,10 +168,10 @@ def run_sampling(model_dir: Path, tiny: bool):
     """The frame sampling the training run will resolve (the same function, the same arguments)."""
     from transformers import AutoConfig
 
-    from avlabel.train.sft import TrainScriptArguments, sampling_config
+    from avlabel.train.sft import TrainScriptArguments
 
-    return sampling_config(TrainScriptArguments(**(TINY_SAMPLING if tiny else {})), AutoConfig.from_pretrained(model_dir),
-                           str(model_dir))
+    script_args = TrainScriptArguments(**(TINY_SAMPLING if tiny else {}))
+    return script_args.resolve_sampling(AutoConfig.from_pretrained(model_dir), str(model_dir))
 
 
 def random_frames(sampling):

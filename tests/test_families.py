@@ -164,6 +164,31 @@ def test_default_frames_have_the_recipes_token_budget(family):
     assert {"qwen2_5_vl": (252, 448), "qwen3_vl": (288, 512)}[family] == (height, width)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_video_processor_gets_a_pixel_budget_only_where_it_reads_one_per_frame(tiny_model_of, family):
+    """`per_frame_video_size` checked against transformers: a per-frame budget of 16 tokens keeps 8 frames of
+    4x4 tokens each; read as one clip's budget, it shrinks them. The export sets it only where it is per frame."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from avlabel.core.sampling import SamplingConfig
+
+    adapter = ADAPTERS[family]
+    video = AutoProcessor.from_pretrained(tiny_model_of(family)).video_processor
+    factor = adapter.patch_factor()
+    sampling = SamplingConfig(fps=1.0, min_frames=2, max_frames=8, min_pixels=factor**2, max_pixels=16 * factor**2,
+                              factor=factor)
+    adapter.configure_video_processor(video, sampling)
+    assert (video.do_sample_frames, video.fps, video.min_frames, video.max_frames) == (True, 1.0, 2, 8)
+    budget = {"shortest_edge": sampling.min_pixels, "longest_edge": sampling.max_pixels}
+    assert ({k: video.size[k] for k in budget} == budget) == adapter.per_frame_video_size
+
+    video.size = budget
+    frames = np.zeros((8, 4 * factor, 4 * factor, 3), np.uint8)
+    grid = video(videos=[frames], do_sample_frames=False, return_tensors="pt")["video_grid_thw"][0].tolist()
+    assert (grid[1:] == [4 * adapter.merge_size] * 2) == adapter.per_frame_video_size, grid
+
+
 @pytest.mark.parametrize("name", list(BENCH_CONFIGS))
 def test_bench_configs_are_the_published_architectures(name):
     """The benchmark configs build, with random weights, the architectures of the checkpoints they stand for."""

@@ -68,16 +68,18 @@ def test_saved_processor_takes_the_trained_frames_in_plain_transformers(case, ti
 
     from avlabel.core.prompts import PROMPTS_FILE, load_prompts
     from avlabel.core.sampling import SamplingConfig, sample_frames
+    from avlabel.families import family_of
     from avlabel.infer.engine import ClipPreparer
     from avlabel.train.export import save_processor
 
     clip, settings = _clips(synthetic_raw_dir)[case]
-    sampling = SamplingConfig.for_model(AutoConfig.from_pretrained(tiny_model_dir), **settings)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    sampling = SamplingConfig.for_model(config, **settings)
     prompts = load_prompts(short=True)
     base = AutoProcessor.from_pretrained(tiny_model_dir)
-    save_processor(base, tmp_path, sampling, prompts)
+    save_processor(base, tmp_path, sampling, prompts, family_of(config))
     assert json.loads((tmp_path / PROMPTS_FILE).read_text()) == {"system": prompts.system, "user": prompts.user}
-    assert SamplingConfig.for_model(AutoConfig.from_pretrained(tiny_model_dir), tmp_path) == sampling
+    assert SamplingConfig.for_model(config, tmp_path) == sampling
 
     sampled = sample_frames(clip, sampling)
     plain = _video_inputs(AutoProcessor.from_pretrained(tmp_path), clip, prompts.user)

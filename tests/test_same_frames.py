@@ -37,12 +37,12 @@ def test_training_and_captioning_see_the_same_clip(tiny_model_of, family, first_
     from avlabel.infer.engine import ClipPreparer, chat_text
     from avlabel.infer.settings import GenerationSettings
     from avlabel.train.collator import FrameCache, VideoSFTCollator
-    from avlabel.train.sft import TrainScriptArguments, sampling_config
+    from avlabel.train.sft import TrainScriptArguments
 
     tiny_model_dir = tiny_model_of(family)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    train_sampling = sampling_config(TrainScriptArguments(), config, str(tiny_model_dir))
+    train_sampling = TrainScriptArguments().resolve_sampling(config, str(tiny_model_dir))
     caption_sampling = GenerationSettings().sampling(config, str(tiny_model_dir))
     assert caption_sampling == train_sampling and train_sampling.max_frames == 4  # the tiny model's own
     prompts = load_prompts()

@@ -41,10 +41,10 @@ def _collator(model_dir, cache_dir=None, **kwargs):
 
     sampling = kwargs.pop("sampling", None)
     if sampling is None:
-        from avlabel.train.sft import TrainScriptArguments, sampling_config
+        from avlabel.train.sft import TrainScriptArguments
 
         # the model folder's own sampling (the tiny model's: 4 frames of at most 112x112), as training takes it
-        sampling = sampling_config(TrainScriptArguments(), AutoConfig.from_pretrained(model_dir), str(model_dir))
+        sampling = TrainScriptArguments().resolve_sampling(AutoConfig.from_pretrained(model_dir), str(model_dir))
     processor = kwargs.pop("processor", None) or AutoProcessor.from_pretrained(model_dir)
     return VideoSFTCollator(
         processor=processor, prompts=load_prompts(short=kwargs.pop("short", True)), frames=FrameCache(cache_dir, sampling),

@@ -37,9 +37,9 @@ def _training_batch(model_dir, dataset_dir, rows: int = 1) -> dict:
 
     from avlabel.core.prompts import load_prompts
     from avlabel.train.collator import FrameCache, VideoSFTCollator
-    from avlabel.train.sft import TrainScriptArguments, sampling_config
+    from avlabel.train.sft import TrainScriptArguments
 
-    sampling = sampling_config(TrainScriptArguments(**WIDE_FRAMES), AutoConfig.from_pretrained(model_dir), str(model_dir))
+    sampling = TrainScriptArguments(**WIDE_FRAMES).resolve_sampling(AutoConfig.from_pretrained(model_dir), str(model_dir))
     collator = VideoSFTCollator(processor=AutoProcessor.from_pretrained(model_dir), prompts=load_prompts(short=True),
                                 frames=FrameCache(None, sampling), family=family_of(model_dir), answer_format="plain")
     dataset = load_dataset(str(dataset_dir), split="train", download_mode="force_redownload")

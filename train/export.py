@@ -21,26 +21,21 @@ from pathlib import Path
 
 from avlabel.core.prompts import Prompts
 from avlabel.core.sampling import SamplingConfig
+from avlabel.families import Family, family_of
 
 
-def save_processor(processor, folder: str | Path, sampling: SamplingConfig, prompts: Prompts) -> None:
+def save_processor(processor, folder: str | Path, sampling: SamplingConfig, prompts: Prompts, family: Family) -> None:
     """Save, beside a model, the processor set to the trained frame sampling, the sampling and the prompts.
 
-    The video processor's config gets the trained fps, frame limits and pixel budget with
-    `do_sample_frames: true`, where plain transformers reads them: `AutoProcessor.from_pretrained`
-    on a clip path (the model card's snippet) then takes the trained number of frames at the
-    trained size. Its frame positions are transformers' own and can differ a little from
+    The video processor's config gets the trained fps, frame limits and pixel budget (those its
+    `family` can take) with `do_sample_frames: true`, where plain transformers reads them:
+    `AutoProcessor.from_pretrained` on a clip path (the model card's snippet) then takes the
+    trained number of frames at the trained size. Its frame positions are transformers' own and can differ a little from
     `sample_frames`' (README, "Using the model without avlabel"). `sampling_config.json` keeps the
     exact settings for avlabel, `prompts.json` the prompts the model learned to answer.
     """
-    from transformers import Qwen2VLVideoProcessor
-
     processor = copy.deepcopy(processor)  # the run's own processor keeps sampling nothing itself
-    video = processor.video_processor
-    video.do_sample_frames = True
-    video.fps, video.min_frames, video.max_frames = sampling.fps, sampling.min_frames, sampling.max_frames
-    if isinstance(video, Qwen2VLVideoProcessor):  # Qwen2-VL, Qwen2.5-VL: a per-frame budget, as sample_frames'
-        video.size = {"shortest_edge": sampling.min_pixels, "longest_edge": sampling.max_pixels}
+    family.configure_video_processor(processor.video_processor, sampling)
     processor.save_pretrained(folder)
     sampling.save(folder)
     prompts.save(folder)
@@ -70,18 +65,19 @@ def export_model(trainer, processor, model_args, output_dir: Path, method: str, 
     # adapter is saved from this too.
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    family = family_of(model)
     if peft:
         adapter_dir = output_dir / "adapter"
         if is_main:
             model.save_pretrained(adapter_dir, state_dict=state_dict)  # PEFT keeps only the adapter's weights
-            save_processor(processor, adapter_dir, sampling, prompts)
+            save_processor(processor, adapter_dir, sampling, prompts, family)
             if merged:
                 merge_adapter(model_args.model_name_or_path, adapter_dir, output_dir / "merged", model_args.model_revision)
-                save_processor(processor, output_dir / "merged", sampling, prompts)
+                save_processor(processor, output_dir / "merged", sampling, prompts, family)
     elif is_main:
         state_dict = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
         model.save_pretrained(output_dir / "merged", state_dict=state_dict)
-        save_processor(processor, output_dir / "merged", sampling, prompts)
+        save_processor(processor, output_dir / "merged", sampling, prompts, family)
         # save_pretrained records the dtype of the parameters in memory (fp32 master weights)
         config = type(model.config).from_pretrained(output_dir / "merged")
         for part in (config, *(getattr(config, name) for name in config.sub_configs)):
@@ -129,7 +125,7 @@ def export_checkpoint(args: ExportArguments) -> Path:
     from avlabel.families import load_model
     from avlabel.infer.constrained import ANSWER_FILE
 
-    from .sft import make_parser, method_of, sampling_config
+    from .sft import make_parser, method_of
 
     checkpoint = Path(args.checkpoint)
     recipe = checkpoint.parent / "recipe.yaml"
@@ -162,7 +158,7 @@ def export_checkpoint(args: ExportArguments) -> Path:
     model.save_pretrained(out)
     prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
     save_processor(AutoProcessor.from_pretrained(base_id, revision=revision), out,
-                   sampling_config(script_args, model.config, base_id), prompts)
+                   script_args.resolve_sampling(model.config, base_id), prompts, family_of(model))
     answer = checkpoint.parent / ANSWER_FILE  # written by training: the answer layout and text limits
     if answer.exists():
         shutil.copy(answer, out / ANSWER_FILE)

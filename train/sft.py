@@ -255,15 +255,6 @@ def default_lora_targets(model_args, family) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def sampling_config(script_args, model_config, model_name_or_path: str | None = None):
-    """The model folder's sampling (or the defaults), with the script's settings on top."""
-    from avlabel.core.sampling import SamplingConfig
-
-    return SamplingConfig.for_model(
-        model_config, model_name_or_path, **{name: getattr(script_args, name) for name in ("fps", "max_frames", "min_pixels", "max_pixels")}
-    )
-
-
 def load_splits(script_args, training_args):
     """(train, eval or None) from the builder's dataset, with the `video` column left undecoded."""
     from datasets import Video
@@ -440,7 +431,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     collator = VideoSFTCollator(
         processor=processor,
         prompts=prompts,
-        frames=FrameCache(cache_dir, sampling_config(script_args, model.config, model_args.model_name_or_path)),
+        frames=FrameCache(cache_dir, script_args.resolve_sampling(model.config, model_args.model_name_or_path)),
         family=family,
         max_length=training_args.max_length,
         answer_format=script_args.answer_format,

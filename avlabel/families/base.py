@@ -70,6 +70,9 @@ class Family:
     video_keys: tuple[str, ...]  # per-video processor outputs: concatenated over a batch, never padded
     rope_keys: tuple[str, ...]  # the batch entries `get_rope_index` reads
     projector_prefixes: tuple[str, ...]  # vision-tower layers that feed the language model (trained with it)
+    # whether its video processor's `size` bounds each frame's pixels, as a SamplingConfig's budget does
+    # (else it bounds a whole clip's, frames x height x width, and no per-frame budget can be set there)
+    per_frame_video_size: bool
     # per-token processor outputs, padded to a batch's longest row
     sequence_keys: tuple[str, ...] = ("input_ids", "attention_mask", "mm_token_type_ids")
     lora_target_modules: str = LANGUAGE_LINEAR_LAYERS
@@ -118,6 +121,15 @@ class Family:
         factor = self.patch_factor(config)
         return {"factor": factor, "min_pixels": self.min_tokens_per_frame * factor**2,
                 "max_pixels": self.max_tokens_per_frame * factor**2}
+
+    def configure_video_processor(self, video_processor, sampling) -> None:
+        """Make a video processor sample frames itself as `sampling` does: its fps and frame limits, and its
+        pixel budget where `size` is a per-frame one (`per_frame_video_size`)."""
+        video_processor.do_sample_frames = True
+        video_processor.fps, video_processor.min_frames = sampling.fps, sampling.min_frames
+        video_processor.max_frames = sampling.max_frames
+        if self.per_frame_video_size:
+            video_processor.size = {"shortest_edge": sampling.min_pixels, "longest_edge": sampling.max_pixels}
 
     def video_placeholder(self, processor, grid_thw: tuple[int, int, int], sample_fps: float) -> str:
         """The text the processor writes in a video's place, for a video of `grid_thw` patches sampled at `sample_fps`.

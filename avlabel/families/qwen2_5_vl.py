@@ -20,4 +20,5 @@ QWEN2_5_VL = Family(
     video_keys=("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),
     rope_keys=("input_ids", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts", "attention_mask"),
     projector_prefixes=("merger.",),
+    per_frame_video_size=True,
 )

@@ -22,4 +22,5 @@ QWEN3_VL = Family(
     video_keys=("pixel_values_videos", "video_grid_thw"),
     rope_keys=("input_ids", "mm_token_type_ids", "video_grid_thw", "attention_mask"),
     projector_prefixes=("merger.", "deepstack_merger_list."),
+    per_frame_video_size=False,
 )
