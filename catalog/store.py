@@ -8,7 +8,7 @@ cover DuckDB up to 1.4.4. SQLite also gives what a catalog needs beyond search: 
 tables whose CHECK constraints hold the schema's category lists, incremental upserts, WAL
 for readers beside a writer, and a single file that any tool opens.
 
-Tables (all derived from `data_builder.schema.FIELDS`, never a hand-written field list):
+Tables (all derived from `avlabel.core.schema.FIELDS`, never a hand-written field list):
   sources       one row per indexed caption run or human-label dataset, with its provenance
   annotations   one row per (source, clip): provenance columns + one typed column per field, and
                 the model's confidence (probability of its answer) per closed field and per clip

@@ -2,7 +2,7 @@
 
 The gallery is one HTML file with everything inline (CSS, thumbnails as base64 JPEG), so it
 can be mailed, attached to an issue or opened offline. Each clip shows a strip of frames
-taken by the project's own sampler (`data_builder.sampling.sample_frames`, the frames the
+taken by the project's own sampler (`avlabel.core.sampling.sample_frames`, the frames the
 model sees, at thumbnail size), the caption's fields with full-text matches marked, the
 human label beside it where the catalog has one, and the closed fields on which the two
 disagree highlighted. Free text is not flagged: a different wording is not a disagreement

@@ -349,7 +349,7 @@ def _hub_id(value: str | None) -> str | None:
 
 
 def _is_test_model(*config_dirs: Path | None) -> bool:
-    """The tiny model writes `test_model_note` into its config.json (train/tiny_model.py)."""
+    """The tiny model writes `test_model_note` into its config.json (avlabel/demo/tiny_model.py)."""
     for folder in config_dirs:
         config = folder / "config.json" if folder else None
         if config and config.is_file():

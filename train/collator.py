@@ -5,7 +5,7 @@ becomes training input:
 
 * the conversation is the one inference uses (system prompt, user turn with the video
   and the rubric, assistant turn with the label as JSON);
-* frames come from `data_builder.sampling.sample_frames` only, at the model's patch
+* frames come from `avlabel.core.sampling.sample_frames` only, at the model's patch
   factor, and reach the processor as they are (`do_sample_frames=False`,
   `do_resize=False`, with the sampling rate as metadata);
 * labels are -100 everywhere except the assistant's answer, found through the chat
