@@ -2,8 +2,8 @@
 
 The YAML is written the way `Dataset.push_to_hub` writes it (`DatasetInfosDict` and `MetadataConfigs` fill
 the card data), so `load_dataset` reads features and splits from it without warnings. The features also go
-into the config itself: the JSON metadata files alone would give `int64` and untyped empty lists. Nothing in
-the card depends on the time or on local paths, so the same rows give the same bytes.
+into the config itself, which `load_dataset` takes them from; the Parquet metadata files state the same types.
+Nothing in the card depends on the time or on local paths, so the same rows give the same bytes.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ class GenerationSettings(SamplingArguments):
     """Everything that changes what the model writes for a clip (recorded with every caption).
 
     The frame sampling flags come from SamplingArguments: unset takes the model's own (sampling_config.json
-    in the model or adapter folder, saved by training), else the recipe's 2 fps / 252x448. Records store
-    the resolved values.
+    in the model or adapter folder, saved by training), else its family's defaults: 2 fps at 16x9 tokens a
+    frame (252x448 for a 16:9 clip on Qwen2.5-VL, the recipe's; 288x512 on Qwen3-VL). Records store the
+    resolved values.
     """
 
     temperature: float = field(default=0.1, metadata={"help": "Sampling temperature; 0 decodes greedily."})

@@ -53,12 +53,12 @@ LAYOUTS = ("auto", "dataset", "recipe", "manifest", "file", "flat")
 SEARCHED = (
     f"a built dataset (<split>/{METADATA_NAME}), the recipe layout (videos/ + metas/), a manifest "
     f"({', '.join(MANIFEST_EXTENSIONS)}), a clip or glob, and a flat folder of clips "
-    f"({', '.join(VIDEO_EXTENSIONS)}) with <id>.json labels"
+    f"({', '.join(VIDEO_EXTENSIONS)}) with <id>.json or <id>{LABEL_SUFFIX} labels"
 )
 # Where a layout expects a clip's missing partner, for the builder's report.
-EXPECTED_LABEL = {"recipe": f"metas/{{id}}{LABEL_SUFFIX}", "flat": "{id}.json or {id}.label.json",
-                  "file": "{id}.json beside the clip", "manifest": "a `label` in its manifest line",
-                  "dataset": "the label columns"}  # fmt: skip
+EXPECTED_LABEL = {"recipe": f"metas/{{id}}{LABEL_SUFFIX}", "flat": f"{{id}}.json or {{id}}{LABEL_SUFFIX}",
+                  "file": f"{{id}}{LABEL_SUFFIX} or {{id}}.json beside the clip",
+                  "manifest": "a `label` in its manifest line", "dataset": "the label columns"}  # fmt: skip
 EXPECTED_VIDEO = {"recipe": f"videos/{{id}}{CAMERA_SUFFIX}.mp4", "flat": "{id}.mp4 (or another clip extension)",
                   "file": "{id}.mp4", "manifest": "a `video` in its manifest line", "dataset": "a `video` column"}
 
