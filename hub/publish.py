@@ -54,6 +54,7 @@ import yaml
 
 from avlabel.core.errors import UsageError
 from avlabel.core.layouts import METADATA_NAME, is_hub_id
+from avlabel.eval.metric_bundle import METRIC_DIR
 
 NAME = "publish"
 DATASET_LAYOUTS = ("auto", "folders", "parquet")
@@ -65,7 +66,6 @@ MAX_REPO_FILES = 100_000  # the Hub's bound on files in one repository
 # its commits itself; 500 is between the Hub's advice (under 100) and the largest batch
 # huggingface_hub's own multi-commit upload makes (1,000).
 FILES_PER_COMMIT = 500
-METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "av_label_metric"
 MODEL_SKIP = {  # what a weights folder may hold that is not part of a model repo
     "training_args.bin": "pickled training arguments (may hold a hub token)",
     "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "trainer_state.json": "checkpoint state",
