@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core.sampling import SamplingConfig, VideoError, sample_frames
-from avlabel.core.schema import FIELDS
+from avlabel.core.schema import FIELDS, SUMMARY_FIELDS
 
 from .query import Hit, SearchResult
 
@@ -140,8 +140,7 @@ def print_result(result: SearchResult, file=None, width: int | None = None) -> N
     console.print(Text(f"{result.total} matching · {_plain_query(result.query)} · {result.seconds * 1000:.0f} ms",
                        style="italic"))
     for rank, hit in enumerate(result.hits, 1):
-        fields = " · ".join(_short(hit.label.get(name)) for name in
-                            ("weather", "lighting", "driving_difficulty", "interactive_expanded_metaaction"))
+        fields = " · ".join(_short(hit.label.get(name)) for name in SUMMARY_FIELDS)
         line = Text.assemble((f"{rank:>2}. ", "dim"), (hit.clip_id, "bold"), f"  {hit.source}  {hit.score:.3g}  {fields}")
         if hit.kind != "human":
             disagree = ", ".join(hit.disagreements) if hit.human is not None else "(no human label)"

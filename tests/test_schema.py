@@ -33,6 +33,10 @@ def test_schema_has_the_recipe_fields_and_categories():
     nullable = {f.name for f in schema.FIELDS if f.nullable}
     assert nullable == {"additional_traffic_rules", "additional_map_rules", "interactive_expanded_metaaction"}
     assert all(f.question.endswith("?") for f in schema.FIELDS)
+    # every field is free text or closed; the summary (catalog lines, card charts) counts closed values
+    assert set(schema.TEXT_FIELD_NAMES) | set(schema.CLOSED_FIELD_NAMES) == set(schema.FIELD_NAMES)
+    assert not set(schema.TEXT_FIELD_NAMES) & set(schema.CLOSED_FIELD_NAMES)
+    assert set(schema.SUMMARY_FIELDS) <= set(schema.CLOSED_FIELD_NAMES)
 
 
 @pytest.mark.parametrize(

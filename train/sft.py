@@ -293,9 +293,10 @@ def answer_config(dataset, answer_format: str):
     """The answer layout training writes, with text limits from the longest human answers of the split."""
     from datasets import IterableDataset
 
-    from avlabel.infer.constrained import TEXT_FIELDS, AnswerConfig
+    from avlabel.core.schema import TEXT_FIELD_NAMES
+    from avlabel.infer.constrained import AnswerConfig
 
-    labels = dataset.select_columns(list(TEXT_FIELDS))
+    labels = dataset.select_columns(list(TEXT_FIELD_NAMES))
     # a streamed split is read only this far: the longest answers of a large sample bound the rest well enough
     return AnswerConfig.from_labels(labels.take(10_000) if isinstance(labels, IterableDataset) else labels, answer_format)
 

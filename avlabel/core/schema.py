@@ -182,6 +182,9 @@ FIELDS: tuple[LabelField, ...] = (
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 CLOSED_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS if f.closed)  # the fields with a fixed answer set
+TEXT_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS if f.kind == "text")  # the free-text fields
+# The closed fields that sum a clip up at a glance: the catalog's one line per hit, the dataset card's charts.
+SUMMARY_FIELDS: tuple[str, ...] = ("weather", "lighting", "driving_difficulty", "interactive_expanded_metaaction")
 WHOLE_LABEL = "<label>"  # where problems of the label as a whole (not one field) are reported
 FIELDS_BY_NAME: dict[str, LabelField] = {f.name: f for f in FIELDS}
 
