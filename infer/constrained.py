@@ -12,7 +12,7 @@ the right to replace it (the batched engine drives them through `ConstrainedRows
   the longest human answer of that field in the training split; a model without one gets
   `DEFAULT_MAX_CHARS`; `--max_text_chars` overrides both.
 * `label_grammar`: the label as an EBNF grammar (xgrammar's dialect). It is written from
-  the schema here, not converted from `schema.json_schema()`, because the converter can't
+  the schema here, not converted from a JSON Schema, because xgrammar's converter can't
   express three things a valid label needs: the exact layout `format_answer` trains (a
   fenced, indented block), length-bounded strings that still allow JSON escapes, and a
   first character that is not blank in required text (`check_label` rejects blank text).

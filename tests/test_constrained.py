@@ -23,6 +23,7 @@ from avlabel.infer import constrained
 from avlabel.infer.confidence import value_spans
 from avlabel.infer.parse import parse_output
 from constrained_reference import batched_decode, per_row_decode
+from eval_labels import load_label_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "infer" / "tiny.yaml"
@@ -55,8 +56,6 @@ def _json_of(text: str) -> dict:
 
 
 def _synthetic_labels(raw_dir: Path) -> list[dict]:
-    from avlabel.core.schema import load_label_file
-
     return [load_label_file(path) for path in sorted((raw_dir / "metas").glob("*.label.json"))]
 
 

@@ -357,14 +357,6 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
     return label, extra, None
 
 
-def load_label_file(path: str | Path) -> dict[str, Any]:
-    """Read and normalise a `<id>.label.json` file (keys beyond the schema dropped); errors name the file."""
-    label, _, reason = read_label(Path(path))
-    if reason:
-        raise LabelError({WHOLE_LABEL: [reason]}, str(path))
-    return label
-
-
 def label_to_json(label: dict[str, Any], indent: int | None = None) -> str:
     """Serialise a label with the fields in schema order (the order the prompt asks for)."""
     return json.dumps({name: label.get(name) for name in FIELD_NAMES}, ensure_ascii=False, indent=indent)
@@ -412,25 +404,3 @@ def row_to_label(row: dict[str, Any]) -> dict[str, Any]:
         label[f.name] = value
     return label
 
-
-def json_schema() -> dict:
-    """JSON Schema of a label, for constrained decoding and for documentation."""
-    props: dict[str, dict] = {}
-    for f in FIELDS:
-        if f.kind in ("category", "boolean"):
-            prop: dict = {"type": "string", "enum": list(f.choices)}
-        elif f.kind == "difficulty":
-            prop = {"type": "integer", "enum": [int(c) for c in f.choices]}
-        elif f.kind == "multi_category":
-            prop = {"type": "array", "items": {"type": "string", "enum": list(f.choices)}, "uniqueItems": True}
-        else:
-            prop = {"type": "string"}
-        if f.nullable:
-            prop = {"anyOf": [prop, {"type": "null"}]}
-        props[f.name] = prop
-    return {
-        "type": "object",
-        "properties": props,
-        "required": list(FIELD_NAMES),
-        "additionalProperties": False,
-    }
