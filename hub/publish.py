@@ -48,7 +48,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 
@@ -57,7 +57,8 @@ from avlabel.core.layouts import METADATA_NAME, is_hub_id
 from avlabel.eval.metric_bundle import METRIC_DIR
 
 NAME = "publish"
-DATASET_LAYOUTS = ("auto", "folders", "parquet")
+DatasetLayout = Literal["auto", "folders", "parquet"]  # the type of --dataset_layout
+DATASET_LAYOUTS: tuple[DatasetLayout, ...] = get_args(DatasetLayout)
 CLIPS_PER_FOLDER = 1_000  # well under the Hub's 10,000 entries per folder, and quick to browse
 MAX_FOLDER_ENTRIES = 10_000  # the Hub refuses a commit that leaves a folder with more
 MAX_REPO_FILES = 100_000  # the Hub's bound on files in one repository
@@ -114,7 +115,7 @@ class PublishArguments:
         default=None,
         metadata={"help": "Hub dataset repo for --dataset_dir; also named in the model card as the training data."},
     )
-    dataset_layout: Literal["auto", "folders", "parquet"] = field(
+    dataset_layout: DatasetLayout = field(
         default="auto",
         metadata={"help": "folders: each clip an .mp4 in <split>/NNN/ folders of at most --clips_per_folder, beside "
                   "<split>/metadata.parquet; parquet: data/<split>-NNNNN-of-NNNNN.parquet shards with the clips "

@@ -42,12 +42,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from avlabel.core.schema import FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES, LabelField
 
 ANSWER_FILE = "answer_config.json"  # in a model folder, beside sampling_config.json
-DEFAULT_FORMAT = "fenced"  # training's default answer_format
+AnswerFormat = Literal["fenced", "plain"]  # the answer layouts (LAYOUTS below); the type of an --answer_format flag
+DEFAULT_FORMAT: AnswerFormat = "fenced"  # training's default answer_format
 DEFAULT_MAX_CHARS = 2000  # a free-text field of a model that saved no limits
 TEXT_LIMIT_FACTOR = 2  # data-derived limit: this many times the longest human answer of the field
 MIN_MAX_CHARS = 32  # floor of a data-derived limit (a field whose answers were short or all null)
@@ -69,7 +70,7 @@ class Layout:
     array_close: str
 
 
-LAYOUTS = {
+LAYOUTS: dict[AnswerFormat, Layout] = {
     "plain": Layout("{", ", ", ": ", "}", "[", ", ", "]"),  # json.dumps' default separators
     "fenced": Layout("```json\n{\n  ", ",\n  ", ": ", "\n}\n```", "[\n    ", ",\n    ", "\n  ]"),  # indent=2
 }

@@ -7,11 +7,11 @@ Every caption record stores them, and a rerun only skips clips captioned with th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from avlabel.core.sampling import SamplingArguments, SamplingConfig
 
-from .constrained import AnswerConfig
+from .constrained import AnswerConfig, AnswerFormat
 
 
 @dataclass
@@ -35,7 +35,7 @@ class GenerationSettings(SamplingArguments):
         metadata={"help": "Constrain decoding to the label grammar (xgrammar) and close the label within "
                   "--max_new_tokens: every answer is a valid label, fields cut short are listed in cut_fields."},
     )
-    answer_format: Literal["fenced", "plain"] | None = field(
+    answer_format: AnswerFormat | None = field(
         default=None,
         metadata={"help": "With --constrained: the answer's layout (default: the one the model was trained on, "
                   "from its answer_config.json, else fenced)."},

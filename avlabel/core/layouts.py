@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from .problems import InputError, Problem
 
@@ -49,7 +50,8 @@ MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".txt")
 # split and fail to load ("Metadata files ... have different features"). Parquet states them.
 METADATA_NAME = "metadata.parquet"
 EXTRA_COLUMN = "extra"  # a built dataset's column of label keys beyond the schema, as a JSON object
-LAYOUTS = ("auto", "dataset", "recipe", "manifest", "file", "flat")
+InputLayout = Literal["auto", "dataset", "recipe", "manifest", "file", "flat"]  # the type of a --layout flag
+LAYOUTS: tuple[InputLayout, ...] = get_args(InputLayout)
 SEARCHED = (
     f"a built dataset (<split>/{METADATA_NAME}), the recipe layout (videos/ + metas/), a manifest "
     f"({', '.join(MANIFEST_EXTENSIONS)}), a clip or glob, and a flat folder of clips "
