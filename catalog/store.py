@@ -8,7 +8,7 @@ cover DuckDB up to 1.4.4. SQLite also gives what a catalog needs beyond search: 
 tables whose CHECK constraints hold the schema's category lists, incremental upserts, WAL
 for readers beside a writer, and a single file that any tool opens.
 
-Tables (all derived from `data_builder.schema.FIELDS`, never a hand-written field list):
+Tables (all derived from `avlabel.core.schema.FIELDS`, never a hand-written field list):
   sources       one row per indexed caption run or human-label dataset, with its provenance
   annotations   one row per (source, clip): provenance columns + one typed column per field, and
                 the model's confidence (probability of its answer) per closed field and per clip
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, LabelField
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES, LabelField
 
 # Bump when the layout below changes; a catalog written by another layout is refused.
 LAYOUT_VERSION = 2  # 2: the model's confidence per closed field and per clip
 
-TEXT_FIELDS = tuple(f.name for f in FIELDS if f.kind == "text")
+TEXT_FIELDS = TEXT_FIELD_NAMES  # still imported by catalog/index.py; drop once it imports TEXT_FIELD_NAMES
 MULTI_FIELDS = tuple(f.name for f in FIELDS if f.kind == "multi_category")
 
 
@@ -90,9 +90,9 @@ def _layout_sql() -> list[str]:
     fields = ",\n  ".join(column_sql(spec) for spec in FIELDS)
     # the model's probability of its answer: per closed field, and one for the clip (captions that record it)
     confidences = ",\n  ".join(_probability_sql(column) for column in ("clip_confidence", *CONFIDENCE_COLUMNS))
-    text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
-    new_values = ", ".join(f'new."{name}"' for name in TEXT_FIELDS)
-    old_values = ", ".join(f'old."{name}"' for name in TEXT_FIELDS)
+    text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELD_NAMES)
+    new_values = ", ".join(f'new."{name}"' for name in TEXT_FIELD_NAMES)
+    old_values = ", ".join(f'old."{name}"' for name in TEXT_FIELD_NAMES)
     statements = [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT) STRICT",
         """CREATE TABLE sources (

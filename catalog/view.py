@@ -2,7 +2,7 @@
 
 The gallery is one HTML file with everything inline (CSS, thumbnails as base64 JPEG), so it
 can be mailed, attached to an issue or opened offline. Each clip shows a strip of frames
-taken by the project's own sampler (`data_builder.sampling.sample_frames`, the frames the
+taken by the project's own sampler (`avlabel.core.sampling.sample_frames`, the frames the
 model sees, at thumbnail size), the caption's fields with full-text matches marked, the
 human label beside it where the catalog has one, and the closed fields on which the two
 disagree highlighted. Free text is not flagged: a different wording is not a disagreement
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core.sampling import SamplingConfig, VideoError, sample_frames
-from avlabel.core.schema import FIELDS
+from avlabel.core.schema import FIELDS, SUMMARY_FIELDS
 
 from .query import Hit, SearchResult
 
@@ -140,8 +140,7 @@ def print_result(result: SearchResult, file=None, width: int | None = None) -> N
     console.print(Text(f"{result.total} matching · {_plain_query(result.query)} · {result.seconds * 1000:.0f} ms",
                        style="italic"))
     for rank, hit in enumerate(result.hits, 1):
-        fields = " · ".join(_short(hit.label.get(name)) for name in
-                            ("weather", "lighting", "driving_difficulty", "interactive_expanded_metaaction"))
+        fields = " · ".join(_short(hit.label.get(name)) for name in SUMMARY_FIELDS)
         line = Text.assemble((f"{rank:>2}. ", "dim"), (hit.clip_id, "bold"), f"  {hit.source}  {hit.score:.3g}  {fields}")
         if hit.kind != "human":
             disagree = ", ".join(hit.disagreements) if hit.human is not None else "(no human label)"

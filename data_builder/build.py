@@ -34,11 +34,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 from avlabel.core.errors import UsageError
 from avlabel.core.layouts import (
-    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, read_inputs,
+    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout, read_inputs,
 )
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames
@@ -65,7 +64,7 @@ class BuildArguments(SamplingArguments):
                   "dataset built before."}
     )
     output_dir: str = field(metadata={"help": "Folder to write the dataset to. Re-running updates it in place."})
-    layout: Literal["auto", "dataset", "recipe", "manifest", "file", "flat"] = field(
+    layout: InputLayout = field(
         default="auto",
         metadata={"help": "Input layout; `auto` picks dataset, recipe (videos/ + metas/), manifest, file or flat."},
     )

@@ -2,8 +2,8 @@
 
 The YAML is written the way `Dataset.push_to_hub` writes it (`DatasetInfosDict` and `MetadataConfigs` fill
 the card data), so `load_dataset` reads features and splits from it without warnings. The features also go
-into the config itself: the JSON metadata files alone would give `int64` and untyped empty lists. Nothing in
-the card depends on the time or on local paths, so the same rows give the same bytes.
+into the config itself, which `load_dataset` takes them from; the Parquet metadata files state the same types.
+Nothing in the card depends on the time or on local paths, so the same rows give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .build import column_features, write_if_changed
-from avlabel.core.schema import FIELDS
+from avlabel.core.schema import FIELDS, SUMMARY_FIELDS
 
 CARD_NAME = "README.md"
 PLOT_NAME = "statistics.png"
 DEFAULT_TITLE = "Dashcam clips with driving-scene labels"
 TOP_RESOLUTIONS = 12
+PANEL_TITLES = {"interactive_expanded_metaaction": "Manoeuvres"}  # the other charts are titled by their field name
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -158,8 +159,6 @@ def plot_statistics(stats: dict, path: Path) -> None:
     """Histograms of duration and resolution and the main categories, as one PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    panels = [("weather", "Weather"), ("lighting", "Lighting"), ("driving_difficulty", "Driving difficulty"),
-              ("interactive_expanded_metaaction", "Manoeuvres")]  # fmt: skip
     figure = Figure(figsize=(15, 8))
     # fixed margins wide enough for the longest category name: constrained layout took a second per plot
     figure.subplots_adjust(left=0.16, right=0.98, top=0.95, bottom=0.07, wspace=0.75, hspace=0.3)
@@ -175,10 +174,10 @@ def plot_statistics(stats: dict, path: Path) -> None:
     top = list(stats["resolution"].items())[:TOP_RESOLUTIONS]
     axes[1].barh([name for name, _ in top][::-1], [sum(c.values()) for _, c in top][::-1])
     axes[1].set(title="Resolution (width x height)", xlabel="clips")
-    for axis, (name, title) in zip(axes[2:], panels):
+    for axis, name in zip(axes[2:], SUMMARY_FIELDS):
         table = stats["categories"][name]
         axis.barh(list(table)[::-1], [sum(c.values()) for c in table.values()][::-1])
-        axis.set(title=title, xlabel="clips")
+        axis.set(title=PANEL_TITLES.get(name, name.replace("_", " ").capitalize()), xlabel="clips")
         axis.tick_params(axis="y", labelsize=8)
     buffer = io.BytesIO()
     # no version stamp in the file: the same statistics give the same bytes

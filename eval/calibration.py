@@ -34,6 +34,7 @@ import numpy as np
 
 from avlabel.core import schema
 from avlabel.core.calibration import CALIBRATION_FILE, Calibration, logit, platt
+from avlabel.core.layouts import METADATA_NAME
 
 from .data import REFERENCES_HELP, Run
 
@@ -250,7 +251,7 @@ def main(args: CalibrateArguments) -> Calibration:
     run_path = Path(args.captions)
     folder = _model_folder(args, run_path)
     run = read_run(run_path, args.labels, args.split)
-    if args.split == "test" and any(Path(args.labels).glob("test/metadata.*")):
+    if args.split == "test" and (Path(args.labels) / "test" / METADATA_NAME).is_file():
         print(f"warning: fitting on the test split of {args.labels}: the report's ECE after calibration on that split "
               "will look better than it is; hold out other clips", file=sys.stderr)
     if not any(prediction.confidence_raw for prediction in run.predictions.values()):

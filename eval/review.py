@@ -217,13 +217,12 @@ def choose(args: ReviewArguments) -> Queue:
         problems += [Problem(c, "read", f"not in --other {args.other}; left out of the queue") for c in missing]
         for clip_id in missing:
             del candidates[clip_id]
-        closed = {f.name for f in schema.FIELDS if f.closed}
         for clip_id, candidate in candidates.items():
             theirs = other[clip_id].get("label") or {} if succeeded(other[clip_id]) else {}
             candidate.differing = differing_fields(candidate.label, theirs)
 
         def key(c: Candidate):
-            closed_differing = sum(name in closed for name in c.differing)
+            closed_differing = sum(name in schema.CLOSED_FIELD_NAMES for name in c.differing)
             return (-closed_differing, -len(c.differing), -(c.expected_wrong or 0), c.clip_id)
 
         order = "disagreement"

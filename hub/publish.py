@@ -48,15 +48,17 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 
 from avlabel.core.errors import UsageError
 from avlabel.core.layouts import METADATA_NAME, is_hub_id
+from avlabel.eval.metric_bundle import METRIC_DIR
 
 NAME = "publish"
-DATASET_LAYOUTS = ("auto", "folders", "parquet")
+DatasetLayout = Literal["auto", "folders", "parquet"]  # the type of --dataset_layout
+DATASET_LAYOUTS: tuple[DatasetLayout, ...] = get_args(DatasetLayout)
 CLIPS_PER_FOLDER = 1_000  # well under the Hub's 10,000 entries per folder, and quick to browse
 MAX_FOLDER_ENTRIES = 10_000  # the Hub refuses a commit that leaves a folder with more
 MAX_REPO_FILES = 100_000  # the Hub's bound on files in one repository
@@ -65,7 +67,6 @@ MAX_REPO_FILES = 100_000  # the Hub's bound on files in one repository
 # its commits itself; 500 is between the Hub's advice (under 100) and the largest batch
 # huggingface_hub's own multi-commit upload makes (1,000).
 FILES_PER_COMMIT = 500
-METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "av_label_metric"
 MODEL_SKIP = {  # what a weights folder may hold that is not part of a model repo
     "training_args.bin": "pickled training arguments (may hold a hub token)",
     "optimizer.pt": "optimizer state", "scheduler.pt": "scheduler state", "trainer_state.json": "checkpoint state",
@@ -114,7 +115,7 @@ class PublishArguments:
         default=None,
         metadata={"help": "Hub dataset repo for --dataset_dir; also named in the model card as the training data."},
     )
-    dataset_layout: Literal["auto", "folders", "parquet"] = field(
+    dataset_layout: DatasetLayout = field(
         default="auto",
         metadata={"help": "folders: each clip an .mp4 in <split>/NNN/ folders of at most --clips_per_folder, beside "
                   "<split>/metadata.parquet; parquet: data/<split>-NNNNN-of-NNNNN.parquet shards with the clips "
@@ -349,7 +350,7 @@ def _hub_id(value: str | None) -> str | None:
 
 
 def _is_test_model(*config_dirs: Path | None) -> bool:
-    """The tiny model writes `test_model_note` into its config.json (train/tiny_model.py)."""
+    """The tiny model writes `test_model_note` into its config.json (avlabel/demo/tiny_model.py)."""
     for folder in config_dirs:
         config = folder / "config.json" if folder else None
         if config and config.is_file():

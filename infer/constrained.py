@@ -12,7 +12,7 @@ the right to replace it (the batched engine drives them through `ConstrainedRows
   the longest human answer of that field in the training split; a model without one gets
   `DEFAULT_MAX_CHARS`; `--max_text_chars` overrides both.
 * `label_grammar`: the label as an EBNF grammar (xgrammar's dialect). It is written from
-  the schema here, not converted from `schema.json_schema()`, because the converter can't
+  the schema here, not converted from a JSON Schema, because xgrammar's converter can't
   express three things a valid label needs: the exact layout `format_answer` trains (a
   fenced, indented block), length-bounded strings that still allow JSON escapes, and a
   first character that is not blank in required text (`check_label` rejects blank text).
@@ -42,17 +42,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from avlabel.core.schema import FIELD_NAMES, FIELDS, LabelField
+from avlabel.core.schema import FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES, LabelField
 
 ANSWER_FILE = "answer_config.json"  # in a model folder, beside sampling_config.json
-DEFAULT_FORMAT = "fenced"  # training's default answer_format
+AnswerFormat = Literal["fenced", "plain"]  # the answer layouts (LAYOUTS below); the type of an --answer_format flag
+DEFAULT_FORMAT: AnswerFormat = "fenced"  # training's default answer_format
 DEFAULT_MAX_CHARS = 2000  # a free-text field of a model that saved no limits
 TEXT_LIMIT_FACTOR = 2  # data-derived limit: this many times the longest human answer of the field
 MIN_MAX_CHARS = 32  # floor of a data-derived limit (a field whose answers were short or all null)
 PLACEHOLDER = "..."  # the text of a required free-text field cut before its first character
-TEXT_FIELDS = tuple(spec.name for spec in FIELDS if spec.kind == "text")
 CUT_BY_BUDGET = "token budget"
 CUT_BY_LENGTH = "length limit"
 
@@ -70,7 +70,7 @@ class Layout:
     array_close: str
 
 
-LAYOUTS = {
+LAYOUTS: dict[AnswerFormat, Layout] = {
     "plain": Layout("{", ", ", ": ", "}", "[", ", ", "]"),  # json.dumps' default separators
     "fenced": Layout("```json\n{\n  ", ",\n  ", ": ", "\n}\n```", "[\n    ", ",\n    ", "\n  ]"),  # indent=2
 }
@@ -84,14 +84,14 @@ class AnswerConfig:
     """The layout a model writes its answer in, and the longest text of each free-text field."""
 
     answer_format: str = DEFAULT_FORMAT
-    max_chars: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TEXT_FIELDS, DEFAULT_MAX_CHARS))
+    max_chars: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TEXT_FIELD_NAMES, DEFAULT_MAX_CHARS))
     source: str = f"default ({DEFAULT_MAX_CHARS} characters a field)"
 
     def __post_init__(self):
         if self.answer_format not in LAYOUTS:
             raise ValueError(f"answer_format: {self.answer_format!r} is not one of {', '.join(LAYOUTS)}")
-        if set(self.max_chars) != set(TEXT_FIELDS):
-            raise ValueError(f"max_chars must name exactly the free-text fields {', '.join(TEXT_FIELDS)}")
+        if set(self.max_chars) != set(TEXT_FIELD_NAMES):
+            raise ValueError(f"max_chars must name exactly the free-text fields {', '.join(TEXT_FIELD_NAMES)}")
         short = {name: n for name, n in self.max_chars.items() if n < len(PLACEHOLDER)}
         if short:
             raise ValueError(f"max_chars: {short} below {len(PLACEHOLDER)}, the length of the placeholder a cut field holds")
@@ -99,10 +99,10 @@ class AnswerConfig:
     @classmethod
     def from_labels(cls, labels: Iterable[dict[str, Any]], answer_format: str = DEFAULT_FORMAT) -> AnswerConfig:
         """Limits from human labels: `TEXT_LIMIT_FACTOR` x the longest answer of each field."""
-        longest, count = dict.fromkeys(TEXT_FIELDS, 0), 0
+        longest, count = dict.fromkeys(TEXT_FIELD_NAMES, 0), 0
         for label in labels:
             count += 1
-            for name in TEXT_FIELDS:
+            for name in TEXT_FIELD_NAMES:
                 longest[name] = max(longest[name], len(label.get(name) or ""))
         if not count:
             raise ValueError("no labels to derive text limits from")
@@ -122,7 +122,7 @@ class AnswerConfig:
 
                 raise UsageError(f"--max_text_chars {max_text_chars}: give at least {len(PLACEHOLDER)}, the length of "
                                  "the placeholder a cut free-text field holds")
-            saved = cls(saved.answer_format, dict.fromkeys(TEXT_FIELDS, max_text_chars), f"--max_text_chars {max_text_chars}")
+            saved = cls(saved.answer_format, dict.fromkeys(TEXT_FIELD_NAMES, max_text_chars), f"--max_text_chars {max_text_chars}")
         return saved
 
     def save(self, folder: str | Path) -> Path:

@@ -22,7 +22,7 @@ one-clip `generate` loop):
 * each written token's log-probability under the model, for per-field confidence.
 
 Greedy output equals one-clip-at-a-time `generate` (tests/test_infer.py checks it).
-Frames come only from `data_builder.sampling.sample_frames`, decoded and run through
+Frames come only from `avlabel.core.sampling.sample_frames`, decoded and run through
 the processor by DataLoader worker processes ahead of the GPU.
 """
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core.errors import UsageError
+from avlabel.core.layouts import LABEL_SUFFIX
 
 # reading records and picking a clip's record are the core's (evaluation and the catalog read them too);
 # the caption command finds them here beside the writing side
@@ -116,7 +117,7 @@ def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
     for record in records:
-        target = folder / f"{record['clip_id']}.label.json"
+        target = folder / f"{record['clip_id']}{LABEL_SUFFIX}"
         if succeeded(record) and record.get("valid"):
             target.write_text(label_to_json(record["label"], indent=2) + "\n", encoding="utf-8")
             written += 1

@@ -7,11 +7,11 @@ Every caption record stores them, and a rerun only skips clips captioned with th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from avlabel.core.sampling import SamplingArguments, SamplingConfig
 
-from .constrained import AnswerConfig
+from .constrained import AnswerConfig, AnswerFormat
 
 
 @dataclass
@@ -19,8 +19,9 @@ class GenerationSettings(SamplingArguments):
     """Everything that changes what the model writes for a clip (recorded with every caption).
 
     The frame sampling flags come from SamplingArguments: unset takes the model's own (sampling_config.json
-    in the model or adapter folder, saved by training), else the recipe's 2 fps / 252x448. Records store
-    the resolved values.
+    in the model or adapter folder, saved by training), else its family's defaults: 2 fps at 16x9 tokens a
+    frame (252x448 for a 16:9 clip on Qwen2.5-VL, the recipe's; 288x512 on Qwen3-VL). Records store the
+    resolved values.
     """
 
     temperature: float = field(default=0.1, metadata={"help": "Sampling temperature; 0 decodes greedily."})
@@ -34,7 +35,7 @@ class GenerationSettings(SamplingArguments):
         metadata={"help": "Constrain decoding to the label grammar (xgrammar) and close the label within "
                   "--max_new_tokens: every answer is a valid label, fields cut short are listed in cut_fields."},
     )
-    answer_format: Literal["fenced", "plain"] | None = field(
+    answer_format: AnswerFormat | None = field(
         default=None,
         metadata={"help": "With --constrained: the answer's layout (default: the one the model was trained on, "
                   "from its answer_config.json, else fenced)."},

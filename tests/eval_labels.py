@@ -1,4 +1,5 @@
-"""Random but valid labels for the evaluation tests and the judge benchmark (no model needed)."""
+"""Labels for the tests and the judge benchmark: label files read as the commands read them, and random but
+valid labels (no model needed)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ def random_value(spec: schema.LabelField, rng: np.random.Generator):
     if spec.kind == "boolean":
         return "True" if rng.random() < 0.25 else "False"
     return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))).capitalize() + "."
+
+
+def load_label_file(path: str | Path) -> dict:
+    """A label file read as the builder and the evaluation read one (`schema.read_label`); a refused one fails the test."""
+    label, _, reason = schema.read_label(Path(path))
+    assert reason is None, f"{path}: {reason}"
+    return label
 
 
 def random_label(rng: np.random.Generator) -> dict:

@@ -22,6 +22,7 @@ from avlabel.data_builder import build
 from avlabel.demo import synthetic
 from avlabel.data_builder.build import BuildArguments
 from avlabel.core.sampling import SamplingConfig, sample_frames
+from eval_labels import load_label_file
 from odd_inputs import write_audio_only
 
 SUFFIX = CAMERA_SUFFIX + ".mp4"
@@ -150,7 +151,7 @@ def test_load_dataset_gives_video_and_typed_labels(acceptance, tmp_path):
     )
     row = loaded[split][index]
     assert row["clip_id"] == UNICODE_ID
-    expected = schema.load_label_file(root / "metas" / f"{UNICODE_ID}.label.json")
+    expected = load_label_file(root / "metas" / f"{UNICODE_ID}.label.json")
     assert schema.row_to_label(row) == expected
     decoder = row["video"]
     assert (decoder.metadata.width, decoder.metadata.height) == (row["width"], row["height"]) == (64, 36)
@@ -160,7 +161,7 @@ def test_load_dataset_gives_video_and_typed_labels(acceptance, tmp_path):
     assert streamed["test"].features == features
     first = next(iter(streamed["test"]))
     assert first["clip_id"] == _metadata(result.output_dir)["test"][0]["clip_id"]
-    assert schema.row_to_label(first) == schema.load_label_file(root / "metas" / f"{first['clip_id']}.label.json")
+    assert schema.row_to_label(first) == load_label_file(root / "metas" / f"{first['clip_id']}.label.json")
     assert first["video"][0].shape == (3, 36, 64)
 
 
@@ -178,7 +179,7 @@ def test_card_has_yaml_and_statistics_from_the_data(acceptance):
 
     # counts recomputed here from the source labels, not from the builder's rows
     clip_ids = [row["clip_id"] for rows in metadata.values() for row in rows]
-    labels = [schema.load_label_file(root / "metas" / f"{clip_id}.label.json") for clip_id in clip_ids]
+    labels = [load_label_file(root / "metas" / f"{clip_id}.label.json") for clip_id in clip_ids]
     text = loaded.text
     for name in ("weather", "driving_difficulty"):
         counts = Counter(str(label[name]) for label in labels)
@@ -399,7 +400,7 @@ def test_synthetic_dataset_fixture(synthetic_dataset_dir, synthetic_raw_dir):
     assert len(metadata["test"]) == SYNTHETIC_TEST_CLIPS
     assert len(metadata["train"]) + len(metadata["test"]) == SYNTHETIC_CLIPS
     row = metadata["train"][0]
-    source = schema.load_label_file(synthetic_raw_dir / "metas" / f"{row['clip_id']}.label.json")
+    source = load_label_file(synthetic_raw_dir / "metas" / f"{row['clip_id']}.label.json")
     assert schema.row_to_label(row) == source
     assert (row["width"], row["height"], row["fps"]) == (256, 144, 10.0)
 

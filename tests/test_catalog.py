@@ -157,7 +157,7 @@ def test_counts_cover_the_whole_matching_set(world):
 
 
 def _texts(label):
-    return " ".join(label.get(f.name) or "" for f in schema.FIELDS if f.kind == "text")
+    return " ".join(label.get(name) or "" for name in schema.TEXT_FIELD_NAMES)
 
 
 @pytest.mark.parametrize("text,pattern", [
@@ -399,7 +399,6 @@ def _scored_records(world):
     """The world's captions again, now carrying the model's confidence: per closed field a probability
     that varies over clips and fields, and the clip's as their minimum, in the layout `avlabel caption` writes
     ({field: p} + clip_confidence, free-text signals apart)."""
-    closed = [f.name for f in schema.FIELDS if f.closed]
     records, expected = [], {}
     for index, line in enumerate((world["run_dir"] / "captions.jsonl").read_text().splitlines()):
         record = json.loads(line)
@@ -407,7 +406,7 @@ def _scored_records(world):
             records.append(record | {"confidence": None})
             continue
         per_field = {name: round(0.05 + ((index * 7 + position * 3) % 10) / 10, 2)
-                     for position, name in enumerate(closed) if name in record["label"]}
+                     for position, name in enumerate(schema.CLOSED_FIELD_NAMES) if name in record["label"]}
         clip = min(per_field.values())
         record |= {"confidence": dict(per_field), "clip_confidence": clip, "text_mean_logprob": {"road_type": -0.3}}
         if index == 4:  # not a probability: reported, and the field stored without one

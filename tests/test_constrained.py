@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from avlabel.core.errors import UsageError
-from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME, check_label, clean_text
+from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME, TEXT_FIELD_NAMES, check_label, clean_text
 from avlabel.infer import constrained
 from avlabel.infer.confidence import value_spans
 from avlabel.infer.parse import parse_output
 from constrained_reference import batched_decode, per_row_decode
+from eval_labels import load_label_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "infer" / "tiny.yaml"
@@ -55,8 +56,6 @@ def _json_of(text: str) -> dict:
 
 
 def _synthetic_labels(raw_dir: Path) -> list[dict]:
-    from avlabel.core.schema import load_label_file
-
     return [load_label_file(path) for path in sorted((raw_dir / "metas").glob("*.label.json"))]
 
 
@@ -130,7 +129,7 @@ def _decode_randomly(plan, grammar, vocab_size: int, budget: int, rng: random.Ra
 
 
 def _check_closing(tokenizer, answer_format: str, trials: int, seed: int):
-    config = constrained.AnswerConfig(answer_format, dict.fromkeys(constrained.TEXT_FIELDS, 40))
+    config = constrained.AnswerConfig(answer_format, dict.fromkeys(TEXT_FIELD_NAMES, 40))
     info = constrained.tokenizer_info(tokenizer, stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
     grammar = constrained.compile_grammar(info, config)
     plan = constrained.closing_plan(tokenizer, config, constrained.token_bytes(info), info.stop_token_ids)
@@ -190,7 +189,7 @@ def test_batched_path_writes_what_the_per_row_path_writes(tokenizer_kind):
     tokenizer = build_tokenizer("qwen2_5_vl", tokenizer_kind)
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     # limits small enough that a token opening a string can overrun one
-    config = constrained.AnswerConfig("fenced", {name: (3, 6, 40)[i % 3] for i, name in enumerate(constrained.TEXT_FIELDS)})
+    config = constrained.AnswerConfig("fenced", {name: (3, 6, 40)[i % 3] for i, name in enumerate(TEXT_FIELD_NAMES)})
     info = constrained.tokenizer_info(tokenizer, stop_ids=[stop, tokenizer.pad_token_id])
     grammar = constrained.compile_grammar(info, config)
     plan = constrained.closing_plan(tokenizer, config, constrained.token_bytes(info), info.stop_token_ids)
@@ -307,7 +306,7 @@ def test_fine_tuned_model_saves_its_layout_and_text_limits(fine_tuned, synthetic
 
     rows = load_clip_dataset(synthetic_dataset_dir, "train").select(range(4))  # the 4 clips it was trained on
     saved = json.loads((fine_tuned / constrained.ANSWER_FILE).read_text())
-    longest = {name: max(len(row_to_label(row)[name] or "") for row in rows) for name in constrained.TEXT_FIELDS}
+    longest = {name: max(len(row_to_label(row)[name] or "") for row in rows) for name in TEXT_FIELD_NAMES}
     assert saved["answer_format"] == "plain"  # recipes/tiny/sft.yaml's
     assert saved["max_chars"] == {name: max(constrained.MIN_MAX_CHARS, 2 * n) for name, n in longest.items()}
 

@@ -19,11 +19,11 @@ from avlabel.eval.trust import TrustConfig, judge_trust
 from avlabel.eval.data import join, Prediction
 
 sys.path.insert(0, str(Path(__file__).parent))
-from eval_labels import perturbed, random_label, write_labels  # noqa: E402
+from eval_labels import load_label_file, perturbed, random_label, write_labels  # noqa: E402
 from openai_server import SECTION, Fail, OpenAIServer, Reply, similarity_responder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = schema.load_label_file(REPO / "tests" / "fixtures" / "reference.label.json")
+REFERENCE = load_label_file(REPO / "tests" / "fixtures" / "reference.label.json")
 FIELD_SCORE = {name: i % 5 + 1 for i, name in enumerate(schema.FIELD_NAMES)}
 
 

@@ -12,6 +12,7 @@ import sacrebleu
 from avlabel.core import schema
 from avlabel.eval import data, metrics
 from avlabel.eval.metrics import MISSING, field_result
+from eval_labels import load_label_file
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
 SPEC = schema.FIELDS_BY_NAME
@@ -108,7 +109,7 @@ def test_identical_text_scores_full_marks():
 
 
 def test_json_valid_and_missing_rates_over_a_run():
-    reference = schema.load_label_file(REFERENCE)
+    reference = load_label_file(REFERENCE)
     partial = {k: v for k, v in reference.items() if k != "weather"}
     predictions = [data.Prediction("a", reference, True), data.Prediction("b", partial, False), data.Prediction("c")]
     run = metrics.evaluate_predictions("r", [reference] * 3, predictions)
@@ -129,7 +130,7 @@ def _record(clip_id, label, **extra):
 
 
 def test_captions_jsonl_reading_reports_bad_lines_and_keeps_failures(tmp_path):
-    reference = schema.load_label_file(REFERENCE)
+    reference = load_label_file(REFERENCE)
     partial = {k: v for k, v in reference.items() if k != "weather"}
     lines = [
         json.dumps(_record("good", reference)),
@@ -155,7 +156,7 @@ def test_captions_jsonl_reading_reports_bad_lines_and_keeps_failures(tmp_path):
 
 
 def test_label_folders_join_missing_and_extra(tmp_path):
-    reference = schema.load_label_file(REFERENCE)
+    reference = load_label_file(REFERENCE)
     (tmp_path / "refs" / "metas").mkdir(parents=True)
     for clip in ("c1", "c2", "c3"):
         (tmp_path / "refs" / "metas" / f"{clip}.label.json").write_text(json.dumps(reference))
@@ -180,7 +181,7 @@ def test_label_folders_join_missing_and_extra(tmp_path):
 
 def test_references_from_a_dataset_folder(tmp_path):
     """The builder's dataset is read through `datasets.load_dataset` with the schema's typed columns."""
-    reference = schema.load_label_file(REFERENCE)
+    reference = load_label_file(REFERENCE)
     rows = []
     for i, weather in enumerate(["Overcast", "Light rain"]):
         row = schema.label_to_row({**reference, "weather": weather})
@@ -194,7 +195,7 @@ def test_references_from_a_dataset_folder(tmp_path):
 
 
 def test_metrics_command_writes_json(tmp_path, capsys):
-    reference = schema.load_label_file(REFERENCE)
+    reference = load_label_file(REFERENCE)
     for folder, weather in (("refs", "Light rain"), ("preds", "Overcast")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "c1.label.json").write_text(json.dumps({**reference, "weather": weather}))

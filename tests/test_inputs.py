@@ -25,6 +25,7 @@ from avlabel.data_builder import build
 from avlabel.data_builder.build import BuildArguments
 from avlabel.eval.data import load_references
 from avlabel.infer.inputs import resolve_inputs
+from eval_labels import load_label_file
 from odd_inputs import EXTRA_KEYS, PARTNERS, ROWS, SET_ASIDE, input_files, reference_label, write_collection, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_every_odd_input_gets_its_fate(collection, built):
 
 def test_labels_as_exports_write_them(collection, built):
     rows = _rows(built)
-    reference = schema.load_label_file(collection / "metas" / "mp4_h264.label.json")
+    reference = load_label_file(collection / "metas" / "mp4_h264.label.json")
     assert schema.row_to_label(rows["label_with_bom"]) == reference
     assert schema.row_to_label(rows["label_with_extra_keys"]) == reference
     assert json.loads(rows["label_with_extra_keys"]["extra"]) == EXTRA_KEYS

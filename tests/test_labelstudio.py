@@ -24,6 +24,7 @@ from avlabel.core import schema
 from avlabel.core.layouts import CAMERA_SUFFIX
 from avlabel.demo import synthetic
 from avlabel.hub.labelstudio import export_tasks, label_to_results
+from eval_labels import load_label_file
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = Path(os.environ.get("LABEL_STUDIO_BIN", REPO / ".cache" / "label-studio" / "bin" / "label-studio"))
@@ -42,7 +43,7 @@ def media(tmp_path_factory):
     """Six synthetic clips in the recipe layout; three keep their labels, three are left for the model."""
     root = tmp_path_factory.mktemp("ls_raw")
     ids = synthetic.generate(root, 6, seed=5, width=64, height=36, seconds=1.0, fps=4, workers=1, progress=False)
-    truth = {i: schema.load_label_file(root / "metas" / f"{i}.label.json") for i in ids}
+    truth = {i: load_label_file(root / "metas" / f"{i}.label.json") for i in ids}
     for clip_id in ids[3:]:
         (root / "metas" / f"{clip_id}.label.json").unlink()
     return root, truth, ids[3:]

@@ -19,6 +19,7 @@ from avlabel.eval.review import ReviewArguments, choose, differing_fields, main
 from avlabel.hub.labelstudio import (
     import_annotations, label_to_results, labeling_config, queue_to_tasks, results_to_label,
 )
+from eval_labels import load_label_file
 
 CLOSED = list(schema.CLOSED_FIELD_NAMES)
 
@@ -28,7 +29,7 @@ def clips(tmp_path_factory):
     """Eight small synthetic clips with their human labels, in the recipe layout: (root, {id: label})."""
     root = tmp_path_factory.mktemp("review_raw")
     ids = synthetic.generate(root, 8, seed=3, width=64, height=36, seconds=1.0, fps=4, workers=1, progress=False)
-    return root, {i: schema.load_label_file(root / "metas" / f"{i}.label.json") for i in ids}
+    return root, {i: load_label_file(root / "metas" / f"{i}.label.json") for i in ids}
 
 
 def _wrong(spec: schema.LabelField, value):

@@ -1,7 +1,7 @@
 """A clip reaches the model the same way in training and in captioning.
 
 The training collator (train/collator.py) and the caption engine (infer/engine.py) both
-take frames from `data_builder.sampling.sample_frames`; this checks the end result: for
+take frames from `avlabel.core.sampling.sample_frames`; this checks the end result: for
 the same clip and settings, the same pixel values, video grid and prompt tokens.
 """
 

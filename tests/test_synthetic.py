@@ -12,7 +12,7 @@ import pytest
 
 from avlabel.demo import synthetic
 from avlabel.core.sampling import SamplingConfig, probe, sample_frames
-from avlabel.core.schema import load_label_file
+from eval_labels import load_label_file
 
 # the tiny training recipe's view of a clip: 2 fps, at most 112x112 pixels (140x84 for 16:9)
 TINY_VIEW = SamplingConfig(min_pixels=56 * 56, max_pixels=112 * 112)
@@ -36,7 +36,7 @@ def test_recipe_layout_with_valid_labels_and_h264_clips(synthetic_raw_dir):
     for index, (video, meta) in enumerate(sorted(clips, key=lambda c: c[0].name)):
         clip_id = video.name.removesuffix(synthetic.VIDEO_SUFFIX)
         assert str(uuid.UUID(clip_id)) == clip_id
-        load_label_file(meta)  # raises on any invalid field
+        load_label_file(meta)  # fails on any invalid field
         info = probe(video)
         assert (info.width, info.height, info.codec, info.num_frames) == (256, 144, "h264", 30)
         assert info.duration == pytest.approx(3.0, abs=0.01)

@@ -5,7 +5,7 @@ becomes training input:
 
 * the conversation is the one inference uses (system prompt, user turn with the video
   and the rubric, assistant turn with the label as JSON);
-* frames come from `data_builder.sampling.sample_frames` only, at the model's patch
+* frames come from `avlabel.core.sampling.sample_frames` only, at the model's patch
   factor, and reach the processor as they are (`do_sample_frames=False`,
   `do_resize=False`, with the sampling rate as metadata);
 * labels are -100 everywhere except the assistant's answer, found through the chat
@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +33,11 @@ from avlabel.core.prompts import Prompts, build_conversation
 from avlabel.core.sampling import Clip, SamplingConfig, VideoError, frame_count, resized_size, sample_frames
 from avlabel.core.schema import label_to_json, row_to_label
 from avlabel.families import Family
+from avlabel.infer.constrained import DEFAULT_FORMAT, AnswerFormat
 
 logger = logging.getLogger(__name__)
 
-AnswerFormat = Literal["fenced", "plain"]
-
-
-def format_answer(label: dict[str, Any], answer_format: AnswerFormat = "fenced") -> str:
+def format_answer(label: dict[str, Any], answer_format: AnswerFormat = DEFAULT_FORMAT) -> str:
     """The assistant's answer: the label as JSON.
 
     "fenced" is the Cosmos recipe's target (a ```json block, indented by two); "plain" is
@@ -169,7 +167,7 @@ class VideoSFTCollator:
     frames: FrameCache
     family: Family
     max_length: int | None = None
-    answer_format: AnswerFormat = "fenced"
+    answer_format: AnswerFormat = DEFAULT_FORMAT
     strict: bool = False
     pad_to_multiple_of: int | None = None
     report_path: str | Path | None = None

@@ -30,6 +30,7 @@ from typing import Any
 
 from avlabel.core.parser import Deferred
 from avlabel.core.sampling import SamplingArguments
+from avlabel.infer.constrained import DEFAULT_FORMAT, AnswerConfig, AnswerFormat
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,9 @@ class TrainScriptArguments(SamplingArguments):
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
-    answer_format: str = field(
-        default="fenced",
-        metadata={"help": "Assistant target: 'fenced' (```json block, as the Cosmos recipe) or 'plain' (one-line JSON).",
-                  "choices": ["fenced", "plain"]},
+    answer_format: AnswerFormat = field(
+        default=DEFAULT_FORMAT,
+        metadata={"help": "Assistant target: 'fenced' (```json block, as the Cosmos recipe) or 'plain' (one-line JSON)."},
     )
     system_prompt_file: str | None = field(default=None, metadata={"help": "Replace the system prompt with this file."})
     user_prompt_file: str | None = field(default=None, metadata={"help": "Replace the rubric prompt with this file."})
@@ -284,9 +284,9 @@ def answer_config(dataset, answer_format: str):
     """The answer layout training writes, with text limits from the longest human answers of the split."""
     from datasets import IterableDataset
 
-    from avlabel.infer.constrained import TEXT_FIELDS, AnswerConfig
+    from avlabel.core.schema import TEXT_FIELD_NAMES
 
-    labels = dataset.select_columns(list(TEXT_FIELDS))
+    labels = dataset.select_columns(list(TEXT_FIELD_NAMES))
     # a streamed split is read only this far: the longest answers of a large sample bound the rest well enough
     return AnswerConfig.from_labels(labels.take(10_000) if isinstance(labels, IterableDataset) else labels, answer_format)
 

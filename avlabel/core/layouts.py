@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from .problems import InputError, Problem
 
@@ -49,16 +50,17 @@ MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".txt")
 # split and fail to load ("Metadata files ... have different features"). Parquet states them.
 METADATA_NAME = "metadata.parquet"
 EXTRA_COLUMN = "extra"  # a built dataset's column of label keys beyond the schema, as a JSON object
-LAYOUTS = ("auto", "dataset", "recipe", "manifest", "file", "flat")
+InputLayout = Literal["auto", "dataset", "recipe", "manifest", "file", "flat"]  # the type of a --layout flag
+LAYOUTS: tuple[InputLayout, ...] = get_args(InputLayout)
 SEARCHED = (
     f"a built dataset (<split>/{METADATA_NAME}), the recipe layout (videos/ + metas/), a manifest "
     f"({', '.join(MANIFEST_EXTENSIONS)}), a clip or glob, and a flat folder of clips "
-    f"({', '.join(VIDEO_EXTENSIONS)}) with <id>.json labels"
+    f"({', '.join(VIDEO_EXTENSIONS)}) with <id>.json or <id>{LABEL_SUFFIX} labels"
 )
 # Where a layout expects a clip's missing partner, for the builder's report.
-EXPECTED_LABEL = {"recipe": f"metas/{{id}}{LABEL_SUFFIX}", "flat": "{id}.json or {id}.label.json",
-                  "file": "{id}.json beside the clip", "manifest": "a `label` in its manifest line",
-                  "dataset": "the label columns"}  # fmt: skip
+EXPECTED_LABEL = {"recipe": f"metas/{{id}}{LABEL_SUFFIX}", "flat": f"{{id}}.json or {{id}}{LABEL_SUFFIX}",
+                  "file": f"{{id}}{LABEL_SUFFIX} or {{id}}.json beside the clip",
+                  "manifest": "a `label` in its manifest line", "dataset": "the label columns"}  # fmt: skip
 EXPECTED_VIDEO = {"recipe": f"videos/{{id}}{CAMERA_SUFFIX}.mp4", "flat": "{id}.mp4 (or another clip extension)",
                   "file": "{id}.mp4", "manifest": "a `video` in its manifest line", "dataset": "a `video` column"}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from avlabel import recipes
 from avlabel.core.calibration import CALIBRATION_FILE
 from avlabel.core.errors import UsageError
+from avlabel.core.records import CAPTIONS
 from avlabel.families import FAMILIES
 
 RECIPES = Path(recipes.__file__).parent  # recipes/ in a checkout, avlabel/recipes/ when installed
@@ -191,7 +192,7 @@ def main(args: DemoArguments) -> dict:
     artifacts["dataset repo as it would be pushed"] = dataset_repo.folder
 
     db = out / "catalog.sqlite"
-    index_run(db, runs["fine-tuned"] / "captions.jsonl", run="fine-tuned")
+    index_run(db, runs["fine-tuned"] / CAPTIONS, run="fine-tuned")
     index_dataset(db, dataset, name="human")
     query = dict(where=["lighting=Night (well-lit by streetlights)"], semantic="a pedestrian crossing in front of the car")
     try:

@@ -8,7 +8,7 @@ chat template whose `{% generation %}` markers give the assistant-only loss mask
 video processor whose pixel limits suit small clips). The weights are random: it is a
 randomly initialised test model and is never presented as anything else.
 
-Tokenizer choice (`--tokenizer`), measured with `python -m train.tiny_model --measure`
+Tokenizer choice (`--tokenizer`), measured with `avlabel tiny-model --measure`
 (`measure_step_time`): one AdamW step of full fine-tuning at batch 4, each sample 4 frames
 at 112x112 + system prompt + rubric + a label (about 1,280 tokens), on the shared 2-core
 CPU machine (torch 2.14.1; other jobs running, load average 7-9, so absolute times are high):

@@ -184,6 +184,9 @@ FIELDS: tuple[LabelField, ...] = (
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 CLOSED_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS if f.closed)  # the fields with a fixed answer set
+TEXT_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS if f.kind == "text")  # the free-text fields
+# The closed fields that sum a clip up at a glance: the catalog's one line per hit, the dataset card's charts.
+SUMMARY_FIELDS: tuple[str, ...] = ("weather", "lighting", "driving_difficulty", "interactive_expanded_metaaction")
 WHOLE_LABEL = "<label>"  # where problems of the label as a whole (not one field) are reported
 FIELDS_BY_NAME: dict[str, LabelField] = {f.name: f for f in FIELDS}
 
@@ -354,14 +357,6 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
     return label, extra, None
 
 
-def load_label_file(path: str | Path) -> dict[str, Any]:
-    """Read and normalise a `<id>.label.json` file (keys beyond the schema dropped); errors name the file."""
-    label, _, reason = read_label(Path(path))
-    if reason:
-        raise LabelError({WHOLE_LABEL: [reason]}, str(path))
-    return label
-
-
 def label_to_json(label: dict[str, Any], indent: int | None = None) -> str:
     """Serialise a label with the fields in schema order (the order the prompt asks for)."""
     return json.dumps({name: label.get(name) for name in FIELD_NAMES}, ensure_ascii=False, indent=indent)
@@ -409,25 +404,3 @@ def row_to_label(row: dict[str, Any]) -> dict[str, Any]:
         label[f.name] = value
     return label
 
-
-def json_schema() -> dict:
-    """JSON Schema of a label, for constrained decoding and for documentation."""
-    props: dict[str, dict] = {}
-    for f in FIELDS:
-        if f.kind in ("category", "boolean"):
-            prop: dict = {"type": "string", "enum": list(f.choices)}
-        elif f.kind == "difficulty":
-            prop = {"type": "integer", "enum": [int(c) for c in f.choices]}
-        elif f.kind == "multi_category":
-            prop = {"type": "array", "items": {"type": "string", "enum": list(f.choices)}, "uniqueItems": True}
-        else:
-            prop = {"type": "string"}
-        if f.nullable:
-            prop = {"anyOf": [prop, {"type": "null"}]}
-        props[f.name] = prop
-    return {
-        "type": "object",
-        "properties": props,
-        "required": list(FIELD_NAMES),
-        "additionalProperties": False,
-    }
