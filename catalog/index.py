@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from avlabel.core import records, schema
-from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS
+from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES
 
 from . import embeddings, vectors
 from .store import (
     Annotation,
     CONFIDENCE_COLUMNS,
     MULTI_FIELDS,
-    TEXT_FIELDS,
     CatalogError,
     connect,
     members_table,
@@ -396,14 +395,14 @@ def embed_pending(db: str | Path, batch_size: int = 64, limit: int | None = None
     index; resumable (commits per chunk)."""
     con = connect(db, create=False)
     try:
-        text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELDS)
+        text_columns = ", ".join(f'"{name}"' for name in TEXT_FIELD_NAMES)
         last_annotation = con.execute("SELECT max(id) FROM annotations").fetchone()[0] or 0
         pending = {}
         for row in con.execute(
             f"SELECT a.text_sha, {text_columns} FROM annotations a LEFT JOIN embeddings e USING (text_sha) "
             "WHERE a.text_sha IS NOT NULL AND e.text_sha IS NULL ORDER BY a.id"
         ):
-            pending.setdefault(row[0], embeddings.embedding_text(dict(zip(TEXT_FIELDS, row[1:]))))
+            pending.setdefault(row[0], embeddings.embedding_text(dict(zip(TEXT_FIELD_NAMES, row[1:]))))
         todo = list(pending.items())[:limit]
         if todo:
             embeddings.load_model()  # loading (seconds) is not part of the throughput

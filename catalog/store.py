@@ -31,7 +31,6 @@ from avlabel.core.schema import CLOSED_FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES, La
 # Bump when the layout below changes; a catalog written by another layout is refused.
 LAYOUT_VERSION = 2  # 2: the model's confidence per closed field and per clip
 
-TEXT_FIELDS = TEXT_FIELD_NAMES  # still imported by catalog/index.py; drop once it imports TEXT_FIELD_NAMES
 MULTI_FIELDS = tuple(f.name for f in FIELDS if f.kind == "multi_category")
 
 

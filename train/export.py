@@ -113,7 +113,6 @@ def read_sharded_weights(folder: Path) -> dict:
 
 def export_checkpoint(args: ExportArguments) -> Path:
     """Merge `args.checkpoint` into a bf16 model with the run's processor, frame sampling, prompts and answer layout."""
-    import torch
     import yaml
     # accelerate's name for an FSDP checkpoint's sharded model (a torch.distributed.checkpoint folder)
     from accelerate.utils.constants import FSDP_MODEL_NAME
