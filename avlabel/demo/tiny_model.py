@@ -237,7 +237,8 @@ def tiny_sizes(family: str) -> tuple[dict, dict]:
     text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 **TINY[family]["text"])
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=FAMILIES[family].patch_size,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, **TINY[family]["vision"])
+                  spatial_merge_size=FAMILIES[family].merge_size, temporal_patch_size=2, out_hidden_size=128,
+                  **TINY[family]["vision"])
     return text, vision
 
 
