@@ -37,7 +37,8 @@ from pathlib import Path
 
 from avlabel.core.errors import UsageError
 from avlabel.core.layouts import (
-    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout, read_inputs,
+    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout, detect_layout,
+    read_inputs,
 )
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames
@@ -94,6 +95,13 @@ class BuildArguments(SamplingArguments):
         default=False,
         metadata={"help": "Refuse labels with keys beyond the schema, and exit with an error when anything was set aside."},
     )
+
+    def __post_init__(self):
+        """An --input that is not there is a command-line mistake (exit 2), as in `avlabel caption`."""
+        try:
+            detect_layout(self.input)
+        except InputError as err:
+            raise UsageError(f"--input {err}") from None
 
     def sampling(self) -> SamplingConfig:
         return self.resolve_sampling(factor=self.factor)

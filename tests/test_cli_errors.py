@@ -108,6 +108,12 @@ def test_caption_input_that_does_not_exist(tmp_path, model_dir):
     assert not heavy
 
 
+def test_build_input_that_does_not_exist(tmp_path):
+    code, lines, heavy = avlabel(tmp_path, "build", "--input", "no/such/clips", "--output_dir", "out")
+    assert_one_line(code, lines, 2, "avlabel build: error: --input no/such/clips: no such file or folder")
+    assert not heavy and not (tmp_path / "out").exists()
+
+
 def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     code, lines, heavy = avlabel(tmp_path, "caption", "--input", "empty", "--model", str(model_dir))
