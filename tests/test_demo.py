@@ -73,3 +73,17 @@ def test_demo_writes_every_artifact_and_says_where(demo, request):
     assert hits > 0 or short_loop
     for artifact in ("report (HTML)", "catalog gallery", "model repo as it would be pushed"):
         assert artifact in stdout
+
+
+def test_the_artifact_listing_gives_whole_paths(tmp_path, capsys, monkeypatch):
+    """The demo's last lines say where each artifact is; a long path must not be cut at the console's width."""
+    from avlabel.demo.run import print_artifacts
+
+    monkeypatch.chdir(tmp_path)
+    deep = tmp_path / "a_rather_long_output_folder_name" / "publish" / "models" / "your-name" / "tiny-av-labeler"
+    artifacts = {"model repo as it would be pushed": deep, "report (HTML)": tmp_path / "eval" / "report.html"}
+    print_artifacts(artifacts, 12.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert "Demo finished in 12 s" in lines[1]
+    for what, where in artifacts.items():
+        assert any(what in line and line.endswith(" " + str(where.relative_to(tmp_path))) for line in lines), lines

@@ -206,13 +206,16 @@ def main(args: DemoArguments) -> dict:
     artifacts["catalog gallery"] = write_gallery(found, out / "catalog_gallery.html", title="Night clips with pedestrians")
     print(f"   {time.perf_counter() - t:.0f} s")
 
-    listing = Table(title=f"Demo finished in {time.perf_counter() - started:.0f} s. Artifacts")
-    listing.add_column("what")
-    listing.add_column("where")
-    for what, where in artifacts.items():
-        listing.add_row(what, os.path.relpath(where))
-    Console().print(listing)
+    print_artifacts(artifacts, time.perf_counter() - started)
     return {"results": results, "visual_accuracy": accuracy, "artifacts": artifacts}
+
+
+def print_artifacts(artifacts: dict[str, Path], seconds: float) -> None:
+    """One line per artifact with its whole path: a table's cell cuts a long path at the terminal's width."""
+    print(f"\nDemo finished in {seconds:.0f} s. Artifacts:")
+    width = max(map(len, artifacts))
+    for what, where in artifacts.items():
+        print(f"   {what:<{width}}  {os.path.relpath(where)}")
 
 
 def make_parser(subparsers=None):
