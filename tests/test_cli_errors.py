@@ -71,6 +71,15 @@ def model_dir(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "caption", "build"])
+def test_help_names_the_config_flag(command):
+    """The README's commands pass --config; argparse alone would leave it out of --help (TrlParser reads it)."""
+    done = subprocess.run([sys.executable, "-m", "avlabel", command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("--config FILE: a YAML file of any of the arguments above") == 1, done.stdout[-500:]
+
+
+@pytest.mark.parametrize("command", ["train", "caption", "build"])
 def test_a_missing_config_file(tmp_path, command):
     code, lines, heavy = avlabel(tmp_path, command, "--config", "recipes/nope.yaml")
     assert_one_line(code, lines, 2, "--config recipes/nope.yaml: no such file")

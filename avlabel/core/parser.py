@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -113,7 +114,12 @@ class ArgumentParser(TrlParser):
         return super().parse_dict(args, allow_extra_keys=allow_extra_keys)
 
     def format_help(self) -> str:
-        return self._full().format_help() if self._deferred else super().format_help()
+        if self._deferred:
+            return self._full().format_help()
+        # TrlParser reads --config itself, so argparse never lists it
+        config = (f"{CONFIG_FLAG} FILE: a YAML file of any of the arguments above (recipes/ has examples); a flag "
+                  "given on the command line wins over it.")
+        return super().format_help().rstrip("\n") + "\n\n" + textwrap.fill(config, width=79) + "\n"
 
     def parse_args_and_config(self, args=None, return_remaining_strings: bool = False, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
