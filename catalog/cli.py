@@ -79,6 +79,14 @@ class SearchArguments:
                           '"night: human.lighting=Night*". Slice on human.* fields to slice by the truth.'},
     )
 
+    def __post_init__(self):
+        from avlabel.core.parser import check_path, check_source
+
+        for spec in self.index:
+            check_path(_named(spec)[1], f"--index {spec}")
+        for spec in self.labels:
+            check_source(_named(spec)[1], "--labels", "dataset")
+
 
 def _named(spec: str) -> tuple[str | None, str]:
     """NAME=PATH or PATH."""

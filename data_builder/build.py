@@ -614,9 +614,10 @@ def print_summary(result: BuildResult, file=None) -> None:
 
     console = Console(file=file or sys.stdout, highlight=False)
     counts = ", ".join(f"{len(rows)} {split}" for split, rows in result.rows.items()) or "no clips"
+    reused = result.num_rows - result.packed
     console.print(
-        f"Built {result.output_dir} ({result.layout} layout): {counts}; "
-        f"probed {result.probed} file(s), wrote {result.packed} clip(s), the rest reused from the last build."
+        f"Built {result.output_dir} ({result.layout} layout): {counts}; probed {result.probed} file(s), wrote "
+        f"{result.packed} clip(s)" + (f", reused {reused} from the last build." if reused > 0 else ".")
     )
     in_rows = len(result.inputs) - len(result.set_aside)
     console.print(

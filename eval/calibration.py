@@ -211,6 +211,12 @@ class CalibrateArguments:
     bins: int = field(default=BINS, metadata={"help": "Equal-width confidence bins of the ECE."})
     min_clips: int = field(default=10, metadata={"help": "Fields with fewer answers than this are left uncalibrated."})
 
+    def __post_init__(self):
+        from avlabel.core.parser import check_path, check_source
+
+        check_path(self.captions, f"--captions {self.captions}")
+        check_source(self.labels, "--labels", "dataset")
+
 
 def make_parser(subparsers=None):
     from avlabel.core.parser import ArgumentParser

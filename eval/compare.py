@@ -451,6 +451,8 @@ def make_parser(subparsers=None):
 
 
 def parse_runs(entries: list[str]) -> dict[str, str]:
+    from avlabel.core.parser import check_path  # the parser imports TRL: not for a library import of compare
+
     runs = {}
     for entry in entries:
         name, sep, path = entry.partition("=")
@@ -458,6 +460,7 @@ def parse_runs(entries: list[str]) -> dict[str, str]:
             raise UsageError(f"--runs expects NAME=PATH, got {entry!r}")
         if name in runs:
             raise UsageError(f"--runs names {name!r} twice")
+        check_path(path, f"--runs {entry}")
         runs[name] = path
     return runs
 

@@ -136,6 +136,10 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (["publish", "--dataset_dir", "dataset"], 2, "--dataset_dir needs --dataset_repo"),
     (["review", "--budget", "5%"], 2, "--captions: give the caption run to review"),
     (["search", "--db", "nowhere.sqlite"], 1, "nowhere.sqlite: no catalog here"),
+    (["search", "--index", "sft=no/such/run"], 2, "--index sft=no/such/run: no such file or folder"),
+    (["compare", "--runs", "sft=no/such/run", "--references", ".", "--output_dir", "eval"], 2,
+     "--runs sft=no/such/run: no such file or folder"),
+    (["calibrate", "--captions", "no/such/run", "--labels", "."], 2, "--captions no/such/run: no such file or folder"),
 ])
 def test_every_command_answers_a_mistake_in_one_line(tmp_path, args, code, fragment):
     """Each command's own checks end as the parser's do: `avlabel <command>: error: ...`, exit 2 for the

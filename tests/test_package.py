@@ -153,7 +153,7 @@ def test_generic_top_level_names_are_not_installed(installed):
 
 def test_synth_and_build_run_from_the_installed_package(installed):
     _, outside, env = installed
-    made = _run(["avlabel", "synth", "--out_dir", "clips", "--num_clips", "4", "--seconds", "1", "--workers", "1"],
+    made = _run(["avlabel", "synth", "--output_dir", "clips", "--num_clips", "4", "--seconds", "1", "--workers", "1"],
                 outside, env)
     assert made.returncode == 0, made.stderr
     built = _run(["avlabel", "build", "--input", "clips", "--output_dir", "dataset", "--test_size", "1"], outside, env)

@@ -184,6 +184,12 @@ class ArgumentParser(TrlParser):
                 raise UsageError(f"{where}: unknown argument {key!r}{did_you_mean(str(key), known)}")
 
 
+def check_path(value: str, shown: str) -> None:
+    """Refuse a local path that is not there (a command-line mistake); `shown` is the flag and value as given."""
+    if not Path(value).expanduser().exists():
+        raise UsageError(f"{shown}: no such file or folder; check the path")
+
+
 def check_source(value: str, option: str, what: str) -> None:
     """Refuse a `value` that is neither an existing local path nor a Hub id (owner/name) of `what`.
 

@@ -782,7 +782,7 @@ def generate(out_dir: str | Path, num_clips: int = 100, seed: int = 0, width: in
 
 @dataclass
 class SynthArguments:
-    out_dir: str = field(default="data/synthetic_raw", metadata={"help": "Folder to write videos/ and metas/ into."})
+    output_dir: str = field(default="data/synthetic_raw", metadata={"help": "Folder to write videos/ and metas/ into."})
     num_clips: int = field(default=100, metadata={"help": "Number of clips."})
     seed: int = field(default=0, metadata={"help": "Seed: clip i of a seed is always the same clip."})
     width: int = field(default=256, metadata={"help": "Frame width in pixels (even)."})
@@ -801,9 +801,9 @@ def make_parser(subparsers=None):
 
 
 def main(args: SynthArguments) -> None:
-    names = generate(args.out_dir, args.num_clips, args.seed, args.width, args.height, args.seconds, args.fps,
+    names = generate(args.output_dir, args.num_clips, args.seed, args.width, args.height, args.seconds, args.fps,
                      args.workers)
-    print(f"wrote {len(names)} clips to {Path(args.out_dir) / 'videos'} and their labels to {Path(args.out_dir) / 'metas'}")
+    print(f"wrote {len(names)} clips to {Path(args.output_dir) / 'videos'} and their labels to {Path(args.output_dir) / 'metas'}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinyModelArguments:
-    out_dir: str = field(default="tiny-models/qwen2_5_vl", metadata={"help": "Folder to write the checkpoint to."})
+    output_dir: str = field(default="tiny-models/qwen2_5_vl", metadata={"help": "Folder to write the checkpoint to."})
     family: str = field(
         default="qwen2_5_vl",
         metadata={"help": "Architecture: " + "; ".join(f"{name} for {f.title}" for name, f in FAMILIES.items()) + ".",
@@ -376,7 +376,7 @@ def main(args: TinyModelArguments) -> None:
                 path = build_tiny_model(Path(tmp) / kind, args.family, kind, args.seed)
                 print(json.dumps({"family": args.family, "tokenizer": kind, **measure_step_time(path)}))
         return
-    path = build_tiny_model(args.out_dir, args.family, args.tokenizer, args.seed)
+    path = build_tiny_model(args.output_dir, args.family, args.tokenizer, args.seed)
     print(f"wrote a randomly initialised test model ({args.family}, {args.tokenizer} tokenizer) to {path}")
 
 
