@@ -44,6 +44,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from avlabel.core.loading import saved_with_model
 from avlabel.core.schema import FIELD_NAMES, FIELDS, TEXT_FIELD_NAMES, LabelField
 
 ANSWER_FILE = "answer_config.json"  # in a model folder, beside sampling_config.json
@@ -113,7 +114,7 @@ class AnswerConfig:
     def for_model(cls, *sources: str | Path | None, answer_format: str | None = None,
                   max_text_chars: int | None = None) -> AnswerConfig:
         """The config saved with a model (the first of `sources` that has one), else the defaults, then overrides."""
-        saved = next((found for found in map(_saved_answer_config, filter(None, sources)) if found), None) or cls()
+        saved = saved_with_model(sources, ANSWER_FILE, "answer config", cls) or cls()
         if answer_format is not None:
             saved = cls(answer_format, saved.max_chars, saved.source)
         if max_text_chars is not None:
@@ -132,12 +133,6 @@ class AnswerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _saved_answer_config(source: str | Path) -> AnswerConfig | None:
-    from avlabel.core.loading import saved_with_model
-
-    return saved_with_model(source, ANSWER_FILE, "answer config", AnswerConfig)
 
 
 # ----------------------------------------------------------------------------- grammar

@@ -79,10 +79,6 @@ class Calibration:
     def for_model(cls, *sources: str | Path | None) -> Calibration | None:
         """The calibration saved with a model: the first of `sources` (model folders or Hub ids, an adapter
         before its base model) that holds `calibration.json`, or None."""
-        return next((found for found in map(_saved_calibration, filter(None, sources)) if found is not None), None)
+        from .loading import saved_with_model
 
-
-def _saved_calibration(source: str | Path) -> Calibration | None:
-    from .loading import saved_with_model
-
-    return saved_with_model(source, CALIBRATION_FILE, "calibration", Calibration)
+        return saved_with_model(sources, CALIBRATION_FILE, "calibration", cls)

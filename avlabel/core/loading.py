@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from .layouts import METADATA_NAME
 
@@ -45,18 +45,22 @@ def load_clip_dataset(source: str | Path, split: str | None = None, *, name: str
     return datasets.load_dataset(str(source), name=name, split=split, streaming=streaming, cache_dir=cache_dir)
 
 
-def saved_with_model(source: str | Path, file_name: str, what: str, make: Callable[..., T]) -> T | None:
-    """`make(**json)` of the settings file `file_name` in a model folder or Hub repo (sampling_config.json,
-    answer_config.json, calibration.json), or None when it has none. A file that `make` refuses raises
-    ValueError naming it."""
+def saved_with_model(sources: Iterable[str | Path | None], file_name: str, what: str,
+                     make: Callable[..., T]) -> T | None:
+    """`make(**json)` of the settings file `file_name` (sampling_config.json, answer_config.json,
+    calibration.json) saved with a model: the first of `sources` (model folders or Hub ids, an adapter
+    before its base model; None is skipped) that holds it, or None when none does. A file that `make`
+    refuses raises ValueError naming it."""
     from transformers.utils import cached_file
 
-    path = cached_file(str(source), file_name, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    if path is None:
-        return None
-    try:
-        saved: Any = json.loads(Path(path).read_text(encoding="utf-8"))
-        return make(**saved)
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ValueError(f"{source}/{file_name}: not a valid {what} ({err}); delete it or fix it") from None
+    for source in filter(None, sources):
+        path = cached_file(str(source), file_name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is None:
+            continue
+        try:
+            saved: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+            return make(**saved)
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"{source}/{file_name}: not a valid {what} ({err}); delete it or fix it") from None
+    return None

@@ -117,7 +117,7 @@ class SamplingConfig:
         patch factor always comes from the model's family (avlabel/families).
         """
         defaults = family_of(model_config).sampling_defaults(model_config)
-        saved = next((found for found in map(_saved_sampling, filter(None, sources)) if found is not None), {})
+        saved = _saved_sampling(sources) or {}
         given = {name: value for name, value in overrides.items() if value is not None}
         return cls(**{**defaults, **saved, **given, "factor": defaults["factor"]})
 
@@ -131,15 +131,15 @@ class SamplingConfig:
         return asdict(self)
 
 
-def _saved_sampling(source: str | Path) -> dict | None:
-    """The settings a model folder or Hub repo saved in `sampling_config.json`, or None if it has none."""
+def _saved_sampling(sources: tuple[str | Path | None, ...]) -> dict | None:
+    """The settings in `sampling_config.json` of the first of `sources` that has one, or None."""
     from .loading import saved_with_model
 
     def checked(**saved) -> dict:
         SamplingConfig(**saved)
         return saved
 
-    return saved_with_model(source, SAMPLING_FILE, "sampling config", checked)
+    return saved_with_model(sources, SAMPLING_FILE, "sampling config", checked)
 
 
 @dataclass(frozen=True)
