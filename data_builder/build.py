@@ -29,13 +29,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 from avlabel.core.errors import UsageError
+from avlabel.core.files import link_or_copy
 from avlabel.core.layouts import (
     EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout, detect_layout,
     read_inputs,
@@ -340,17 +340,10 @@ def write_if_changed(path: Path, data: bytes | str) -> None:
     os.replace(partial, path)
 
 
-def _link_or_copy(source: Path, target: Path, copy: bool, probed: dict) -> dict:
+def _store_original(source: Path, target: Path, copy: bool, probed: dict) -> dict:
     """Store the original clip; returns its probe result (or the error that kept it out)."""
     try:
-        target.unlink(missing_ok=True)
-        if not copy:
-            try:
-                os.link(source, target)
-                return probed
-            except OSError:
-                pass  # another file system, or links not allowed: copy instead
-        shutil.copyfile(source, target)
+        link_or_copy(source, target, copy=copy)
     except OSError as err:
         return {"error": f"can't be stored in the dataset ({err.strerror})"}
     return probed
@@ -602,7 +595,7 @@ def _store_file(source: str, target: str, how: str, sampling: dict, crf: int, pr
         return _presample_file(source, target, sampling, crf)
     if how == "remux":
         return _remux_file(source, target)
-    return _link_or_copy(Path(source), Path(target), copy, probed)
+    return _store_original(Path(source), Path(target), copy, probed)
 
 
 # ----------------------------------------------------------------------------- command line

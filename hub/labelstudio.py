@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from avlabel.core import schema
+from avlabel.core.files import link_or_copy
 from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, clip_id_of, is_video
 from avlabel.core.problems import Problem
 from avlabel.extras import require
@@ -150,10 +150,7 @@ def _store_video(source: str, videos: Path, clip_id: str) -> str | None:
     if not path.is_file():
         return f"its clip {source} is not a file; put it under {videos} as {clip_id}{CAMERA_SUFFIX}.mp4"
     target = videos / f"{clip_id}{CAMERA_SUFFIX}{path.suffix.lower()}"
-    try:
-        os.link(path, target)
-    except OSError:
-        shutil.copyfile(path, target)
+    link_or_copy(path, target)
     return None
 
 

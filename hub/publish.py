@@ -43,7 +43,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from typing import Literal, get_args
 import yaml
 
 from avlabel.core.errors import UsageError
+from avlabel.core.files import link_or_copy
 from avlabel.core.layouts import METADATA_NAME, is_hub_id
 from avlabel.eval.metric_bundle import METRIC_DIR
 
@@ -647,14 +647,11 @@ def write_folder(plan: Plan, root: str | Path) -> Path:
     for name, content in plan.files.items():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.unlink(missing_ok=True)
         if isinstance(content, bytes):
+            target.unlink(missing_ok=True)  # an earlier run's link: write a new file, not through it
             target.write_bytes(content)
         else:
-            try:
-                os.link(content, target)  # weights can be gigabytes: link when the file system allows
-            except OSError:
-                shutil.copyfile(content, target)
+            link_or_copy(content, target)
     return folder
 
 
