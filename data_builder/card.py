@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import column_features, write_if_changed
+from avlabel.core.markdown import markdown_table
 from avlabel.core.schema import FIELDS, SUMMARY_FIELDS
 
 CARD_NAME = "README.md"
@@ -87,19 +88,13 @@ def compute_statistics(rows: dict[str, list[dict]]) -> dict:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], body: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
 def _count_table(first: str, table: dict[str, dict[str, int]], splits: list[str], limit: int | None = None) -> str:
     items = list(table.items())
     body = [[name, *(counts[s] for s in splits), sum(counts.values())] for name, counts in items[:limit]]
     if limit is not None and len(items) > limit:
         rest = [sum(counts[s] for _, counts in items[limit:]) for s in splits]
         body.append([f"other ({len(items) - limit})", *rest, sum(rest)])
-    return _table([first, *splits, "all"], body)
+    return markdown_table([first, *splits, "all"], body)
 
 
 def _duration_table(duration: dict, splits: list[str]) -> str:
@@ -109,7 +104,7 @@ def _duration_table(duration: dict, splits: list[str]) -> str:
         closing = "]" if i == len(edges) - 2 else ")"
         counts = [duration["counts"][s][i] for s in splits]
         body.append([f"[{edges[i]:.2f}, {edges[i + 1]:.2f}{closing}", *counts, sum(counts)])
-    return _table(["duration (s)", *splits, "all"], body)
+    return markdown_table(["duration (s)", *splits, "all"], body)
 
 
 def _hours_minutes(seconds: float) -> str:
@@ -126,7 +121,7 @@ def _file_size(size: int) -> str:
 
 def statistics_markdown(stats: dict) -> str:
     splits = stats["splits"]
-    parts = [_table(["split", "clips"], [[s, stats["clips"][s]] for s in splits])]
+    parts = [markdown_table(["split", "clips"], [[s, stats["clips"][s]] for s in splits])]
     if "duration" not in stats:
         return parts[0]
     duration = stats["duration"]
@@ -253,7 +248,7 @@ def _columns() -> str:
         ["`width`, `height`", "int32", "frame size as displayed (after rotation metadata)"],
         ["`codec`", "string", "video codec of the stored clip"],
     ]
-    return _table(["column", "type", "meaning"], body)
+    return markdown_table(["column", "type", "meaning"], body)
 
 
 def _quarantine(problems) -> str:
@@ -263,7 +258,7 @@ def _quarantine(problems) -> str:
     stages = {"scan": "reading the layout, pairing clips with labels", "label": "label validation",
               "probe": "reading the video", "pack": "storing the clip",
               "partner": "its clip or label was set aside"}  # fmt: skip
-    table = _table(["stage", "problems"], [[f"{s} ({stages.get(s, s)})", n] for s, n in sorted(by_stage.items())])
+    table = markdown_table(["stage", "problems"], [[f"{s} ({stages.get(s, s)})", n] for s, n in sorted(by_stage.items())])
     files = len({p.path for p in problems})
     return (
         f"{files} input file(s) were kept out of the dataset. `quarantine.jsonl` lists each one "

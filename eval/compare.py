@@ -34,6 +34,7 @@ import numpy as np
 
 from avlabel.core import schema
 from avlabel.core.errors import UsageError
+from avlabel.core.markdown import markdown_table
 
 from .data import (
     REFERENCES_HELP,
@@ -352,16 +353,21 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                           "rows": baselines}
     tables |= _calibration_table(results["calibration"])
     if results["trust"]:
-        rows = []
-        for field_name, checks in results["trust"]["fields"].items():
-            rows.append([field_name, checks["verdict"], _fmt(checks["identity"]["mean"], 2), _fmt(checks["shuffled"]["mean"], 2),
-                         _fmt(checks["swap"]["mean_abs_diff"], 2), _fmt(checks["repeat"]["mean_std"], 2),
-                         _fmt(checks["agreement"]["spearman"], 2), "; ".join(checks["reasons"])])
-        tables["trust"] = {"title": f"Judge trust ({results['trust']['clips']} clips, {results['trust']['repeats']} repeats)",
-                           "header": ["field", "verdict", "identity (5)", "shuffled (low)", "swap |diff|",
-                                      "repeat std", "Spearman vs metric", "why doubtful"],
-                           "rows": rows}
+        tables["trust"] = trust_table(results["trust"])
     return tables
+
+
+def trust_table(trust: Mapping[str, Any]) -> dict[str, Any]:
+    """The judge-trust checks (eval/trust.py) as a table: the report's, and the model card's from results.json."""
+    rows = []
+    for field_name, checks in trust["fields"].items():
+        rows.append([field_name, checks["verdict"], _fmt(checks["identity"]["mean"], 2), _fmt(checks["shuffled"]["mean"], 2),
+                     _fmt(checks["swap"]["mean_abs_diff"], 2), _fmt(checks["repeat"]["mean_std"], 2),
+                     _fmt(checks["agreement"]["spearman"], 2), "; ".join(checks["reasons"])])
+    return {"title": f"Judge trust ({trust['clips']} clips, {trust['repeats']} repeats)",
+            "header": ["field", "verdict", "identity (5)", "shuffled (low)", "swap |diff|",
+                       "repeat std", "Spearman vs metric", "why doubtful"],
+            "rows": rows}
 
 
 def _calibration_table(section: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -393,10 +399,6 @@ def _calibration_table(section: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {"calibration": {"title": title, "header": header, "rows": rows}}
 
 
-def _markdown_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
-
-
 def _markdown(results: Mapping[str, Any], tables: Mapping[str, Mapping]) -> str:
     lines = [f"# Evaluation: {', '.join(results['runs'])}", "",
              f"{results['clips']} clips from `{results['references']}` ({results['split']}); baseline `{results['baseline']}`. "
@@ -408,9 +410,7 @@ def _markdown(results: Mapping[str, Any], tables: Mapping[str, Mapping]) -> str:
         lines += [f"Judge: `{judge['model']}` (prompt {judge['prompt_sha']}), {calls['prompt_tokens']} prompt + "
                   f"{calls['completion_tokens']} completion tokens, cost {cost}.", ""]
     for table in tables.values():
-        lines += [f"## {table['title']}", "", _markdown_row(table["header"]), "|" + "---|" * len(table["header"])]
-        lines += [_markdown_row(row) for row in table["rows"]]
-        lines.append("")
+        lines += [f"## {table['title']}", "", markdown_table(table["header"], table["rows"]), ""]
     return "\n".join(lines)
 
 

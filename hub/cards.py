@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from avlabel.core.markdown import markdown_table
 from avlabel.core.sampling import SamplingConfig
 from avlabel.core.schema import FIELD_NAMES, FIELDS_BY_NAME
 from avlabel.infer.settings import GenerationSettings
@@ -71,6 +72,11 @@ def check_results(results: dict, source: str) -> dict:
         for run, entry in per_run.items():
             if not isinstance(entry, dict) or "metric" not in entry or "value" not in entry:
                 raise CardInputError(f"{source}: fields.{name}.{run} needs 'metric' and 'value'")
+    try:
+        trust_markdown(results.get("trust"))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CardInputError(f"{source}: 'trust' is not the judge-trust checks `avlabel compare` writes "
+                             f"({type(err).__name__}: {err}); rerun compare or remove it") from None
     return results
 
 
@@ -127,41 +133,21 @@ def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def trust_markdown(trust: dict | None) -> str:
-    """The judge-trust checks of the eval package (eval/trust.py) as a short table."""
+    """The judge-trust checks of the eval package (eval/trust.py): a summary, then the compare report's table."""
     if not trust:
         return ("The judge's trustworthiness was not checked in this run (`avlabel compare` with the trust checks "
                 "on adds identity, shuffled-answer, order-swap, repeat and agreement checks).")
-    fields = trust.get("fields")
-    if not isinstance(fields, dict):
-        return "Judge-trust summary: " + "; ".join(f"{k} = {v}" for k, v in _flatten(trust))
-    rows = []
-    for name in _field_order(fields):
-        entry = fields[name]
-        rows.append([
-            name,
-            str(entry.get("verdict", "–")),
-            _number((entry.get("identity") or {}).get("mean")),
-            _number((entry.get("shuffled") or {}).get("mean")),
-            _number((entry.get("swap") or {}).get("mean_abs_diff")),
-            _number((entry.get("repeat") or {}).get("mean_std")),
-            _number((entry.get("agreement") or {}).get("spearman")),
-            "; ".join(entry.get("reasons") or []) or "–",
-        ])
-    verdicts = [fields[n].get("verdict") for n in fields]
-    head = (f"Judge trust, checked on {trust.get('clips', '?')} sampled clips with {trust.get('repeats', '?')} repeats: "
+    from avlabel.eval.compare import trust_table  # compare imports scipy: only a judged evaluation needs it
+
+    verdicts = [checks["verdict"] for checks in trust["fields"].values()]
+    head = (f"Judge trust, checked on {trust['clips']} sampled clips with {trust['repeats']} repeats: "
             f"{verdicts.count('trustworthy')} fields trustworthy, {verdicts.count('doubtful')} doubtful, "
             f"{verdicts.count('untested')} untested. Identity: an answer judged against itself (should be near 5); "
             "shuffled: against another clip's answer (should be low); swap: score change when the answers trade "
             "places; repeat: standard deviation over repeated calls; Spearman: agreement with the exact score.")
-    table = _table(["Field", "Verdict", "Identity", "Shuffled", "Swap", "Repeat std", "Spearman", "Why doubtful"], rows)
-    return f"{head}\n\n{table}"
+    table = trust_table(trust)
+    return f"{head}\n\n{markdown_table(table['header'], table['rows'])}"
 
 
 def _sections(results: dict) -> list[tuple[str, dict]]:
@@ -180,7 +166,7 @@ def _results_table(fields: dict, runs: list[str], highlight: str | None) -> str:
         metric = next((per_run[r]["metric"] for r in runs if r in per_run), "–")
         n = next((per_run[r].get("n") for r in ([highlight] if highlight else []) + runs if r in per_run), None)
         rows.append([name, metric, *(_with_ci(per_run.get(r)) for r in runs), _number(n)])
-    return _table(["Field", "Metric", *[f"**{r}**" if r == highlight else r for r in runs], "n"], rows)
+    return markdown_table(["Field", "Metric", *[f"**{r}**" if r == highlight else r for r in runs], "n"], rows)
 
 
 def evaluation_markdown(results: dict, highlight: str | None = None, charts: list[str] = (),
