@@ -225,6 +225,7 @@ class VideoSFTCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
+        from trl.trainer.utils import pad
 
         encoded = []
         for row in rows:
@@ -245,17 +246,12 @@ class VideoSFTCollator:
                 + "); rebuild the dataset or raise max_length"
             )
 
-        longest = max(sample["input_ids"].shape[1] for sample in encoded)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         padding = {"input_ids": self.pad_token_id, "labels": -100}
-        batch = {}
-        for key in (*self.family.sequence_keys, "labels"):
-            rows_of_key = [
-                torch.nn.functional.pad(sample[key][0], (0, longest - sample[key].shape[1]), value=padding.get(key, 0))
-                for sample in encoded
-            ]
-            batch[key] = torch.stack(rows_of_key)
+        batch = {
+            key: pad([sample[key][0] for sample in encoded], padding_value=padding.get(key, 0), padding_side="right",
+                     pad_to_multiple_of=self.pad_to_multiple_of)
+            for key in (*self.family.sequence_keys, "labels")
+        }
         for key in self.family.video_keys:
             batch[key] = torch.cat([torch.as_tensor(sample[key]) for sample in encoded])
         return batch
