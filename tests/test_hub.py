@@ -459,6 +459,19 @@ def test_dry_run_refuses_a_folder_with_stale_files(train_output, eval_output, tm
         publish_model(train_output, "tester/stale", dry_run_dir=tmp_path)  # without eval/: those files are stale
 
 
+def test_card_shows_compare_trust_table_and_names_a_trust_section_it_cannot_read(eval_output):
+    from avlabel.eval.compare import trust_table
+    from avlabel.hub.cards import CardInputError, check_results, evaluation_markdown
+
+    results = json.loads((eval_output / "results.json").read_text())
+    table = trust_table(results["trust"])
+    # the card's trust rows are the compare report's, cell for cell
+    assert all(" | ".join(row) in evaluation_markdown(check_results(results, "results.json")) for row in table["rows"])
+    broken = {**results, "trust": {**results["trust"], "fields": {"weather": {"verdict": "trustworthy"}}}}
+    with pytest.raises(CardInputError, match=r"^results.json: 'trust' is not the judge-trust checks .*'identity'"):
+        check_results(broken, "results.json")
+
+
 def test_card_of_a_real_base_model_without_a_judge(eval_output):
     """A Cosmos Reason fine-tune: its license and base model, no test-model wording; deterministic results only."""
     from huggingface_hub import ModelCard
