@@ -91,9 +91,8 @@ def main(args: DemoArguments) -> dict:
     from avlabel.eval.judge import JudgeConfig
     from avlabel.extras import MissingExtra
     from avlabel.hub.publish import publish_dataset, publish_model
-    from avlabel.infer.caption import CaptionArguments
     from avlabel.infer.caption import main as caption
-    from avlabel.infer.settings import GenerationSettings
+    from avlabel.infer.caption import make_parser as make_caption_parser
     from avlabel.train.sft import train
     from avlabel.demo.tiny_model import build_tiny_model
 
@@ -123,14 +122,16 @@ def main(args: DemoArguments) -> dict:
     artifacts["tiny base model"] = base
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    # greedy decoding; the frames are the ones each model carries (its sampling_config.json)
-    settings = GenerationSettings(temperature=0.0, max_new_tokens=400, seed=args.seed)
+    # the tiny model's inference recipe (greedy decoding); the frames are the ones each model carries (its
+    # sampling_config.json) and the prompt is the one the training recipe trains on
+    infer_recipe = yaml.safe_load((RECIPES / "infer" / "tiny.yaml").read_text())
 
     def captions(model: Path, name: str, clips: Path = dataset) -> Path:
         folder = out / "captions" / name
-        caption(CaptionArguments(input=str(clips), split="test", output_dir=str(folder), model=str(model),
-                                 short_prompt=recipe.get("short_prompt", False), batch_size=16, num_workers=0),
-                settings)
+        caption(*make_caption_parser().parse_dict({
+            **infer_recipe, "input": str(clips), "split": "test", "output_dir": str(folder), "model": str(model),
+            "short_prompt": recipe.get("short_prompt", False), "seed": args.seed,
+        }))
         return folder
 
     t = _step("4/8 Captioning the held-out clips with the untrained model (baseline)")
