@@ -141,37 +141,10 @@ def _clear(out: Path) -> None:
     shutil.rmtree(out / records.LABELS, ignore_errors=True)
 
 
-def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
-    import torch
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig
-
-    from avlabel.core.calibration import Calibration
-    from avlabel.core.prompts import load_prompts
-
-    from . import records
-    from .engine import CaptionEngine, ClipPreparer, chat_text, prepared_clips
-    from .inputs import resolve_inputs
-
-    # without a GPU, `cpu=True` lets torchrun / mpirun processes form a gloo group
-    state = PartialState(cpu=not torch.cuda.is_available())
-    out = Path(args.output_dir)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
-            _clear(out)
-    with state.main_process_first():  # the main process writes any clips a Hub dataset stores as bytes
-        clips = resolve_inputs(args.input, args.split, cache_dir=out / ".clips")
-    clips = clips[: args.limit] if args.limit else clips
-
-    prompts = load_prompts(args.system_prompt_file, args.user_prompt_file, args.short_prompt)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
-    # resolved before any record is read: a rerun with the same effective frames resumes however they were given
-    sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
-    answer = settings.answer(args.model, args.adapter)
-    calibration = Calibration.for_model(args.adapter, args.model)
-    identity = {
+def run_identity(args: CaptionArguments, settings: GenerationSettings, prompts, dtype: str, sampling, answer,
+                 calibration) -> dict[str, Any]:
+    """What every record of this run carries: a rerun resumes only records with the same identity."""
+    return {
         "model": args.model,
         "adapter": args.adapter,
         "prompt_sha": prompts.sha,
@@ -180,46 +153,49 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
         # the record's `confidence` is calibrated with these parameters (None: the model's own probabilities)
         "calibration": calibration.record_entry() if calibration else None,
     }
-    earlier = records.read_all(out)
-    records.check_same_run(earlier, identity, out)
-    from transformers import AutoProcessor  # after the inputs and earlier records are known good: it imports the model code
 
-    processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
-    _check_budget(processor.tokenizer, settings, answer)
-    done = records.done_clip_ids(earlier)
-    todo = [clip for clip in clips if clip.clip_id not in done]
-    state.wait_for_everyone()  # every process has read the same records before any writes
 
-    start = time.perf_counter()
-    load_seconds = None
-    with state.split_between_processes(todo) as mine:
-        if mine:
-            from avlabel.families import bnb_quantization, load_model
+def caption_share(mine: list, args: CaptionArguments, settings: GenerationSettings, state, out: Path, processor, prompts,
+                  dtype: str, sampling, answer, calibration, identity: dict[str, Any]) -> float:
+    """Caption this process's clips into its own shard; returns the seconds loading the weights took."""
+    import torch
+    from tqdm.auto import tqdm
 
-            # the decoding workers start now and have frames ready when the weights are loaded
-            prepared = prepared_clips(mine, ClipPreparer(processor, chat_text(processor, prompts), getattr(torch, dtype)),
-                                      sampling, args.batch_size, args.num_workers)
-            loading = time.perf_counter()
-            model = load_model(args.model, adapter=args.adapter, dtype=dtype, device_map={"": state.device},
-                               quantization_config=bnb_quantization(args.quantization, dtype)).eval()
-            load_seconds = round(time.perf_counter() - loading, 2)
-            engine = CaptionEngine(
-                model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
-                sampling=sampling, answer=answer,
-            )
-            writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
-            progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
-            try:
-                for batch in engine.run(mine, prepared=prepared):
-                    writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes, calibration)
-                                  for clip, gen, error, sec in batch])
-                    progress.update(len(batch))
-            finally:
-                writer.close()
-                progress.close()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return {}
+    from avlabel.families import bnb_quantization, load_model
+
+    from . import records
+    from .engine import CaptionEngine, ClipPreparer, chat_text, prepared_clips
+
+    # the decoding workers start now and have frames ready when the weights are loaded
+    prepared = prepared_clips(mine, ClipPreparer(processor, chat_text(processor, prompts), getattr(torch, dtype)),
+                              sampling, args.batch_size, args.num_workers)
+    loading = time.perf_counter()
+    model = load_model(args.model, adapter=args.adapter, dtype=dtype, device_map={"": state.device},
+                       quantization_config=bnb_quantization(args.quantization, dtype)).eval()
+    load_seconds = round(time.perf_counter() - loading, 2)
+    engine = CaptionEngine(
+        model, processor, prompts, settings, args.batch_size, args.prefill_batch_size, args.cuda_graphs,
+        sampling=sampling, answer=answer,
+    )
+    writer = records.RecordWriter(records.shard_path(out, state.process_index, state.num_processes))
+    progress = tqdm(total=len(mine), desc="captioning", unit="clip", disable=not state.is_local_main_process)
+    try:
+        for batch in engine.run(mine, prepared=prepared):
+            writer.write([_record(clip, gen, error, sec, identity, engine.token_bytes, calibration)
+                          for clip, gen, error, sec in batch])
+            progress.update(len(batch))
+    finally:
+        writer.close()
+        progress.close()
+    return load_seconds
+
+
+def merge_and_summarize(out: Path, clips: list, todo: list, state, start: float, load_seconds: float | None,
+                        identity: dict[str, Any]) -> dict:
+    """Merge the shards into captions.jsonl, write labels/ and summary.json, print the run's line; returns the summary."""
+    import torch
+
+    from . import records
 
     merged = records.merge(out, [clip.clip_id for clip in clips])
     records.write_labels(out, merged)
@@ -243,6 +219,57 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
         f"skipped as done), {summary['failed']} failed, schema-valid rate {summary['valid_rate']}; wrote {out}"
     )
     return summary
+
+
+def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoConfig
+
+    from avlabel.core.calibration import Calibration
+    from avlabel.core.prompts import load_prompts
+
+    from . import records
+    from .inputs import resolve_inputs
+
+    # without a GPU, `cpu=True` lets torchrun / mpirun processes form a gloo group
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(args.output_dir)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            _clear(out)
+    with state.main_process_first():  # the main process writes any clips a Hub dataset stores as bytes
+        clips = resolve_inputs(args.input, args.split, cache_dir=out / ".clips")
+    clips = clips[: args.limit] if args.limit else clips
+
+    prompts = load_prompts(args.system_prompt_file, args.user_prompt_file, args.short_prompt)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
+    # resolved before any record is read: a rerun with the same effective frames resumes however they were given
+    sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
+    answer = settings.answer(args.model, args.adapter)
+    calibration = Calibration.for_model(args.adapter, args.model)
+    identity = run_identity(args, settings, prompts, dtype, sampling, answer, calibration)
+    earlier = records.read_all(out)
+    records.check_same_run(earlier, identity, out)
+    from transformers import AutoProcessor  # after the inputs and earlier records are known good: it imports the model code
+
+    processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
+    _check_budget(processor.tokenizer, settings, answer)
+    done = records.done_clip_ids(earlier)
+    todo = [clip for clip in clips if clip.clip_id not in done]
+    state.wait_for_everyone()  # every process has read the same records before any writes
+
+    start = time.perf_counter()
+    load_seconds = None
+    with state.split_between_processes(todo) as mine:
+        if mine:
+            load_seconds = caption_share(mine, args, settings, state, out, processor, prompts, dtype, sampling, answer,
+                                         calibration, identity)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    return merge_and_summarize(out, clips, todo, state, start, load_seconds, identity)
 
 
 if __name__ == "__main__":

@@ -369,29 +369,9 @@ def _last_logged(log_history: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
+def adapt_training_arguments(training_args, script_args, family) -> None:
+    """Set what this script's collator, this machine and the recipe's speed options need in `training_args`."""
     import torch
-    import yaml
-    from transformers import AutoConfig, AutoProcessor
-    from trl import get_peft_config
-
-    from avlabel.core.prompts import load_prompts
-    from avlabel.families import family_of
-    from avlabel.families.base import VISION_ATTENTION
-
-    from .collator import FrameCache, VideoSFTCollator
-    from .export import export_model
-    from .plots import plot_loss
-    from .trainer import VideoSFTTrainer
-
-    if not script_args.dataset_name:
-        raise ValueError("dataset_name is required: the builder's dataset folder or a Hub dataset id")
-    method = method_of(model_args)
-    family = family_of(AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                  trust_remote_code=training_args.trust_remote_code))
-    default_lora_targets(model_args, family)
-    output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     # What SFTTrainer needs for a custom video collator: raw rows reach the collator, which
     # tokenizes, masks and enforces max_length itself.
@@ -415,20 +395,21 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
             # transformers applies Liger's layer kernels; TRL keeps its own fused LM head (no Liger cross-entropy)
             training_args.use_liger_kernel = True
 
-    is_main = training_args.process_index == 0
-    if is_main:
-        resolved = _resolved_arguments(script_args, training_args, model_args)
-        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    loading = time.perf_counter()
-    model = load_training_model(model_args, script_args, training_args)
-    load_seconds = time.perf_counter() - loading
-    quantization = quantization_summary(model)
-    prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
-    report_path = output_dir / "skipped.jsonl"
+def save_recipe(output_dir: Path, *parsed) -> None:
+    """recipe.yaml: every resolved argument, readable back with `--config`."""
+    import yaml
+
+    resolved = _resolved_arguments(*parsed)
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+
+
+def make_collator(processor, prompts, model, family, script_args, training_args, model_args, output_dir: Path):
+    """The video collator: frames sampled (and cached) as the recipe says, over-long samples reported to skipped.jsonl."""
+    from .collator import FrameCache, VideoSFTCollator
+
     cache_dir = (script_args.frame_cache_dir or output_dir / "frame_cache") if script_args.frame_cache else None
-    collator = VideoSFTCollator(
+    return VideoSFTCollator(
         processor=processor,
         prompts=prompts,
         frames=FrameCache(cache_dir, script_args.resolve_sampling(model.config, model_args.model_name_or_path)),
@@ -437,18 +418,119 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         answer_format=script_args.answer_format,
         strict=script_args.strict,
         pad_to_multiple_of=training_args.pad_to_multiple_of,
-        report_path=report_path,
+        report_path=output_dir / "skipped.jsonl",
     )
 
+
+def prepare_datasets(script_args, training_args, collator, output_dir: Path, is_main: bool):
+    """(train, eval or None, answer config): the splits with their lengths, the answer layout saved to `output_dir`."""
     with training_args.main_process_first(desc="dataset lengths"):
         train_dataset, eval_dataset = load_splits(script_args, training_args)
         # the answer's layout and text limits for constrained captioning, saved with the model (and here for export)
         answer = answer_config(train_dataset, script_args.answer_format)
         if is_main:
             answer.save(output_dir)
-        train_dataset = with_lengths(train_dataset, collator, report_path, script_args.strict, is_main)
+        train_dataset = with_lengths(train_dataset, collator, collator.report_path, script_args.strict, is_main)
         if eval_dataset is not None:
-            eval_dataset = with_lengths(eval_dataset, collator, report_path, script_args.strict, is_main)
+            eval_dataset = with_lengths(eval_dataset, collator, collator.report_path, script_args.strict, is_main)
+    return train_dataset, eval_dataset, answer
+
+
+def final_eval_loss(trainer, eval_dataset) -> float | None:
+    """The evaluation loss at the last step: the one logged there, else evaluated now (None without an eval split)."""
+    if eval_dataset is None:
+        return None
+    logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if logged and logged[-1]["step"] == trainer.state.global_step:
+        return logged[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def run_summary(trainer, train_output, method: str, script_args, training_args, model_args, *, train_dataset,
+                load_seconds: float, peak_gib: float | None, prompts, quantization: dict | None, sampling,
+                padded_vision_windows: bool, eval_loss: float | None) -> dict[str, Any]:
+    """train_results.json: the Trainer's own metrics (train_loss over every step, a resumed run's included;
+    runtime, flos) and what the model card needs to describe the run."""
+    log_history = trainer.state.log_history
+    return {
+        **train_output.metrics,
+        "method": method,
+        "base_model": model_args.model_name_or_path,
+        "dataset": script_args.dataset_name,
+        "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+        "epochs": training_args.num_train_epochs,
+        "steps": trainer.state.global_step,
+        "hardware": _hardware(training_args.world_size),
+        # the main process's: loading the weights, and the most GPU memory its tensors took while training
+        "model_load_seconds": round(load_seconds, 2),
+        "peak_gib": peak_gib,
+        "prompt_sha": prompts.sha,
+        "short_prompt": script_args.short_prompt,
+        "answer_format": script_args.answer_format,
+        "hyperparameters": {
+            "learning_rate": training_args.learning_rate,
+            "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+            "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "global_batch_size": training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * training_args.world_size,
+            "max_length": training_args.max_length,
+            "bf16": training_args.bf16,
+            "gradient_checkpointing": training_args.gradient_checkpointing,
+            "lora_r": model_args.lora_r if model_args.use_peft else None,
+            "lora_alpha": model_args.lora_alpha if model_args.use_peft else None,
+            "lora_target_modules": model_args.lora_target_modules if model_args.use_peft else None,
+            "quantization": quantization,
+            "sampling": sampling.to_dict(),
+        },
+        # what the speed settings resolved to on this machine (bench/train_fsdp.py reads them back)
+        "speed_settings": {
+            "padded_vision_windows": padded_vision_windows,
+            "use_liger_kernel": training_args.use_liger_kernel,
+            "activation_checkpointing": training_args.activation_checkpointing,
+            "activation_checkpointing_kwargs": training_args.activation_checkpointing_kwargs,
+            "fsdp_activation_checkpointing": os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") == "true",
+        },
+        "final_loss": _last_logged(log_history, "loss") or train_output.metrics["train_loss"],
+        "eval_loss": eval_loss,
+    }
+
+
+def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoProcessor
+    from trl import get_peft_config
+
+    from avlabel.core.prompts import load_prompts
+    from avlabel.families import family_of
+    from avlabel.families.base import VISION_ATTENTION
+
+    from .export import export_model
+    from .plots import plot_loss
+    from .trainer import VideoSFTTrainer
+
+    if not script_args.dataset_name:
+        raise ValueError("dataset_name is required: the builder's dataset folder or a Hub dataset id")
+    method = method_of(model_args)
+    family = family_of(AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                  trust_remote_code=training_args.trust_remote_code))
+    default_lora_targets(model_args, family)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    adapt_training_arguments(training_args, script_args, family)
+    is_main = training_args.process_index == 0
+    if is_main:
+        save_recipe(output_dir, script_args, training_args, model_args)
+
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    loading = time.perf_counter()
+    model = load_training_model(model_args, script_args, training_args)
+    load_seconds = time.perf_counter() - loading
+    quantization = quantization_summary(model)  # of the loaded weights, before PEFT wraps them
+    prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
+    collator = make_collator(processor, prompts, model, family, script_args, training_args, model_args, output_dir)
+    train_dataset, eval_dataset, answer = prepare_datasets(script_args, training_args, collator, output_dir, is_main)
 
     trainer = VideoSFTTrainer(
         model=model,
@@ -462,14 +544,7 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     )
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     peak_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
-    log_history = trainer.state.log_history
-    eval_loss = None
-    if eval_dataset is not None:
-        logged = [entry for entry in log_history if "eval_loss" in entry]
-        if logged and logged[-1]["step"] == trainer.state.global_step:
-            eval_loss = logged[-1]["eval_loss"]
-        else:
-            eval_loss = trainer.evaluate()["eval_loss"]
+    eval_loss = final_eval_loss(trainer, eval_dataset)
 
     trainer.save_state()  # trainer_state.json: the whole log history
     # the exported model carries its frames (captioning it uses them by default) and its prompts
@@ -479,52 +554,14 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
         for folder in (output_dir / "adapter", output_dir / "merged"):
             if folder.is_dir():  # the exported model carries its answer layout: constrained captioning uses it
                 answer.save(folder)
-        plot_loss(log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
-        # the Trainer's own metrics (train_loss over every step, a resumed run's included; runtime, flos)
-        # and what the model card needs to describe the run
-        trainer.save_metrics("train", {
-            **train_output.metrics,
-            "method": method,
-            "base_model": model_args.model_name_or_path,
-            "dataset": script_args.dataset_name,
-            "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
-            "epochs": training_args.num_train_epochs,
-            "steps": trainer.state.global_step,
-            "hardware": _hardware(training_args.world_size),
-            # the main process's: loading the weights, and the most GPU memory its tensors took while training
-            "model_load_seconds": round(load_seconds, 2),
-            "peak_gib": peak_gib,
-            "prompt_sha": prompts.sha,
-            "short_prompt": script_args.short_prompt,
-            "answer_format": script_args.answer_format,
-            "hyperparameters": {
-                "learning_rate": training_args.learning_rate,
-                "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
-                "per_device_train_batch_size": training_args.per_device_train_batch_size,
-                "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-                "global_batch_size": training_args.per_device_train_batch_size
-                * training_args.gradient_accumulation_steps
-                * training_args.world_size,
-                "max_length": training_args.max_length,
-                "bf16": training_args.bf16,
-                "gradient_checkpointing": training_args.gradient_checkpointing,
-                "lora_r": model_args.lora_r if model_args.use_peft else None,
-                "lora_alpha": model_args.lora_alpha if model_args.use_peft else None,
-                "lora_target_modules": model_args.lora_target_modules if model_args.use_peft else None,
-                "quantization": quantization,
-                "sampling": collator.frames.sampling.to_dict(),
-            },
-            # what the speed settings resolved to on this machine (bench/train_fsdp.py reads them back)
-            "speed_settings": {
-                "padded_vision_windows": family.vision_tower(model).config._attn_implementation == VISION_ATTENTION,
-                "use_liger_kernel": training_args.use_liger_kernel,
-                "activation_checkpointing": training_args.activation_checkpointing,
-                "activation_checkpointing_kwargs": training_args.activation_checkpointing_kwargs,
-                "fsdp_activation_checkpointing": os.environ.get("FSDP_ACTIVATION_CHECKPOINTING") == "true",
-            },
-            "final_loss": _last_logged(log_history, "loss") or train_output.metrics["train_loss"],
-            "eval_loss": eval_loss,
-        })
+        plot_loss(trainer.state.log_history, output_dir / "loss_curve.png", title=f"{method} fine-tuning")
+        trainer.save_metrics("train", run_summary(
+            trainer, train_output, method, script_args, training_args, model_args, train_dataset=train_dataset,
+            load_seconds=load_seconds, peak_gib=peak_gib, prompts=prompts, quantization=quantization,
+            sampling=collator.frames.sampling,
+            padded_vision_windows=family.vision_tower(model).config._attn_implementation == VISION_ATTENTION,
+            eval_loss=eval_loss,
+        ))
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

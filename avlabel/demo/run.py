@@ -75,31 +75,8 @@ def visual_accuracy(per_clip_path: Path, runs: list[str]) -> dict[str, dict[str,
     return out
 
 
-def main(args: DemoArguments) -> dict:
-    import yaml
-    from rich.console import Console
-    from rich.table import Table
-
-    from avlabel.catalog.index import embed_pending, index_dataset, index_run
-    from avlabel.catalog.query import search
-    from avlabel.catalog.view import print_result, write_gallery
-    from avlabel.data_builder.build import BuildArguments, build, print_summary
+def draw_clips(args: DemoArguments, out: Path, artifacts: dict[str, Path]) -> None:
     from avlabel.demo.synthetic import generate
-    from avlabel.eval.calibration import CalibrateArguments
-    from avlabel.eval.calibration import main as calibrate
-    from avlabel.eval.compare import compare_runs
-    from avlabel.eval.judge import JudgeConfig
-    from avlabel.extras import MissingExtra
-    from avlabel.hub.publish import publish_dataset, publish_model
-    from avlabel.infer.caption import main as caption
-    from avlabel.infer.caption import make_parser as make_caption_parser
-    from avlabel.train.sft import train
-    from avlabel.demo.tiny_model import build_tiny_model
-
-    out = Path(args.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    artifacts: dict[str, Path] = {}
 
     t = _step(f"1/8 Drawing {args.num_clips} synthetic dashcam clips")
     generate(out / "clips", num_clips=args.num_clips, seed=args.seed)
@@ -109,6 +86,10 @@ def main(args: DemoArguments) -> dict:
         generate(out / "calibration_clips", num_clips=args.calibration_clips, seed=args.seed + 1)
     print(f"   {time.perf_counter() - t:.0f} s")
 
+
+def build_dataset(args: DemoArguments, out: Path, artifacts: dict[str, Path]) -> Path:
+    from avlabel.data_builder.build import BuildArguments, build, print_summary
+
     t = _step("2/8 Building the dataset")
     dataset = out / "dataset"
     result = build(BuildArguments(input=str(out / "clips"), output_dir=str(dataset), test_size=args.test_clips,
@@ -116,27 +97,48 @@ def main(args: DemoArguments) -> dict:
     print_summary(result)
     artifacts["dataset + card (load_dataset-ready)"] = dataset / "README.md"
     print(f"   {time.perf_counter() - t:.0f} s")
+    return dataset
 
-    t = _step(f"3/8 Building a randomly initialised tiny {FAMILIES[args.family].title} (a test model, not Cosmos Reason)")
+
+def build_base_model(args: DemoArguments, out: Path, artifacts: dict[str, Path]) -> Path:
+    from avlabel.demo.tiny_model import build_tiny_model
+
+    _step(f"3/8 Building a randomly initialised tiny {FAMILIES[args.family].title} (a test model, not Cosmos Reason)")
     base = build_tiny_model(out / "tiny-model", family=args.family, seed=args.seed)
     artifacts["tiny base model"] = base
+    return base
+
+
+def caption_recipe(args: DemoArguments) -> dict:
+    """The tiny model's inference recipe (greedy decoding) with the prompt the training recipe trains on; the
+    frames are the ones each model carries (its sampling_config.json)."""
+    import yaml
 
     recipe = yaml.safe_load(Path(args.recipe).read_text())
-    # the tiny model's inference recipe (greedy decoding); the frames are the ones each model carries (its
-    # sampling_config.json) and the prompt is the one the training recipe trains on
     infer_recipe = yaml.safe_load((RECIPES / "infer" / "tiny.yaml").read_text())
+    return {**infer_recipe, "split": "test", "short_prompt": recipe.get("short_prompt", False), "seed": args.seed}
 
-    def captions(model: Path, name: str, clips: Path = dataset) -> Path:
-        folder = out / "captions" / name
-        caption(*make_caption_parser().parse_dict({
-            **infer_recipe, "input": str(clips), "split": "test", "output_dir": str(folder), "model": str(model),
-            "short_prompt": recipe.get("short_prompt", False), "seed": args.seed,
-        }))
-        return folder
 
+def caption_clips(recipe: dict, model: Path, clips: Path, folder: Path) -> Path:
+    """Caption the test split of `clips` with `model` into `folder`, through caption's own parser."""
+    from avlabel.infer.caption import main as caption
+    from avlabel.infer.caption import make_parser as make_caption_parser
+
+    caption(*make_caption_parser().parse_dict({
+        **recipe, "input": str(clips), "output_dir": str(folder), "model": str(model),
+    }))
+    return folder
+
+
+def caption_baseline(recipe: dict, base: Path, dataset: Path, out: Path) -> Path:
     t = _step("4/8 Captioning the held-out clips with the untrained model (baseline)")
-    runs = {"baseline": captions(base, "baseline")}
+    folder = caption_clips(recipe, base, dataset, out / "captions" / "baseline")
     print(f"   {time.perf_counter() - t:.0f} s")
+    return folder
+
+
+def fine_tune(args: DemoArguments, base: Path, dataset: Path, out: Path, artifacts: dict[str, Path]) -> Path:
+    from avlabel.train.sft import train
 
     t = _step("5/8 Fine-tuning with TRL's SFTTrainer on the training split")
     overrides = {"model_name_or_path": str(base), "dataset_name": str(dataset), "output_dir": str(out / "sft"),
@@ -147,17 +149,32 @@ def main(args: DemoArguments) -> dict:
     artifacts["fine-tuned model (merged)"] = trained / "merged"
     artifacts["loss curve"] = trained / "loss_curve.png"
     print(f"   {time.perf_counter() - t:.0f} s")
+    return trained
+
+
+def calibrate_and_caption(args: DemoArguments, recipe: dict, trained: Path, dataset: Path, out: Path,
+                          artifacts: dict[str, Path]) -> Path:
+    from avlabel.eval.calibration import CalibrateArguments
+    from avlabel.eval.calibration import main as calibrate
 
     t = _step("6/8 Calibrating the fine-tuned model's confidence on held-out clips, then captioning the test clips again")
     if args.calibration_clips:
-        held_out = captions(trained / "merged", "calibration", out / "calibration_clips")
+        held_out = caption_clips(recipe, trained / "merged", out / "calibration_clips", out / "captions" / "calibration")
         try:
             calibrate(CalibrateArguments(captions=str(held_out), labels=str(out / "calibration_clips"), model=str(trained / "merged")))
             artifacts["confidence calibration"] = trained / "merged" / CALIBRATION_FILE
         except UsageError as err:  # a short run may answer too few fields to fit: the demo goes on uncalibrated
             print(f"   no calibration: {err}")
-    runs["fine-tuned"] = captions(trained / "merged", "fine-tuned")
+    folder = caption_clips(recipe, trained / "merged", dataset, out / "captions" / "fine-tuned")
     print(f"   {time.perf_counter() - t:.0f} s")
+    return folder
+
+
+def score_runs(args: DemoArguments, runs: dict[str, Path], dataset: Path, out: Path,
+               artifacts: dict[str, Path]) -> tuple[dict, dict[str, dict[str, float]]]:
+    """compare's results and the visual fields' accuracy of each run."""
+    from avlabel.eval.compare import compare_runs
+    from avlabel.eval.judge import JudgeConfig
 
     t = _step("7/8 Scoring both runs against the human (here: synthetic) labels")
     base_url = args.judge_base_url or os.environ.get("OPENAI_BASE_URL")
@@ -174,6 +191,17 @@ def main(args: DemoArguments) -> dict:
         ece = calibration["mean_ece"]
         print(f"   fine-tuned confidence, mean ECE of the closed-set fields on the test clips: {ece['raw']:.3f} as the model "
               f"gives it, {ece['calibrated']:.3f} calibrated")
+    print_accuracy(accuracy, list(runs))
+    artifacts["report (HTML)"] = out / "eval" / "report.html"
+    artifacts["results.json"] = out / "eval" / "results.json"
+    print(f"   {time.perf_counter() - t:.0f} s")
+    return results, accuracy
+
+
+def print_accuracy(accuracy: dict[str, dict[str, float]], runs: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title="Exact-match accuracy on held-out clips")
     table.add_column("field")
     for column in ("majority answer", *runs):
@@ -181,19 +209,34 @@ def main(args: DemoArguments) -> dict:
     for name, row in accuracy.items():
         table.add_row(name, *(f"{row[c]:.0%}" for c in ("majority answer", *runs)))
     Console().print(table)
-    artifacts["report (HTML)"] = out / "eval" / "report.html"
-    artifacts["results.json"] = out / "eval" / "results.json"
+
+
+def publish_and_search(trained: Path, dataset: Path, fine_tuned: Path, out: Path, artifacts: dict[str, Path]) -> None:
+    t = _step("8/8 Preparing the Hub upload (dry run: nothing is pushed) and querying the clip catalog")
+    publish_dry_run(trained, dataset, out, artifacts)
+    search_catalog(dataset, fine_tuned, out, artifacts)
     print(f"   {time.perf_counter() - t:.0f} s")
 
-    t = _step("8/8 Preparing the Hub upload (dry run: nothing is pushed) and querying the clip catalog")
+
+def publish_dry_run(trained: Path, dataset: Path, out: Path, artifacts: dict[str, Path]) -> None:
+    from avlabel.hub.publish import publish_dataset, publish_model
+
     model_repo = publish_model(trained, "your-name/tiny-av-labeler", eval_dir=out / "eval",
                                dataset_repo="your-name/synthetic-dashcam", dry_run_dir=out / "publish")
     dataset_repo = publish_dataset(dataset, "your-name/synthetic-dashcam", dry_run_dir=out / "publish")
     artifacts["model repo as it would be pushed"] = model_repo.folder
     artifacts["dataset repo as it would be pushed"] = dataset_repo.folder
 
+
+def search_catalog(dataset: Path, fine_tuned: Path, out: Path, artifacts: dict[str, Path]) -> None:
+    """Index the fine-tuned run's captions and the human labels, then look for night clips with pedestrians."""
+    from avlabel.catalog.index import embed_pending, index_dataset, index_run
+    from avlabel.catalog.query import search
+    from avlabel.catalog.view import print_result, write_gallery
+    from avlabel.extras import MissingExtra
+
     db = out / "catalog.sqlite"
-    index_run(db, runs["fine-tuned"] / CAPTIONS, run="fine-tuned")
+    index_run(db, fine_tuned / CAPTIONS, run="fine-tuned")
     index_dataset(db, dataset, name="human")
     query = dict(where=["lighting=Night (well-lit by streetlights)"], semantic="a pedestrian crossing in front of the car")
     try:
@@ -205,7 +248,23 @@ def main(args: DemoArguments) -> dict:
     found = search(db, **query, limit=8)
     print_result(found)
     artifacts["catalog gallery"] = write_gallery(found, out / "catalog_gallery.html", title="Night clips with pedestrians")
-    print(f"   {time.perf_counter() - t:.0f} s")
+
+
+def main(args: DemoArguments) -> dict:
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    artifacts: dict[str, Path] = {}
+
+    draw_clips(args, out, artifacts)
+    dataset = build_dataset(args, out, artifacts)
+    base = build_base_model(args, out, artifacts)
+    recipe = caption_recipe(args)
+    runs = {"baseline": caption_baseline(recipe, base, dataset, out)}
+    trained = fine_tune(args, base, dataset, out, artifacts)
+    runs["fine-tuned"] = calibrate_and_caption(args, recipe, trained, dataset, out, artifacts)
+    results, accuracy = score_runs(args, runs, dataset, out, artifacts)
+    publish_and_search(trained, dataset, runs["fine-tuned"], out, artifacts)
 
     print_artifacts(artifacts, time.perf_counter() - started)
     return {"results": results, "visual_accuracy": accuracy, "artifacts": artifacts}
