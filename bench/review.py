@@ -131,12 +131,12 @@ def sampled_run(demo: Path, seed: int) -> Path:
 
 
 def plot(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from avlabel.core.charts import png_bytes
 
-    figure, axes = plt.subplots(figsize=(6.5, 5))
+    figure = Figure(figsize=(6.5, 5))
+    axes = figure.subplots()
     for name, curve in curves.items():
         reviewed = np.arange(len(curve)) / (len(curve) - 1)
         axes.plot(reviewed, curve, "--" if name.startswith(("random", "oracle")) else "-", label=name)
@@ -148,8 +148,7 @@ def plot(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path.write_bytes(png_bytes(figure, dpi=110))
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ Nothing in the card depends on the time or on local paths, so the same rows give
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .build import column_features, write_if_changed
+from avlabel.core.charts import png_bytes
 from avlabel.core.markdown import markdown_table
 from avlabel.core.schema import FIELDS, SUMMARY_FIELDS
 
@@ -152,7 +152,7 @@ def statistics_markdown(stats: dict) -> str:
 
 def plot_statistics(stats: dict, path: Path) -> None:
     """Histograms of duration and resolution and the main categories, as one PNG."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(15, 8))
     # fixed margins wide enough for the longest category name: constrained layout took a second per plot
@@ -174,10 +174,7 @@ def plot_statistics(stats: dict, path: Path) -> None:
         axis.barh(list(table)[::-1], [sum(c.values()) for c in table.values()][::-1])
         axis.set(title=PANEL_TITLES.get(name, name.replace("_", " ").capitalize()), xlabel="clips")
         axis.tick_params(axis="y", labelsize=8)
-    buffer = io.BytesIO()
-    # no version stamp in the file: the same statistics give the same bytes
-    figure.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
-    write_if_changed(path, buffer.getvalue())
+    write_if_changed(path, png_bytes(figure, dpi=80))
 
 
 # ----------------------------------------------------------------------------- card

@@ -34,6 +34,7 @@ import numpy as np
 
 from avlabel.core import schema
 from avlabel.core.calibration import CALIBRATION_FILE, Calibration, logit, platt
+from avlabel.core.charts import png_bytes
 from avlabel.core.layouts import METADATA_NAME
 
 from .data import REFERENCES_HELP, Run
@@ -107,18 +108,15 @@ def calibration_report(runs: Mapping[str, Run], bins: int = BINS) -> dict[str, A
 def reliability_chart(report: Mapping[str, Any]) -> bytes:
     """Reliability diagrams as PNG bytes: one panel per closed-set field, accuracy against mean confidence per
     bin for each run (raw dashed, calibrated solid), the point's area the bin's share of answers."""
-    import io
-
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     fields = [name for name in schema.CLOSED_FIELD_NAMES if any(name in run["fields"] for run in report["runs"].values())]
     columns = min(3, len(fields))
     rows = -(-len(fields) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.9 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure = Figure(figsize=(4.2 * columns, 3.9 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, field_name in zip(axes.flat, fields):
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, label="calibrated exactly")
         for color, (run_name, run) in zip(colors, report["runs"].items()):
@@ -145,10 +143,7 @@ def reliability_chart(report: Mapping[str, Any]) -> bytes:
         axis.set_visible(False)
     figure.suptitle(f"Reliability of closed-set answers ({report['bins']} equal-width bins)")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=100)
 
 
 # ----------------------------------------------------------------------------- fitting

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from avlabel.core import schema
+from avlabel.core.charts import png_bytes
 from avlabel.core.errors import UsageError
 from avlabel.core.markdown import markdown_table
 
@@ -207,17 +208,13 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
 
 def _chart(section: Mapping[str, Mapping[str, Mapping]], names: list[str], ylabel: str, ylim: tuple[float, float], title: str) -> bytes:
     """Grouped bar chart as PNG bytes: fields on x, one bar per run, 95% interval whiskers."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     fields = list(section)
     bar_width = 0.8 / len(names)
     positions = np.arange(len(fields))
-    figure, axes = plt.subplots(figsize=(max(8, 0.9 * len(fields) + 2), 5.5))
+    figure = Figure(figsize=(max(8, 0.9 * len(fields) + 2), 5.5))
+    axes = figure.subplots()
     for run_index, name in enumerate(names):
         entries = [section[field_name][name] for field_name in fields]
         values = np.array([np.nan if entry["value"] is None else entry["value"] for entry in entries])
@@ -235,10 +232,7 @@ def _chart(section: Mapping[str, Mapping[str, Mapping]], names: list[str], ylabe
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
 
 
 def _per_clip(loaded: Mapping[str, Run], metrics: Mapping[str, RunMetrics], judgments: Mapping[str, list],

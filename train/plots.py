@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from avlabel.core.charts import png_bytes
+
 
 def plot_loss(log_history: list[dict], path: str | Path, title: str = "training loss") -> Path:
     """Training loss (and evaluation loss, when logged) against the optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    figure = Figure(figsize=(7, 4), dpi=120)
+    axes = figure.subplots()
     if train:
         axes.plot(*zip(*train), label="train loss", color="tab:blue")
     if evaluation:
@@ -27,6 +27,5 @@ def plot_loss(log_history: list[dict], path: str | Path, title: str = "training 
         axes.legend()
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
+    path.write_bytes(png_bytes(figure, dpi=120))
     return path
