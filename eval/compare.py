@@ -47,13 +47,14 @@ from .data import (
     render_value,
 )
 from .calibration import calibration_report, reliability_chart
-from .judge import Judge, JudgeConfig, run_items, score_arrays
+from .judge import SCORE_RANGE, Judge, JudgeConfig, run_items, score_arrays
 from .metrics import RunMetrics, evaluate_run
 from .stats import bootstrap, paired
 from .trust import TrustConfig, judge_trust
 
 CONFIDENCE = 0.95
 TEMPLATE = Path(__file__).parent / "report.html.jinja"
+JUDGE_SCALE = "{}-{}".format(*SCORE_RANGE)  # as the charts and tables name it
 
 
 @dataclass
@@ -183,7 +184,8 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
 
     charts = {}
     if judge_table:
-        charts["judge_scores.png"] = _chart(results["fields"], names, "judge score (1-5)", (1, 5), "LLM-judge score per field")
+        charts["judge_scores.png"] = _chart(results["fields"], names, f"judge score ({JUDGE_SCALE})", SCORE_RANGE,
+                                            "LLM-judge score per field")
     charts["deterministic.png"] = _chart(results["deterministic"], names, "score (0-1)", (0, 1), "Deterministic headline metric per field")
     if results["calibration"]["runs"]:
         charts["reliability.png"] = reliability_chart(results["calibration"])
@@ -322,7 +324,7 @@ def _tables(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         return {"title": title, "header": header, "rows": rows}
 
     if results["headline"] == "judge":
-        tables["judge"] = score_table(f"LLM-judge score (1-5, mean with {results['confidence']:.0%} interval)",
+        tables["judge"] = score_table(f"LLM-judge score ({JUDGE_SCALE}, mean with {results['confidence']:.0%} interval)",
                                       results["fields"], "judge")
     tables["deterministic"] = score_table("Deterministic headline metric (0-1; missing answers count as wrong)",
                                           results["deterministic"], "deterministic")
@@ -359,7 +361,7 @@ def trust_table(trust: Mapping[str, Any]) -> dict[str, Any]:
                      _fmt(checks["swap"]["mean_abs_diff"], 2), _fmt(checks["repeat"]["mean_std"], 2),
                      _fmt(checks["agreement"]["spearman"], 2), "; ".join(checks["reasons"])])
     return {"title": f"Judge trust ({trust['clips']} clips, {trust['repeats']} repeats)",
-            "header": ["field", "verdict", "identity (5)", "shuffled (low)", "swap |diff|",
+            "header": ["field", "verdict", f"identity ({SCORE_RANGE[1]})", "shuffled (low)", "swap |diff|",
                        "repeat std", "Spearman vs metric", "why doubtful"],
             "rows": rows}
 

@@ -49,10 +49,13 @@ from .data import Run, RunArguments, read_run, render_value
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEFAULT_PRICE_TABLE = Path(__file__).parent / "prices.json"
 DEFAULT_CACHE = Path(os.environ.get("AVLABEL_JUDGE_CACHE", cache_root() / "judge_cache.sqlite"))
-MISSING_SCORE = 1  # the rubric's "no agreement", given without a call when the model gave no answer
+# the rubric's scale (prompts/judge_system.txt): 1 no agreement ... 5 the same answer, one digit each
+SCORE_RANGE = (1, 5)
+MISSING_SCORE = SCORE_RANGE[0]  # the rubric's "no agreement", given without a call when the model gave no answer
 
-FIELD_ANSWER = re.compile(r"<answer>\s*([1-5])\s*</answer>", re.IGNORECASE)
-CLIP_ANSWER = re.compile(r"<answer\s+field\s*=\s*[\"']?([A-Za-z_]+)[\"']?\s*>\s*([1-5])\s*</answer>", re.IGNORECASE)
+_SCORE = f"([{SCORE_RANGE[0]}-{SCORE_RANGE[1]}])"
+FIELD_ANSWER = re.compile(rf"<answer>\s*{_SCORE}\s*</answer>", re.IGNORECASE)
+CLIP_ANSWER = re.compile(rf"<answer\s+field\s*=\s*[\"']?([A-Za-z_]+)[\"']?\s*>\s*{_SCORE}\s*</answer>", re.IGNORECASE)
 
 
 class JudgeError(ValueError):
@@ -132,7 +135,7 @@ class JudgePrompts:
 
 
 def parse_field_answer(text: str) -> tuple[int, str] | None:
-    """(score, reason) from a per-field answer, or None when there is no single score 1-5 in tags."""
+    """(score, reason) from a per-field answer, or None when there is no single score of SCORE_RANGE in tags."""
     matches = list(FIELD_ANSWER.finditer(text))
     if not matches:
         return None
