@@ -16,7 +16,6 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .use import LabelChoice
 
@@ -46,15 +45,15 @@ class SearchArguments:
                           '"run=sft", "human.lighting=Night*", "confidence<0.5", "lighting.confidence<0.6". '
                           'See `catalog/query.py` for the full syntax.'},
     )
-    text: Optional[str] = field(
+    text: str | None = field(
         default=None, metadata={"help": 'Full-text query over the free-text fields: words, "phrases", OR, NOT, prefix*, field:word.'}
     )
-    semantic: Optional[str] = field(default=None, metadata={"help": "Rank by meaning: a sentence describing the situation."})
+    semantic: str | None = field(default=None, metadata={"help": "Rank by meaning: a sentence describing the situation."})
     min_similarity: float = field(default=0.25, metadata={"help": "Semantic: the least cosine similarity that matches."})
     neighbours: int = field(
         default=1000, metadata={"help": "Semantic: the matching set is at most this many annotations, the nearest in meaning."}
     )
-    sort: Optional[str] = field(
+    sort: str | None = field(
         default=None,
         metadata={"help": 'Order the hits by the model\'s confidence, least confident first: "confidence" (the clip\'s), '
                           '"lighting.confidence" (a field\'s); "-confidence" for the most confident first.'},
@@ -62,9 +61,9 @@ class SearchArguments:
     run: list[str] = field(default_factory=list, metadata={"help": "Only these caption runs (default: all)."})
     human: bool = field(default=False, metadata={"help": "Search the human labels instead of the captions."})
     limit: int = field(default=20, metadata={"help": "Hits to show and put in the gallery (counts cover all matches)."})
-    html: Optional[str] = field(default=None, metadata={"help": "Write the self-contained HTML gallery of the hits here."})
-    json_out: Optional[str] = field(default=None, metadata={"help": "Write the result (hits, counts, query) as JSON here."})
-    export: Optional[str] = field(
+    html: str | None = field(default=None, metadata={"help": "Write the self-contained HTML gallery of the hits here."})
+    json_out: str | None = field(default=None, metadata={"help": "Write the result (hits, counts, query) as JSON here."})
+    export: str | None = field(
         default=None, metadata={"help": "Build a dataset of every matching clip into this folder (through `avlabel build`)."}
     )
     export_labels: LabelChoice = field(
@@ -101,7 +100,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser(NAME, dataclass_types=[SearchArguments])
-    return ArgumentParser(dataclass_types=[SearchArguments], prog="python -m catalog")
+    return ArgumentParser(dataclass_types=[SearchArguments], prog=f"avlabel {NAME}")
 
 
 def _print_report(report) -> None:

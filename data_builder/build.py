@@ -643,7 +643,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser(NAME, dataclass_types=[BuildArguments])
-    return ArgumentParser(dataclass_types=[BuildArguments], prog=f"python -m data_builder {NAME}")
+    return ArgumentParser(dataclass_types=[BuildArguments], prog=f"avlabel {NAME}")
 
 
 def main(args: BuildArguments) -> BuildResult:

@@ -218,7 +218,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser(NAME, dataclass_types=[CalibrateArguments])
-    return ArgumentParser(dataclass_types=[CalibrateArguments], prog=f"python -m eval {NAME}")
+    return ArgumentParser(dataclass_types=[CalibrateArguments], prog=f"avlabel {NAME}")
 
 
 def _model_folder(args: CalibrateArguments, run_path: Path) -> Path:

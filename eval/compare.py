@@ -443,7 +443,7 @@ def make_parser(subparsers=None):
     types = [CompareArguments, JudgeConfig]
     if subparsers is not None:
         return subparsers.add_parser("compare", dataclass_types=types)
-    return ArgumentParser(dataclass_types=types)
+    return ArgumentParser(dataclass_types=types, prog="avlabel compare")
 
 
 def parse_runs(entries: list[str]) -> dict[str, str]:

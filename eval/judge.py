@@ -539,7 +539,7 @@ def make_parser(subparsers=None):
     types = [JudgeArguments, JudgeConfig]
     if subparsers is not None:
         return subparsers.add_parser("judge", dataclass_types=types)
-    return ArgumentParser(dataclass_types=types)
+    return ArgumentParser(dataclass_types=types, prog="avlabel judge")
 
 
 def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:

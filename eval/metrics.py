@@ -321,7 +321,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser("metrics", dataclass_types=[MetricsArguments])
-    return ArgumentParser(dataclass_types=[MetricsArguments])
+    return ArgumentParser(dataclass_types=[MetricsArguments], prog="avlabel metrics")
 
 
 def main(args: MetricsArguments) -> dict[str, Any]:

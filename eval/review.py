@@ -270,7 +270,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser(NAME, dataclass_types=[ReviewArguments])
-    return ArgumentParser(dataclass_types=[ReviewArguments], prog=f"python -m eval {NAME}")
+    return ArgumentParser(dataclass_types=[ReviewArguments], prog=f"avlabel {NAME}")
 
 
 def _import(args: ReviewArguments):

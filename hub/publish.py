@@ -806,7 +806,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser(NAME, dataclass_types=[PublishArguments])
-    return ArgumentParser(dataclass_types=[PublishArguments])
+    return ArgumentParser(dataclass_types=[PublishArguments], prog=f"avlabel {NAME}")
 
 
 def publish(args: PublishArguments) -> list[Published]:

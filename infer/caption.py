@@ -79,7 +79,7 @@ def make_parser(subparsers=None):
     types = [CaptionArguments, GenerationSettings]
     if subparsers is not None:
         return subparsers.add_parser("caption", dataclass_types=types)
-    return ArgumentParser(dataclass_types=types)
+    return ArgumentParser(dataclass_types=types, prog="avlabel caption")
 
 
 def _record(clip, generation, error: str | None, seconds: float, identity: dict[str, Any],

@@ -169,7 +169,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser("export", dataclass_types=[ExportArguments])
-    return ArgumentParser(dataclass_types=[ExportArguments])
+    return ArgumentParser(dataclass_types=[ExportArguments], prog="avlabel export")
 
 
 def main(args: ExportArguments) -> Path:

@@ -604,7 +604,7 @@ def make_parser(subparsers=None):
     dataclass_types = [TrainScriptArguments, SFT_CONFIG, ModelConfig]
     if subparsers is not None:
         return subparsers.add_parser("train", dataclass_types=dataclass_types, check=check_arguments)
-    return ArgumentParser(dataclass_types=dataclass_types, check=check_arguments)
+    return ArgumentParser(dataclass_types=dataclass_types, check=check_arguments, prog="avlabel train")
 
 
 def train(recipe_path: str | Path, overrides: dict[str, Any] | None = None) -> Path:

@@ -283,7 +283,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser("demo", dataclass_types=[DemoArguments])
-    return ArgumentParser(dataclass_types=[DemoArguments])
+    return ArgumentParser(dataclass_types=[DemoArguments], prog="avlabel demo")
 
 
 if __name__ == "__main__":

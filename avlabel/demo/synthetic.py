@@ -797,7 +797,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser("synth", dataclass_types=[SynthArguments])
-    return ArgumentParser(dataclass_types=[SynthArguments])
+    return ArgumentParser(dataclass_types=[SynthArguments], prog="avlabel synth")
 
 
 def main(args: SynthArguments) -> None:

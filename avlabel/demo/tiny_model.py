@@ -364,7 +364,7 @@ def make_parser(subparsers=None):
 
     if subparsers is not None:
         return subparsers.add_parser("tiny-model", dataclass_types=[TinyModelArguments])
-    return ArgumentParser(dataclass_types=[TinyModelArguments])
+    return ArgumentParser(dataclass_types=[TinyModelArguments], prog="avlabel tiny-model")
 
 
 def main(args: TinyModelArguments) -> None:
