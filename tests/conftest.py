@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+
+# Cache folders the libraries read into module constants at import, relative to HF_HOME (a library
+# imported later reads them from the environment set below instead).
+HF_CACHE_CONSTANTS = {
+    "huggingface_hub.constants": {"HF_HOME": "", "HF_HUB_CACHE": "hub", "HUGGINGFACE_HUB_CACHE": "hub",
+                                  "HF_ASSETS_CACHE": "assets", "HUGGINGFACE_ASSETS_CACHE": "assets", "HF_XET_CACHE": "xet",
+                                  "HF_TOKEN_PATH": "token", "HF_STORED_TOKENS_PATH": "stored_tokens"},
+    "datasets.config": {"HF_CACHE_HOME": "", "HF_DATASETS_CACHE": "datasets", "HF_MODULES_CACHE": "modules",
+                        "DOWNLOADED_DATASETS_PATH": "datasets/downloads",
+                        "EXTRACTED_DATASETS_PATH": "datasets/downloads/extracted"},
+    "evaluate.config": {"HF_CACHE_HOME": "", "HF_EVALUATE_CACHE": "evaluate", "HF_METRICS_CACHE": "metrics",
+                        "HF_MODULES_CACHE": "modules", "DOWNLOADED_EVALUATE_PATH": "evaluate/downloads",
+                        "EXTRACTED_EVALUATE_PATH": "evaluate/downloads/extracted"},
+    "transformers.utils.hub": {"HF_MODULES_CACHE": "modules"},
+    "transformers.dynamic_module_utils": {"HF_MODULES_CACHE": "modules"},
+}
+# what would move one of those folders away from HF_HOME in a subprocess
+HF_CACHE_OVERRIDES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH",
+                      "HF_DATASETS_CACHE", "HF_MODULES_CACHE", "HF_EVALUATE_CACHE", "HF_METRICS_CACHE",
+                      "TRANSFORMERS_CACHE", "AVLABEL_JUDGE_CACHE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def caches_of_this_session(tmp_path_factory):
+    """Every cache the tests read or fill lives in this session's temporary folder, never in ~/.cache:
+    nothing of an earlier session (a datasets cache holding the video paths of a deleted build) is read
+    back, and nothing is left behind. Subprocesses follow HF_HOME and AVLABEL_CACHE, or set their own."""
+    root = tmp_path_factory.mktemp("caches")
+    hf_home = root / "huggingface"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(hf_home))
+        patch.setenv("AVLABEL_CACHE", str(root / "avlabel"))
+        for name in HF_CACHE_OVERRIDES:
+            patch.delenv(name, raising=False)
+        for module, constants in HF_CACHE_CONSTANTS.items():
+            if module in sys.modules:  # imported while collecting the tests
+                for constant, folder in constants.items():
+                    old = getattr(sys.modules[module], constant)
+                    patch.setattr(sys.modules[module], constant, type(old)(hf_home / folder if folder else hf_home))
+        yield root
 
 
 # Every model family's tests: Qwen2.5-VL (Cosmos Reason 1) in the quick loop, the others in CI

@@ -88,6 +88,7 @@ lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql o
 lgpl-lr deepfloyd-if-license llama2 gemma unknown other
 """.split())
 YAML_BLOCK = re.compile(r"\A\s*---[\n\r]+([\S\s]*?)[\n\r]+---([\n\r]|\Z)")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")  # ISO 639: "en", "fra"; not "en-US", "EN", or YAML's `no` (false)
 REPO_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
 
@@ -228,6 +229,16 @@ def _model_index_errors(index) -> list[str]:
     return errors
 
 
+def _language_errors(language, repo_type: str) -> list[str]:
+    """A dataset's `language` is a list of codes; a model card may give one code as a string."""
+    if isinstance(language, str) and repo_type != "dataset":
+        language = [language]
+    if not isinstance(language, list):
+        return ['"language" must be an array of ISO 639 codes']
+    return [f'"language[{i}]" must be a lowercase ISO 639 code of 2 or 3 letters, got {code!r}'
+            for i, code in enumerate(language) if not (isinstance(code, str) and LANGUAGE_CODE.fullmatch(code))]
+
+
 def metadata_errors(content: str, repo_type: str = "model") -> list[str]:
     """What the Hub's validate-yaml refuses in a card of `repo_type` and that a card writer can get wrong."""
     match = YAML_BLOCK.search(content)
@@ -254,6 +265,11 @@ def metadata_errors(content: str, repo_type: str = "model") -> list[str]:
         value = data.get(key)
         if value is not None and not _strings(value):
             errors.append(f'"{key}" must be a string or an array of strings')
+    if "language" in data:
+        errors += _language_errors(data["language"], repo_type)
+    for key in ("task_categories", "task_ids"):  # huggingface/datasets#5137: a bare string is refused
+        if key in data and not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
+            errors.append(f'"{key}" must be an array of strings')
     if "configs" in data:
         errors += _config_errors(data["configs"])
     info = data.get("dataset_info")

@@ -6,16 +6,19 @@ through the real `openai` client. What it answers is scriptable:
 * `script`: a queue of `Reply`/`Fail` actions, one consumed per request, before anything else
   (a 429 with Retry-After, a 500, a reply slower than the client's timeout, a text without
   `<answer>` tags...);
+* `api_keys`, `models`: the keys and models it knows; others are refused (401 `invalid_api_key`,
+  404 `model_not_found`). A request without a Bearer key is refused whatever these are;
 * `responder(request_json) -> Reply | Fail`: what to answer once the script is empty; the default
   scores by how similar the two quoted answers in the judge's prompt are (identical = 5), per
   field or for every `### field` section of a per-clip prompt;
 * `latency`: seconds every reply waits, served with asyncio so hundreds of requests can wait at
   once on two cores.
 
-It records every request (`requests`, with the client's retry count header), the most requests
-in flight at once (`max_in_flight`) and the usage tokens it reported (word counts), and serves
-those numbers at `GET /stats`. Run `python tests/openai_server.py --latency 1` for a standalone
-server (the benchmark does); it prints `listening on http://127.0.0.1:PORT/v1`.
+It records every request (`requests`: its body, the client's retry count header, the status answered
+and the Retry-After sent), the most requests in flight at once (`max_in_flight`) and the usage tokens
+it reported (word counts), and serves those numbers at `GET /stats`. Run
+`python tests/openai_server.py --latency 1` for a standalone server (the benchmark does); it prints
+`listening on http://127.0.0.1:PORT/v1`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ class Fail:
     retry_after: float | None = None
     message: str = "scripted failure"
 
+    @property
+    def kind(self) -> tuple[str, str]:
+        """OpenAI's error `type` and `code` strings for this status."""
+        return ("requests", "rate_limit_exceeded") if self.status == 429 else ("server_error", "server_error")
+
 
 Responder = Callable[[dict], "Reply | Fail"]
 
@@ -75,9 +83,18 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+def error_response(status: int, message: str, type_: str, code: str, headers: dict | None = None) -> web.Response:
+    """An error in OpenAI's body shape, which the `openai` client reads into its exceptions."""
+    return web.json_response({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                             status=status, headers=headers)
+
+
 class OpenAIServer:
-    def __init__(self, responder: Responder | None = None, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, responder: Responder | None = None, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0,
+                 api_keys: set[str] | None = None, models: set[str] | None = None):
         self.responder = responder or similarity_responder
+        # a request without a Bearer key is always refused; with these given, so are other keys and models
+        self.api_keys, self.models = api_keys, models
         self.latency = latency
         self.host, self.port = host, port
         self.script: deque[Reply | Fail] = deque()
@@ -102,10 +119,30 @@ class OpenAIServer:
         self.requests.clear()
         self.max_in_flight = self.prompt_tokens = self.completion_tokens = 0
 
+    def _refusal(self, request: web.Request, body: dict) -> web.Response | None:
+        """401 for a missing or unknown key, 404 for an unknown model, as OpenAI answers them."""
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not key.strip():
+            return error_response(401, "No API key was given: send it as 'Authorization: Bearer KEY'.",
+                                  "invalid_request_error", "invalid_api_key")
+        if self.api_keys is not None and key not in self.api_keys:
+            return error_response(401, f"Incorrect API key provided: {key[:3]}...{key[-2:]}.",
+                                  "invalid_request_error", "invalid_api_key")
+        if self.models is not None and body.get("model") not in self.models:
+            return error_response(404, f"The model `{body.get('model')}` does not exist or you do not have access to it.",
+                                  "invalid_request_error", "model_not_found")
+        return None
+
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.requests.append({"time": time.monotonic(), "body": body,
-                              "retry_count": int(request.headers.get("x-stainless-retry-count", 0))})
+        # status: what was answered (None: the client gave up first); retry_after: the Retry-After header sent
+        record = {"body": body, "retry_count": int(request.headers.get("x-stainless-retry-count", 0)),
+                  "status": None, "retry_after": None}
+        self.requests.append(record)
+        refusal = self._refusal(request, body)
+        if refusal is not None:
+            record["status"] = refusal.status
+            return refusal
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -113,8 +150,9 @@ class OpenAIServer:
             await asyncio.sleep(self.latency + (action.delay if isinstance(action, Reply) else 0.0))
             if isinstance(action, Fail):
                 headers = {} if action.retry_after is None else {"Retry-After": f"{action.retry_after:g}"}
-                error = {"error": {"message": action.message, "type": "server_error", "code": action.status}}
-                return web.json_response(error, status=action.status, headers=headers)
+                record["status"], record["retry_after"] = action.status, action.retry_after
+                return error_response(action.status, action.message, *action.kind, headers=headers)
+            record["status"] = 200
             prompt_tokens = sum(words(m["content"]) for m in body["messages"])
             completion_tokens = words(action.text)
             self.prompt_tokens += prompt_tokens

@@ -413,6 +413,16 @@ def test_folder_pushes_to_the_hub_unchanged(synthetic_dataset_dir, hub, tmp_path
     api = HfApi(endpoint=hub.endpoint, token="hf_test_token_for_the_local_hub")
     repo = api.create_repo("tester/synthetic-dashcam", repo_type="dataset").repo_id
     api.upload_folder(folder_path=synthetic_dataset_dir, repo_id=repo, repo_type="dataset")
+    pulled = Path(api.snapshot_download(repo, repo_type="dataset", local_dir=tmp_path / "pulled"))
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+                if p.is_file() and ".cache" not in p.relative_to(folder).parts}
+
+    local, remote = files(synthetic_dataset_dir), files(pulled)
+    remote.pop(".gitattributes", None)  # the Hub's own file
+    assert sorted(remote) == sorted(local)
+    assert [name for name in local if remote[name] != local[name]] == []  # byte for byte
     loaded = datasets.load_dataset(repo, split="test")
     assert loaded.features == build.column_features()
     assert sorted(loaded["clip_id"]) == sorted(row["clip_id"] for row in _metadata(synthetic_dataset_dir)["test"])

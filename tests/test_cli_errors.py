@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # what loading a model needs; a wrong argument must be refused before any of it
@@ -267,5 +268,6 @@ def test_the_light_check_and_the_full_parse_read_a_command_line_alike(tmp_path, 
     assert isinstance(script_args, TrainScriptArguments) and isinstance(training_args, SFTConfig)
     assert isinstance(model_args, ModelConfig)
     assert training_args.max_steps == 2 and training_args.remove_unused_columns is False
-    assert training_args.learning_rate == 1.0e-3  # from the recipe
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "sft.yaml").read_text())
+    assert training_args.learning_rate == recipe["learning_rate"] != SFTConfig.learning_rate  # from the recipe
     assert model_args.use_peft is True and model_args.lora_target_modules == ["q_proj", "v_proj"]

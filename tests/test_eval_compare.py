@@ -105,7 +105,7 @@ def test_deterministic_report(runs, tmp_path):
     assert html.count("<table>") >= 4 and "Output validity" in html and "Judge trust" not in html
     assert "clip038" in html  # the missing clip shows up in the disagreement browser
     records = [json.loads(line) for line in (out / "per_clip.jsonl").read_text().splitlines()]
-    assert len(records) == 40 * 15 * 2
+    assert len(records) == results["clips"] * len(schema.FIELD_NAMES) * len(results["runs"])
 
 
 def test_judged_report_with_trust_and_command_line(runs, tmp_path, capsys):

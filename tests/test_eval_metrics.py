@@ -12,6 +12,7 @@ import sacrebleu
 from avlabel.core import schema
 from avlabel.eval import data, metrics
 from avlabel.eval.metrics import MISSING, field_result
+from conftest import SYNTHETIC_CLIPS, SYNTHETIC_TEST_CLIPS
 from eval_labels import load_label_file
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference.label.json"  # a label in the recipe's format
@@ -211,9 +212,9 @@ def test_metrics_command_writes_json(tmp_path, capsys):
 def test_builder_dataset_references_match_the_raw_labels(synthetic_dataset_dir, synthetic_raw_dir):
     """The builder's dataset (videofolder, typed columns) read back as references, joined on clip id."""
     references, problems = data.load_references(synthetic_dataset_dir, split="test")
-    assert problems == [] and len(references) == 4
+    assert problems == [] and len(references) == SYNTHETIC_TEST_CLIPS
     run = data.load_run("raw", synthetic_raw_dir, references)  # the human labels themselves as predictions
-    assert run.missing == [] and len(run.extra) == 20  # the train clips have no test reference
+    assert run.missing == [] and len(run.extra) == SYNTHETIC_CLIPS - SYNTHETIC_TEST_CLIPS  # the train clips have no test reference
     result = metrics.evaluate_run(run)
     assert result.json_valid_rate == 1
     assert all(res.value == pytest.approx(1.0) for res in result.fields.values())

@@ -284,6 +284,10 @@ def test_binary_or_large_files_must_go_through_lfs(hub, request, name, synthetic
     ("dataset", "configs:\n- data_files: train/*", '"configs[0].config_name" is required'),
     ("model", "model-index:\n- name: x\n  results:\n  - task: {}\n    metrics: []", "task.type"),
     ("space", "sdk: jupyter-lab", '"sdk" must be one of'),
+    ("dataset", "language: en", '"language" must be an array'),
+    ("dataset", "language:\n- en-US", '"language[0]" must be a lowercase ISO 639 code'),
+    ("model", "language:\n- en\n- no", '"language[1]" must be a lowercase ISO 639 code'),  # YAML reads `no` as false
+    ("dataset", "task_categories: video-text-to-text", '"task_categories" must be an array'),
 ])
 def test_card_metadata_is_validated(hub, request, monkeypatch, repo_type, metadata, complaint):
     from huggingface_hub import HfApi

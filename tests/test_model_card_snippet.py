@@ -165,16 +165,6 @@ def test_the_cards_snippet_reproduces_the_projects_captions(demo_run, hub, tmp_p
     assert [_closed_answers(a) for a in answers] == [_closed_answers(e) for e in expected]
     assert sum(a != e for a, e in zip(answers, expected)) <= 1, (answers, expected)
 
-
-def _closed_answers(text: str):
-    from avlabel.core.schema import FIELDS
-
-    try:
-        label = json.loads(text)
-    except ValueError:
-        return text  # not JSON: the whole text must match
-    return {spec.name: label.get(spec.name) for spec in FIELDS if spec.closed}
-
     # and merged/ itself gives, from a clip path, the trained number of frames at the trained size
     processor = AutoProcessor.from_pretrained(merged)
     clip = Path(records[0]["video"])
@@ -188,3 +178,14 @@ def _closed_answers(text: str):
     patch = processor.video_processor.patch_size
     assert [frames * 2, height * patch, width * patch] == [len(sampled.frames), *sampled.frames.shape[1:3]]
     assert inputs["input_ids"].shape[1] == records[0]["prompt_tokens"]
+
+
+def _closed_answers(text: str):
+    from avlabel.core.schema import FIELDS
+
+    try:
+        label = json.loads(text)
+    except ValueError:
+        return text  # not JSON: the whole text must match
+    return {spec.name: label.get(spec.name) for spec in FIELDS if spec.closed}
+

@@ -12,6 +12,7 @@ import pytest
 
 from avlabel.demo import synthetic
 from avlabel.core.sampling import SamplingConfig, probe, sample_frames
+from conftest import SYNTHETIC_CLIPS
 from eval_labels import load_label_file
 
 # the tiny training recipe's view of a clip: 2 fps, at most 112x112 pixels (140x84 for 16:9)
@@ -31,7 +32,7 @@ def sampled(synthetic_raw_dir):
 
 def test_recipe_layout_with_valid_labels_and_h264_clips(synthetic_raw_dir):
     clips = _clips(synthetic_raw_dir)
-    assert len(clips) == 24
+    assert len(clips) == SYNTHETIC_CLIPS
     assert sorted(p.name for p in (synthetic_raw_dir / "metas").iterdir()) == sorted(m.name for _, m in clips)
     for index, (video, meta) in enumerate(sorted(clips, key=lambda c: c[0].name)):
         clip_id = video.name.removesuffix(synthetic.VIDEO_SUFFIX)
@@ -42,7 +43,7 @@ def test_recipe_layout_with_valid_labels_and_h264_clips(synthetic_raw_dir):
         assert info.duration == pytest.approx(3.0, abs=0.01)
         with av.open(str(video)) as container:
             assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"
-    ids = {synthetic.clip_id(0, i) for i in range(24)}
+    ids = {synthetic.clip_id(0, i) for i in range(SYNTHETIC_CLIPS)}
     assert {v.name.removesuffix(synthetic.VIDEO_SUFFIX) for v, _ in clips} == ids
 
 

@@ -27,8 +27,7 @@ TINY_RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
 def _rows(dataset_dir, split="train"):
     from datasets import Video, load_dataset
 
-    # force_redownload: the cache of a video folder would keep the video paths of an identical earlier build
-    dataset = load_dataset(str(dataset_dir), split=split, download_mode="force_redownload")
+    dataset = load_dataset(str(dataset_dir), split=split)
     return dataset.cast_column("video", Video(decode=False))
 
 

@@ -42,7 +42,7 @@ def _training_batch(model_dir, dataset_dir, rows: int = 1) -> dict:
     sampling = TrainScriptArguments(**WIDE_FRAMES).resolve_sampling(AutoConfig.from_pretrained(model_dir), str(model_dir))
     collator = VideoSFTCollator(processor=AutoProcessor.from_pretrained(model_dir), prompts=load_prompts(short=True),
                                 frames=FrameCache(None, sampling), family=family_of(model_dir), answer_format="plain")
-    dataset = load_dataset(str(dataset_dir), split="train", download_mode="force_redownload")
+    dataset = load_dataset(str(dataset_dir), split="train")
     dataset = dataset.cast_column("video", Video(decode=False))
     return collator([dataset[i] for i in range(rows)])
 
