@@ -48,7 +48,10 @@ from .data import Run, RunArguments, read_run, render_value
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEFAULT_PRICE_TABLE = Path(__file__).parent / "prices.json"
-DEFAULT_CACHE = Path(os.environ.get("AVLABEL_JUDGE_CACHE", cache_root() / "judge_cache.sqlite"))
+def default_cache() -> Path:
+    """$AVLABEL_JUDGE_CACHE, else judge_cache.sqlite in avlabel's cache folder (read when a judge starts, so a
+    variable set after import counts)."""
+    return Path(os.environ.get("AVLABEL_JUDGE_CACHE", cache_root() / "judge_cache.sqlite"))
 # the rubric's scale (prompts/judge_system.txt): 1 no agreement ... 5 the same answer, one digit each
 SCORE_RANGE = (1, 5)
 MISSING_SCORE = SCORE_RANGE[0]  # the rubric's "no agreement", given without a call when the model gave no answer
@@ -74,7 +77,9 @@ class JudgeConfig:
     judge_parse_retries: int = field(default=2, metadata={"help": "times a question is asked again when the answer has no score; then it is recorded as unscored"})
     judge_max_failures: int = field(default=100, metadata={"help": "stop after this many judgments got no answer at all (endpoint down); they are not cached, a rerun retries them"})
     judge_per_clip: bool = field(default=False, metadata={"help": "judge all fields of a clip in one call (fewer, longer calls) instead of one call per field as the recipe does"})
-    judge_cache: str = field(default=str(DEFAULT_CACHE), metadata={"help": "SQLite cache of judgments (env AVLABEL_JUDGE_CACHE sets the default)"})
+    judge_cache: str | None = field(default=None, metadata={
+        "help": "SQLite cache of judgments (default: $AVLABEL_JUDGE_CACHE, else judge_cache.sqlite in $AVLABEL_CACHE, "
+                "~/.cache/avlabel)"})
     judge_system_prompt: str | None = field(default=None, metadata={"help": "file with your own system prompt (the rubric)"})
     judge_item_prompt: str | None = field(default=None, metadata={"help": "file with your own rendering of one question; must contain {question}, {reference} and {prediction}"})
     judge_field_prompt: str | None = field(default=None, metadata={"help": "file with your own per-field user prompt; must contain {item}"})
@@ -316,7 +321,7 @@ class Judge:
         self.prompts = JudgePrompts.load(self.config)
         self.prompt_sha = self.prompts.sha(self.config.judge_per_clip)
         self.price = price_for(self.config.judge_model, load_price_table(self.config.judge_price_table))
-        self.cache = JudgeCache(self.config.judge_cache)
+        self.cache = JudgeCache(self.config.judge_cache or default_cache())
         self.total = JudgeStats(cost_usd=0.0 if self.price else None)  # every judge() call of this object
         self.last: JudgeStats | None = None  # the latest judge() call
 

@@ -151,7 +151,7 @@ def test_every_command_answers_a_mistake_in_one_line(tmp_path, args, code, fragm
 
 
 def test_the_judge_cache_follows_avlabel_cache(tmp_path):
-    done = subprocess.run([sys.executable, "-c", "from avlabel.eval.judge import DEFAULT_CACHE; print(DEFAULT_CACHE)"],
+    done = subprocess.run([sys.executable, "-c", "from avlabel.eval.judge import default_cache; print(default_cache())"],
                           env={**os.environ, "AVLABEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == str(tmp_path / "cache" / "judge_cache.sqlite")
