@@ -322,20 +322,10 @@ def _files_sha(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def caption_files(path: str | Path) -> list[Path]:
-    """The record files of an `avlabel caption` output folder (`captions.jsonl`, and the shards of an
-    unfinished multi-process run), or the one file given."""
-    path = Path(path)
-    files = records.run_files(path)
-    if not files:
-        raise FileNotFoundError(f"{path}: no {records.CAPTIONS} (expected an `avlabel caption` output folder or the file)")
-    return files
-
-
 def index_run(db: str | Path, captions: str | Path, run: str | None = None) -> IndexReport:
     """Index one caption run; `run` names it (default: the output folder's name)."""
     started = time.perf_counter()
-    files = caption_files(captions)
+    files = records.run_files(Path(captions))  # with the shards of an unfinished multi-process run
     name = run or files[0].resolve().parent.name
     report = IndexReport(name, "model")
     con = connect(db)

@@ -79,6 +79,13 @@ class ReviewArguments:
         default=None, metadata={"help": "Import: the recipe-layout folder (videos/ + metas/) the labels are written to."}
     )
 
+    def __post_init__(self):
+        from avlabel.core.parser import check_path
+
+        for flag, value in (("--captions", self.captions), ("--other", self.other)):
+            if value:
+                check_path(value, f"{flag} {value}")
+
 
 class ReviewError(ValueError):
     """A run the review can't order (exit 1; a wrong argument is a UsageError, exit 2)."""
@@ -115,10 +122,7 @@ class Candidate:
 
 def read_run(path: str | Path, problems: list[Problem]) -> dict[str, dict[str, Any]]:
     """clip id -> the record the core's merge rule picks, from a caption folder or a captions.jsonl."""
-    path = Path(path)
-    files = run_files(path)
-    if not files:
-        raise UsageError(f"{path}: no captions.jsonl (expected an `avlabel caption` output folder or the file)")
+    files = run_files(Path(path))
     return latest_per_clip((pair for file in files for pair in read_located(file, problems)), problems)
 
 

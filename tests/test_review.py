@@ -124,7 +124,8 @@ def test_catalog_query_chooses_the_clips(clips, tmp_path):
         (["--budget", "0%"], 2, "--budget '0%'"),
         ([], 1, "the records carry no `confidence`; give --other <run>"),
         (["--where", "weather=Sunny spells"], 2, "--where: "),
-        (["--captions", "no/such/run"], 2, "no/such/run: no captions.jsonl"),
+        (["--captions", "no/such/run"], 2, "--captions no/such/run: no such file or folder"),
+        (["--captions", "."], 1, ": no captions.jsonl (expected an `avlabel caption` output folder"),
     ],
 )
 def test_bad_input_is_one_line(clips, tmp_path, capsys, args, code, message):

@@ -30,8 +30,11 @@ def record_files(out_dir: Path) -> list[Path]:
 
 def run_files(path: Path) -> list[Path]:
     """The record files of a run given as an `avlabel caption` output folder (`record_files`) or as one
-    file; none when there are none."""
-    return record_files(path) if path.is_dir() else [path] if path.is_file() else []
+    file; FileNotFoundError when there are none."""
+    files = record_files(path) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise FileNotFoundError(f"{path}: no {CAPTIONS} (expected an `avlabel caption` output folder or the file)")
+    return files
 
 
 def short_probability(x: float) -> float:
