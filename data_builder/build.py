@@ -37,7 +37,7 @@ from pathlib import Path
 from avlabel.core.errors import UsageError
 from avlabel.core.files import link_or_copy
 from avlabel.core.layouts import (
-    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout, detect_layout,
+    EXPECTED_LABEL, EXPECTED_VIDEO, EXTRA_COLUMN, METADATA_NAME, STORED_EXTENSIONS, InputClip, InputLayout,
     read_inputs,
 )
 from avlabel.core.problems import InputError, Problem
@@ -97,11 +97,9 @@ class BuildArguments(SamplingArguments):
     )
 
     def __post_init__(self):
-        """An --input that is not there is a command-line mistake (exit 2), as in `avlabel caption`."""
-        try:
-            detect_layout(self.input)
-        except InputError as err:
-            raise UsageError(f"--input {err}") from None
+        from avlabel.core.parser import check_input
+
+        check_input(self.input)  # an --input that is not there is a command-line mistake (exit 2), as in caption
 
     def sampling(self) -> SamplingConfig:
         return self.resolve_sampling(factor=self.factor)

@@ -57,17 +57,13 @@ class CaptionArguments:
     def __post_init__(self):
         """Refuse what is wrong on the command line itself before anything loads."""
         from avlabel.core.errors import UsageError
-        from avlabel.core.layouts import METADATA_NAME, detect_layout
-        from avlabel.core.parser import check_source
-        from avlabel.core.problems import InputError
+        from avlabel.core.layouts import METADATA_NAME
+        from avlabel.core.parser import check_input, check_source
 
         check_source(self.model, "--model", "model")
         if self.adapter:
             check_source(self.adapter, "--adapter", "adapter")
-        try:
-            layout = detect_layout(self.input)
-        except InputError as err:
-            raise UsageError(f"--input {err}") from None
+        layout = check_input(self.input)
         built = sorted(path.parent.name for path in Path(self.input).glob(f"*/{METADATA_NAME}"))
         if layout == "dataset" and built and self.split not in built:  # a Hub dataset's splits are known once loaded
             raise UsageError(f"--split {self.split}: {self.input} has the split(s) {', '.join(built)}")

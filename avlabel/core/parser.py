@@ -184,6 +184,18 @@ class ArgumentParser(TrlParser):
                 raise UsageError(f"{where}: unknown argument {key!r}{did_you_mean(str(key), known)}")
 
 
+def check_input(value: str) -> str:
+    """The layout of an `--input` (`layouts.detect_layout`); an input that is not there is a command-line
+    mistake."""
+    from .layouts import detect_layout
+    from .problems import InputError
+
+    try:
+        return detect_layout(value)
+    except InputError as err:
+        raise UsageError(f"--input {err}") from None
+
+
 def check_path(value: str, shown: str) -> None:
     """Refuse a local path that is not there (a command-line mistake); `shown` is the flag and value as given."""
     if not Path(value).expanduser().exists():
