@@ -261,7 +261,7 @@ def _processor(family, tokenizer):
 
     The stock limits (about 100k pixels minimum) would upscale a 112x112 clip to 336x336.
     """
-    factor = family.patch_size * family.merge_size
+    factor = family.patch_factor()
     limits = {"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor}
     return family.make_processor(tokenizer, CHAT_TEMPLATE, size=limits, fps=2.0, cap_pixels_per_frame=True)
 
