@@ -461,12 +461,13 @@ def build(args: BuildArguments) -> BuildResult:
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
-    previous = built_splits(out) | cache.splits  # a dataset built before splits were cached has them only in its metadata
+    previous = cache.splits or built_splits(out)  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
     fresh = assign_splits(good, test_size)
     kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)
     cache.splits.update(splits)
     cache.test_size = test_size
+    cache.save()  # the splits are on record before any metadata names them
     stored, packed = _pack(args, out, cache, clips, keys, splits, num_proc, problems)
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
