@@ -79,12 +79,14 @@ class SearchArguments:
     )
 
     def __post_init__(self):
-        from avlabel.core.parser import check_path, check_source
+        from avlabel.core.parser import check_output_dir, check_path, check_source
 
         for spec in self.index:
             check_path(_named(spec)[1], f"--index {spec}")
         for spec in self.labels:
             check_source(_named(spec)[1], "--labels", "dataset")
+        if self.export:
+            check_output_dir(self.export, "--export")
 
 
 def _named(spec: str) -> tuple[str | None, str]:

@@ -817,6 +817,10 @@ def publish(args: PublishArguments) -> list[Published]:
             raise UsageError(f"--{option}_dir needs --{option}_repo (the Hub repo to publish it to)")
     if args.eval_dir and not (args.eval_repo or args.model_dir):
         raise UsageError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
+    if args.dry_run:
+        from avlabel.core.parser import check_output_dir
+
+        check_output_dir(args.dry_run_dir, "--dry_run_dir")
     common = dict(private=args.private, revision=args.revision, create_repo=args.create_repo,
                   create_branch=args.create_branch, commit_message=args.commit_message,
                   files_per_commit=args.files_per_commit, dry_run_dir=args.dry_run_dir if args.dry_run else None)

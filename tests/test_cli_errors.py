@@ -150,6 +150,66 @@ def test_every_command_answers_a_mistake_in_one_line(tmp_path, args, code, fragm
     assert line.startswith(f"avlabel {args[0]}: error: "), line
 
 
+# each command that writes a folder, with the flag that names it ({out}: the folder)
+WRITERS = {
+    "synth": ["--output_dir", "{out}"],
+    "tiny-model": ["--output_dir", "{out}"],
+    "build": ["--input", "clips", "--output_dir", "{out}"],
+    "caption": ["--input", "clips", "--model", "model", "--output_dir", "{out}"],
+    "train": ["--dataset_name", "dataset", "--model_name_or_path", "model", "--output_dir", "{out}"],
+    "export": ["--checkpoint", "clips", "--output_dir", "{out}"],
+    "metrics": ["--predictions", "clips", "--references", "clips", "--output_dir", "{out}"],
+    "judge": ["--predictions", "clips", "--references", "clips", "--output_dir", "{out}"],
+    "compare": ["--runs", "a=clips", "--references", "clips", "--output_dir", "{out}"],
+    "review": ["--captions", "clips", "--output_dir", "{out}"],
+    "demo": ["--output_dir", "{out}"],
+    "search": ["--export", "{out}"],
+    "publish": ["--metric_repo", "me/metric", "--dry_run", "--dry_run_dir", "{out}"],
+}
+
+
+def _writer(command: str, out: str) -> tuple[list[str], str]:
+    """The command line of `command` writing into `out`, and the flag naming it."""
+    args = [arg.format(out=out) for arg in WRITERS[command]]
+    return [command, *args], args[args.index(out) - 1]
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_an_output_folder_under_a_file(tmp_path, dataset_dir, model_dir, command):
+    """A path under a regular file can't be made by anyone, root included: every command says so at once, by flag."""
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "notes.txt").write_text("a file\n")
+    args, flag = _writer(command, "notes.txt/out")
+    code, lines, heavy = avlabel(tmp_path, *args)
+    line = assert_one_line(code, lines, 2, f"{flag} notes.txt/out: notes.txt is a file, not a folder")
+    assert line.startswith(f"avlabel {command}: error: "), line
+    assert not heavy & set(MODEL_CODE)
+    assert not list(tmp_path.glob("*/frame_cache")) and (tmp_path / "notes.txt").read_text() == "a file\n"
+
+
+@pytest.fixture
+def locked_dir(tmp_path):
+    """A folder nobody can write into, root included: the immutable attribute (chattr +i), which, unlike chmod,
+    binds root too (the tests run as root)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {done.stderr.strip()}")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("command", ["caption", "train", "compare", "search", "publish"])
+def test_an_output_folder_that_cant_be_written(tmp_path, dataset_dir, model_dir, locked_dir, command):
+    (tmp_path / "clips").mkdir()
+    args, flag = _writer(command, "locked/out")
+    code, lines, heavy = avlabel(tmp_path, *args)
+    assert_one_line(code, lines, 2, f"{flag} locked/out: locked can't be written", "choose a folder you can write to")
+    assert not heavy
+    assert not (locked_dir / "out").exists()
+
+
 def test_the_judge_cache_follows_avlabel_cache(tmp_path):
     done = subprocess.run([sys.executable, "-c", "from avlabel.eval.judge import default_cache; print(default_cache())"],
                           env={**os.environ, "AVLABEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)},

@@ -5,6 +5,8 @@ On top of `TrlParser`:
 * an unknown flag or `--config` key is named, with the closest known one;
 * a missing or unreadable `--config` file, a bad value, and a dataclass refusing a value in its
   `__post_init__` each end as one line (a `UsageError`, exit 2);
+* an `--output_dir` the command could not write (a path under a file, a folder this user can't
+  write into) is refused once, by name, before any work (`check_output_dir`);
 * a dataclass too heavy to import just to read a command line (TRL's `SFTConfig` imports torch and
   the Trainer: seconds) can be `Deferred`: its options come from a snapshot of them, so a mistake is
   reported at once, and the class is imported only when the command line has passed.
@@ -16,6 +18,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import os
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -76,9 +79,9 @@ class Deferred:
 class ArgumentParser(TrlParser):
     """`TrlParser` that refuses abbreviations and reports every mistake in one line (see the module docstring).
 
-    `checks` (`check` and any added later) see every parsed value by name ({dest: value}) before any
-    deferred class is imported, so checks across dataclasses (does the checkpoint to resume
-    exist?) cost no import.
+    `checks` (`check`, `check_output_dir` of any `output_dir`, and any added later) see every parsed
+    value by name ({dest: value}) before any deferred class is imported, so checks across dataclasses
+    (does the checkpoint to resume exist?) cost no import.
     """
 
     def __init__(self, dataclass_types=None, check: Callable[[dict[str, Any]], None] | None = None, **kwargs):
@@ -88,7 +91,7 @@ class ArgumentParser(TrlParser):
         # a deferred class without a snapshot for the installed versions is imported now
         self._types = [item.load() if isinstance(item, Deferred) and snapshots[item] is None else item for item in types]
         self._deferred = {item: snapshots[item] for item in self._types if isinstance(item, Deferred)}
-        self.checks = [check] if check else []
+        self.checks = ([check] if check else []) + [_check_output_dirs]
         self._kwargs = kwargs
         super().__init__([item for item in self._types if not isinstance(item, Deferred)], **kwargs)
         for options in self._deferred.values():
@@ -106,7 +109,9 @@ class ArgumentParser(TrlParser):
     def _full(self) -> ArgumentParser:
         """This parser with the deferred classes imported."""
         types = [item.load() if isinstance(item, Deferred) else item for item in self._types]
-        return type(self)(types, **{**self._kwargs, "prog": self.prog})
+        full = type(self)(types, **{**self._kwargs, "prog": self.prog})
+        full.checks = []  # only parsed after this parser's checks passed
+        return full
 
     def parse_dict(self, args: dict[str, Any], allow_extra_keys: bool = False):
         if self._deferred:
@@ -150,7 +155,7 @@ class ArgumentParser(TrlParser):
         for check in self.checks:
             check(values)
         if self._deferred:
-            # the command line passed every check; now parse it into the real classes (no check again)
+            # the command line passed every check; now parse it into the real classes (no check again: see _full)
             return self._full().parse_args_and_config(args, return_remaining_strings=return_remaining_strings, **kwargs)
         return (*parsed, remaining) if return_remaining_strings else tuple(parsed)
 
@@ -194,6 +199,28 @@ def check_input(value: str) -> str:
         return detect_layout(value)
     except InputError as err:
         raise UsageError(f"--input {err}") from None
+
+
+def check_output_dir(value: str, flag: str) -> None:
+    """Refuse an output folder the command could not write: an existing file, a path under a file, or a
+    folder (when it is not there yet, the nearest one above it) this user can't create files in (its
+    permissions, or a read-only file system). Said before any work, naming the flag, rather than as
+    OSError's "Permission denied: 'x'" at the first write."""
+    path = Path(value).expanduser()
+    # the nearest part of the path that is there ("." or "/" at the latest); os.path.exists is False on any OSError
+    there = next((folder for folder in (path, *path.parents) if os.path.exists(folder)), path)
+    if not there.is_dir():
+        where = "it is" if there == path else f"{there} is"
+        raise UsageError(f"{flag} {value}: {where} a file, not a folder; give the path of a folder to write to")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {value}: {there} can't be written (no permission, or a read-only file system); "
+                         "choose a folder you can write to")
+
+
+def _check_output_dirs(values: dict[str, Any]) -> None:
+    """Every command's `--output_dir` (unset: a default the command derives) is a folder it writes."""
+    if values.get("output_dir"):
+        check_output_dir(str(values["output_dir"]), "--output_dir")
 
 
 def check_path(value: str, shown: str) -> None:
