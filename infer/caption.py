@@ -248,13 +248,19 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     identity = run_identity(args, settings, prompts, dtype, sampling, answer, calibration)
     earlier = records.read_all(out)
     records.check_same_run(earlier, identity, out)
+    done = records.done_clip_ids(earlier)
+    todo = [clip for clip in clips if clip.clip_id not in done]
+    state.wait_for_everyone()  # every process has read the same records before any writes
+
+    if not todo:  # a finished run: fold in any shards and summarise, loading no processor and no model
+        if not state.is_main_process:
+            return {}
+        print(f"nothing to do: every clip already has a record in {out} (--overwrite starts over)")
+        return merge_and_summarize(out, clips, todo, state, time.perf_counter(), None, identity)
     from transformers import AutoProcessor  # after the inputs and earlier records are known good: it imports the model code
 
     processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
     _check_budget(processor.tokenizer, settings, answer)
-    done = records.done_clip_ids(earlier)
-    todo = [clip for clip in clips if clip.clip_id not in done]
-    state.wait_for_everyone()  # every process has read the same records before any writes
 
     start = time.perf_counter()
     load_seconds = None

@@ -252,6 +252,38 @@ def test_caption_constrained_run_with_a_corrupt_clip(tiny_model_of, family, synt
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
+def test_a_finished_run_reruns_without_loading_the_model(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
+    """A rerun with every clip done reports so and stops before the processor or the weights load: after the
+    first run the model folder keeps only what names the run (config and the settings files), and the rerun
+    through the command line still finishes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    clips = sorted((synthetic_raw_dir / "videos").glob("*.mp4"))[:2]
+    manifest = tmp_path / "clips.txt"
+    manifest.write_text("".join(f"{clip}\n" for clip in clips))
+    out = tmp_path / "captions"
+    first = _caption(model, input=manifest, output_dir=out, max_new_tokens=16)
+    assert first["this_run"]["captioned"] == 2
+    kept = {"config.json", "sampling_config.json", "answer_config.json", "calibration.json"}  # what the run's identity reads
+    moved = [path for path in model.iterdir() if path.name not in kept]
+    assert any(path.suffix == ".safetensors" for path in moved) and any("tokenizer" in path.name for path in moved)
+    (tmp_path / "moved").mkdir()
+    for path in moved:
+        path.rename(tmp_path / "moved" / path.name)
+
+    done = subprocess.run([sys.executable, "-m", "avlabel", "caption", "--config", str(TINY_RECIPE), "--model", str(model),
+                           "--input", str(manifest), "--output_dir", str(out), "--max_new_tokens", "16"],
+                          cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"nothing to do: every clip already has a record in {out}" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["captioned"] == 2 and summary["this_run"]["skipped"] == 2 and summary["this_run"]["captioned"] == 0
+    assert summary["this_run"]["model_load_seconds"] is None
+    assert [r["clip_id"] for r in _records(out)] == [clip.name.split(".")[0] for clip in clips]
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
     out = tmp_path / "captions"
