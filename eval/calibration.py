@@ -211,6 +211,8 @@ class CalibrateArguments:
 
         check_path(self.captions, f"--captions {self.captions}")
         check_source(self.labels, "--labels", "dataset")
+        if self.model is not None:
+            _check_model_folder(self.model)
 
 
 def make_parser(subparsers=None):
@@ -221,22 +223,26 @@ def make_parser(subparsers=None):
     return ArgumentParser(dataclass_types=[CalibrateArguments], prog=f"avlabel {NAME}")
 
 
-def _model_folder(args: CalibrateArguments, run_path: Path) -> Path:
+def _check_model_folder(model: str) -> Path:
     from avlabel.core.errors import UsageError
-    from avlabel.core.records import read_records, run_files
 
-    model = args.model
-    if model is None:
-        records = [record for file in run_files(run_path) for record in read_records(file)]
-        named = {record.get("adapter") or record.get("model") for record in records} - {None}
-        if len(named) != 1:
-            raise UsageError(f"--model: give the model folder to write {CALIBRATION_FILE} into (the captions name "
-                             f"{', '.join(sorted(named)) or 'no model'})")
-        model = named.pop()
     if not Path(model).is_dir():
         raise UsageError(f"--model {model}: not a local folder; {CALIBRATION_FILE} is written into the model's folder "
                          "(download a Hub model first, or give its local copy)")
     return Path(model)
+
+
+def _model_folder(args: CalibrateArguments, run: Run) -> Path:
+    """--model, else the one model (or adapter) folder the run's records name."""
+    from avlabel.core.errors import UsageError
+
+    if args.model is not None:
+        return Path(args.model)
+    named = {prediction.made_by for prediction in run.predictions.values()} - {None}
+    if len(named) != 1:
+        raise UsageError(f"--model: give the model folder to write {CALIBRATION_FILE} into (the captions name "
+                         f"{', '.join(sorted(named)) or 'no model'})")
+    return _check_model_folder(named.pop())
 
 
 def main(args: CalibrateArguments) -> Calibration:
@@ -250,8 +256,8 @@ def main(args: CalibrateArguments) -> Calibration:
     if args.bins < 1 or args.min_clips < 1:
         raise UsageError(f"--bins {args.bins} / --min_clips {args.min_clips}: give whole numbers of at least 1")
     run_path = Path(args.captions)
-    folder = _model_folder(args, run_path)
     run = read_run(run_path, args.labels, args.split)
+    folder = _model_folder(args, run)
     if args.split == "test" and (Path(args.labels) / "test" / METADATA_NAME).is_file():
         print(f"warning: fitting on the test split of {args.labels}: the report's ECE after calibration on that split "
               "will look better than it is; hold out other clips", file=sys.stderr)

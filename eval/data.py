@@ -37,6 +37,7 @@ class Prediction:
     confidence: dict[str, float] = field(default_factory=dict)
     confidence_raw: dict[str, float] = field(default_factory=dict)
     calibrated: bool = False
+    made_by: str | None = None  # a caption record's adapter, else its model (folder or Hub id); None for label files
 
     def has(self, name: str) -> bool:
         return name in self.label
@@ -86,6 +87,7 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
         located = [pair for captions in caption_files for pair in read_located(captions, problems)]
         predictions = {}
         for clip_id, record in latest_per_clip(located, problems).items():
+            made_by = record.get("adapter") or record.get("model")
             if succeeded(record):
                 prediction = prediction_from_raw(clip_id, record.get("label") or {}, bool(record.get("valid")))
                 # a field constrained decoding had to cut holds a placeholder or a stub, not an answer: missing
@@ -97,9 +99,10 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
                 prediction.confidence = {name: p for name, p in confidence.items() if prediction.has(name)}
                 prediction.confidence_raw = {name: p for name, p in raw.items() if prediction.has(name)}
                 prediction.calibrated = bool(record.get("calibration"))
+                prediction.made_by = made_by
                 predictions[clip_id] = prediction
             else:  # a failed caption is a real answer of the run: every field missing
-                predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]})
+                predictions[clip_id] = Prediction(clip_id, errors={"<caption>": [str(record.get("error"))]}, made_by=made_by)
         return predictions, problems
     try:
         clips = _label_inputs(path, problems)

@@ -136,6 +136,38 @@ def test_calibrate_command_writes_the_fit_into_the_model_folder(labeled, tmp_pat
             main(CalibrateArguments(**{**vars(args), **bad}))
 
 
+# `avlabel calibrate` in a fresh interpreter that lists every opening of a caption record file (an audit hook)
+_COUNTING_ENTRY = """\
+import json, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0]))
+                 if event == "open" and str(args[0]).endswith(".jsonl") else None)
+from avlabel.cli import main
+main(sys.argv[1:])
+print("opened:", json.dumps(opened))
+"""
+
+
+def test_calibrate_reads_the_records_once(labeled, tmp_path):
+    """Without --model the folder comes from the model the records name; the records are read once, for both."""
+    import os
+    import subprocess
+
+    root, references, answers = labeled
+    model = tmp_path / "model"
+    model.mkdir()
+    (tmp_path / "held_out").mkdir()
+    records = [{**json.loads(line), "model": str(model)} for line in _records(answers, references, 0.99).splitlines()]
+    (tmp_path / "held_out" / "captions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    done = subprocess.run([sys.executable, "-c", _COUNTING_ENTRY, "calibrate", "--captions", str(tmp_path / "held_out"),
+                           "--labels", str(root / "refs")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((model / CALIBRATION_FILE).read_text())["fields"]["weather"]["clips"] == 40
+    opened = json.loads(done.stdout.rsplit("opened: ", 1)[1])
+    assert opened == [str(tmp_path / "held_out" / "captions.jsonl")]
+
+
 def test_comparison_report_shows_ece_before_and_after_calibration(labeled, tmp_path):
     from avlabel.eval.compare import compare_runs
 

@@ -47,6 +47,7 @@ class Prediction:
     confidence: dict[str, float] = field(default_factory=dict)
     confidence_raw: dict[str, float] = field(default_factory=dict)
     calibrated: bool = False
+    made_by: str | None = None  # a caption record's adapter, else its model (folder or Hub id); None for label files
 
     def has(self, name: str) -> bool:
         return name in self.label
