@@ -50,7 +50,7 @@ from .calibration import calibration_report, reliability_chart
 from .judge import SCORE_RANGE, Judge, JudgeConfig, run_items, score_arrays
 from .metrics import RunMetrics, evaluate_run
 from .stats import bootstrap, paired
-from .trust import TrustConfig, judge_trust
+from .trust import TrustConfig, judge_trust, trust_items
 
 CONFIDENCE = 0.95
 TEMPLATE = Path(__file__).parent / "report.html.jinja"
@@ -95,8 +95,6 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     """
     if not runs:
         raise ValueError("compare needs at least one run")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     refs, problems = load_references(references, split)
     if not refs:
         raise ValueError(f"{references}: no usable reference labels" + (f" ({problems[0]})" if problems else ""))
@@ -108,29 +106,35 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
         print(f"set aside: {problem}", file=sys.stderr)
     names = list(loaded)
     clip_ids = loaded[names[0]].clip_ids
-    metrics: dict[str, RunMetrics] = {name: evaluate_run(run) for name, run in loaded.items()}
-    metric_table = {
-        field_name: {name: _Scores(metrics[name].fields[field_name].metric, metrics[name].fields[field_name].scores,
-                                   metrics[name].fields[field_name].groups)
-                     for name in names}
-        for field_name in schema.FIELD_NAMES
-    }
 
     judge_section = trust_section = None
     judgments: dict[str, list] = {}
     judge_table = None
-    if judge is not None:
-        own_judge = not isinstance(judge, Judge)
-        judge_obj = Judge(judge) if own_judge else judge
-        try:
+    trusted = trust is not None and trust.clips > 0
+    own_judge = judge is not None and not isinstance(judge, Judge)
+    judge_obj = Judge(judge) if own_judge else judge
+    try:
+        if judge_obj is not None:
             items = {name: run_items(run) for name, run in loaded.items()}
+            all_items = [item for run_list in items.values() for item in run_list]
+            # judging would stop without a key: say so now, before the metrics, any judging or progress bar
+            judge_obj.check_ready(all_items + (trust_items(list(loaded.values()), trust)[0] if trusted else []))
+        metrics: dict[str, RunMetrics] = {name: evaluate_run(run) for name, run in loaded.items()}
+        metric_table = {
+            field_name: {name: _Scores(metrics[name].fields[field_name].metric, metrics[name].fields[field_name].scores,
+                                       metrics[name].fields[field_name].groups)
+                         for name in names}
+            for field_name in schema.FIELD_NAMES
+        }
+        if judge_obj is not None:
             judgments = {name: judge_obj.judge(items[name], desc=f"judging {name}") for name in names}
-            if trust is not None and trust.clips > 0:
+            if trusted:
                 trust_section = judge_trust(judge_obj, list(loaded.values()), judgments, metrics, trust)
-            usage = judge_obj.usage_of([item for run_list in items.values() for item in run_list])
-        finally:
-            if own_judge:
-                judge_obj.close()
+            usage = judge_obj.usage_of(all_items)
+    finally:
+        if own_judge:
+            judge_obj.close()
+    if judge_obj is not None:
         arrays = {name: score_arrays(run_judgments, clip_ids) for name, run_judgments in judgments.items()}
         judge_table = {field_name: {name: _Scores("judge_score", arrays[name][field_name]) for name in names}
                        for field_name in schema.FIELD_NAMES}
@@ -189,6 +193,8 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     charts["deterministic.png"] = _chart(results["deterministic"], names, "score (0-1)", (0, 1), "Deterministic headline metric per field")
     if results["calibration"]["runs"]:
         charts["reliability.png"] = reliability_chart(results["calibration"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for file_name, png in charts.items():
         (out / file_name).write_bytes(png)
     records = _per_clip(loaded, metrics, judgments, clip_ids)

@@ -343,6 +343,13 @@ class Judge:
     def close(self) -> None:
         self.cache.close()
 
+    def check_ready(self, items: Sequence[JudgeItem]) -> None:
+        """Raise the one-line error judging `items` would stop at (no API key, no openai) when some of them
+        need a call; said before any other work. Judgments all in the cache need neither."""
+        keys = {t.key for t in self._tasks(items) if isinstance(t, _Task)}
+        if len(self.cache.get_many(list(keys))) < len(keys):
+            self._connection()
+
     # ------------------------------------------------------------------ internals
 
     def _tasks(self, items: Sequence[JudgeItem]) -> list[_Task | Judgment]:
@@ -357,18 +364,23 @@ class Judge:
                 out.append(_Task(len(out), item.clip_id, name, ref, pred, item.repeat, key))
         return out
 
-    def _client(self, stats: JudgeStats):
+    def _connection(self):
+        """(the openai module, the API key), or the one-line error saying which is missing."""
         from avlabel.extras import require
 
         openai = require("openai", "judge", "the LLM judge")
-
-        async def count_request(request) -> None:
-            stats.http_requests += 1
-
         api_key = self.config.judge_api_key or os.environ.get("OPENAI_API_KEY")
         if not api_key:
             raise JudgeError("no API key for the judge: set OPENAI_API_KEY or --judge_api_key "
                              "(any string for a local server that ignores it)")
+        return openai, api_key
+
+    def _client(self, stats: JudgeStats):
+        openai, api_key = self._connection()
+
+        async def count_request(request) -> None:
+            stats.http_requests += 1
+
         return openai.AsyncOpenAI(
             base_url=self.config.judge_base_url,
             api_key=api_key,
@@ -396,6 +408,7 @@ class Judge:
                 pending.setdefault(task.key, []).append(task)
 
         groups = self._group([same[0] for same in pending.values()])
+        client = self._client(stats) if groups else None  # without a key, the one line comes before the bar
         bar = tqdm(total=sum(map(len, groups)), desc=desc, unit="judgment", disable=not self.config.judge_progress or not groups)
         semaphore = asyncio.Semaphore(self.config.judge_concurrency)
         in_flight = failed = 0
@@ -470,8 +483,8 @@ class Judge:
                                  f"last error: {outcome[group[-1].key].reason}. Judgments so far are cached; rerun to continue.")
 
         try:
-            if groups:
-                async with self._client(stats) as client, asyncio.TaskGroup() as running:
+            if client is not None:
+                async with client, asyncio.TaskGroup() as running:
                     for group in groups:
                         running.create_task(judge_group(client, group))
         except* JudgeError as errors:
@@ -549,20 +562,18 @@ def make_parser(subparsers=None):
 
 def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
     from .metrics import evaluate_run
+    from .trust import TrustConfig, judge_trust, trust_items  # trust imports this module
 
     run = read_run(args.predictions, args.references, args.split)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     judge = Judge(config)
     try:
         items = run_items(run)
+        trust_config = TrustConfig(clips=args.trust_clips, repeats=args.trust_repeats, seed=args.seed) if args.trust else None
+        judge.check_ready(items + (trust_items([run], trust_config)[0] if trust_config else []))
         judgments = judge.judge(items, desc=f"judging {run.name}")
         trust = None
-        if args.trust:
-            from .trust import TrustConfig, judge_trust
-
-            trust = judge_trust(judge, [run], {run.name: judgments}, {run.name: evaluate_run(run)},
-                                TrustConfig(clips=args.trust_clips, repeats=args.trust_repeats, seed=args.seed))
+        if trust_config:
+            trust = judge_trust(judge, [run], {run.name: judgments}, {run.name: evaluate_run(run)}, trust_config)
         all_calls = judge.usage_of(items)
     except KeyboardInterrupt:
         print("\ninterrupted: every judgment received so far is in the cache "
@@ -570,6 +581,8 @@ def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
         raise SystemExit(130)
     finally:
         judge.close()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with (out / "judgments.jsonl").open("w", encoding="utf-8") as handle:
         for j in judgments:
             handle.write(json.dumps(j.to_dict(), ensure_ascii=False) + "\n")

@@ -59,10 +59,9 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, flo
     return float(result.statistic), float(result.pvalue)
 
 
-def judge_trust(judge: Judge, runs: Sequence[Run], judgments: Mapping[str, Sequence[Judgment]],
-                metrics: Mapping[str, RunMetrics], config: TrustConfig | None = None) -> dict[str, Any]:
-    """Run the checks for the given runs (same references) and summarise them per field."""
-    config = config or TrustConfig()
+def trust_items(runs: Sequence[Run], config: TrustConfig) -> tuple[list[JudgeItem], dict[str, tuple[str, str, str]]]:
+    """What the checks ask the judge for the given runs (same references), and where each item comes from:
+    (check, run, clip) by item id."""
     references, clip_ids = runs[0].references, runs[0].clip_ids
     rng = np.random.default_rng(config.seed)
     sample = [str(c) for c in rng.permutation(clip_ids)[: config.clips]]
@@ -92,6 +91,14 @@ def judge_trust(judge: Judge, runs: Sequence[Run], judgments: Mapping[str, Seque
             add("swap", run.name, clip, prediction, references[clip], fields=answered)
             for r in range(1, config.repeats):
                 add("repeat", run.name, clip, references[clip], prediction, repeat=r, fields=answered)
+    return items, origin
+
+
+def judge_trust(judge: Judge, runs: Sequence[Run], judgments: Mapping[str, Sequence[Judgment]],
+                metrics: Mapping[str, RunMetrics], config: TrustConfig | None = None) -> dict[str, Any]:
+    """Run the checks for the given runs (same references) and summarise them per field."""
+    config = config or TrustConfig()
+    items, origin = trust_items(runs, config)
     results = judge.judge(items, desc="judge trust checks")
 
     by_check: dict[tuple[str, str], list[tuple[str, str, Judgment]]] = {}
@@ -148,5 +155,5 @@ def judge_trust(judge: Judge, runs: Sequence[Run], judgments: Mapping[str, Seque
         entry["reasons"] = [reason for value, passes, reason in tested if not passes(value)]
         entry["verdict"] = "untested" if not tested else "doubtful" if entry["reasons"] else "trustworthy"
         report[name] = entry
-    return {"clips": len(sample), "repeats": config.repeats, "seed": config.seed, "thresholds": config.thresholds,
+    return {"clips": min(config.clips, len(runs[0].clip_ids)), "repeats": config.repeats, "seed": config.seed, "thresholds": config.thresholds,
             "calls": asdict(judge.last), "fields": report}

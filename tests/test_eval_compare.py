@@ -136,6 +136,45 @@ def test_judged_report_with_trust_and_command_line(runs, tmp_path, capsys):
     assert "LLM-judge score" in capsys.readouterr().out
 
 
+def test_judging_without_a_key_stops_before_any_work_unless_the_cache_answers(runs, tmp_path):
+    """`avlabel compare --judge true` with no API key: when some judgment needs a call, one line and nothing
+    else (no progress bar, no request, no output folder); when the cache holds them all, no key is needed."""
+    environment = {name: value for name, value in os.environ.items() if name not in ("OPENAI_API_KEY", "AVLABEL_DEBUG")}
+    environment["PYTHONPATH"] = str(REPO)
+
+    def compare_command(server, out: str, trust_clips: int, key: bool):
+        command = [sys.executable, "-m", "avlabel", "compare", "--runs", f"baseline={runs / 'baseline'}",
+                   f"tuned={runs / 'tuned'}", "--references", str(runs / "refs"), "--output_dir", str(tmp_path / out),
+                   "--judge", "true", "--judge_per_clip", "true", "--judge_base_url", server.base_url,
+                   "--judge_cache", str(tmp_path / "cache.sqlite"), "--trust_clips", str(trust_clips),
+                   "--trust_repeats", "2", "--bootstrap_samples", "50", *(["--judge_api_key", "test"] if key else [])]
+        return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+
+    def refused(done, out: str):
+        """Reading the runs (its one warning) and then the error line: no progress bar, no output folder."""
+        assert done.returncode == 1 and done.stderr.splitlines() == [
+            "tuned: 2 clip(s) have no prediction (scored as missing): clip038, clip039",
+            "avlabel compare: error: no API key for the judge: set OPENAI_API_KEY or --judge_api_key "
+            "(any string for a local server that ignores it)"], done.stderr[-2000:]
+        assert not (tmp_path / out).exists()
+
+    with OpenAIServer() as srv:
+        refused(compare_command(srv, "first", 4, key=False), "first")  # nothing cached: no judging starts
+        assert srv.requests == []
+        judged = compare_command(srv, "judged", 0, key=True)  # the runs' judgments, no trust checks
+        assert judged.returncode == 0 and "judging baseline" in judged.stderr, judged.stderr[-2000:]  # bars show
+        calls = len(srv.requests)
+        # the runs' judgments are cached, the trust checks' are not: refused before they start
+        refused(compare_command(srv, "trust", 4, key=False), "trust")
+        assert len(srv.requests) == calls
+        assert compare_command(srv, "trusted", 4, key=True).returncode == 0
+        calls = len(srv.requests)
+        again = compare_command(srv, "again", 4, key=False)  # every judgment from the cache: no key needed
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert len(srv.requests) == calls and (tmp_path / "again" / "results.json").exists()
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["judge"]["this_run"]["calls"] == 0
+
+
 @pytest.mark.slow
 def test_evaluate_load_of_the_metric_folder(tmp_path):
     """`evaluate.load(folder)` offline, in a fresh process with its own HF_HOME, with and without a judge."""

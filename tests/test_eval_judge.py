@@ -200,11 +200,21 @@ def test_own_prompt_files_are_checked_and_change_the_cache_key(server, tmp_path)
     default.close()
 
 
-def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch):
+def test_missing_key_is_a_clear_error(server, tmp_path, monkeypatch, capsys):
+    """Without a key, judging that needs a call stops before its progress bar; what the cache holds needs no key."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    judge = Judge(config(server, tmp_path, judge_api_key=None))
-    with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
-        judge.judge([JudgeItem("clip", REFERENCE, REFERENCE, fields=("weather",))])
+    cached, new = (JudgeItem("clip", REFERENCE, REFERENCE, fields=(name,)) for name in ("weather", "lighting"))
+    keyed = Judge(config(server, tmp_path))  # puts one judgment in the cache
+    keyed.judge([cached])
+    keyed.close()
+    judge = Judge(config(server, tmp_path, judge_api_key=None, judge_progress=True))
+    assert judge.judge([cached])[0].cached  # from the cache: no key asked for
+    judge.check_ready([cached])
+    for attempt in (lambda: judge.check_ready([cached, new]), lambda: judge.judge([cached, new])):
+        with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
+            attempt()
+    assert capsys.readouterr().err == ""  # no progress bar was started
+    assert len(server.requests) == 1
     judge.close()
 
 
