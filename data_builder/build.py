@@ -41,7 +41,9 @@ from avlabel.core.layouts import (
     read_inputs,
 )
 from avlabel.core.problems import InputError, Problem
-from avlabel.core.sampling import SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames
+from avlabel.core.sampling import (
+    SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames, video_stream,
+)
 from avlabel.core.schema import label_to_row, read_label
 from avlabel.families import FAMILIES
 
@@ -50,7 +52,7 @@ SPLITS = ("train", "test")
 QUARANTINE_NAME = "quarantine.jsonl"
 CACHE_NAME = ".build_cache.jsonl"
 DEFAULT_TEST_SIZE = 0.1
-CACHE_VERSION = 2  # raise when what a probe records changes: older entries then stop matching
+CACHE_VERSION = 3  # raise when what a probe records changes: older entries then stop matching
 CHECKPOINT_EVERY = 200  # clips probed or presampled between saves of the cache
 PROBE_COLUMNS = ("duration", "fps", "width", "height", "codec")
 REMUX_SUFFIX = ".mkv"  # Matroska holds any codec, so a stream copy into it always works
@@ -116,6 +118,7 @@ class BuildResult:
     packed: int  # clips written in this run (linked, copied, remuxed or presampled)
     remuxed: int = 0  # clips stored in Matroska because videofolder does not list their container
     with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
+    more_streams: int = 0  # rows whose clip holds more than one video stream (a second camera, a cover picture)
     kept_splits: int = 0  # clips kept in the split an earlier build gave them where --test_size alone would move them
     test_size: float = DEFAULT_TEST_SIZE  # the one this build used (given, or the earlier build's)
 
@@ -222,7 +225,7 @@ def _remux_file(source: str, target: str) -> dict:
 
     def write(partial: Path) -> None:
         with av.open(source) as original, av.open(str(partial), "w", format="matroska") as copy:
-            video = original.streams.video[0]
+            video = video_stream(original)  # the stream every command samples
             try:
                 stream = copy.add_stream_from_template(video)
             except ValueError:  # "'matroska' format does not support '<codec>' codec"
@@ -507,6 +510,7 @@ def build(args: BuildArguments) -> BuildResult:
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
+        more_streams=sum(infos[c]["video_streams"] > 1 for c in stored),
         kept_splits=kept_splits, test_size=test_size,
     )
 
@@ -623,6 +627,10 @@ def print_summary(result: BuildResult, file=None) -> None:
         console.print(f"{result.kept_splits} clip(s) kept the split an earlier build gave them, where --test_size "
                       f"{result.test_size:g} alone would move them: no test clip of one version trains the next "
                       "(build into a new --output_dir to split afresh).")
+    if result.more_streams:
+        console.print(f"{result.more_streams} clip(s) hold more than one video stream (a second camera, a cover "
+                      "picture): each is labelled from its default stream, the one every command reads; the others "
+                      "are not read.")
     if result.with_extra:
         console.print(f"{result.with_extra} label(s) had keys beyond the schema: kept in the `{EXTRA_COLUMN}` column.")
     if not result.problems:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -57,13 +59,16 @@ def _read_bars(frame: np.ndarray) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def _write(path: Path, count: int, width: int = 160, height: int = 96, fps: int = 10, times_ms=None,
-           codec: str = "libx264", pix_fmt: str = "yuv420p", audio: bool = False, options=None) -> Path:
+def _write(path: Path, count: int, width: int = 160, height: int = 96, fps: int | Fraction = 10, times_ms=None,
+           codec: str = "libx264", pix_fmt: str = "yuv420p", audio: bool = False, options=None,
+           container_options=None, rotation: int = 0) -> Path:
     """Encode `count` index-coded frames; `times_ms` gives each frame's timestamp (variable frame rate)."""
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.options = {"crf": "18", **(options or {})}
+        stream.options = {"crf": "18", **(options or {})} if codec.startswith("lib") else options or {}
+        if rotation:
+            stream.set_display_rotation(rotation)  # the display matrix a phone or a camera mounted turned writes
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if audio:
@@ -212,6 +217,187 @@ def test_ten_bit_hevc(tmp_path):
     assert clip.frames.dtype == np.uint8
     assert [_read_bars(frame) for frame in clip.frames] == clip.indices
     assert clip.indices == _oracle(path, SMALL)[1]
+
+
+# ----------------------------------------------------------------------------- what dashcams and fleet pipelines write
+
+HEVC = {"codec": "libx265", "options": {"x265-params": "log-level=error"}}
+NTSC = Fraction(30000, 1001)
+
+
+def _without_duration(path: Path, count: int) -> Path:
+    """A Matroska clip written to a pipe (a recorder streaming to disk): no duration in its header, no index."""
+    class Pipe(io.RawIOBase):
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.data += data
+            return len(data)
+
+    pipe = Pipe()
+    with av.open(pipe, "w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=NTSC)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for i in range(count):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(_bars(i, 96, 160), format="rgb24")))
+        container.mux(stream.encode())
+    path.write_bytes(bytes(pipe.data))
+    with av.open(str(path)) as container:
+        assert container.duration is None and container.streams.video[0].duration is None
+    return path
+
+
+FLEET_CLIPS = {  # name -> (writer of a 2 s clip, codec probed, frame rate)
+    "hevc.mp4": (lambda p: _write(p, 20, **HEVC), "hevc", 10),
+    "hevc_10bit.mov": (lambda p: _write(p, 20, pix_fmt="yuv420p10le", **HEVC), "hevc", 10),
+    "hevc_10bit.mkv": (lambda p: _write(p, 20, pix_fmt="yuv420p10le", **HEVC), "hevc", 10),
+    "hevc.ts": (lambda p: _write(p, 20, **HEVC), "hevc", 10),
+    "ntsc_29.97.ts": (lambda p: _write(p, 60, fps=NTSC), "h264", NTSC),
+    "ntsc_29.97.mp4": (lambda p: _write(p, 60, fps=NTSC), "h264", NTSC),
+    "no_duration.mkv": (lambda p: _without_duration(p, 60), "h264", NTSC),
+    "fragmented.mp4": (lambda p: _write(p, 20, container_options={"movflags": "frag_keyframe+empty_moov"}), "h264", 10),
+    "h264.avi": (lambda p: _write(p, 20), "h264", 10),
+    "motion_jpeg.avi": (lambda p: _write(p, 20, codec="mjpeg", pix_fmt="yuvj420p", options={"q:v": "2"}), "mjpeg", 10),
+}
+
+
+@pytest.mark.parametrize("name", FLEET_CLIPS)
+def test_dashcam_formats_give_the_frames_at_their_times(tmp_path, name):
+    """HEVC (10-bit too), 29.97 fps, MPEG-TS and a Matroska file without a duration, fragmented mp4, AVI: 2 s each."""
+    write, codec, fps = FLEET_CLIPS[name]
+    path = write(tmp_path / name)
+    info = probe(path)
+    count = round(2 * fps)
+    assert (info.codec, info.num_frames, info.fps, info.duration) == (codec, count, round(float(fps), 3),
+                                                                      pytest.approx(count / fps, abs=1e-3))
+    clip = sample_frames(path, SMALL)
+    assert len(clip.frames) == 4  # 2 fps over 2 s
+    assert clip.indices == [int(i) for i in np.round(np.linspace(0, count - 1, 4))]
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+    assert clip.timestamps == pytest.approx([i / fps for i in clip.indices], abs=2e-3)
+
+
+@pytest.mark.parametrize("rotation", [180, -90])
+def test_display_matrix_rotations_give_upright_frames(tmp_path, rotation):
+    """A camera mounted upside down (180) or a phone turned sideways: the display matrix PyAV writes, as phones do."""
+    path = _write(tmp_path / f"turned{rotation}.mp4", 20, rotation=rotation)
+    info = probe(path)
+    assert info.rotation == rotation % 360
+    assert (info.width, info.height) == ((160, 96) if rotation == 180 else (96, 160))
+    clip = sample_frames(path, SMALL)
+    stored = [np.rot90(frame, k=-(rotation % 360) // 90) for frame in clip.frames]  # turned back as stored
+    assert [_read_bars(frame) for frame in stored] == clip.indices
+    assert (clip.frames.shape[1] > clip.frames.shape[2]) == (rotation != 180)
+
+
+def test_a_sixty_second_dashcam_segment(tmp_path):
+    """60 s at 30 fps (1800 frames): 120 frames, every half second."""
+    path = _write(tmp_path / "segment.mp4", 1800, width=64, height=40, fps=30, options={"preset": "ultrafast"})
+    clip = sample_frames(path)  # the recipe's sampling: 2 fps, up to 768 frames
+    assert len(clip.frames) == 120
+    assert clip.indices == [int(i) for i in np.round(np.linspace(0, 1799, 120))]
+    assert clip.timestamps == pytest.approx([i / 30 for i in clip.indices], abs=1e-3)
+    assert np.abs(np.diff(clip.timestamps) - 1799 / 30 / 119).max() < 1 / 30  # evenly spaced, to a frame
+    assert [_read_bars(frame) for frame in clip.frames] == [i % 256 for i in clip.indices]  # 8 bars count to 255
+
+
+def test_a_clip_of_a_third_of_a_second(tmp_path):
+    """9 frames: the sampler's floor of 4 frames, spread over them, at the rate they were taken."""
+    path = _write(tmp_path / "blink.mp4", 9, fps=30)
+    clip = sample_frames(path, SMALL)
+    assert clip.indices == [0, 3, 5, 8] == [_read_bars(frame) for frame in clip.frames]
+    assert clip.sample_fps == pytest.approx(4 / 9 * 30)
+    assert clip.processor_metadata()["total_num_frames"] == 4
+
+
+def test_memory_follows_the_pixel_budget_not_the_source_size(tmp_path):
+    """A 3840x2160 clip: frames are scaled as they are decoded, so keeping 8 frames costs what 2 do, give or take
+    a few budget-sized frames; keeping them at source size would cost 25 MB more a frame."""
+    path = _write(tmp_path / "uhd.mp4", 8, width=3840, height=2160, options={"preset": "ultrafast"})
+    script = ("import resource, sys; from avlabel.core.sampling import SamplingConfig, sample_frames; "
+              "clip = sample_frames(sys.argv[1], SamplingConfig(fps=10, max_frames=int(sys.argv[2]))); "
+              "print(clip.frames.shape, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peaks = {}
+    for keep in (2, 8):
+        done = subprocess.run([sys.executable, "-c", script, str(path), str(keep)], capture_output=True, text=True,
+                              check=True)
+        shape, peak = done.stdout.strip().rsplit(" ", 1)
+        assert shape == f"({keep}, 252, 448, 3)"  # the recipe's 16:9 budget
+        peaks[keep] = int(peak) * 1024  # kilobytes on Linux
+    source_frame = 3840 * 2160 * 3
+    assert peaks[8] - peaks[2] < 2 * source_frame, peaks  # 6 frames more at source size: 6 x 25 MB
+
+
+def test_a_cover_picture_before_the_video_is_not_the_clip(tmp_path):
+    """A Matroska file with a one-frame thumbnail stream muxed in before the video: the video is sampled, and a
+    second camera flagged default is chosen over a first one that is not."""
+    path = tmp_path / "with_cover.mkv"
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 160, 96, "yuvj420p"
+        video = container.add_stream("libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        container.mux(cover.encode(av.VideoFrame.from_ndarray(_bars(255, 96, 160), format="rgb24")))
+        container.mux(cover.encode())
+        for i in range(20):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(_bars(i, 96, 160), format="rgb24")))
+        container.mux(video.encode())
+    info = probe(path)
+    assert (info.codec, info.num_frames, info.video_streams) == ("h264", 20, 2)
+    clip = sample_frames(path, SMALL)
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices == [0, 6, 13, 19]
+
+
+@pytest.mark.parametrize("image", ["JPEG", "PNG"])
+def test_a_still_image_named_mp4_is_no_clip(tmp_path, image):
+    path = tmp_path / "snapshot.mp4"
+    Image.fromarray(_bars(7, 96, 160)).save(path, format=image)
+    for read in (probe, lambda p: sample_frames(p, SMALL)):
+        with pytest.raises(VideoError) as caught:
+            read(path)
+        assert caught.value.reason == (f"a still image ({image} data named as a video), not a video: "
+                                       "give the camera's video file")
+    one_frame = _write(tmp_path / "one_frame.mp4", 1)  # a video of one frame is still a clip
+    assert sample_frames(one_frame, SMALL).indices == [0, 0]
+
+
+def test_a_segment_cut_inside_a_group_of_pictures(tmp_path):
+    """An MPEG-TS segment cut on time from a running recording (an HEVC stream, a keyframe every 2 s) starts with
+    frames that need the ones before the cut: FFmpeg drops them, so the clip starts at its first keyframe."""
+    whole = _write(tmp_path / "running.ts", 80, fps=20, codec="libx265",
+                   options={"x265-params": "log-level=error:keyint=40:min-keyint=40:scenecut=0"})
+    data = whole.read_bytes()
+    packets = len(data) // 188
+    path = tmp_path / "segment.ts"  # the tables the stream starts with, then from a quarter of the way in
+    path.write_bytes(data[: 2 * 188] + data[(2 + packets // 4) * 188 :])
+    info = probe(path)
+    assert info.num_frames == 40  # frames 40-79: the keyframe at 2 s and what follows it
+    clip = sample_frames(path, SMALL)
+    assert len(clip.frames) == 4 and clip.timestamps[0] == 0.0
+    assert [_read_bars(frame) for frame in clip.frames] == [40 + i for i in clip.indices]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg command line tool cuts with an edit list")
+def test_an_mp4_cut_with_ffmpeg_stream_copy(tmp_path):
+    """`ffmpeg -ss 2.5 -i in.mp4 -t 2 -c copy`: the copy starts at the keyframe before 2.5 s and its edit list hides
+    the frames up to the cut; they are not part of the clip."""
+    whole = _write(tmp_path / "drive.mp4", 60, options={"g": "20"})  # a keyframe every 2 s
+    path = tmp_path / "event.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", "2.5", "-i", str(whole), "-t", "2", "-c", "copy", str(path)],
+                   check=True)
+    with av.open(str(path)) as container:  # what FFmpeg shows: from the cut, to a packet past 2 s
+        shown = [_read_bars(frame.to_ndarray(format="rgb24")) for frame in container.decode(video=0)]
+        assert container.streams.video[0].frames > len(shown)  # the index also lists the hidden frames
+    assert shown == list(range(25, 25 + len(shown)))
+    info = probe(path)
+    assert info.num_frames == len(shown) and info.duration == pytest.approx(len(shown) / 10)
+    clip = sample_frames(path, SMALL)
+    assert [_read_bars(frame) for frame in clip.frames] == [shown[i] for i in clip.indices]
+    assert clip.timestamps == pytest.approx([i / 10 for i in clip.indices])
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -14,14 +14,15 @@ with different frames in training than in inference. The rules are Qwen's (the
 Decoding uses PyAV, which bundles FFmpeg and so reads H.264, HEVC, VP9, AV1 and 10-bit
 files the same on every machine. Real-world quirks are handled here: variable frame
 rate (positions are chosen by timestamp), rotation metadata (frames are turned upright),
-odd sizes, audio streams (ignored), clips shorter than one sampling interval, and AVI
-files with dropped frames (their index counts frames the file never stores).
+odd sizes, audio streams (ignored), clips shorter than one sampling interval, AVI
+files with dropped frames (their index counts frames the file never stores), and files with
+more than one video stream (`video_stream`: a cover picture or a second camera).
 
 What a clip is, for every command: a file whose video stream demuxes and decodes, judged
 by what is there (packets and their timestamps), never by a frame count the container
 claims. It is truncated when its timestamps end short of the length the container
 records (an index or a header); containers that record none (MPEG-TS, MPEG-PS) end
-where their data ends.
+where their data ends. A still image given a video's name (a JPEG renamed .mp4) is no clip.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class ClipInfo:
     num_frames: int
     rotation: int
     has_audio: bool
+    video_streams: int = 1  # more than one: the others (a second camera, a cover picture) are not read
 
 
 @dataclass
@@ -273,20 +275,53 @@ def _open(path: Path):
     return container
 
 
+def video_stream(container):
+    """The video stream that is the clip: FFmpeg's pick (`av_find_best_stream`, what players show).
+
+    It takes the stream flagged default, then one with more than a single frame: a cover picture or
+    thumbnail muxed in before the video is not the clip, and of a front and a rear camera in one file
+    the camera flagged default is. The builder stores and every command samples this same stream.
+    """
+    return container.streams.best("video")
+
+
+def _image_format(container) -> str | None:
+    """The image format FFmpeg read the file as (JPEG, PNG, ...), or None for a video container."""
+    name = container.format.name
+    if name.endswith("_pipe"):  # FFmpeg's image demuxers: jpeg_pipe, png_pipe, webp_pipe, ...
+        return name.removesuffix("_pipe").upper()
+    if name in ("image2", "image2pipe"):
+        return video_stream(container).codec_context.name.upper()
+    return None
+
+
 def _frame_timestamps(container, path: Path) -> list[float]:
     """Presentation times of every frame, from the packets alone (no decoding)."""
     import av
 
-    stream = container.streams.video[0]
-    pts = []
+    stream = video_stream(container)
+    packets = []  # (pts, keyframe, shown) in decoding order
     try:
         for packet in container.demux(stream):
             if packet.pts is not None and packet.size > 0:
-                pts.append(packet.pts)
+                packets.append((packet.pts, packet.is_keyframe, not packet.is_discard))
     except av.error.FFmpegError as err:
         raise VideoError(path, f"corrupt or truncated data ({_ffmpeg_reason(err)})") from None
+    # Frames that are never shown have no place in the clip:
+    # * a file cut from a running stream (a TS segment cut on time, a loop recording after a power cut) can start
+    #   inside a group of pictures: the frames before its first keyframe need frames it does not hold, and FFmpeg
+    #   drops them, so the clip starts at that keyframe (a stream that flags no keyframe keeps every frame);
+    # * a discarded packet is decoded only as a reference: an mp4 cut with `ffmpeg -ss ... -c copy` starts at a
+    #   keyframe before the cut, and its edit list hides the frames up to the cut.
+    first_key = next((p for p, key, _ in packets if key), None)
+    pts = [p for p, _, shown in packets if shown and (first_key is None or p >= first_key)]
     if not pts:
         raise VideoError(path, "the video stream holds no frames")
+    image = _image_format(container)
+    if image and len(packets) == 1:
+        # a photo named .mp4 decodes as a one-frame clip; a model labelling motion from it would guess
+        raise VideoError(path, f"a still image ({image} data named as a video), not a video: "
+                               "give the camera's video file")
     pts.sort()
     base = float(stream.time_base)
     timestamps = [(p - pts[0]) * base for p in pts]
@@ -342,14 +377,14 @@ def probe(path: str | Path) -> ClipInfo:
     container, timestamps = _open_indexed(path)
     with container:
         first = _first_frame(container, path)
-        return _info(container, container.streams.video[0], first, timestamps)
+        return _info(container, video_stream(container), first, timestamps)
 
 
 def _first_frame(container, path: Path):
     import av
 
     try:
-        for frame in container.decode(video=0):
+        for frame in container.decode(video_stream(container)):
             return frame
     except av.error.FFmpegError as err:
         raise VideoError(path, f"frames can't be decoded ({_ffmpeg_reason(err)})") from None
@@ -373,6 +408,7 @@ def _info(container, stream, first_frame, timestamps: list[float]) -> ClipInfo:
         num_frames=count,
         rotation=rotation,
         has_audio=bool(container.streams.audio),
+        video_streams=len(container.streams.video),
     )
 
 
@@ -398,7 +434,7 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
     path = Path(path)
     container, timestamps = _open_indexed(path)
     with container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         stream.thread_type = "AUTO"
         count = frame_count(len(timestamps), _decoded_fps(stream, timestamps), config)
         positions = frame_positions(timestamps, count)
