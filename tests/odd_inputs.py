@@ -2,7 +2,8 @@
 
 `write_collection(root)` writes it in the recipe layout (`videos/<id>.<ext>`, `metas/<id>.label.json`):
 containers and codecs (WebM VP9, Matroska, QuickTime, AVI with dropped frames in MPEG-4 Part 2 and in
-Cinepak, MPEG-TS, MPEG-PS), sizes, rotation metadata, a variable frame rate, broken files, and the label
+Cinepak, MPEG-TS, MPEG-PS), sizes, rotation metadata, a variable frame rate, a cover picture muxed in before
+the video, broken files (a still image named .mp4 among them), and the label
 variants real exports write. `ROWS`, `SET_ASIDE` and `PARTNERS` say what the builder does with each file;
 the README's table of accepted and refused inputs is checked against what it prints.
 """
@@ -22,6 +23,7 @@ ROWS = {
     "mp4_h264", "webm_vp9", "mkv_h264", "mov_mpeg4", "avi_mpeg4_dropped_frames", "avi_cinepak_dropped_frames",
     "ts_h264", "mpg_mpeg2", "odd_size_251x141", "portrait_rotated_90", "variable_frame_rate", "with_audio",
     "uppercase_extension", "duplicate_id", "label_with_bom", "label_with_extra_keys", "label_normalized_values",
+    "cover_before_video",
 }
 # the files set aside for a reason of their own: file -> (stage, a part of the reason)
 SET_ASIDE = {
@@ -30,6 +32,7 @@ SET_ASIDE = {
     "videos/truncated_webm.webm": ("probe", "truncated: the container records"),
     "videos/text_renamed_mp4.mp4": ("probe", "not a readable video container"),
     "videos/audio_only.mp4": ("probe", "no video stream (streams: audio)"),
+    "videos/still_image.mp4": ("probe", "a still image (JPEG data named as a video), not a video"),
     "videos/duplicate_id.mp4": ("scan", "duplicate clip id 'duplicate_id' (also videos/duplicate_id.mov)"),
     "videos/no_label.mp4": ("scan", "clip without a label"),
     "videos/notes.txt": ("scan", "not a clip (extension .txt"),
@@ -45,7 +48,7 @@ SET_ASIDE = {
 PARTNERS = {
     **{f"metas/{name}.label.json": f"videos/{name}.{ext}" for name, ext in (
         ("zero_bytes", "mp4"), ("truncated_mp4", "mp4"), ("truncated_webm", "webm"), ("text_renamed_mp4", "mp4"),
-        ("audio_only", "mp4"))},
+        ("audio_only", "mp4"), ("still_image", "mp4"))},
     **{f"videos/{name}.mp4": f"metas/{name}.label.json" for name in (
         "label_missing_field", "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8")},
 }
@@ -62,12 +65,13 @@ def _pattern(index: int, height: int, width: int) -> np.ndarray:
 
 def write_video(path: Path, container: str | None = None, codec: str = "libx264", *, count: int = 8,
                 width: int = 64, height: int = 36, fps: int = 4, pts: list[int] | None = None,
-                pix_fmt: str = "yuv420p", rotation: int = 0, audio: bool = False) -> Path:
+                pix_fmt: str = "yuv420p", rotation: int = 0, audio: bool = False, options: dict | None = None) -> Path:
     """Encode `count` frames; `pts` (in 1/fps units) leaves gaps, which the AVI muxer writes as dropped frames."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", format=container) as output:
         stream = output.add_stream(codec, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = options or {}
         if rotation:
             stream.set_display_rotation(rotation)
         if pts is not None:
@@ -83,6 +87,31 @@ def write_video(path: Path, container: str | None = None, codec: str = "libx264"
             output.mux(packet)
         if sound is not None:
             mux_tone(output, sound, samples=16000 * count // fps)
+    return path
+
+
+def write_with_cover(path: Path, count: int = 8) -> Path:
+    """A Matroska clip with a one-frame cover picture (MJPEG) muxed in before the video, as some exports write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="matroska") as output:
+        cover = output.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 36, "yuvj420p"
+        video = output.add_stream("libx264", rate=4)
+        video.width, video.height, video.pix_fmt = 64, 36, "yuv420p"
+        output.mux(cover.encode(av.VideoFrame.from_ndarray(np.zeros((36, 64, 3), np.uint8), format="rgb24")))
+        output.mux(cover.encode())
+        for i in range(count):
+            output.mux(video.encode(av.VideoFrame.from_ndarray(_pattern(i, 36, 64), format="rgb24")))
+        output.mux(video.encode())
+    return path
+
+
+def write_still_image(path: Path) -> Path:
+    """A JPEG photo under a video's name."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_pattern(0, 36, 64)).save(path, format="JPEG")
     return path
 
 
@@ -134,6 +163,7 @@ def write_videos(videos: Path) -> None:
     # 2 s at 8 fps, then 1 s at 2 fps, timestamps in 1/8 s
     write_video(videos / "variable_frame_rate.mkv", "matroska", count=18, fps=8, pts=[*range(16), 20, 24])
     write_video(videos / "with_audio.mp4", audio=True)
+    write_with_cover(videos / "cover_before_video.mkv")
     write_video(videos / "uppercase_extension.MP4", "mp4")
     write_video(videos / "duplicate_id.mov", "mov")
     write_video(videos / "duplicate_id.mp4")  # the .mov sorts first and keeps the id
@@ -145,6 +175,7 @@ def write_videos(videos: Path) -> None:
     _cut(write_video(videos / "truncated_webm.webm", "webm", "libvpx-vp9", count=24))
     (videos / "text_renamed_mp4.mp4").write_text("meeting notes, not a video\n" * 20, encoding="utf-8")
     write_audio_only(videos / "audio_only.mp4")
+    write_still_image(videos / "still_image.mp4")
     (videos / "notes.txt").write_text("camera 3 was dirty on Tuesday\n", encoding="utf-8")
 
 

@@ -26,7 +26,10 @@ from avlabel.data_builder.build import BuildArguments
 from avlabel.eval.data import load_references
 from avlabel.infer.inputs import resolve_inputs
 from eval_labels import load_label_file
-from odd_inputs import EXTRA_KEYS, PARTNERS, ROWS, SET_ASIDE, input_files, reference_label, write_collection, write_video
+from odd_inputs import (
+    EXTRA_KEYS, PARTNERS, ROWS, SET_ASIDE, input_files, reference_label, write_collection, write_still_image,
+    write_video, write_with_cover,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +82,7 @@ def test_every_odd_input_gets_its_fate(collection, built):
     assert f"Read {len(files)} input file(s): {len(in_rows)} in the {len(ROWS)} row(s), {len(built.set_aside)} set aside." in summary
     assert "3 clip(s) remuxed into Matroska (.mkv)" in summary  # the .webm, .ts and .mpg clips
     assert "1 label(s) had keys beyond the schema: kept in the `extra` column." in summary
+    assert "1 clip(s) hold more than one video stream (a second camera, a cover picture)" in summary
 
 
 def test_labels_as_exports_write_them(collection, built):
@@ -100,8 +104,8 @@ def test_the_odd_rows_load_and_keep_their_frames(collection, built, tmp_path):
     rows = _rows(built)
     assert {Path(row["file_name"]).suffix for row in rows.values()} <= set(STORED_EXTENSIONS)
     in_matroska = {clip_id for clip_id, row in rows.items() if row["file_name"].endswith(".mkv")}
-    assert in_matroska == {"webm_vp9", "ts_h264", "mpg_mpeg2", "mkv_h264", "variable_frame_rate"}
-    assert built.remuxed == 3  # the two .mkv clips were Matroska already: linked, not remuxed
+    assert in_matroska == {"webm_vp9", "ts_h264", "mpg_mpeg2", "mkv_h264", "variable_frame_rate", "cover_before_video"}
+    assert built.remuxed == 3  # the three .mkv clips were Matroska already: linked, not remuxed
     loaded = datasets.load_dataset(str(built.output_dir), split="train", cache_dir=str(tmp_path / "cache"))
     assert sorted(loaded["clip_id"]) == sorted(ROWS)
     for row in loaded:
@@ -260,6 +264,63 @@ def test_a_truncated_matroska_file_is_named_truncated(tmp_path):
         probe(path)
 
 
+def _fleet_folder(folder: Path) -> Path:
+    """A flat folder of what dashcams and fleet pipelines write, each clip with its label."""
+    from fractions import Fraction
+
+    hevc = {"codec": "libx265", "options": {"x265-params": "log-level=error:keyint=8:min-keyint=8:scenecut=0"}}
+    write_video(folder / "hevc_10bit.mov", "mov", pix_fmt="yuv420p10le", **hevc)
+    write_video(folder / "hevc_29_97.ts", "mpegts", fps=Fraction(30000, 1001), count=24, **hevc)
+    write_video(folder / "upside_down.mp4", rotation=180)
+    write_video(folder / "motion_jpeg.avi", "avi", "mjpeg", pix_fmt="yuvj420p")
+    running = write_video(folder / "running.ts", "mpegts", count=24, **hevc)  # a keyframe every 2 s
+    data = running.read_bytes()
+    (folder / "segment.ts").write_bytes(data[: 2 * 188] + data[(2 + len(data) // 188 // 4) * 188 :])  # cut mid-GOP
+    running.unlink()
+    write_with_cover(folder / "with_cover.mkv")
+    write_still_image(folder / "snapshot.mp4")
+    text = json.dumps(reference_label())
+    for clip in list(folder.iterdir()):
+        (folder / f"{clip.stem}.json").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_a_fleet_folder_builds_and_captions(tiny_model_dir, tmp_path):
+    """HEVC (10-bit, 29.97 fps, MPEG-TS), a camera mounted upside down, Motion-JPEG AVI, a TS segment cut between
+    keyframes, a cover picture before the video: each a row holding the frames caption samples from the original,
+    and a record; a photo named .mp4 is set aside with its reason and fails its caption with the same."""
+    import torch
+
+    from avlabel.infer.caption import main, make_parser
+
+    folder = _fleet_folder(tmp_path / "fleet")
+    clips = {"hevc_10bit", "hevc_29_97", "upside_down", "motion_jpeg", "segment", "with_cover"}
+    result = build.build(BuildArguments(input=str(folder), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    rows = _rows(result)
+    assert set(rows) == clips
+    still = "a still image (JPEG data named as a video), not a video: give the camera's video file"
+    assert {(p.path, p.reason) for p in result.problems} == {
+        ("snapshot.mp4", still), ("snapshot.json", "its clip snapshot.mp4 was set aside")}
+    assert (rows["hevc_10bit"]["codec"], rows["hevc_29_97"]["fps"], rows["segment"]["duration"]) == ("hevc", 29.97, 4.0)
+    assert result.more_streams == 1
+    for clip_id, row in rows.items():  # stored as is or remuxed: the same frames as the original
+        original = sample_frames(next(folder.glob(f"{clip_id}.[!j]*")))
+        stored = sample_frames(result.output_dir / "train" / row["file_name"])
+        assert stored.indices == original.indices and (stored.frames == original.frames).all(), clip_id
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["--config", str(REPO / "recipes" / "infer" / "tiny.yaml"), "--model", str(tiny_model_dir),
+                "--input", str(folder), "--output_dir", str(tmp_path / "captions"), "--max_new_tokens", "4"]
+        main(*make_parser().parse_args_and_config(args=argv))
+    finally:
+        torch.set_num_threads(before)
+    records = {r["clip_id"]: r for r in map(json.loads, (tmp_path / "captions" / "captions.jsonl").read_text().splitlines())}
+    assert {c for c, r in records.items() if r["status"] == "ok"} == clips
+    assert records["snapshot"]["status"] == "failed" and still in records["snapshot"]["error"]
+
+
 # ----------------------------------------------------------------------------- one reader for build, caption, eval
 
 
@@ -328,7 +389,7 @@ def test_caption_runs_over_the_odd_collection(collection, tiny_model_dir, tmp_pa
     finally:
         torch.set_num_threads(before)
     records = {r["clip_id"]: r for r in map(json.loads, (tmp_path / "captions" / "captions.jsonl").read_text().splitlines())}
-    broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only"}
+    broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only", "still_image"}
     assert {c for c, r in records.items() if r["status"] == "failed"} == broken
     ok = {c for c, r in records.items() if r["status"] == "ok"}
     assert ok == ROWS | {"no_label"} | {Path(p).stem for p in PARTNERS if p.startswith("videos/")}
