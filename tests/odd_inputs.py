@@ -36,6 +36,9 @@ SET_ASIDE = {
     "videos/duplicate_id.mp4": ("scan", "duplicate clip id 'duplicate_id' (also videos/duplicate_id.mov)"),
     "videos/no_label.mp4": ("scan", "clip without a label"),
     "videos/notes.txt": ("scan", "not a clip (extension .txt"),
+    "videos/mdvr_channel1.h264": ("scan", "a bare H.264 stream with no container (no timestamps to sample by): "
+                                  "wrap it, e.g. `ffmpeg -framerate <fps> -i mdvr_channel1.h264 -c copy "
+                                  "mdvr_channel1.mp4`"),
     "metas/label_missing_field.label.json": ("label", "lighting is missing"),
     "metas/label_wrong_value.label.json": ("label", "weather unknown category 'Sandstorm'"),
     "metas/label_invalid_json.label.json": ("label", "is not valid JSON"),
@@ -177,6 +180,7 @@ def write_videos(videos: Path) -> None:
     write_audio_only(videos / "audio_only.mp4")
     write_still_image(videos / "still_image.mp4")
     (videos / "notes.txt").write_text("camera 3 was dirty on Tuesday\n", encoding="utf-8")
+    write_video(videos / "mdvr_channel1.h264", "h264")  # a mobile DVR's bare stream
 
 
 def write_labels(metas: Path) -> None:
@@ -194,7 +198,8 @@ def write_labels(metas: Path) -> None:
         "label_invalid_json": text[:-20],
         "label_not_an_object": json.dumps([label]),
     }
-    labelled = ROWS | {Path(path).name.split(".")[0] for path in [*SET_ASIDE, *PARTNERS]} - {"no_label", "notes"}
+    unlabelled = {"no_label", "notes", "mdvr_channel1"}
+    labelled = ROWS | {Path(path).name.split(".")[0] for path in [*SET_ASIDE, *PARTNERS]} - unlabelled
     (metas / "notes.md").write_text("labelled by the night shift\n", encoding="utf-8")
     for clip_id in sorted(labelled):
         if clip_id == "label_not_utf8":

@@ -370,7 +370,8 @@ def test_a_row_is_a_clip_caption_can_read_with_a_reference_eval_can_read(collect
             pass
     references, _ = load_references(collection)
     assert set(_rows(built)) == decodable & set(references)
-    assert {p.path for p in problems} == {"videos/duplicate_id.mp4", "videos/notes.txt", "metas/notes.md"}
+    assert {p.path for p in problems} == {"videos/duplicate_id.mp4", "videos/notes.txt", "videos/mdvr_channel1.h264",
+                                         "metas/notes.md"}
     assert {"label_with_bom", "label_with_extra_keys"} <= set(references)  # eval takes what exports write, too
 
 

@@ -44,6 +44,9 @@ VIDEO_EXTENSIONS = (
 # A built dataset stores its clips under these only: with any other file in a split, `load_dataset`
 # infers another builder (a .webm counts as audio) and the video column comes back empty.
 STORED_EXTENSIONS = (".mkv", ".mp4", ".avi", ".mpeg", ".mov")
+# Bare H.264/HEVC streams, as some fleet recorders (mobile DVRs) write them: no container, so no timestamps to
+# sample by. Not clips, but one command away from being one.
+RAW_STREAM_EXTENSIONS = {".h264": "H.264", ".264": "H.264", ".h265": "HEVC", ".265": "HEVC", ".hevc": "HEVC"}
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".txt")
 # Parquet, not JSON lines: datasets infers a JSON metadata file's types from its first rows, so
 # a split whose manoeuvre lists happen to be all empty would get another type than the other
@@ -82,6 +85,15 @@ def is_video(path: str | Path) -> bool:
 
 def is_label(path: str | Path) -> bool:
     return Path(path).name.lower().endswith(".json")
+
+
+def raw_stream_reason(path: Path) -> str | None:
+    """Why a bare video stream is no clip, and the command that makes it one; None for any other file."""
+    codec = RAW_STREAM_EXTENSIONS.get(path.suffix.lower())
+    if codec is None:
+        return None
+    return (f"a bare {codec} stream with no container (no timestamps to sample by): wrap it, e.g. "
+            f"`ffmpeg -framerate <fps> -i {path.name} -c copy {clip_id_of(path)}.mp4`")
 
 
 @dataclass
@@ -191,7 +203,8 @@ class _Reader:
         elif is_label(path):
             self.label(label_id_of(path), path, self.name(path))
         else:
-            self.other(path, f"neither a clip ({', '.join(VIDEO_EXTENSIONS)}) nor a .json label")
+            self.other(path, raw_stream_reason(path)
+                       or f"neither a clip ({', '.join(VIDEO_EXTENSIONS)}) nor a .json label")
 
 
 def _read_recipe(reader: _Reader, root: Path) -> None:
@@ -199,7 +212,8 @@ def _read_recipe(reader: _Reader, root: Path) -> None:
         if is_video(path):
             reader.video(clip_id_of(path), path)
         else:
-            reader.other(path, f"not a clip (extension {path.suffix or 'none'}; clips are {', '.join(VIDEO_EXTENSIONS)})")
+            reader.other(path, raw_stream_reason(path)
+                         or f"not a clip (extension {path.suffix or 'none'}; clips are {', '.join(VIDEO_EXTENSIONS)})")
     for path in reader.walk(root / "metas"):
         if path.name.endswith(LABEL_SUFFIX):
             reader.label(label_id_of(path), path, reader.name(path))
