@@ -449,6 +449,19 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
+def _damaged(tmp_path: Path) -> Path:
+    """An HEVC MPEG-TS recording with a stretch of zeroed data in the middle (a failing memory card): every packet is
+    there, but the frames whose data was hit no longer decode."""
+    path = _write(tmp_path / "damaged.ts", 40, codec="libx265",
+                  options={"x265-params": "log-level=error:keyint=10:min-keyint=10:scenecut=0"})
+    data = bytearray(path.read_bytes())
+    packets = len(data) // 188
+    for k in range(packets * 4 // 10, packets // 2):
+        data[k * 188 + 4 : (k + 1) * 188] = bytes(184)  # the payload, not the 4-byte header
+    path.write_bytes(data)
+    return path
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -467,6 +480,20 @@ def test_bad_files_fail_naming_the_file_and_the_reason(tmp_path, make, reason):
         assert caught.value.path == str(path)
         assert str(path) in str(caught.value)
         assert reason in caught.value.reason
+
+
+def test_a_damaged_recording_is_named_corrupt_not_truncated(tmp_path):
+    """The probe reads the packets and the first frame, so it passes this file; sampling decodes every frame and
+    names what is wrong."""
+    path = _damaged(tmp_path)
+    with av.open(str(path)) as container:
+        shown = sum(1 for _ in container.decode(video=0))
+    stored = probe(path).num_frames  # the frames whose packets survived
+    assert stored > shown > 0
+    with pytest.raises(VideoError) as caught:
+        sample_frames(path, SamplingConfig(fps=10, max_frames=40))  # every frame
+    assert caught.value.reason == (f"corrupt data: {shown} of its {stored} frames decode; copy the clip from the "
+                                   "camera again, or leave it out")
 
 
 @pytest.mark.parametrize("height, width", [(272, 640), (1080, 1920), (480, 640), (144, 256)])

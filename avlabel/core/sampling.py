@@ -455,8 +455,9 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
                         break
         except av.error.FFmpegError as err:
             raise VideoError(path, f"decoding failed at frame {index + 1} ({_ffmpeg_reason(err)})") from None
-        if len(frames) < len(wanted):
-            raise VideoError(path, f"truncated: decoded {index + 1} of {len(timestamps)} frames")
+        if len(frames) < len(wanted):  # the packets are all there (a cut file fails earlier): some don't decode
+            raise VideoError(path, f"corrupt data: {index + 1} of its {len(timestamps)} frames decode; copy the clip "
+                                   "from the camera again, or leave it out")
 
     sample_fps = count / len(timestamps) * info.fps if len(timestamps) > 1 else config.fps
     return SampledClip(
