@@ -449,6 +449,29 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
+def test_a_fragmented_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp_path):
+    """A fragmented mp4 (what recorders write so that a power loss leaves a playable file) cut inside its last
+    fragment: it records no length, so it is no truncated clip; its last frame's data is cut and the frames that
+    need it don't decode either. The clip is the frames FFmpeg shows, for probe and sampling alike."""
+    whole = _write(tmp_path / "recording.mp4", 60, options={"g": "10"},
+                   container_options={"movflags": "frag_keyframe+empty_moov"})
+    path = tmp_path / "power_loss.mp4"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size * 55 // 100])
+    shown = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                shown.append(_read_bars(frame.to_ndarray(format="rgb24")))
+        except av.error.FFmpegError:
+            pass  # the cut frame
+    assert 10 < len(shown) < 60 and shown == list(range(len(shown)))
+    info = probe(path)
+    assert info.num_frames == len(shown) and info.duration == pytest.approx(len(shown) / 10)
+    clip = sample_frames(path, SamplingConfig(fps=10, max_frames=60))  # every frame, to an even count
+    assert clip.indices == list(range(len(shown) // 2 * 2))
+    assert [_read_bars(frame) for frame in clip.frames] == clip.indices
+
+
 def _damaged(tmp_path: Path) -> Path:
     """An HEVC MPEG-TS recording with a stretch of zeroed data in the middle (a failing memory card): every packet is
     there, but the frames whose data was hit no longer decode."""

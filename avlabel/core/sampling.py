@@ -21,8 +21,10 @@ more than one video stream (`video_stream`: a cover picture or a second camera).
 What a clip is, for every command: a file whose video stream demuxes and decodes, judged
 by what is there (packets and their timestamps), never by a frame count the container
 claims. It is truncated when its timestamps end short of the length the container
-records (an index or a header); containers that record none (MPEG-TS, MPEG-PS) end
-where their data ends. A still image given a video's name (a JPEG renamed .mp4) is no clip.
+records (an index or a header); containers that record none (MPEG-TS, MPEG-PS, a fragmented
+mp4) end where their data ends, at the last frame FFmpeg shows. Frames FFmpeg never shows (before
+the first keyframe, hidden by an edit list) are no part of it. A still image given a video's name
+(a JPEG renamed .mp4) is no clip.
 """
 
 from __future__ import annotations
@@ -296,7 +298,8 @@ def _image_format(container) -> str | None:
 
 
 def _frame_timestamps(container, path: Path) -> list[float]:
-    """Presentation times of every frame, from the packets alone (no decoding)."""
+    """Presentation times of every frame, from the packets (decoding only the last group of pictures of a file whose
+    data ends inside a frame)."""
     import av
 
     stream = video_stream(container)
@@ -305,8 +308,16 @@ def _frame_timestamps(container, path: Path) -> list[float]:
         for packet in container.demux(stream):
             if packet.pts is not None and packet.size > 0:
                 packets.append((packet.pts, packet.is_keyframe, not packet.is_discard))
+                cut = packet.is_corrupt  # of the last packet: the data ends inside it
     except av.error.FFmpegError as err:
         raise VideoError(path, f"corrupt or truncated data ({_ffmpeg_reason(err)})") from None
+    if packets and cut:
+        # A recording that lost power mid-write (a fragmented mp4 records no length to check against) ends in a
+        # frame whose data is cut, and the frames that need it don't decode either: the clip ends where FFmpeg's
+        # frames do, found by decoding from the last keyframe.
+        last_key = next((p for p, key, _ in reversed(packets) if key), packets[0][0])
+        shown = _shown_from(path, last_key)
+        packets = [(p, key, visible and (p < last_key or p in shown)) for p, key, visible in packets]
     # Frames that are never shown have no place in the clip:
     # * a file cut from a running stream (a TS segment cut on time, a loop recording after a power cut) can start
     #   inside a group of pictures: the frames before its first keyframe need frames it does not hold, and FFmpeg
@@ -336,6 +347,25 @@ def _frame_timestamps(container, path: Path) -> list[float]:
     if stored is not None and stored - covered > 2 / fps + 0.01:
         raise VideoError(path, f"truncated: the container records {stored:.2f} s but the frames end at {covered:.2f} s")
     return timestamps
+
+
+def _shown_from(path: Path, start: int) -> set[int]:
+    """The presentation times of the frames FFmpeg shows from the keyframe at `start` (stream time) to the end.
+
+    On a container of its own: decoding opens the codec, whose threading sample_frames sets before it opens."""
+    import av
+
+    shown = set()
+    with av.open(str(path)) as container:
+        stream = video_stream(container)
+        container.seek(start, stream=stream)  # to the keyframe at or before `start`
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is not None:
+                    shown.add(frame.pts)
+        except av.error.FFmpegError:
+            pass  # the cut frame: those decoded before it are counted
+    return shown
 
 
 def _stored_duration(container, stream) -> float | None:
