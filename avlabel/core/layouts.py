@@ -362,8 +362,8 @@ def detect_layout(source: str) -> str:
             return "manifest"
         if is_video(path):
             return "file"
-        raise InputError(f"{source}: not a clip ({', '.join(VIDEO_EXTENSIONS)}), a manifest "
-                         f"({', '.join(MANIFEST_EXTENSIONS)}) or a folder")
+        raise InputError(f"{source}: " + (raw_stream_reason(path) or f"not a clip ({', '.join(VIDEO_EXTENSIONS)}), "
+                                                   f"a manifest ({', '.join(MANIFEST_EXTENSIONS)}) or a folder"))
     if glob.has_magic(source):
         return "file"
     if is_hub_id(source):
