@@ -196,6 +196,58 @@ def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, syn
         collator([long_row, short_row])
 
 
+def _wreck(path: Path) -> None:
+    """Zeros in place of a clip's bytes: a file that no longer decodes, as a failing disk leaves one."""
+    path.write_bytes(b"\0" * path.stat().st_size)
+
+
+def test_a_batch_left_empty_takes_the_next_usable_training_row(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    """At a micro-batch of 1, a clip that won't decode would leave the batch empty and stop the run: the collator
+    reports it and collates the next usable row of the training split instead."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(synthetic_dataset_dir, dataset)
+    rows = _rows(dataset)
+    bad = [rows[index] for index in (0, 1)]
+    for row in bad:
+        _wreck(Path(row["video"]["path"]))
+    report = tmp_path / "skipped.jsonl"
+    collator = _collator(tiny_model_dir, answer_format="plain", report_path=report)
+    with pytest.raises(ValueError, match="none of the 1 samples"):  # no rows to draw from: as before
+        collator([bad[0]])
+
+    collator.spares = rows  # the rows in order: the two wrecked ones, then a usable one
+    batch = collator([bad[0]])
+    assert torch.equal(batch["input_ids"], collator([rows[2]])["input_ids"])
+    reported = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [entry["clip_id"] for entry in reported] == [bad[0]["clip_id"]] * 2 + [bad[0]["clip_id"], bad[1]["clip_id"]]
+    assert all("video can't be decoded" in entry["reason"] for entry in reported)
+
+    collator.spares = rows.select([0, 1])  # nothing usable to draw: the dataset itself is broken, and says so
+    collator._spare_rows = None
+    with pytest.raises(ValueError, match="nor any of the 16 training rows"):
+        collator([bad[0]])
+
+
+@pytest.mark.slow
+def test_one_bad_clip_does_not_stop_a_run_at_micro_batch_one(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    """A clip that passed the build but no longer decodes is reported in skipped.jsonl, and training goes on."""
+    from avlabel.train.sft import train
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(synthetic_dataset_dir, dataset)
+    rows = _rows(dataset)
+    wrecked = {rows[index]["clip_id"] for index in range(0, len(rows), 2)}  # every other training clip
+    for row in rows:
+        if row["clip_id"] in wrecked:
+            _wreck(Path(row["video"]["path"]))
+    out = train(TINY_RECIPE, _overrides(tiny_model_dir, dataset, tmp_path / "run", per_device_train_batch_size=1,
+                                        max_steps=4, eval_strategy="no", eval_on_start=False, save_strategy="no",
+                                        export_merged=False))
+    assert json.loads((out / "train_results.json").read_text())["steps"] == 4
+    reported = {json.loads(line)["clip_id"] for line in (out / "skipped.jsonl").read_text().splitlines()}
+    assert reported and reported <= wrecked
+
+
 def test_frame_cache_serves_later_epochs_without_decoding(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     from avlabel.core.sampling import VideoError
 

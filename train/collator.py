@@ -12,6 +12,10 @@ becomes training input:
   template's `{% generation %}` markers;
 * a sample longer than `max_length` is never cut (the cut could fall in its answer or
   its video tokens): it is reported and left out, or stops the run when `strict`;
+* a clip that won't decode (corrupt mid-stream: the builder's probe reads only its packets
+  and first frame) is reported and left out the same way; a batch left with no sample
+  takes the next usable training row instead, so at a micro-batch of 1 one bad clip
+  can't stop a run;
 * decoded frames are cached on disk, so later epochs and resumed runs read arrays
   instead of decoding video again.
 """
@@ -62,6 +66,20 @@ def training_chat_template(processor) -> str:
     if has_generation_markers(template):
         return template
     return get_training_chat_template(processor)
+
+
+REPLACEMENT_TRIES = 16  # unusable rows in a row before a batch left empty stops the run
+
+
+def _endless(rows):
+    """The rows in order, again and again (a Dataset or IterableDataset: neither is held in memory)."""
+    while True:
+        empty = True
+        for row in rows:
+            empty = False
+            yield row
+        if empty:
+            return
 
 
 def over_length_reason(length: int, max_length: int) -> str:
@@ -159,7 +177,9 @@ class VideoSFTCollator:
     for its 3-D positions) padded on the right, its per-video ones (`pixel_values_videos`,
     `video_grid_thw`, and for Qwen2.5-VL `second_per_grid_ts`) concatenated. Rows that
     can't be used (over-long, or a clip that won't decode) are reported to `report_path`
-    and left out; with `strict` they raise instead.
+    and left out; with `strict` they raise instead. A batch left with none takes the next
+    usable row of `spares` (the training split), for evaluation batches too: the Trainer has
+    one collator, and an empty batch would stop the run.
     """
 
     processor: Any
@@ -172,6 +192,8 @@ class VideoSFTCollator:
     pad_to_multiple_of: int | None = None
     report_path: str | Path | None = None
     chat_template: str = field(default="")
+    spares: Any = None  # rows (a Dataset or IterableDataset) to draw a replacement from
+    _spare_rows: Any = field(default=None, init=False, repr=False)  # where the replacements have got to
 
     def __post_init__(self):
         self.chat_template = self.chat_template or training_chat_template(self.processor)
@@ -223,28 +245,46 @@ class VideoSFTCollator:
         logger.warning("skipping %s: %s", where, reason)
         report_skipped(self.report_path, row.get("clip_id"), "collate", reason)
 
+    def _usable(self, row: dict) -> dict | None:
+        """The encoded row, or None when it is reported and left out (raises with `strict`)."""
+        try:
+            sample = self.encode(row)
+        except VideoError as err:
+            self._skip(row, f"video can't be decoded: {err.reason}")
+            return None
+        length = sample["input_ids"].shape[1]
+        if self.max_length is not None and length > self.max_length:
+            self._skip(row, over_length_reason(length, self.max_length))
+            return None
+        return sample
+
+    def _replacement(self, batch_size: int) -> dict:
+        """The next usable row of `spares`, for a batch whose every row was left out.
+
+        Rows are read in order, starting over at the end, from where the last replacement stopped
+        (each dataloader worker keeps its own place); REPLACEMENT_TRIES unusable rows in a row mean
+        the dataset itself is broken, and stop the run.
+        """
+        what = (f"none of the {batch_size} samples of this batch could be used (see the warnings above"
+                + (f" and {self.report_path}" if self.report_path else "") + ")")
+        if self.spares is None:
+            raise ValueError(f"{what}; rebuild the dataset or raise max_length")
+        if self._spare_rows is None:
+            self._spare_rows = _endless(self.spares)
+        for _, row in zip(range(REPLACEMENT_TRIES), self._spare_rows):
+            sample = self._usable(row)
+            if sample is not None:
+                return sample
+        raise ValueError(f"{what}, nor any of the {REPLACEMENT_TRIES} training rows tried in their place: "
+                         "check the clips the report names (rebuild the dataset) or raise max_length")
+
     def __call__(self, rows: list[dict]) -> dict:
         import torch
         from trl.trainer.utils import pad
 
-        encoded = []
-        for row in rows:
-            try:
-                sample = self.encode(row)
-            except VideoError as err:
-                self._skip(row, f"video can't be decoded: {err.reason}")
-                continue
-            length = sample["input_ids"].shape[1]
-            if self.max_length is not None and length > self.max_length:
-                self._skip(row, over_length_reason(length, self.max_length))
-                continue
-            encoded.append(sample)
+        encoded = [sample for sample in map(self._usable, rows) if sample is not None]
         if not encoded:
-            raise ValueError(
-                f"none of the {len(rows)} samples of this batch could be used (see the warnings above"
-                + (f" and {self.report_path}" if self.report_path else "")
-                + "); rebuild the dataset or raise max_length"
-            )
+            encoded.append(self._replacement(len(rows)))
 
         padding = {"input_ids": self.pad_token_id, "labels": -100}
         batch = {

@@ -431,6 +431,7 @@ def prepare_datasets(script_args, training_args, collator, output_dir: Path, is_
         if is_main:
             answer.save(output_dir)
         train_dataset = with_lengths(train_dataset, collator, collator.report_path, script_args.strict, is_main)
+        collator.spares = train_dataset  # a batch whose every clip fails to decode takes the next usable row
         if eval_dataset is not None:
             eval_dataset = with_lengths(eval_dataset, collator, collator.report_path, script_args.strict, is_main)
     return train_dataset, eval_dataset, answer
