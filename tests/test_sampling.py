@@ -449,6 +449,18 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
+def _bare_stream(tmp_path: Path) -> Path:
+    """A mobile DVR's bare H.264 stream, as a manifest or a dataset may list it."""
+    path = tmp_path / "channel1.h264"
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        for i in range(10):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(_bars(i, 96, 160), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
 def test_a_fragmented_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp_path):
     """A fragmented mp4 (what recorders write so that a power loss leaves a playable file) cut inside its last
     fragment: it records no length, so it is no truncated clip; its last frame's data is cut and the frames that
@@ -493,6 +505,8 @@ def _damaged(tmp_path: Path) -> Path:
         (_faststart_truncated, "truncated"),
         (_text, "not a readable video container"),
         (_audio_only, "no video stream"),
+        (_bare_stream, "a bare H.264 stream with no container (no timestamps to sample by): wrap it, e.g. "
+                       "`ffmpeg -framerate <fps> -i channel1.h264 -c copy channel1.mp4`"),
     ],
 )
 def test_bad_files_fail_naming_the_file_and_the_reason(tmp_path, make, reason):

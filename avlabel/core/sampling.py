@@ -262,10 +262,15 @@ def missing_file_reason(path: Path) -> str:
 def _open(path: Path):
     import av
 
+    from .layouts import raw_stream_reason
+
     if not path.exists():
         raise VideoError(path, missing_file_reason(path))
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file (0 bytes)")
+    # a manifest or a dataset can name one too: FFmpeg opens it, but its packets carry no times ("no frames")
+    if reason := raw_stream_reason(path):
+        raise VideoError(path, reason)
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
