@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,9 @@ def test_a_batch_left_empty_takes_the_next_usable_training_row(tiny_model_dir, s
     reported = [json.loads(line) for line in report.read_text().splitlines()]
     assert [entry["clip_id"] for entry in reported] == [bad[0]["clip_id"]] * 2 + [bad[0]["clip_id"], bad[1]["clip_id"]]
     assert all("video can't be decoded" in entry["reason"] for entry in reported)
+
+    copy = pickle.loads(pickle.dumps(collator))  # as spawned dataloader workers get it, mid-pass
+    assert torch.equal(copy([bad[0]])["input_ids"], batch["input_ids"])  # its own pass, from the first row
 
     collator.spares = rows.select([0, 1])  # nothing usable to draw: the dataset itself is broken, and says so
     collator._spare_rows = None

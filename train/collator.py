@@ -200,6 +200,11 @@ class VideoSFTCollator:
         tokenizer = self.processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn or forkserver (Python 3.14's default on Linux) get a pickled copy,
+        # and a generator doesn't pickle: each copy starts its own pass over `spares`
+        return {**self.__dict__, "_spare_rows": None}
+
     def encode(self, row: dict) -> dict:
         """One row as unpadded tensors (batch dimension 1), labels masked to the answer."""
         clip = self.frames.load(row["video"])
