@@ -212,7 +212,7 @@ class CalibrateArguments:
         check_path(self.captions, f"--captions {self.captions}")
         check_source(self.labels, "--labels", "dataset")
         if self.model is not None:
-            _check_model_folder(self.model)
+            _check_model_folder(self.model, f"--model {self.model}")
 
 
 def make_parser(subparsers=None):
@@ -223,12 +223,13 @@ def make_parser(subparsers=None):
     return ArgumentParser(dataclass_types=[CalibrateArguments], prog=f"avlabel {NAME}")
 
 
-def _check_model_folder(model: str) -> Path:
+def _check_model_folder(model: str, shown: str) -> Path:
+    """`model` as a folder; `shown` says where it came from (the flag, or the captions)."""
     from avlabel.core.errors import UsageError
 
     if not Path(model).is_dir():
-        raise UsageError(f"--model {model}: not a local folder; {CALIBRATION_FILE} is written into the model's folder "
-                         "(download a Hub model first, or give its local copy)")
+        raise UsageError(f"{shown}: not a local folder; {CALIBRATION_FILE} is written into the model's folder "
+                         "(download a Hub model first, and give its local copy with --model)")
     return Path(model)
 
 
@@ -242,7 +243,8 @@ def _model_folder(args: CalibrateArguments, run: Run) -> Path:
     if len(named) != 1:
         raise UsageError(f"--model: give the model folder to write {CALIBRATION_FILE} into (the captions name "
                          f"{', '.join(sorted(named)) or 'no model'})")
-    return _check_model_folder(named.pop())
+    model = named.pop()
+    return _check_model_folder(model, f"the model the captions name, {model} (no --model given)")
 
 
 def main(args: CalibrateArguments) -> Calibration:

@@ -168,6 +168,21 @@ def test_calibrate_reads_the_records_once(labeled, tmp_path):
     assert opened == [str(tmp_path / "held_out" / "captions.jsonl")]
 
 
+def test_captions_of_a_hub_model_need_its_local_folder(labeled, tmp_path):
+    """Without --model, captions made by a Hub id name where the id came from, not a --model never given."""
+    root, references, answers = labeled
+    (tmp_path / "held_out").mkdir()
+    records = [{**json.loads(line), "model": "nvidia/Cosmos-Reason1-7B"}
+               for line in _records(answers, references, 0.9).splitlines()]
+    (tmp_path / "held_out" / "captions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(UsageError) as caught:
+        main(CalibrateArguments(captions=str(tmp_path / "held_out"), labels=str(root / "refs")))
+    assert str(caught.value) == (
+        "the model the captions name, nvidia/Cosmos-Reason1-7B (no --model given): not a local folder; "
+        f"{CALIBRATION_FILE} is written into the model's folder (download a Hub model first, and give its local "
+        "copy with --model)")
+
+
 def test_comparison_report_shows_ece_before_and_after_calibration(labeled, tmp_path):
     from avlabel.eval.compare import compare_runs
 
