@@ -187,6 +187,19 @@ def test_an_output_folder_under_a_file(tmp_path, dataset_dir, model_dir, command
     assert not list(tmp_path.glob("*/frame_cache")) and (tmp_path / "notes.txt").read_text() == "a file\n"
 
 
+def test_the_output_folder_checked_is_the_one_written(tmp_path, monkeypatch):
+    """`~/out` from a YAML recipe reaches the command unexpanded, which writes ./~/out: that is what is checked."""
+    from avlabel.core.errors import UsageError
+    from avlabel.core.parser import check_output_dir
+
+    (tmp_path / "home").write_text("not a folder\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    check_output_dir("~/out", "--output_dir")
+    with pytest.raises(UsageError, match="--output_dir home/out: home is a file, not a folder"):
+        check_output_dir("home/out", "--output_dir")
+
+
 @pytest.fixture
 def locked_dir(tmp_path):
     """A folder nobody can write into, root included: the immutable attribute (chattr +i), which, unlike chmod,

@@ -206,7 +206,7 @@ def check_output_dir(value: str, flag: str) -> None:
     folder (when it is not there yet, the nearest one above it) this user can't create files in (its
     permissions, or a read-only file system). Said before any work, naming the flag, rather than as
     OSError's "Permission denied: 'x'" at the first write."""
-    path = Path(value).expanduser()
+    path = Path(value)  # as the commands write it: a `~` from a YAML recipe is no shell's to expand
     # the nearest part of the path that is there ("." or "/" at the latest); os.path.exists is False on any OSError
     there = next((folder for folder in (path, *path.parents) if os.path.exists(folder)), path)
     if not there.is_dir():
