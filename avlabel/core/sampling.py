@@ -303,11 +303,12 @@ def _image_format(container) -> str | None:
 
 
 def _frame_timestamps(container, path: Path) -> list[float]:
-    """Presentation times of every frame, from the packets (decoding only the last group of pictures of a file whose
-    data ends inside a frame)."""
+    """Presentation times of every frame, from the packets (decoding only the last group of pictures of a file that
+    records no length, or whose data ends inside a frame)."""
     import av
 
     stream = video_stream(container)
+    stored = _stored_duration(container, stream)
     packets = []  # (pts, keyframe, shown) in decoding order
     try:
         for packet in container.demux(stream):
@@ -316,12 +317,17 @@ def _frame_timestamps(container, path: Path) -> list[float]:
                 cut = packet.is_corrupt  # of the last packet: the data ends inside it
     except av.error.FFmpegError as err:
         raise VideoError(path, f"corrupt or truncated data ({_ffmpeg_reason(err)})") from None
-    if packets and cut:
-        # A recording that lost power mid-write (a fragmented mp4 records no length to check against) ends in a
-        # frame whose data is cut, and the frames that need it don't decode either: the clip ends where FFmpeg's
-        # frames do, found by decoding from the last keyframe.
-        last_key = next((p for p, key, _ in reversed(packets) if key), packets[0][0])
-        shown = _shown_from(path, last_key)
+    if packets and (cut or stored is None):
+        # A recording that lost power mid-write ends in a frame whose data is cut, and the frames that need it don't
+        # decode either. A container that records a length is checked against it below; one that records none (a
+        # fragmented mp4, MPEG-TS, MPEG-PS) does not always flag the cut packet (an MPEG-TS never does), so there
+        # the clip ends where FFmpeg's frames do, found by decoding from the last keyframe.
+        keys = [p for p, key, _ in packets if key]
+        last_key = keys[-1] if keys else packets[0][0]
+        # from the keyframe before: a seek in MPEG-TS can land past its target, and the last group's frames with it
+        shown = _shown_from(path, keys[-2] if len(keys) > 1 else None)
+        if last_key not in shown and len(keys) > 1:  # landed past that one too (or the last keyframe is cut)
+            shown = _shown_from(path, None)
         packets = [(p, key, visible and (p < last_key or p in shown)) for p, key, visible in packets]
     # Frames that are never shown have no place in the clip:
     # * a file cut from a running stream (a TS segment cut on time, a loop recording after a power cut) can start
@@ -344,7 +350,6 @@ def _frame_timestamps(container, path: Path) -> list[float]:
     # A file cut short (an mp4 with its index at the front, a Matroska file) demuxes without error,
     # just fewer packets: compare the time they cover with the length the container records. Not
     # the frame count: an AVI index also counts dropped frames, which have no packet.
-    stored = _stored_duration(container, stream)
     fps = _decoded_fps(stream, timestamps)
     # where the frames end, from the clip's first frame or from the container's zero (a header's length
     # counts from there when the first frame starts late, as in an MPEG-PS stream copied into Matroska)
@@ -354,8 +359,9 @@ def _frame_timestamps(container, path: Path) -> list[float]:
     return timestamps
 
 
-def _shown_from(path: Path, start: int) -> set[int]:
-    """The presentation times of the frames FFmpeg shows from the keyframe at `start` (stream time) to the end.
+def _shown_from(path: Path, start: int | None) -> set[int]:
+    """The presentation times of the frames FFmpeg shows from the keyframe at `start` (stream time; None: the first
+    frame) to the end.
 
     On a container of its own: decoding opens the codec, whose threading sample_frames sets before it opens."""
     import av
@@ -363,7 +369,8 @@ def _shown_from(path: Path, start: int) -> set[int]:
     shown = set()
     with av.open(str(path)) as container:
         stream = video_stream(container)
-        container.seek(start, stream=stream)  # to the keyframe at or before `start`
+        if start is not None:
+            container.seek(start, stream=stream)  # to the keyframe at or before `start`, or (MPEG-TS) near it
         try:
             for frame in container.decode(stream):
                 if frame.pts is not None:
