@@ -26,10 +26,12 @@ TINY_RECIPE = ROOT / "recipes" / "tiny" / "sft.yaml"
 
 
 def _rows(dataset_dir, split="train"):
-    from datasets import Video, load_dataset
+    """The split's rows as training reads them (through the project's loader: a copied folder reads its own clips)."""
+    from datasets import Video
 
-    dataset = load_dataset(str(dataset_dir), split=split)
-    return dataset.cast_column("video", Video(decode=False))
+    from avlabel.core.loading import load_clip_dataset
+
+    return load_clip_dataset(dataset_dir, split=split).cast_column("video", Video(decode=False))
 
 
 def _collator(model_dir, cache_dir=None, **kwargs):
@@ -208,6 +210,7 @@ def test_a_batch_left_empty_takes_the_next_usable_training_row(tiny_model_dir, s
     dataset = tmp_path / "dataset"
     shutil.copytree(synthetic_dataset_dir, dataset)
     rows = _rows(dataset)
+    assert Path(rows[0]["video"]["path"]).is_relative_to(dataset)  # the copy's clips are wrecked, not the fixture's
     bad = [rows[index] for index in (0, 1)]
     for row in bad:
         _wreck(Path(row["video"]["path"]))
@@ -228,28 +231,32 @@ def test_a_batch_left_empty_takes_the_next_usable_training_row(tiny_model_dir, s
 
     collator.spares = rows.select([0, 1])  # nothing usable to draw: the dataset itself is broken, and says so
     collator._spare_rows = None
-    with pytest.raises(ValueError, match="nor any of the 16 training rows"):
+    with pytest.raises(ValueError, match="nor any of the 16 rows tried"):
         collator([bad[0]])
 
 
 @pytest.mark.slow
 def test_one_bad_clip_does_not_stop_a_run_at_micro_batch_one(tiny_model_dir, synthetic_dataset_dir, tmp_path):
-    """A clip that passed the build but no longer decodes is reported in skipped.jsonl, and training goes on."""
+    """A clip that passed the build but no longer decodes is reported in skipped.jsonl, and training and its
+    evaluation go on."""
     from avlabel.train.sft import train
 
     dataset = tmp_path / "dataset"
     shutil.copytree(synthetic_dataset_dir, dataset)
-    rows = _rows(dataset)
+    rows, test_rows = _rows(dataset), _rows(dataset, "test")
+    assert Path(test_rows[0]["video"]["path"]).is_relative_to(dataset)  # the copy's clips are wrecked, not the fixture's
     wrecked = {rows[index]["clip_id"] for index in range(0, len(rows), 2)}  # every other training clip
-    for row in rows:
+    wrecked.add(test_rows[0]["clip_id"])  # and a test clip, which the evaluation reads
+    for row in (*rows, *test_rows):
         if row["clip_id"] in wrecked:
             _wreck(Path(row["video"]["path"]))
     out = train(TINY_RECIPE, _overrides(tiny_model_dir, dataset, tmp_path / "run", per_device_train_batch_size=1,
-                                        max_steps=4, eval_strategy="no", eval_on_start=False, save_strategy="no",
-                                        export_merged=False))
+                                        per_device_eval_batch_size=1, max_steps=4, eval_steps=4, eval_on_start=False,
+                                        save_strategy="no", export_merged=False))
     assert json.loads((out / "train_results.json").read_text())["steps"] == 4
+    assert [step for step, _ in _logged(out, "eval_loss")] == [4]
     reported = {json.loads(line)["clip_id"] for line in (out / "skipped.jsonl").read_text().splitlines()}
-    assert reported and reported <= wrecked
+    assert test_rows[0]["clip_id"] in reported and reported <= wrecked and len(reported) > 1
 
 
 def test_frame_cache_serves_later_epochs_without_decoding(tiny_model_dir, synthetic_dataset_dir, tmp_path):

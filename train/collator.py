@@ -23,6 +23,7 @@ becomes training input:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -178,8 +179,8 @@ class VideoSFTCollator:
     `video_grid_thw`, and for Qwen2.5-VL `second_per_grid_ts`) concatenated. Rows that
     can't be used (over-long, or a clip that won't decode) are reported to `report_path`
     and left out; with `strict` they raise instead. A batch left with none takes the next
-    usable row of `spares` (the training split), for evaluation batches too: the Trainer has
-    one collator, and an empty batch would stop the run.
+    usable row of `spares`, the split it collates (train.trainer gives evaluation a copy
+    drawing from the evaluation split): an empty batch would stop the run.
     """
 
     processor: Any
@@ -276,12 +277,13 @@ class VideoSFTCollator:
             raise ValueError(f"{what}; rebuild the dataset or raise max_length")
         if self._spare_rows is None:
             self._spare_rows = _endless(self.spares)
-        for _, row in zip(range(REPLACEMENT_TRIES), self._spare_rows):
+        tried = 0
+        for tried, row in enumerate(itertools.islice(self._spare_rows, REPLACEMENT_TRIES), start=1):
             sample = self._usable(row)
             if sample is not None:
                 return sample
-        raise ValueError(f"{what}, nor any of the {REPLACEMENT_TRIES} training rows tried in their place: "
-                         "check the clips the report names (rebuild the dataset) or raise max_length")
+        raise ValueError(f"{what}, nor any of the {tried} rows tried in their place: check the clips the report "
+                         "names (rebuild the dataset) or raise max_length")
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch

@@ -22,6 +22,7 @@ run starts from them, so its logs and train_results.json read as an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,6 +111,18 @@ class VideoSFTTrainer(SFTTrainer):
             steps = self.state.global_step - self.run_totals.start_step
             logs["train_loss"] = (self.run_totals.loss_before + logs["train_loss"] * steps) / max(self.state.global_step, 1)
         super().log(logs, start_time)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # The Trainer has one collator; evaluation gets a copy whose replacement for a batch left empty (every
+        # clip failed to decode) is drawn from the evaluation split, so no training clip enters the eval loss.
+        rows = (self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str)
+                else self.eval_dataset if eval_dataset is None else eval_dataset)
+        collator = self.data_collator
+        self.data_collator = dataclasses.replace(collator, spares=rows)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         sharded = Path(checkpoint) / f"{SHARDED_OPTIMIZER_PREFIX}_0" if checkpoint else None
