@@ -569,10 +569,10 @@ def main(args: JudgeArguments, config: JudgeConfig) -> dict[str, Any]:
     try:
         items = run_items(run)
         trust_config = TrustConfig(clips=args.trust_clips, repeats=args.trust_repeats, seed=args.seed) if args.trust else None
-        judge.check_ready(items + (trust_items([run], trust_config)[0] if trust_config else []))
+        judge.check_ready(items + (trust_items([run], trust_config)[0] if trust_config is not None else []))
         judgments = judge.judge(items, desc=f"judging {run.name}")
         trust = None
-        if trust_config:
+        if trust_config is not None:
             trust = judge_trust(judge, [run], {run.name: judgments}, {run.name: evaluate_run(run)}, trust_config)
         all_calls = judge.usage_of(items)
     except KeyboardInterrupt:

@@ -324,13 +324,13 @@ def test_a_fleet_folder_builds_and_captions(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("command", [["build"], ["caption", "--model", "."]])
 def test_a_bare_stream_given_as_the_input_says_how_to_wrap_it(tmp_path, command):
     """build and caption answer a bare stream given as --input with one line (exit 2): what it is and the command
-    that wraps it."""
-    path = write_video(tmp_path / "ch2.h265", "hevc", "libx265", options={"x265-params": "log-level=error"})
+    that wraps it, quoted for the shell (a camera's names hold spaces)."""
+    path = write_video(tmp_path / "ch 2.h265", "hevc", "libx265", options={"x265-params": "log-level=error"})
     done = subprocess.run([sys.executable, "-m", "avlabel", *command, "--input", str(path), "--output_dir",
                            str(tmp_path / "out")], capture_output=True, text=True, check=False, cwd=REPO)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"avlabel {command[0]}: error: --input {path}: a bare HEVC stream with no container (no timestamps to "
-        "sample by): wrap it, e.g. `ffmpeg -framerate <fps> -i ch2.h265 -c copy ch2.mp4`"], done.stderr[-2000:]
+        "sample by): wrap it, e.g. `ffmpeg -framerate <fps> -i 'ch 2.h265' -c copy 'ch 2.mp4'`"], done.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- one reader for build, caption, eval

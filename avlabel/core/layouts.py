@@ -27,6 +27,7 @@ import io
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -93,7 +94,7 @@ def raw_stream_reason(path: Path) -> str | None:
     if codec is None:
         return None
     return (f"a bare {codec} stream with no container (no timestamps to sample by): wrap it, e.g. "
-            f"`ffmpeg -framerate <fps> -i {path.name} -c copy {clip_id_of(path)}.mp4`")
+            f"`ffmpeg -framerate <fps> -i {shlex.quote(path.name)} -c copy {shlex.quote(clip_id_of(path) + '.mp4')}`")
 
 
 @dataclass
