@@ -8,6 +8,7 @@ Nothing in the card depends on the time or on local paths, so the same rows give
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -277,6 +278,18 @@ def _reviewed(rows: dict[str, list[dict]]) -> str:
             f"(`avlabel review`) and corrected {corrected} field(s); the `{REVIEW_KEY}` key of `extra` says which.")
 
 
+def rows_fingerprint(rows: dict[str, list[dict]]) -> str:
+    """A digest of every row of every split, written into the card's config.
+
+    `load_dataset` of a local folder keys its cache by the folder's name and the card's YAML alone,
+    neither the files nor their times: without it, a rebuild with a corrected label, or another
+    dataset built into a folder of the same name, loads the table prepared before, labels and
+    video paths included.
+    """
+    ordered = {split: sorted(split_rows, key=lambda row: row["clip_id"]) for split, split_rows in sorted(rows.items())}
+    return "sha256:" + hashlib.sha256(json.dumps(ordered, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def write_card(
     out: Path,
     rows: dict[str, list[dict]],
@@ -310,7 +323,8 @@ def write_card(
     for split, split_rows in rows.items():
         split_dict.add(SplitInfo(split, num_examples=len(split_rows)))
     DatasetInfosDict({"default": DatasetInfo(features=features, splits=split_dict)}).to_dataset_card_data(data)
-    config = {"data_files": [{"split": split, "path": f"{split}/**"} for split in rows]}
+    config = {"data_files": [{"split": split, "path": f"{split}/**"} for split in rows],
+              "description": f"avlabel build, rows {rows_fingerprint(rows)}"}
     MetadataConfigs({"default": {**config, "features": features._to_yaml_list()}}).to_dataset_card_data(data)
 
     stats = compute_statistics(rows)

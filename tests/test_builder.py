@@ -210,6 +210,34 @@ def test_folder_is_self_contained(acceptance, tmp_path):
     assert loaded[0]["video"][0].shape == (3, 36, 64)
 
 
+def test_plain_load_dataset_reads_what_the_last_build_wrote(tmp_path):
+    """`datasets.load_dataset` of a folder, as another project calls it, keys its cache by the folder's name and
+    the card: a rebuild with a corrected label, and another dataset in a folder of the same name, must not load
+    the table prepared before (the card's config names the rows' digest)."""
+    import datasets
+
+    def weathers(folder: Path) -> dict[str, str]:
+        loaded = datasets.load_dataset(str(folder), split="train")
+        return dict(zip(loaded["clip_id"], loaded["weather"]))
+
+    root, out = tmp_path / "raw", tmp_path / "first" / "dataset"
+    ids = _make_recipe_input(root, 4)
+    build.build(BuildArguments(input=str(root), output_dir=str(out), test_size=1))
+    before = weathers(out)
+    clip = next(c for c in ids if c in before)
+    label_path = root / "metas" / f"{clip}.label.json"
+    label = json.loads(label_path.read_text(encoding="utf-8"))
+    label["weather"] = "Dense fog" if label["weather"] != "Dense fog" else "Overcast"
+    label_path.write_text(json.dumps(label), encoding="utf-8")
+    build.build(BuildArguments(input=str(root), output_dir=str(out), test_size=1))
+    assert weathers(out)[clip] == label["weather"] != before[clip]
+
+    other_root, other = tmp_path / "other_raw", tmp_path / "second" / "dataset"
+    other_ids = _make_recipe_input(other_root, 4, seed=1)
+    build.build(BuildArguments(input=str(other_root), output_dir=str(other), test_size=1))
+    assert set(weathers(other)) <= set(other_ids) and not set(weathers(other)) & set(ids)
+
+
 def test_rebuild_is_identical_and_incremental(tmp_path):
     root, out = tmp_path / "raw", tmp_path / "dataset"
     ids = _make_recipe_input(root, 12)

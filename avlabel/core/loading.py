@@ -1,11 +1,12 @@
 """Loading a builder dataset: the one `load_dataset` call that training, inference, evaluation
 and the catalog share; and the settings files a model folder carries beside its weights.
 
-datasets (5.2) keys its cache of a local folder by the card and the file names inside it, not
-by the folder's path: two folders built the same way (two demo runs, a copy, a rebuilt folder)
-then share the first one's prepared table, video paths included, and a model would be trained
-or scored on another folder's clips. A local folder therefore gets a cache of its own, keyed
-by its absolute path and the state of its metadata files; Hub ids use the normal cache.
+datasets (5.2) keys its cache of a local folder by the folder's name and the card, not by its
+path or its files. The card names a digest of the rows (data_builder/card.py), so another build
+is another table; but a copy of a folder has the same card, and would be handed the first
+folder's prepared table, video paths included, so that a model is trained or scored on another
+folder's clips. A local folder therefore gets a cache of its own, keyed by its absolute path and
+the state of its metadata files; Hub ids use the normal cache.
 """
 
 from __future__ import annotations
