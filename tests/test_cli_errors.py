@@ -327,6 +327,19 @@ def test_the_option_snapshot_of_sftconfig_is_current():
     assert SFT_CONFIG.options() is not None
 
 
+def test_without_a_snapshot_for_the_installed_trl_the_checks_still_answer_first(tmp_path, model_dir, monkeypatch):
+    """Any trl or transformers but the snapshot's imports SFTConfig at once, yet builds it only after the checks:
+    its __post_init__ (bf16 on a CPU, say) must not answer a command line that misses its dataset."""
+    from avlabel.core.errors import UsageError
+    from avlabel.core.parser import Deferred
+    from avlabel.train import sft
+
+    monkeypatch.setattr(sft, "SFT_CONFIG", Deferred("trl:SFTConfig", tmp_path / "no_snapshot.json", ("trl",)))
+    with pytest.raises(UsageError, match="--dataset_name is required"):
+        sft.make_parser().parse_args_and_config(["--model_name_or_path", str(model_dir), "--output_dir", "out",
+                                                 "--bf16", "true", "--use_cpu", "false"])
+
+
 def test_the_light_check_and_the_full_parse_read_a_command_line_alike(tmp_path, dataset_dir, model_dir):
     """The checked command line then parses into TRL's real classes, booleans and lists typed."""
     from trl import ModelConfig, SFTConfig

@@ -87,10 +87,10 @@ class ArgumentParser(TrlParser):
     def __init__(self, dataclass_types=None, check: Callable[[dict[str, Any]], None] | None = None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         types = list(dataclass_types or [])
-        snapshots = {item: item.options() for item in types if isinstance(item, Deferred)}
-        # a deferred class without a snapshot for the installed versions is imported now
-        self._types = [item.load() if isinstance(item, Deferred) and snapshots[item] is None else item for item in types]
-        self._deferred = {item: snapshots[item] for item in self._types if isinstance(item, Deferred)}
+        # a deferred class without a snapshot for the installed versions is imported now to read its options, but
+        # still built after the checks (its __post_init__ would otherwise answer first, e.g. bf16 on a CPU)
+        self._types = types
+        self._deferred = {item: item.options() or item.current()["options"] for item in types if isinstance(item, Deferred)}
         self.checks = ([check] if check else []) + [_check_output_dirs]
         self._kwargs = kwargs
         super().__init__([item for item in self._types if not isinstance(item, Deferred)], **kwargs)
