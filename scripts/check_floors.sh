@@ -11,8 +11,8 @@ torch=${TORCH:-torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0}
 python3.11 -m venv --clear "$venv"
 "$venv/bin/python" - "$torch" > "$venv/floors.txt" <<'PY'
 import re, sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-extras = project["optional-dependencies"]
+pyproject = tomllib.load(open("pyproject.toml", "rb"))
+project, extras = pyproject["project"], pyproject["project"]["optional-dependencies"]
 torch_set = {pin.split("==")[0] for pin in sys.argv[1].split()}
 for requirement in project["dependencies"] + extras["catalog"] + extras["judge"] + extras["dev"]:
     requirement, _, marker = requirement.partition(";")
@@ -20,6 +20,8 @@ for requirement in project["dependencies"] + extras["catalog"] + extras["judge"]
     # label-studio-sdk 2 needs a newer Pillow than the package's floor; its two tests skip without it
     if name not in torch_set and name != "label-studio-sdk":
         print(f"{name}=={floor}" + (f"; {marker}" if marker else ""))
+# as it is: tests/test_package.py builds the wheel with this venv's setuptools (no build isolation)
+print(*pyproject["build-system"]["requires"], sep="\n")
 PY
 pip=("$venv/bin/pip" install -q --disable-pip-version-check)
 "${pip[@]}" $torch  # first, so that the floors resolve against it
