@@ -264,6 +264,23 @@ def test_a_truncated_matroska_file_is_named_truncated(tmp_path):
         probe(path)
 
 
+def _caption_with_the_tiny_model(source: Path, model_dir: Path, out: Path) -> dict[str, dict]:
+    """`avlabel caption` of `source` with the tiny recipe, in this process on one thread; its records by clip id."""
+    import torch
+
+    from avlabel.infer.caption import main, make_parser
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["--config", str(REPO / "recipes" / "infer" / "tiny.yaml"), "--model", str(model_dir),
+                "--input", str(source), "--output_dir", str(out), "--max_new_tokens", "4"]
+        main(*make_parser().parse_args_and_config(args=argv))
+    finally:
+        torch.set_num_threads(before)
+    return {r["clip_id"]: r for r in map(json.loads, (out / "captions.jsonl").read_text().splitlines())}
+
+
 def _fleet_folder(folder: Path) -> Path:
     """A flat folder of what dashcams and fleet pipelines write, each clip with its label."""
     from fractions import Fraction
@@ -289,10 +306,6 @@ def test_a_fleet_folder_builds_and_captions(tiny_model_dir, tmp_path):
     """HEVC (10-bit, 29.97 fps, MPEG-TS), a camera mounted upside down, Motion-JPEG AVI, a TS segment cut between
     keyframes, a cover picture before the video: each a row holding the frames caption samples from the original,
     and a record; a photo named .mp4 is set aside with its reason and fails its caption with the same."""
-    import torch
-
-    from avlabel.infer.caption import main, make_parser
-
     folder = _fleet_folder(tmp_path / "fleet")
     clips = {"hevc_10bit", "hevc_29_97", "upside_down", "motion_jpeg", "segment", "with_cover"}
     result = build.build(BuildArguments(input=str(folder), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
@@ -308,15 +321,7 @@ def test_a_fleet_folder_builds_and_captions(tiny_model_dir, tmp_path):
         stored = sample_frames(result.output_dir / "train" / row["file_name"])
         assert stored.indices == original.indices and (stored.frames == original.frames).all(), clip_id
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = ["--config", str(REPO / "recipes" / "infer" / "tiny.yaml"), "--model", str(tiny_model_dir),
-                "--input", str(folder), "--output_dir", str(tmp_path / "captions"), "--max_new_tokens", "4"]
-        main(*make_parser().parse_args_and_config(args=argv))
-    finally:
-        torch.set_num_threads(before)
-    records = {r["clip_id"]: r for r in map(json.loads, (tmp_path / "captions" / "captions.jsonl").read_text().splitlines())}
+    records = _caption_with_the_tiny_model(folder, tiny_model_dir, tmp_path / "captions")
     assert {c for c, r in records.items() if r["status"] == "ok"} == clips
     assert records["snapshot"]["status"] == "failed" and still in records["snapshot"]["error"]
 
@@ -389,19 +394,7 @@ def test_a_row_is_a_clip_caption_can_read_with_a_reference_eval_can_read(collect
 
 def test_caption_runs_over_the_odd_collection(collection, tiny_model_dir, tmp_path):
     """The tiny model captions every clip caption reads: the decodable ones succeed, the broken ones fail."""
-    import torch
-
-    from avlabel.infer.caption import main, make_parser
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = ["--config", str(REPO / "recipes" / "infer" / "tiny.yaml"), "--model", str(tiny_model_dir),
-                "--input", str(collection), "--output_dir", str(tmp_path / "captions"), "--max_new_tokens", "4"]
-        main(*make_parser().parse_args_and_config(args=argv))
-    finally:
-        torch.set_num_threads(before)
-    records = {r["clip_id"]: r for r in map(json.loads, (tmp_path / "captions" / "captions.jsonl").read_text().splitlines())}
+    records = _caption_with_the_tiny_model(collection, tiny_model_dir, tmp_path / "captions")
     broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only", "still_image"}
     assert {c for c, r in records.items() if r["status"] == "failed"} == broken
     ok = {c for c, r in records.items() if r["status"] == "ok"}

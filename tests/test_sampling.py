@@ -461,6 +461,18 @@ def _bare_stream(tmp_path: Path) -> Path:
     return path
 
 
+def _frames_ffmpeg_shows(path: Path) -> list[int]:
+    """The bars' numbers of the frames FFmpeg decodes from a cut file, up to the frame whose data is cut."""
+    shown = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                shown.append(_read_bars(frame.to_ndarray(format="rgb24")))
+        except av.error.FFmpegError:
+            pass  # the cut frame
+    return shown
+
+
 def test_a_fragmented_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp_path):
     """A fragmented mp4 (what recorders write so that a power loss leaves a playable file) cut inside its last
     fragment: it records no length, so it is no truncated clip; its last frame's data is cut and the frames that
@@ -469,13 +481,7 @@ def test_a_fragmented_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp
                    container_options={"movflags": "frag_keyframe+empty_moov"})
     path = tmp_path / "power_loss.mp4"
     path.write_bytes(whole.read_bytes()[: whole.stat().st_size * 55 // 100])
-    shown = []
-    with av.open(str(path)) as container:
-        try:
-            for frame in container.decode(video=0):
-                shown.append(_read_bars(frame.to_ndarray(format="rgb24")))
-        except av.error.FFmpegError:
-            pass  # the cut frame
+    shown = _frames_ffmpeg_shows(path)
     assert 10 < len(shown) < 60 and shown == list(range(len(shown)))
     info = probe(path)
     assert info.num_frames == len(shown) and info.duration == pytest.approx(len(shown) / 10)
@@ -493,13 +499,7 @@ def test_an_mpeg_ts_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp_p
     data = _write(tmp_path / "recording.ts", 60, codec=codec, options=options).read_bytes()
     path = tmp_path / "power_loss.ts"
     path.write_bytes(data[: len(data) // 188 * 37 // 100 * 188 + 100])  # inside a 188-byte packet, too
-    shown = []
-    with av.open(str(path)) as container:
-        try:
-            for frame in container.decode(video=0):
-                shown.append(_read_bars(frame.to_ndarray(format="rgb24")))
-        except av.error.FFmpegError:
-            pass
+    shown = _frames_ffmpeg_shows(path)
     assert 10 < len(shown) < 60 and shown == list(range(len(shown)))
     assert probe(path).num_frames == len(shown)
     clip = sample_frames(path, SamplingConfig(fps=10, max_frames=60))  # every frame, to an even count
