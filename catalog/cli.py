@@ -79,12 +79,17 @@ class SearchArguments:
     )
 
     def __post_init__(self):
-        from avlabel.core.parser import check_output_dir, check_path, check_source
+        from avlabel.core.parser import check_output_dir, check_output_file, check_path, check_source
 
         for spec in self.index:
             check_path(_named(spec)[1], f"--index {spec}")
         for spec in self.labels:
             check_source(_named(spec)[1], "--labels", "dataset")
+        if self.index or self.labels:  # written; otherwise only read
+            check_output_file(self.db, "--db")
+        for flag, value in (("--html", self.html), ("--json_out", self.json_out)):
+            if value:
+                check_output_file(value, flag)
         if self.export:
             check_output_dir(self.export, "--export")
 

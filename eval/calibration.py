@@ -25,6 +25,7 @@ split's ECE before (the records' `confidence_raw`) and after (`confidence`).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,10 @@ def _check_model_folder(model: str, shown: str) -> Path:
     if not Path(model).is_dir():
         raise UsageError(f"{shown}: not a local folder; {CALIBRATION_FILE} is written into the model's folder "
                          "(download a Hub model first, and give its local copy with --model)")
+    written = Path(model) / CALIBRATION_FILE
+    if not (os.access(written, os.W_OK) if written.exists() else os.access(model, os.W_OK | os.X_OK)):
+        raise UsageError(f"{shown}: {written} can't be written (no permission, or a read-only file system); "
+                         "copy the model to a folder you can write to and give that with --model")
     return Path(model)
 
 

@@ -80,11 +80,22 @@ class ReviewArguments:
     )
 
     def __post_init__(self):
-        from avlabel.core.parser import check_path
+        from avlabel.core.parser import check_output_dir, check_path
 
         for flag, value in (("--captions", self.captions), ("--other", self.other)):
             if value:
                 check_path(value, f"{flag} {value}")
+        if self.labels_dir:
+            check_output_dir(self.labels_dir, "--labels_dir")
+        if self.captions and not self.output_dir and not (self.annotations or self.project is not None):
+            check_output_dir(str(self.queue_dir()), "the default --output_dir")
+
+    def queue_dir(self) -> Path:
+        """--output_dir, else review/ beside the run's captions."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        captions = Path(self.captions)
+        return (captions if captions.is_dir() else captions.parent) / NAME
 
 
 class ReviewError(ValueError):
@@ -308,7 +319,7 @@ def main(args: ReviewArguments):
     queue = choose(args)
     warn(queue.problems)
     captions = Path(args.captions)
-    out = Path(args.output_dir) if args.output_dir else (captions if captions.is_dir() else captions.parent) / NAME
+    out = args.queue_dir()
     write_queue(queue, out / QUEUE_NAME)
     entries = read_queue(out / QUEUE_NAME)
     studio = out / "labelstudio"

@@ -223,6 +223,54 @@ def test_an_output_folder_that_cant_be_written(tmp_path, dataset_dir, model_dir,
     assert not (locked_dir / "out").exists()
 
 
+@pytest.fixture
+def locked_run(tmp_path):
+    """Inputs inside a folder nobody can write into (chattr +i, as `locked_dir`): a caption run, a training
+    checkpoint and a model, as on a read-only share."""
+    folder = tmp_path / "shared"
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "captions.jsonl").write_text("")
+    (folder / "checkpoint-4").mkdir()
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text("{}")
+    done = subprocess.run(["chattr", "+i", str(folder / "run"), str(folder / "checkpoint-4"), str(folder / "model")],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i is not available here: {done.stderr.strip()}")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder / "run"), str(folder / "checkpoint-4"), str(folder / "model")], check=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["review", "--captions", "shared/run"],
+         "the default --output_dir shared/run/review: shared/run can't be written"),
+        (["review", "--annotations", "notes.txt", "--labels_dir", "notes.txt/labels"],
+         "--labels_dir notes.txt/labels: notes.txt is a file, not a folder"),
+        (["export", "--checkpoint", "shared/checkpoint-4"],
+         "the default --output_dir shared/checkpoint-4/merged: shared/checkpoint-4 can't be written"),
+        (["calibrate", "--captions", "shared/run", "--labels", "dataset", "--model", "shared/model"],
+         "--model shared/model: shared/model/calibration.json can't be written"),
+        (["search", "--db", "notes.txt/catalog.db", "--index", "shared/run"],
+         "--db notes.txt/catalog.db: notes.txt is a file, not a folder"),
+        (["search", "--db", "shared", "--labels", "dataset"], "--db shared: it is a folder; give the path of a file"),
+        (["search", "--html", "notes.txt/hits.html"], "--html notes.txt/hits.html: notes.txt is a file, not a folder"),
+        (["search", "--json_out", "shared"], "--json_out shared: it is a folder; give the path of a file"),
+    ],
+)
+def test_output_paths_besides_output_dir(tmp_path, monkeypatch, capsys, dataset_dir, locked_run, args, message):
+    """The folders review and export derive when --output_dir is not given, review's --labels_dir, the model folder
+    calibrate writes into, and search's output files: each refused before any work, in one line."""
+    from avlabel.cli import main as avlabel
+
+    (tmp_path / "notes.txt").write_text("a file\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        avlabel(args)
+    assert_one_line(err.value.code, capsys.readouterr().err.splitlines(), 2, message)
+
+
 def test_the_judge_cache_follows_avlabel_cache(tmp_path):
     done = subprocess.run([sys.executable, "-c", "from avlabel.eval.judge import default_cache; print(default_cache())"],
                           env={**os.environ, "AVLABEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)},

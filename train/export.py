@@ -95,10 +95,16 @@ class ExportArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Where the merged bf16 model goes (default: <checkpoint>/merged)."})
 
     def __post_init__(self):
-        if not Path(self.checkpoint).is_dir():
-            from avlabel.core.errors import UsageError
+        from avlabel.core.errors import UsageError
+        from avlabel.core.parser import check_output_dir
 
+        if not Path(self.checkpoint).is_dir():
             raise UsageError(f"--checkpoint {self.checkpoint}: no such folder; give a checkpoint-N folder of a training run")
+        if not self.output_dir:  # a given one is checked with every command's
+            check_output_dir(str(self.merged_dir()), "the default --output_dir")
+
+    def merged_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(self.checkpoint) / "merged"
 
 
 def read_sharded_weights(folder: Path) -> dict:
@@ -153,7 +159,7 @@ def export_checkpoint(args: ExportArguments) -> Path:
         if result.unexpected_keys or not weights:
             raise ValueError(f"{sharded}: {len(result.unexpected_keys)} weights match no adapter layer")
         model = model.merge_and_unload()
-    out = Path(args.output_dir) if args.output_dir else checkpoint / "merged"
+    out = args.merged_dir()
     model.save_pretrained(out)
     prompts = load_prompts(script_args.system_prompt_file, script_args.user_prompt_file, script_args.short_prompt)
     save_processor(AutoProcessor.from_pretrained(base_id, revision=revision), out,

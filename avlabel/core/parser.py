@@ -6,7 +6,8 @@ On top of `TrlParser`:
 * a missing or unreadable `--config` file, a bad value, and a dataclass refusing a value in its
   `__post_init__` each end as one line (a `UsageError`, exit 2);
 * an `--output_dir` the command could not write (a path under a file, a folder this user can't
-  write into) is refused once, by name, before any work (`check_output_dir`);
+  write into) is refused once, by name, before any work (`check_output_dir`; an output file:
+  `check_output_file`);
 * a dataclass too heavy to import just to read a command line (TRL's `SFTConfig` imports torch and
   the Trainer: seconds) can be `Deferred`: its options come from a snapshot of them, so a mistake is
   reported at once, and the class is imported only when the command line has passed.
@@ -207,11 +208,35 @@ def check_output_dir(value: str, flag: str) -> None:
     permissions, or a read-only file system). Said before any work, naming the flag, rather than as
     OSError's "Permission denied: 'x'" at the first write."""
     path = Path(value)  # as the commands write it: a `~` from a YAML recipe is no shell's to expand
-    # the nearest part of the path that is there ("." or "/" at the latest); os.path.exists is False on any OSError
-    there = next((folder for folder in (path, *path.parents) if os.path.exists(folder)), path)
+    _check_writable_folder(next(_nearest_there(path)), path, value, flag, "give the path of a folder to write to")
+
+
+def check_output_file(value: str, flag: str) -> None:
+    """Refuse an output file the command could not write, as `check_output_dir` does a folder: a folder in
+    its place, a path under a file, a folder above it this user can't create files in, or a file there
+    they can't overwrite. Said before the work whose result it would hold."""
+    path = Path(value)
+    if path.is_dir():
+        raise UsageError(f"{flag} {value}: it is a folder; give the path of a file to write")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {value}: the file can't be written (no permission, or a read-only file system); "
+                             "choose another path")
+        return
+    _check_writable_folder(next(_nearest_there(path.parent)), path, value, flag, "give a path in a folder")
+
+
+def _nearest_there(path: Path):
+    """The parts of `path` that are there, nearest first ("." or "/" at the latest); os.path.exists is
+    False on any OSError, so a path under a file is not there."""
+    yield from (folder for folder in (path, *path.parents) if os.path.exists(folder))
+    yield path
+
+
+def _check_writable_folder(there: Path, path: Path, value: str, flag: str, remedy: str) -> None:
     if not there.is_dir():
         where = "it is" if there == path else f"{there} is"
-        raise UsageError(f"{flag} {value}: {where} a file, not a folder; give the path of a folder to write to")
+        raise UsageError(f"{flag} {value}: {where} a file, not a folder; {remedy}")
     if not os.access(there, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {value}: {there} can't be written (no permission, or a read-only file system); "
                          "choose a folder you can write to")
