@@ -57,6 +57,8 @@ def run_command(name: str, argv: list[str] | None = None, prog: str | None = Non
     def parse_and_run():
         from avlabel.core.parser import ArgumentParser
 
+        if {"-h", "--help"} & set(argv):  # help, printed before any check, imports train's Trainer but loads no weights
+            _without_bitsandbytes({})
         module = importlib.import_module(module_name)
         parser = module.make_parser(argparse.ArgumentParser().add_subparsers(parser_class=ArgumentParser))
         parser.prog = prog

@@ -78,6 +78,7 @@ def test_help_names_the_config_flag(command):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("--config FILE: a YAML file of any of the arguments above") == 1, done.stdout[-500:]
+    assert not done.stderr, done.stderr  # e.g. bitsandbytes' notice about its CPU kernels: help loads no weights
 
 
 @pytest.mark.parametrize("command", ["train", "caption", "build"])
