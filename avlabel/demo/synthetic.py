@@ -25,6 +25,7 @@ clips asked for, ids included, so a run that is interrupted resumes where it sto
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -117,6 +118,7 @@ class Scene:
 
 _CAR_COLOURS = ((0.75, 0.1, 0.1), (0.1, 0.2, 0.6), (0.85, 0.85, 0.85), (0.15, 0.15, 0.15), (0.9, 0.75, 0.2),
                 (0.3, 0.5, 0.35), (0.55, 0.55, 0.6))
+_WHITE, _YELLOW = (0.92, 0.92, 0.9), (0.9, 0.75, 0.15)  # road paint
 _CLOTHES = ((0.95, 0.25, 0.2), (0.2, 0.35, 0.95), (0.95, 0.8, 0.15), (0.2, 0.8, 0.3), (0.95, 0.55, 0.1))
 
 
@@ -405,6 +407,7 @@ class _Renderer:
         self.cols = np.arange(width, dtype=np.float32)[None, :]
         self.flakes = self.rng.uniform(0, 1, (160, 2)) * (height, width)
         self.lamp_spacing = 22.0
+        self._road_layers()
 
     # -- static parts
     def _sky(self) -> np.ndarray:
@@ -452,7 +455,10 @@ class _Renderer:
         self._precipitation(img, i)
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    def _ground(self, img, depth, s):
+    def _road_layers(self) -> None:
+        """What the ground of every frame shares, drawn once: the surface, the solid lines, and the masks of the
+        dashed lines and of the painted lines drawn over the dashes. `_ground` then draws each frame in the same
+        order (the pixels are the same as drawing it all per frame, at a fraction of the time)."""
         cam, scene, road = self.cam, self.scene, self.scene.road
         top = int(math.floor(cam.horizon)) + 1
         rows = self.rows[top:]
@@ -479,34 +485,46 @@ class _Renderer:
             ground[on_road] += np.broadcast_to(sheen, x.shape)[on_road][:, None]
         if snowy:
             ground[on_road & ((x < left_edge + 0.6) | (x > right_edge - 0.5))] = (0.8, 0.82, 0.86)
-
-        world = zz + s  # distance along the road, so markings stream past as the car moves
-        dashes = (world % 9.0) < 3.5
-        white, yellow = (0.92, 0.92, 0.9), (0.9, 0.75, 0.15)
         for edge in (left_edge + 0.15, right_edge - 0.15):
-            ground[np.abs(x - edge) < half(0.15)] = white
-        for k in range(1, road.lanes_per_direction):
-            ground[(np.abs(x - (right_edge - k * LANE_WIDTH)) < half(0.14)) & dashes] = white
-            if road.oncoming:
-                ground[(np.abs(x - (ego_left - k * LANE_WIDTH)) < half(0.14)) & dashes] = white
-        if road.centre_line == "dashed_white":
-            ground[(np.abs(x - ego_left) < half(0.14)) & dashes] = white
-        elif road.centre_line == "solid_yellow":
-            ground[np.abs(x - ego_left) < half(0.15)] = yellow
-        elif road.centre_line == "double_yellow":
-            ground[np.abs(x - ego_left - 0.15) < half(0.12)] = yellow
-            ground[np.abs(x - ego_left + 0.15) < half(0.12)] = yellow
-        else:  # concrete barrier along the left
-            ground[(x > ego_left - 0.6) & (x < ego_left)] = (0.7, 0.7, 0.68)
+            ground[np.abs(x - edge) < half(0.15)] = _WHITE
 
-        if scene.junction:
+        dashed = []
+        for k in range(1, road.lanes_per_direction):
+            dashed.append(np.abs(x - (right_edge - k * LANE_WIDTH)) < half(0.14))
+            if road.oncoming:
+                dashed.append(np.abs(x - (ego_left - k * LANE_WIDTH)) < half(0.14))
+        painted = []  # (mask, colour), drawn over the dashes
+        if road.centre_line == "dashed_white":
+            dashed.append(np.abs(x - ego_left) < half(0.14))
+        elif road.centre_line == "solid_yellow":
+            painted.append((np.abs(x - ego_left) < half(0.15), _YELLOW))
+        elif road.centre_line == "double_yellow":
+            painted.append((np.abs(x - ego_left - 0.15) < half(0.12), _YELLOW))
+            painted.append((np.abs(x - ego_left + 0.15) < half(0.12), _YELLOW))
+        else:  # concrete barrier along the left
+            painted.append(((x > ego_left - 0.6) & (x < ego_left), (0.7, 0.7, 0.68)))
+        self.road = dict(top=top, x=x, zz=zz, on_road=on_road, ego_left=ego_left, surface=ground, dashed=dashed,
+                         painted=painted)
+
+    def _ground(self, img, depth, s):
+        road = self.road
+        x, zz, on_road = road["x"], road["zz"], road["on_road"]
+        ground = road["surface"].copy()
+        if road["dashed"]:
+            world = zz + s  # distance along the road, so markings stream past as the car moves
+            dashes = (world % 9.0) < 3.5
+            for line in road["dashed"]:
+                ground[line & dashes] = _WHITE
+        for mask, colour in road["painted"]:
+            ground[mask] = colour
+        if self.scene.junction:
             line = self.stop_line - s
-            ground[on_road & (zz > line) & (zz < line + 0.5) & (x > ego_left)] = white  # stop line, ego side
-            if scene.crosswalk:
+            ground[on_road & (zz > line) & (zz < line + 0.5) & (x > road["ego_left"])] = _WHITE  # stop line, ego side
+            if self.scene.crosswalk:
                 zebra = on_road & (zz > line + 1.0) & (zz < line + 4.0) & ((x % 1.2) < 0.6)
                 ground[zebra] = (0.95, 0.95, 0.93)
-        img[top:] = ground
-        depth[top:] = zz
+        img[road["top"]:] = ground
+        depth[road["top"]:] = zz
 
     def _poles(self, img, depth, s):
         """Street lamp poles along the right side; at night their heads light up (see `_emissive`)."""
@@ -617,21 +635,27 @@ class _Renderer:
         elif lighting == "Daytime (low-contrast daylight)":
             img = 0.58 + (img - 0.58) * 0.4
         else:
-            cam = self.cam
-            x = (self.cols - cam.cx) / cam.width
-            y = (self.rows - cam.horizon) / max(cam.height - cam.horizon, 1)
-            headlights = np.clip(1 - (x / (0.15 + 0.35 * np.clip(y, 0, 1))) ** 2, 0, 1) * np.clip(y, 0, 1) ** 0.7
-            if lighting.startswith("Night (well"):
-                # warm lamp light on everything near the road, brighter than headlights alone
-                gain = 0.38 + 0.5 * headlights
-                tint = np.asarray((1.25, 1.0, 0.62), np.float32)
-            else:
-                gain = 0.1 + 0.75 * headlights
-                tint = np.asarray((0.85, 0.92, 1.15), np.float32)
-            below = (self.rows > cam.horizon).astype(np.float32)
-            gain = gain * below + (1 - below)  # the sky was darkened already
-            img = img * gain[..., None] * np.where(below[..., None] > 0, tint, 1.0)
+            gain, tint = self._night_light
+            img = img * gain * tint
         return img.astype(np.float32)
+
+    @functools.cached_property
+    def _night_light(self) -> tuple[np.ndarray, np.ndarray]:
+        """The night's light on the ground, the same in every frame: (gain, tint) for each pixel."""
+        cam, lighting = self.cam, self.scene.lighting
+        x = (self.cols - cam.cx) / cam.width
+        y = (self.rows - cam.horizon) / max(cam.height - cam.horizon, 1)
+        headlights = np.clip(1 - (x / (0.15 + 0.35 * np.clip(y, 0, 1))) ** 2, 0, 1) * np.clip(y, 0, 1) ** 0.7
+        if lighting.startswith("Night (well"):
+            # warm lamp light on everything near the road, brighter than headlights alone
+            gain = 0.38 + 0.5 * headlights
+            tint = np.asarray((1.25, 1.0, 0.62), np.float32)
+        else:
+            gain = 0.1 + 0.75 * headlights
+            tint = np.asarray((0.85, 0.92, 1.15), np.float32)
+        below = (self.rows > cam.horizon).astype(np.float32)
+        gain = gain * below + (1 - below)  # the sky was darkened already
+        return gain[..., None], np.where(below[..., None] > 0, tint, 1.0)
 
     def _fog(self, img, depth):
         scene = self.scene
