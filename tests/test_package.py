@@ -14,6 +14,7 @@ import email
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -84,6 +85,11 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, Path, dict]:
     tmp = tmp_path_factory.mktemp("venv")
     venv_dir = tmp / "venv"
     venv.create(venv_dir, system_site_packages=True, with_pip=True)
+    # "system" site-packages are the base interpreter's: when the tests run in a venv (scripts/check_floors.sh's, one
+    # for another Python version) the packages under test are this venv's, so the new venv reads them after its own
+    site_packages = venv_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    tested = site.getsitepackages()
+    (site_packages / "tested_packages.pth").write_text(f"import site; [site.addsitedir(d) for d in {tested!r}]\n")
     env = _outside_env(tmp, venv_dir)
     done = _run([venv_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                  "--force-reinstall", wheel], tmp, env, timeout=300)
