@@ -297,7 +297,17 @@ def test_interrupted_command_resumes_without_repeating_calls(tmp_path):
     # the judge asks once per distinct (field, human answer, model answer)
     distinct_questions = len({(n, json.dumps(references[c][n]), json.dumps(predictions[c][n]))
                               for c in references for n in schema.FIELD_NAMES})
-    with OpenAIServer(latency=0.05) as srv:
+    interrupted = False
+
+    def held_after_twenty(request):
+        """Answers after the 20th wait until the interrupt has surely come, however busy the machine: otherwise
+        the command could finish first and the test would see exit code 0, not the interrupt's 130."""
+        reply = similarity_responder(request)
+        if not interrupted and len(srv.requests) > 20:
+            reply.delay = 10.0
+        return reply
+
+    with OpenAIServer(held_after_twenty, latency=0.05) as srv:
         command = [sys.executable, "-m", "eval", "judge", "--predictions", str(tmp_path / "preds"),
                    "--references", str(tmp_path / "refs"), "--output_dir", str(tmp_path / "out"),
                    "--judge_model", "test-judge", "--judge_base_url", srv.base_url, "--judge_api_key", "test",
@@ -308,6 +318,7 @@ def test_interrupted_command_resumes_without_repeating_calls(tmp_path):
             time.sleep(0.01)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
+        interrupted = True
         assert process.returncode == 130, stderr
         assert "run the same command again" in stderr
         first = len(srv.requests)
