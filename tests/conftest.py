@@ -145,16 +145,3 @@ def demo_of(tmp_path_factory):
 def demo_run(demo_of):
     """The default demo (Qwen2.5-VL, Cosmos Reason 1's architecture): (output folder, what it printed)."""
     return demo_of()
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup`): each file is one group, so a
-    module's fixtures (servers, trained models) are built once; the tests that read a demo run share a group, so
-    the demo runs once; and that group, the longest, comes first (`--no-loadscope-reorder` keeps this order)."""
-    if not getattr(config.option, "loadgroup", False):  # set in pytest-xdist's workers under --dist loadgroup
-        return
-    for item in items:
-        group = "demo" if "demo_of" in item.fixturenames else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "demo_of" not in item.fixturenames)
