@@ -407,7 +407,6 @@ class _Renderer:
         self.cols = np.arange(width, dtype=np.float32)[None, :]
         self.flakes = self.rng.uniform(0, 1, (160, 2)) * (height, width)
         self.lamp_spacing = 22.0
-        self._road_layers()
 
     # -- static parts
     def _sky(self) -> np.ndarray:
@@ -455,10 +454,11 @@ class _Renderer:
         self._precipitation(img, i)
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    def _road_layers(self) -> None:
+    @functools.cached_property
+    def _ground_layers(self) -> dict:
         """What the ground of every frame shares, drawn once: the surface, the solid lines, and the masks of the
-        dashed lines and of the painted lines drawn over the dashes. `_ground` then draws each frame in the same
-        order (the pixels are the same as drawing it all per frame, at a fraction of the time)."""
+        dashed lines and of what is drawn over the dashes. `_ground` then draws each frame in the same order (the
+        pixels are the same as drawing it all per frame, at a fraction of the time)."""
         cam, scene, road = self.cam, self.scene, self.scene.road
         top = int(math.floor(cam.horizon)) + 1
         rows = self.rows[top:]
@@ -493,7 +493,7 @@ class _Renderer:
             dashed.append(np.abs(x - (right_edge - k * LANE_WIDTH)) < half(0.14))
             if road.oncoming:
                 dashed.append(np.abs(x - (ego_left - k * LANE_WIDTH)) < half(0.14))
-        painted = []  # (mask, colour), drawn over the dashes
+        painted = []  # (mask, colour): the solid centre lines or the barrier, drawn over the dashes
         if road.centre_line == "dashed_white":
             dashed.append(np.abs(x - ego_left) < half(0.14))
         elif road.centre_line == "solid_yellow":
@@ -503,28 +503,28 @@ class _Renderer:
             painted.append((np.abs(x - ego_left + 0.15) < half(0.12), _YELLOW))
         else:  # concrete barrier along the left
             painted.append(((x > ego_left - 0.6) & (x < ego_left), (0.7, 0.7, 0.68)))
-        self.road = dict(top=top, x=x, zz=zz, on_road=on_road, ego_left=ego_left, surface=ground, dashed=dashed,
-                         painted=painted)
+        return dict(top=top, x=x, zz=zz, on_road=on_road, ego_left=ego_left, surface=ground, dashed=dashed,
+                    painted=painted)
 
     def _ground(self, img, depth, s):
-        road = self.road
-        x, zz, on_road = road["x"], road["zz"], road["on_road"]
-        ground = road["surface"].copy()
-        if road["dashed"]:
+        layers = self._ground_layers
+        x, zz, on_road = layers["x"], layers["zz"], layers["on_road"]
+        ground = layers["surface"].copy()
+        if layers["dashed"]:
             world = zz + s  # distance along the road, so markings stream past as the car moves
             dashes = (world % 9.0) < 3.5
-            for line in road["dashed"]:
+            for line in layers["dashed"]:
                 ground[line & dashes] = _WHITE
-        for mask, colour in road["painted"]:
+        for mask, colour in layers["painted"]:
             ground[mask] = colour
         if self.scene.junction:
             line = self.stop_line - s
-            ground[on_road & (zz > line) & (zz < line + 0.5) & (x > road["ego_left"])] = _WHITE  # stop line, ego side
+            ground[on_road & (zz > line) & (zz < line + 0.5) & (x > layers["ego_left"])] = _WHITE  # stop line, ego side
             if self.scene.crosswalk:
                 zebra = on_road & (zz > line + 1.0) & (zz < line + 4.0) & ((x % 1.2) < 0.6)
                 ground[zebra] = (0.95, 0.95, 0.93)
-        img[road["top"]:] = ground
-        depth[road["top"]:] = zz
+        img[layers["top"]:] = ground
+        depth[layers["top"]:] = zz
 
     def _poles(self, img, depth, s):
         """Street lamp poles along the right side; at night their heads light up (see `_emissive`)."""
