@@ -4,7 +4,7 @@
     on held-out clips -> captions again -> metrics (+ LLM judge when an endpoint is configured)
     -> report -> publish --dry_run -> catalog query
 
-Everything runs on a CPU in a few minutes. The model is a *randomly initialised* tiny
+Everything runs on a CPU, in 5-10 minutes on 2 cores. The model is a *randomly initialised* tiny
 Qwen2.5-VL (the architecture of Cosmos Reason 1; `--family qwen3_vl`: Qwen3-VL, Cosmos
 Reason 2's) built locally, so the numbers show that the machinery learns what the pixels
 show, not how good Cosmos Reason is.
