@@ -137,8 +137,9 @@ def demo_of(tmp_path_factory):
                 done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family",
                                        family, *options], capture_output=True, text=True, timeout=1200)
                 runs[key] = (out, done.stdout) if done.returncode == 0 else done.stdout[-3000:] + done.stderr[-3000:]
-            except subprocess.TimeoutExpired as timeout:
-                runs[key] = f"the demo did not finish in {timeout.timeout:.0f} s"
+            except subprocess.TimeoutExpired as timeout:  # its partial output comes as bytes, text=True or not
+                printed = (timeout.stdout or b"")[-3000:] + (timeout.stderr or b"")[-3000:]
+                runs[key] = f"the demo did not finish in {timeout.timeout:.0f} s; its last lines:\n" + printed.decode(errors="replace")
         # a failed demo fails every test that reads it, once: running it again for each would repeat minutes of work
         if isinstance(runs[key], str):
             pytest.fail(f"avlabel demo --family {' '.join(key)} failed: {runs[key]}", pytrace=False)
