@@ -185,9 +185,12 @@ metric = evaluate.load(sys.argv[1])
 reference, base_url, cache = sys.argv[2:]
 prediction = json.dumps({**json.loads(reference), "weather": "Overcast", "rule_violation": "True"})
 plain = metric.compute(predictions=[reference, prediction, "not json"], references=[reference] * 3)
+# a label file as tools write it: a byte-order mark, and a key beyond the schema (a Label Studio review note)
+exported = "\ufeff" + json.dumps({**json.loads(reference), "review": {"source": "label-studio"}})
+as_exported = metric.compute(predictions=[reference, prediction, "not json"], references=[exported] * 3)
 judged = metric.compute(predictions=[reference, prediction], references=[reference] * 2,
                         judge={"judge_base_url": base_url, "judge_api_key": "t", "judge_cache": cache, "judge_progress": False})
-print(json.dumps({"plain": plain, "judged": judged}))
+print(json.dumps({"plain": plain, "as_exported": as_exported, "judged": judged}))
 """
     with OpenAIServer() as srv:
         env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -199,6 +202,7 @@ print(json.dumps({"plain": plain, "judged": judged}))
     plain, judged = out["plain"], out["judged"]
     assert (tmp_path / "hf" / "modules").is_dir()
     assert plain["n"] == 3 and plain["json_valid_rate"] == pytest.approx(2 / 3)
+    assert out["as_exported"] == plain  # read as `avlabel metrics` reads label files
     documented = {  # README.md's table, per kind
         "category": ["accuracy", "majority_class", "majority_baseline/accuracy", "confusion_matrix"],
         "multi_category": ["f1", "exact_match", "micro_precision", "micro_recall", "micro_f1", "empty_set_baseline/f1"],

@@ -241,7 +241,7 @@ def _project_values(predictions: list[str], references: list[str]) -> dict:
     from avlabel.eval.data import prediction_from_json
     from avlabel.eval.metrics import evaluate_predictions
 
-    refs = [schema.normalize_label(json.loads(text)) for text in references]
+    refs = [schema.read_label(text)[0] for text in references]
     preds = [prediction_from_json(str(i), text, f"predictions[{i}]") for i, text in enumerate(predictions)]
     run = evaluate_predictions("predictions", refs, preds).to_dict()
     out = {"n": run["n"], "json_valid_rate": run["json_valid_rate"]}

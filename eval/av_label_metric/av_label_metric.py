@@ -10,7 +10,6 @@ See README.md beside this file for the keys `compute` returns.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import datasets
@@ -26,7 +25,7 @@ import sacrebleu
 import sklearn  # From: scikit-learn
 
 from .field_metrics import evaluate_predictions, prediction_from_json
-from .label_schema import normalize_label
+from .label_schema import read_label
 
 _DESCRIPTION = """
 Compares a model's labels of driving clips with human labels, field by field, using the schema of
@@ -41,7 +40,8 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of str): the model's labels, each a JSON object as text. Text that is not
         JSON, or fields that do not validate, count as missing answers (scored as wrong).
-    references (list of str): the human labels, JSON objects as text; each must be a valid label.
+    references (list of str): the human labels, JSON objects as text (label files' contents); each must
+        be a valid label. Keys beyond the schema are set aside, as `avlabel metrics` does.
     judge (dict or avlabel JudgeConfig, optional): judge settings (the `judge_*` options of
         `avlabel judge`, e.g. {"judge_model": "gpt-5", "judge_base_url": ..., "judge_cache": ...}).
         Needs `pip install 'avlabel[judge]'`. Without it no network is used.
@@ -86,10 +86,12 @@ class AvLabelMetric(evaluate.Metric):
     def _compute(self, predictions: list[str], references: list[str], judge: dict | Any = None) -> dict[str, Any]:
         refs = []
         for index, text in enumerate(references):
-            try:
-                refs.append(normalize_label(json.loads(text), source=f"references[{index}]"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"references[{index}]: not valid JSON ({err})") from None
+            # read as `avlabel metrics` reads a label file: a byte-order mark stripped, keys beyond the schema
+            # (a review note, an exporter's id) set aside
+            label, _, reason = read_label(text)
+            if reason is not None:
+                raise ValueError(f"references[{index}] {reason}")
+            refs.append(label)
         preds = [prediction_from_json(str(i), text, f"predictions[{i}]") for i, text in enumerate(predictions)]
         run = evaluate_predictions("predictions", refs, preds)
         out: dict[str, Any] = {"n": run.n, "json_valid_rate": run.json_valid_rate}
