@@ -621,10 +621,25 @@ def plan_metric(repo_id: str, metric_dir: str | Path | None = None) -> tuple[Pla
     requirements = plan.files.get("requirements.txt", b"")
     lines = (requirements.read_text(encoding="utf-8") if isinstance(requirements, Path)
              else requirements.decode()).splitlines()
-    if not any(re.match(r"evaluate\b", line.strip()) for line in lines):  # the Space's widget runs on evaluate
-        plan.add("requirements.txt", "\n".join(["evaluate", *lines]).encode() + b"\n",
-                 str(folder / "requirements.txt"))
+    missing = [pip for pip in _metric_requirements(module) if _project_name(pip) not in map(_project_name, lines)]
+    if missing:
+        plan.add("requirements.txt", "\n".join([*missing, *lines]).encode() + b"\n", str(folder / "requirements.txt"))
     return plan, scrub
+
+
+def _metric_requirements(module: Path) -> list[str]:
+    """What the Space must install: evaluate for its widget, and the pip names of the packages the metric's
+    import lines name, as `evaluate.load` reads them (it refuses to run the metric without them)."""
+    from evaluate.loading import get_imports
+
+    return ["evaluate", *(pip for kind, name, pip, _ in get_imports(str(module))
+                          if kind == "library" and name not in sys.stdlib_module_names and name != "evaluate")]
+
+
+def _project_name(requirement: str) -> str:
+    """A requirement line's project name, normalised as pip compares them ('' for comments and options)."""
+    found = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", found.group(1)).lower() if found else ""
 
 
 # ----------------------------------------------------------------------------- writing and pushing
