@@ -459,7 +459,7 @@ def run_summary(trainer, train_output, method: str, script_args, training_args, 
         "base_model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
         "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
-        "epochs": training_args.num_train_epochs,
+        "epochs": round(trainer.state.epoch or 0.0, 2),  # trained, not asked for: max_steps can stop a run early
         "steps": trainer.state.global_step,
         "hardware": _hardware(training_args.world_size),
         # the main process's: loading the weights, and the most GPU memory its tensors took while training
