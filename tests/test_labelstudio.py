@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,11 @@ from eval_labels import load_label_file
 REPO = Path(__file__).resolve().parents[1]
 SERVER = Path(os.environ.get("LABEL_STUDIO_BIN", REPO / ".cache" / "label-studio" / "bin" / "label-studio"))
 TOKEN = "avlabel-review-test-token"
+REVIEWER = ("--username", "reviewer@example.com", "--password", "review-pass-1234", "--user-token", TOKEN,
+            "--enable-legacy-api-token")
+# a data folder whose database is migrated and holds the reviewer, made once per server venv (a new server
+# version starts from a new one): migrating an empty database is 30 of a first start's 35 s here
+MIGRATED = SERVER.parents[1] / "avlabel-test-data"
 CLOSED = list(schema.CLOSED_FIELD_NAMES)
 
 
@@ -49,6 +55,19 @@ def media(tmp_path_factory):
     return root, truth, ids[3:]
 
 
+def _migrated_copy(data: Path, env: dict) -> None:
+    """Fill `data` with a copy of MIGRATED, made first if need be (`label-studio init`, whole or not at all)."""
+    if not MIGRATED.is_dir():
+        building = Path(tempfile.mkdtemp(prefix="building-", dir=MIGRATED.parent))
+        made = subprocess.run([str(SERVER), "init", "--data-dir", str(building), *REVIEWER], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+        if made.returncode != 0:
+            shutil.rmtree(building)
+            pytest.fail(f"label-studio init failed: {made.stdout[-2000:]}{made.stderr[-2000:]}")
+        building.rename(MIGRATED)
+    shutil.copytree(MIGRATED, data, dirs_exist_ok=True)
+
+
 @pytest.fixture(scope="module")
 def label_studio(media, tmp_path_factory):
     """A Label Studio server on localhost with one user and a legacy API token, serving the clips as local files."""
@@ -60,18 +79,18 @@ def label_studio(media, tmp_path_factory):
     env = {**os.environ, "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root)}
     env.pop("PYTHONPATH", None)  # the server's own venv, not this checkout
+    _migrated_copy(data, env)
     log = open(data / "server.log", "w")
     server = subprocess.Popen(
         [str(SERVER), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-         "--username", "reviewer@example.com", "--password", "review-pass-1234", "--user-token", TOKEN,
-         "--enable-legacy-api-token"],
+         *REVIEWER],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         import requests
 
-        deadline = time.monotonic() + 420  # first start runs the database migrations: minutes on two busy cores
+        deadline = time.monotonic() + 420  # seconds from the migrated copy; a busy machine can take minutes
         while True:
             try:
                 if requests.get(f"{url}/health", timeout=5).status_code == 200:
