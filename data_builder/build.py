@@ -42,7 +42,8 @@ from avlabel.core.layouts import (
 )
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import (
-    SamplingArguments, SamplingConfig, VideoError, missing_file_reason, probe, sample_frames, video_stream,
+    SamplingArguments, SamplingConfig, VideoError, aspect_problem, missing_file_reason, probe, sample_frames,
+    video_stream,
 )
 from avlabel.core.schema import label_to_row, read_label
 from avlabel.families import FAMILIES
@@ -456,8 +457,11 @@ def build(args: BuildArguments) -> BuildResult:
     infos: dict[str, dict] = {}
     for clip_id, key in keys.items():
         result = cache.probes[key]
-        if "error" in result:
-            problems.append(Problem(clips[clip_id].video_name, "probe", result["error"]))
+        # checked here, not in the cached probe, so a clip probed by an earlier version is checked too: a clip no
+        # model of the families can take would pass, and stop training when its length is estimated
+        reason = result.get("error") or aspect_problem(result["info"]["height"], result["info"]["width"])
+        if reason is not None:
+            problems.append(Problem(clips[clip_id].video_name, "probe", reason))
         else:
             infos[clip_id] = result["info"]
 
@@ -643,6 +647,8 @@ def print_summary(result: BuildResult, file=None) -> None:
     for problem in result.problems:
         table.add_row(problem.path, problem.stage, problem.reason)
     console.print(table)
+    console.print("Fix or replace these files and run the same build again: it reads them afresh and reuses the "
+                  "rest (a test clip that comes back goes back to test).")
 
 
 def make_parser(subparsers=None):

@@ -72,7 +72,9 @@ def prediction_from_json(clip_id: str, text: str | bytes, source: str) -> Predic
     """A label the model wrote as JSON text; text that is not JSON is an invalid answer, not an input error."""
     try:
         raw = json.loads((text.decode("utf-8") if isinstance(text, bytes) else text).removeprefix("\ufeff"))
-    except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: not JSON, not UTF-8, or past a limit of Python's reader (an integer of over 4,300 digits), as is
+    # nesting past its recursion limit; the prediction is then an invalid answer
+    except (TypeError, ValueError, RecursionError) as err:
         return Prediction(clip_id, errors={schema.WHOLE_LABEL: [f"{source}: not valid JSON ({err})"]})
     return prediction_from_raw(clip_id, raw)
 

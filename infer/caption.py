@@ -26,6 +26,7 @@ from typing import Any, Literal
 from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
+FAILURES_SHOWN = 20  # failed clips printed one line each; captions.jsonl holds every one
 
 
 @dataclass
@@ -214,6 +215,13 @@ def merge_and_summarize(out: Path, clips: list, todo: list, state, start: float,
         f"{summary['captioned']}/{len(clips)} clips captioned ({this_run['captioned']} now, {this_run['skipped']} "
         f"skipped as done), {summary['failed']} failed, schema-valid rate {summary['valid_rate']}; wrote {out}"
     )
+    failed = [r for r in merged if r["clip_id"] in todo_ids and r.get("status") == "failed"]
+    for record in failed[:FAILURES_SHOWN]:
+        print(f"failed: {record['video']}: {record['error']}")
+    if failed:
+        more = f"{len(failed) - FAILURES_SHOWN} more, and " if len(failed) > FAILURES_SHOWN else ""
+        print(f"{more}every reason, in {out / records.CAPTIONS} (status \"failed\"); a failed clip is tried again "
+              "when caption runs again, so fix or replace the files, or leave them out")
     return summary
 
 

@@ -100,7 +100,11 @@ def parse_output(raw: str) -> ParsedOutput:
     fenced = _FENCE.search(text)
     if fenced and "{" in fenced.group(1):
         text = fenced.group(1)
-    found = _first_object(text)
+    try:
+        found = _first_object(text)
+    except (ValueError, RecursionError) as err:  # JSON past a limit of Python's reader: nesting, or a huge integer
+        reason = "nests arrays or objects too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+        return ParsedOutput(label={}, errors={WHOLE_LABEL: [f"the JSON object can't be read ({reason})"]})
     if found is None:
         reason = think_problem or "no JSON object in the output"
         return ParsedOutput(label={}, errors={WHOLE_LABEL: [reason]})

@@ -33,6 +33,7 @@ SET_ASIDE = {
     "videos/text_renamed_mp4.mp4": ("probe", "not a readable video container"),
     "videos/audio_only.mp4": ("probe", "no video stream (streams: audio)"),
     "videos/still_image.mp4": ("probe", "a still image (JPEG data named as a video), not a video"),
+    "videos/extreme_aspect_3200x14.mp4": ("probe", "aspect ratio 3200x14 is too extreme for the vision encoder"),
     "videos/duplicate_id.mp4": ("scan", "duplicate clip id 'duplicate_id' (also videos/duplicate_id.mov)"),
     "videos/no_label.mp4": ("scan", "clip without a label"),
     "videos/notes.txt": ("scan", "not a clip (extension .txt"),
@@ -44,6 +45,8 @@ SET_ASIDE = {
     "metas/label_invalid_json.label.json": ("label", "is not valid JSON"),
     "metas/label_not_an_object.label.json": ("label", "is not a JSON object"),
     "metas/label_not_utf8.label.json": ("label", "is not UTF-8 text"),
+    "metas/label_nested_too_deep.label.json": ("label", "nests arrays or objects deeper than Python's JSON reader goes"),
+    "metas/label_huge_number.label.json": ("label", "can't be read as JSON (Exceeds the limit (4300 digits)"),
     "metas/no_clip.label.json": ("scan", "label without a clip"),
     "metas/notes.md": ("scan", "not a label file"),
 }
@@ -51,9 +54,10 @@ SET_ASIDE = {
 PARTNERS = {
     **{f"metas/{name}.label.json": f"videos/{name}.{ext}" for name, ext in (
         ("zero_bytes", "mp4"), ("truncated_mp4", "mp4"), ("truncated_webm", "webm"), ("text_renamed_mp4", "mp4"),
-        ("audio_only", "mp4"), ("still_image", "mp4"))},
+        ("audio_only", "mp4"), ("still_image", "mp4"), ("extreme_aspect_3200x14", "mp4"))},
     **{f"videos/{name}.mp4": f"metas/{name}.label.json" for name in (
-        "label_missing_field", "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8")},
+        "label_missing_field", "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8",
+        "label_nested_too_deep", "label_huge_number")},
 }
 EXTRA_KEYS = {"objects": [{"class": "car", "track_id": 3}], "annotator": "A-17"}
 
@@ -171,8 +175,10 @@ def write_videos(videos: Path) -> None:
     write_video(videos / "duplicate_id.mov", "mov")
     write_video(videos / "duplicate_id.mp4")  # the .mov sorts first and keeps the id
     for name in ("label_with_bom", "label_with_extra_keys", "label_normalized_values", "label_missing_field",
-                 "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8", "no_label"):
+                 "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8",
+                 "label_nested_too_deep", "label_huge_number", "no_label"):
         write_video(videos / f"{name}.mp4")
+    write_video(videos / "extreme_aspect_3200x14.mp4", width=3200, height=14)  # decodes; no Qwen-VL model takes it
     (videos / "zero_bytes.mp4").write_bytes(b"")
     _cut(write_video(videos / "truncated_mp4.mp4", count=24))
     _cut(write_video(videos / "truncated_webm.webm", "webm", "libvpx-vp9", count=24))
@@ -197,6 +203,9 @@ def write_labels(metas: Path) -> None:
         "label_wrong_value": json.dumps({**label, "weather": "Sandstorm"}),
         "label_invalid_json": text[:-20],
         "label_not_an_object": json.dumps([label]),
+        # valid JSON past what Python's reader takes (a broken exporter's output)
+        "label_nested_too_deep": json.dumps(label)[:-1] + ', "objects": ' + "[" * 5000 + "]" * 5000 + "}",
+        "label_huge_number": json.dumps(label)[:-1] + ', "track_id": ' + "9" * 5000 + "}",
     }
     unlabelled = {"no_label", "notes", "mdvr_channel1"}
     labelled = ROWS | {Path(path).name.split(".")[0] for path in [*SET_ASIDE, *PARTNERS]} - unlabelled

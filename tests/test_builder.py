@@ -125,6 +125,7 @@ def test_bad_input_is_set_aside_and_the_rest_is_built(acceptance):
     summary = printed.getvalue().replace("\n", "")
     assert f"Read {len(files)} input file(s): 402 in the 201 row(s), 16 set aside." in summary
     assert "Set aside: 16 input file(s)" in summary
+    assert "Fix or replace these files and run the same build again" in summary  # what to do, once
     for clip_id in ("zero_bytes", "truncated", "text_file", "audio_only", "bad_json", "no_clip"):
         assert clip_id in summary
 
@@ -303,7 +304,7 @@ def test_other_input_layouts(layout, tmp_path):
         source.mkdir()
         for i in ids:
             shutil.copy(videos[i], source / f"{i}.mp4")
-            shutil.copy(labels[i], source / f"{i}.json")
+            shutil.copy(labels[i], source / f"{i}.{'JSON' if i == ids[0] else 'json'}")  # extensions in any case
         (source / "lonely.mp4").write_bytes(videos[ids[0]].read_bytes())
         # a second clip for one id (it sorts after the .mp4, which is kept)
         (source / f"{ids[1]}.mpeg").write_bytes(videos[ids[1]].read_bytes())

@@ -162,19 +162,24 @@ def test_label_folders_join_missing_and_extra(tmp_path):
     for clip in ("c1", "c2", "c3"):
         (tmp_path / "refs" / "metas" / f"{clip}.label.json").write_text(json.dumps(reference))
     (tmp_path / "refs" / "metas" / "bad.label.json").write_text(json.dumps({**reference, "weather": "Sandstorm"}))
+    (tmp_path / "refs" / "metas" / "deep.label.json").write_text('{"weather": ' + "[" * 5000 + "]" * 5000 + "}")
     (tmp_path / "preds").mkdir()
     (tmp_path / "preds" / "c1.label.json").write_text(json.dumps(reference))
     (tmp_path / "preds" / "c2.label.json").write_text("{ this is not json")
+    (tmp_path / "preds" / "c3.label.json").write_text('{"weather": ' + "[" * 5000 + "]" * 5000 + "}")  # past Python's reader
     (tmp_path / "preds" / "zz.label.json").write_text(json.dumps(reference))
 
     references, problems = data.load_references(tmp_path / "refs")
     assert sorted(references) == ["c1", "c2", "c3"]
-    assert len(problems) == 1 and "bad.label.json" in problems[0].path and "Sandstorm" in problems[0].reason
+    assert [(Path(p.path).name, p.reason.split(" (")[0]) for p in problems] == [
+        ("bad.label.json", "weather unknown category 'Sandstorm'"),
+        ("deep.label.json", "nests arrays or objects deeper than Python's JSON reader goes: re-export the label")]
 
     run = data.load_run("model", tmp_path / "preds", references)
-    assert run.missing == ["c3"] and run.extra == ["zz"]
+    assert run.missing == [] and run.extra == ["zz"]
     assert run.predictions["c1"].valid
-    assert not run.predictions["c2"].valid and run.predictions["c2"].label == {}  # invalid JSON is an invalid answer
+    for clip in ("c2", "c3"):  # invalid JSON is an invalid answer
+        assert not run.predictions[clip].valid and run.predictions[clip].label == {}
     result = metrics.evaluate_run(run)
     assert result.json_valid_rate == pytest.approx(1 / 3)
     assert result.fields["weather"].value == pytest.approx(1 / 3)

@@ -115,6 +115,10 @@ def test_parse_reports_per_field_reasons():
         ("I cannot tell from this video.", "no JSON object"),
         ("<think>Let me look at the weather. It seems", "<think> block is never closed"),
         ("", "no JSON object"),
+        # a degenerate generation, valid JSON past what Python's reader takes: a failed answer, not a failed run
+        ('{"weather": ' + "[" * 5000 + "]" * 5000 + "}", "can't be read (nests arrays or objects too deeply)"),
+        ('{"weather": ' + "[" * 5000, "can't be read (nests arrays or objects too deeply)"),
+        ('{"driving_difficulty": ' + "9" * 5000 + "}", "can't be read (Exceeds the limit (4300 digits)"),
     ],
 )
 def test_parse_without_a_label_says_why(raw, reason):

@@ -20,7 +20,7 @@ import pytest
 from avlabel.core import schema
 from avlabel.core.layouts import STORED_EXTENSIONS, VIDEO_EXTENSIONS, read_inputs
 from avlabel.core.problems import InputError
-from avlabel.core.sampling import VideoError, probe, sample_frames
+from avlabel.core.sampling import VideoError, aspect_problem, probe, sample_frames
 from avlabel.data_builder import build
 from avlabel.data_builder.build import BuildArguments
 from avlabel.eval.data import load_references
@@ -376,27 +376,34 @@ def test_build_caption_and_eval_read_the_same_clips_in_every_layout(synthetic_ra
 
 
 def test_a_row_is_a_clip_caption_can_read_with_a_reference_eval_can_read(collection, built):
-    """On the odd collection: rows = the clips caption finds that decode, with a label eval accepts."""
+    """On the odd collection: rows = the clips caption finds that decode at a size the model takes, with a label
+    eval accepts."""
     problems = []
-    decodable = set()
+    usable = set()
     for clip in resolve_inputs(str(collection), problems=problems):
         try:
-            probe(clip.path)
-            decodable.add(clip.clip_id)
+            info = probe(clip.path)
         except VideoError:
-            pass
+            continue
+        if aspect_problem(info.height, info.width) is None:
+            usable.add(clip.clip_id)
     references, _ = load_references(collection)
-    assert set(_rows(built)) == decodable & set(references)
+    assert set(_rows(built)) == usable & set(references)
     assert {p.path for p in problems} == {"videos/duplicate_id.mp4", "videos/notes.txt", "videos/mdvr_channel1.h264",
                                          "metas/notes.md"}
     assert {"label_with_bom", "label_with_extra_keys"} <= set(references)  # eval takes what exports write, too
 
 
-def test_caption_runs_over_the_odd_collection(collection, tiny_model_dir, tmp_path):
-    """The tiny model captions every clip caption reads: the decodable ones succeed, the broken ones fail."""
+def test_caption_runs_over_the_odd_collection(collection, tiny_model_dir, tmp_path, capsys):
+    """The tiny model captions every clip caption reads: the decodable ones succeed, the broken ones fail, each
+    named on the console with its reason."""
     records = _caption_with_the_tiny_model(collection, tiny_model_dir, tmp_path / "captions")
-    broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only", "still_image"}
+    broken = {"zero_bytes", "truncated_mp4", "truncated_webm", "text_renamed_mp4", "audio_only", "still_image",
+              "extreme_aspect_3200x14"}
     assert {c for c, r in records.items() if r["status"] == "failed"} == broken
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("failed: ")]
+    assert sorted(printed) == sorted(f"failed: {records[c]['video']}: {records[c]['error']}" for c in broken)
+    assert all(Path(records[c]["video"]).parent == collection / "videos" and records[c]["error"] for c in broken)
     ok = {c for c, r in records.items() if r["status"] == "ok"}
     assert ok == ROWS | {"no_label"} | {Path(p).stem for p in PARTNERS if p.startswith("videos/")}
 

@@ -77,7 +77,8 @@ def test_every_problem_is_reported_per_field():
     assert set(problems) == {"weather", "driving_difficulty", "rule_violation", "safety_analysis", "lane_type", "mood"}
     assert "unknown category 'Sunny'" in problems["weather"][0]
     assert "is missing" in problems["lane_type"][0]
-    assert "required" in problems["safety_analysis"][0]
+    assert problems["safety_analysis"] == ["is null but the field is required"]
+    assert schema.check_label({**label, "safety_analysis": "  "})[1]["safety_analysis"] == ["is empty but the field is required"]
     assert normalized["road_type"]  # the valid fields are still read
     with pytest.raises(schema.LabelError, match="clip.json: invalid label"):
         schema.normalize_label(label, source="clip.json")

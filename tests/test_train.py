@@ -167,6 +167,25 @@ def test_estimated_length_is_the_collated_length(tiny_model_of, synthetic_datase
         assert collator.estimated_length(row) == collator.encode(row)["input_ids"].shape[1]
 
 
+def test_a_clip_no_model_takes_is_reported_and_skipped(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    """A row whose clip no Qwen-VL model takes (an extreme aspect ratio, in a dataset built before the builder
+    refused them) is set aside with its reason when lengths are estimated; the run goes on with the rest."""
+    from avlabel.train.sft import with_lengths
+
+    rows = _rows(synthetic_dataset_dir)
+    strip = rows[0]["clip_id"]
+    rows = rows.map(lambda clip_id, width, height: {"width": 3200, "height": 14} if clip_id == strip else
+                    {"width": width, "height": height}, input_columns=["clip_id", "width", "height"])
+    report = tmp_path / "skipped.jsonl"
+    collator = _collator(tiny_model_dir, answer_format="plain", report_path=report)
+    assert collator.max_length is None  # no length limit: the row is set aside for its size alone
+
+    kept = with_lengths(rows, collator, report, strict=False, is_main=True)
+    assert len(kept) == len(rows) - 1 and strip not in kept["clip_id"]
+    (entry,) = [json.loads(line) for line in report.read_text().splitlines()]
+    assert entry["clip_id"] == strip and "aspect ratio 3200x14 is too extreme for the vision encoder" in entry["reason"]
+
+
 def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     from avlabel.train.sft import with_lengths
 

@@ -292,7 +292,9 @@ def answer_config(dataset, answer_format: str):
 
 
 def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_main: bool):
-    """Add a `length` column (for `train_sampling_strategy: group_by_length`) and set aside rows over `max_length`.
+    """Add a `length` column (for `train_sampling_strategy: group_by_length`) and set aside rows over `max_length`,
+    or that no model of the family can take (an extreme aspect ratio, in a dataset built before the builder
+    refused it).
 
     Lengths come from the probe columns, so nothing is decoded here; each row set aside
     is logged and written to `report_path`.
@@ -301,11 +303,22 @@ def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_m
 
     from .collator import over_length_reason, report_skipped
 
+    unusable = -1  # the length column of a row no model of the family can take
+
+    def estimate(row) -> tuple[int, str | None]:
+        try:
+            return collator.estimated_length(row), None
+        except ValueError as err:  # the vision encoder's size rules refuse the clip
+            return unusable, str(err)
+
     def add_length(row):
-        return {"length": collator.estimated_length(row)}
+        return {"length": estimate(row)[0]}
+
+    def fits(length: int) -> bool:
+        return length != unusable and (collator.max_length is None or length <= collator.max_length)
 
     def report(row, length):
-        reason = over_length_reason(length, collator.max_length)
+        reason = estimate(row)[1] if length == unusable else over_length_reason(length, collator.max_length)
         if strict:
             raise ValueError(f"clip {row['clip_id']}: {reason} (run without --strict to skip such samples)")
         if is_main:
@@ -313,27 +326,22 @@ def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_m
             report_skipped(report_path, row["clip_id"], "length", reason)
 
     if isinstance(dataset, IterableDataset):
-        dataset = dataset.map(add_length)
-        if collator.max_length is None:
-            return dataset
 
-        def fits(row):
-            ok = row["length"] <= collator.max_length
-            if not ok:
+        def kept(row):
+            if not fits(row["length"]):
                 report(row, row["length"])
-            return ok
+                return False
+            return True
 
-        return dataset.filter(fits)
+        return dataset.map(add_length).filter(kept)
 
     # datasets can't hash a function holding a processor; name the result by everything the lengths depend on
     settings = [dataset._fingerprint, collator.answer_format, collator.prompts.sha, collator.chat_template,
                 json.dumps(collator.frames.sampling.to_dict(), sort_keys=True), str(len(collator.processor.tokenizer))]
     dataset = dataset.map(add_length, new_fingerprint=hashlib.sha1("|".join(settings).encode()).hexdigest())
-    if collator.max_length is None:
-        return dataset
     keep = []
     for index, length in enumerate(dataset["length"]):
-        if length <= collator.max_length:
+        if fits(length):
             keep.append(index)
         else:
             report(dataset[index], length)

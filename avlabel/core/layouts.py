@@ -76,8 +76,13 @@ def clip_id_of(name: str | Path) -> str:
 
 
 def label_id_of(name: str | Path) -> str:
-    """A clip id from its label's file name: `<id>.label.json` or `<id>.json`."""
-    return Path(name).name.removesuffix(".json").removesuffix(".label")
+    """A clip id from its label's file name: `<id>.label.json` or `<id>.json`, the suffix in any case (as
+    `is_label` reads it)."""
+    name = Path(name).name
+    for suffix in (".json", ".label"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
 
 
 def is_video(path: str | Path) -> bool:
@@ -248,6 +253,9 @@ def _manifest_records(manifest: Path):
             record = json.loads(line)
         except json.JSONDecodeError as err:
             yield where, f"line is not valid JSON ({err.msg})"
+            continue
+        except (ValueError, RecursionError) as err:  # JSON past Python's limits: a huge integer, deep nesting
+            yield where, f"line is not valid JSON ({str(err).split(':')[0]})"
             continue
         yield where, record if isinstance(record, dict) else "line is not a JSON object"
 

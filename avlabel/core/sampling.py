@@ -189,11 +189,22 @@ class SampledClip(Clip):
 # ----------------------------------------------------------------------------- Qwen's rules
 
 
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses a longer side over 200 times the shorter one
+
+
+def aspect_problem(height: int, width: int) -> str | None:
+    """Why no Qwen-VL model can take a clip of this size (its aspect ratio), or None."""
+    if max(height, width) / max(1, min(height, width)) > MAX_ASPECT_RATIO:
+        return (f"aspect ratio {width}x{height} is too extreme for the vision encoder (at most "
+                f"{MAX_ASPECT_RATIO}:1): crop the clip or leave it out")
+    return None
+
+
 def resized_size(height: int, width: int, config: SamplingConfig) -> tuple[int, int]:
     """Qwen's `smart_resize`: sides multiple of the factor, pixels in budget, aspect kept."""
     factor = config.factor
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {width}x{height} is too extreme for the vision encoder")
+    if (problem := aspect_problem(height, width)) is not None:
+        raise ValueError(problem)
     if height % factor == 0 and width % factor == 0 and height * width <= config.max_pixels:
         # Already model-sized (a clip presampled by the builder, say). Qwen would scale it up
         # to min_pixels, which adds tokens but no detail, and would make a presampled clip

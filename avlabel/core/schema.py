@@ -234,7 +234,7 @@ def _normalize_value(spec: LabelField, value: Any) -> Any:
     if value is None or (spec.kind == "text" and isinstance(value, str) and not clean_text(value)):
         if spec.nullable:
             return None
-        raise ValueError("is null but the field is required")
+        raise ValueError(f"is {'null' if value is None else 'empty'} but the field is required")
 
     if spec.kind == "text":
         if not isinstance(value, str):
@@ -344,6 +344,10 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
         return None, {}, "is not UTF-8 text"
     except json.JSONDecodeError as err:
         return None, {}, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except RecursionError:
+        return None, {}, "nests arrays or objects deeper than Python's JSON reader goes: re-export the label"
+    except ValueError as err:  # valid JSON past one of Python's limits, such as an integer of over 4,300 digits
+        return None, {}, f"can't be read as JSON ({str(err).split(':')[0]}): re-export the label"
     if not isinstance(raw, dict):
         return None, {}, f"is not a JSON object (got {type(raw).__name__})"
     fields, extra = split_extra(raw)
