@@ -317,6 +317,17 @@ class _Cache:
         write_if_changed(self.path, "".join(line + "\n" for line in lines))
 
 
+@contextlib.contextmanager
+def _saved_when_interrupted(cache: _Cache):
+    """Save the cache when Ctrl-C stops the loop inside, so the next build resumes from the last clip done, not
+    from the last checkpoint (up to CHECKPOINT_EVERY presampled clips to encode again)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cache.save()
+        raise
+
+
 def _write_metadata(path: Path, rows: list[dict]) -> None:
     """A split's metadata as Parquet with the declared column types."""
     import pyarrow as pa
@@ -450,10 +461,11 @@ def build(args: BuildArguments) -> BuildResult:
     sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)
     probed = _run_parallel(_probe_file, [(sources[key],) for key in todo], "Probing", num_proc)
-    for done, (key, result) in enumerate(zip(todo, probed), 1):
-        cache.probes[key] = result
-        if done % CHECKPOINT_EVERY == 0:
-            cache.save()  # an interrupted build resumes from here
+    with _saved_when_interrupted(cache):
+        for done, (key, result) in enumerate(zip(todo, probed), 1):
+            cache.probes[key] = result
+            if done % CHECKPOINT_EVERY == 0:
+                cache.save()  # a build that is killed resumes from here
     infos: dict[str, dict] = {}
     for clip_id, key in keys.items():
         result = cache.probes[key]
@@ -574,14 +586,15 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
         source, how = str(clips[clip_id].video), recipe(clips[clip_id].video)
         jobs.append((source, str(out / name), how, sampling, args.crf, cache.probes[keys[clip_id]], args.copy))
     results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1)
-    for done, ((clip_id, name), result) in enumerate(zip(to_write, results), 1):
-        if "error" in result:
-            problems.append(Problem(clips[clip_id].video_name, "pack", result["error"]))
-            continue
-        kept[name] = {"source": keys[clip_id], "recipe": recipe(clips[clip_id].video), "info": result["info"]}
-        stored[clip_id] = (name, result["info"])
-        if done % CHECKPOINT_EVERY == 0:
-            cache.save()
+    with _saved_when_interrupted(cache):
+        for done, ((clip_id, name), result) in enumerate(zip(to_write, results), 1):
+            if "error" in result:
+                problems.append(Problem(clips[clip_id].video_name, "pack", result["error"]))
+                continue
+            kept[name] = {"source": keys[clip_id], "recipe": recipe(clips[clip_id].video), "info": result["info"]}
+            stored[clip_id] = (name, result["info"])
+            if done % CHECKPOINT_EVERY == 0:
+                cache.save()
 
     wanted = {name for name, _ in stored.values()}
     cache.outputs = {name: record for name, record in kept.items() if name in wanted}

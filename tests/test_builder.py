@@ -379,6 +379,28 @@ def test_presample_stores_the_model_frames(tmp_path):
     assert rebuilt.packed == 0 and rebuilt.probed == 0
 
 
+def test_an_interrupted_presample_resumes_from_the_last_clip_stored(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of storing (here: while the fourth of six clips is presampled) keeps the three stored
+    before it: the next build presamples the other three only, far from the 200-clip checkpoint."""
+    root = tmp_path / "raw"
+    _make_recipe_input(root, 6)
+    args = BuildArguments(input=str(root), output_dir=str(tmp_path / "out"), presample=True, test_size=0, num_proc=1)
+    store, calls = build._store_file, []
+
+    def store_until_ctrl_c(*job):
+        calls.append(job)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return store(*job)
+
+    monkeypatch.setattr(build, "_store_file", store_until_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build.build(args)
+    monkeypatch.setattr(build, "_store_file", store)
+    resumed = build.build(args)
+    assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, 3, 6)
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")
