@@ -143,7 +143,7 @@ def expected_wrong(record: dict[str, Any]) -> float | None:
     confidence = record.get("confidence")
     if not succeeded(record):
         return float(len(schema.FIELDS))
-    if not confidence:
+    if confidence is None:  # captioned before records carried confidence ({} is a record that answered no closed field)
         return None
     answered = record.get("label") or {}
     missing = {f for f in schema.FIELD_NAMES if f not in answered} | set(record.get("errors") or ()) | set(record.get("cut_fields") or ())
@@ -222,6 +222,8 @@ def choose(args: ReviewArguments) -> Queue:
         raise UsageError("--captions: give the caption run to review (an `avlabel caption` output folder)")
     problems: list[Problem] = []
     run = read_run(args.captions, problems)
+    if not run:
+        raise ReviewError(f"{args.captions}: no caption records to review; caption the clips first (`avlabel caption`)")
     candidates = {clip_id: Candidate(clip_id, record, expected_wrong(record)) for clip_id, record in run.items()}
     if args.where:
         keep = catalog_matches(args.captions, args.where)
@@ -267,8 +269,10 @@ def write_queue(queue: Queue, path: Path) -> None:
             reason = f"{len(candidate.differing)} field(s) differ from --other"
         elif candidate.expected_wrong is not None:
             reason = f"{candidate.expected_wrong:.2f} expected wrong field(s)"
-        else:
+        elif queue.order == "catalog":
             reason = "matches --where"
+        else:
+            reason = "no confidence recorded"
         lines.append(json.dumps(candidate.to_json(rank, reason), ensure_ascii=False) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
 
@@ -306,8 +310,15 @@ def _import(args: ReviewArguments):
             tasks = export_tasks(client, args.project)
         result = import_annotations(tasks, args.labels_dir, source=f"Label Studio project {args.project}")
     warn(result.problems)
-    print(f"Wrote {len(result.written)} reviewed label(s) to {Path(args.labels_dir) / 'metas'} "
-          f"({result.corrected_fields} field(s) corrected); `avlabel build --input {args.labels_dir}` adds them.")
+    metas = Path(args.labels_dir) / "metas"
+    print(f"Wrote {len(result.written)} reviewed label(s) to {metas} ({result.corrected_fields} field(s) corrected).")
+    # a build's input is the whole dataset: a folder of reviewed labels alone would build a dataset of them alone
+    if len(list(metas.glob("*.json"))) > len(result.written):
+        print(f"Run the build of {args.labels_dir} again (`avlabel build --input {args.labels_dir} --output_dir "
+              "<dataset>`): the next version holds them.")
+    else:
+        print(f"{args.labels_dir} holds only these labels, so a build of it would hold only these clips: give "
+              "--labels_dir the folder the dataset is built from, or copy metas/ and videos/ into it, then build it again.")
     return result
 
 

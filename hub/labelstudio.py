@@ -29,7 +29,7 @@ from xml.sax.saxutils import quoteattr
 
 from avlabel.core import schema
 from avlabel.core.files import link_or_copy
-from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, clip_id_of, is_video
+from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, clip_id_of, clip_id_problem, is_video
 from avlabel.core.problems import Problem
 from avlabel.extras import require
 
@@ -103,6 +103,9 @@ def results_to_label(results: list[dict[str, Any]]) -> dict[str, Any]:
 def video_url(path: str, media_url: str | None = None, media_root: str = "/") -> str:
     """Where Label Studio's player fetches a clip: under `media_url`, or Label Studio's local-files route."""
     relative = os.path.relpath(Path(path).resolve(), Path(media_root).resolve())
+    if relative.split(os.sep)[0] == os.pardir:  # neither route serves a file above its root
+        raise ValueError(f"clip {path} is not under --media_root {media_root}: give the folder that holds every clip "
+                         "(Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, or the root --media_url serves)")
     if media_url:
         return media_url.rstrip("/") + "/" + quote(relative)
     return "/data/local-files/?d=" + quote(relative)
@@ -136,10 +139,14 @@ class ImportResult:
     problems: list[Problem] = field(default_factory=list)  # tasks not imported, and why
 
 
-def _latest_submitted(task: dict[str, Any]) -> dict[str, Any] | None:
-    submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    return max(submitted, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0),
-               default=None)
+def _submitted(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """The task's submitted annotations (a skipped one, `was_cancelled`, is no answer)."""
+    return [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+
+
+def _when(annotation: dict[str, Any]) -> tuple[str, int]:
+    """Sorts annotations by when they were last saved (ISO times sort as text), then by id."""
+    return annotation.get("updated_at") or annotation.get("created_at") or "", annotation.get("id") or 0
 
 
 def _store_video(source: str, videos: Path, clip_id: str) -> str | None:
@@ -154,38 +161,63 @@ def _store_video(source: str, videos: Path, clip_id: str) -> str | None:
     return None
 
 
-def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: str | Path,
-                       source: str = "export") -> ImportResult:
-    """Write each task's latest submitted annotation as a recipe-layout label file; returns what was written.
-    `export`: the export file, or its tasks (`source` names them in problems).
-
-    A task with no submitted annotation, or whose annotation the schema refuses, is reported, not written.
-    """
-    where = str(export) if not isinstance(export, list) else source
+def _read_export(export: str | Path, where: str) -> Any:
     try:  # utf-8-sig: an export saved again by a Windows editor starts with a byte-order mark
-        tasks = export if isinstance(export, list) else json.loads(Path(export).read_text(encoding="utf-8-sig"))
+        return json.loads(Path(export).read_text(encoding="utf-8-sig"))
+    except OSError as err:
+        raise ValueError(f"{where}: can't be read ({err.strerror}); give the path of the project's JSON export") from None
     except UnicodeDecodeError:
         raise ValueError(f"{where}: not a Label Studio JSON export (not UTF-8); export the project as JSON") from None
     except json.JSONDecodeError as err:  # a CSV export, or a download cut short
         raise ValueError(f"{where}: not a Label Studio JSON export ({err.msg} at line {err.lineno} column "
                          f"{err.colno}); export the project as JSON") from None
-    if not isinstance(tasks, list):
-        raise ValueError(f"{where}: not a Label Studio JSON export (expected a list of tasks)")
-    labels_dir = Path(labels_dir)
-    (labels_dir / "metas").mkdir(parents=True, exist_ok=True)
-    (labels_dir / "videos").mkdir(parents=True, exist_ok=True)
+
+
+def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: str | Path,
+                       source: str = "export") -> ImportResult:
+    """Write each clip's latest submitted annotation as a recipe-layout label file; returns what was written.
+    `export`: the export file, or its tasks (`source` names them in problems).
+
+    A task with no submitted annotation, or whose annotation the schema refuses, is reported, not written; so
+    is every annotation of a clip older than its latest (a second annotation of the task, or the clip's task
+    imported twice), and a task whose clip id can't be a file name.
+    """
+    where = str(export) if not isinstance(export, list) else source
+    tasks = export if isinstance(export, list) else _read_export(export, where)
+    if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
+        raise ValueError(f"{where}: not a Label Studio JSON export (expected a list of task objects); export the "
+                         "project as JSON")
+    if tasks and not any("data" in task for task in tasks) and any("clip_id" in task for task in tasks):
+        raise ValueError(f"{where}: a JSON-MIN export (one flat object per annotation, without the annotations' "
+                         "ids and times); export the project as JSON")
     result = ImportResult()
+    answers_of: dict[str, list[tuple[dict, dict, str]]] = {}  # clip id -> its (annotation, task, name)
     for task in tasks:
         data = task.get("data") or {}
         clip_id = data.get("clip_id")
         name = f"{where}: task {task.get('id')}" + (f" (clip {clip_id})" if clip_id else "")
-        annotation = _latest_submitted(task)
+        submitted = _submitted(task)
         if not clip_id:
             result.problems.append(Problem(name, "read", "has no data.clip_id; not a task `avlabel review` exported"))
-            continue
-        if annotation is None:
-            result.problems.append(Problem(name, "read", "has no submitted annotation yet"))
-            continue
+        elif (problem := clip_id_problem(clip_id)) is not None:
+            result.problems.append(Problem(name, "read", f"{problem}; not a task `avlabel review` exported"))
+        elif not submitted:
+            skipped = bool(task.get("annotations"))
+            result.problems.append(Problem(name, "read", "was skipped by every reviewer; submit an annotation in "
+                                           "Label Studio to import it" if skipped else "has no submitted annotation yet"))
+        else:
+            answers_of.setdefault(clip_id, []).extend((annotation, task, name) for annotation in submitted)
+    labels_dir = Path(labels_dir)
+    (labels_dir / "metas").mkdir(parents=True, exist_ok=True)
+    (labels_dir / "videos").mkdir(parents=True, exist_ok=True)
+    for clip_id, answers in answers_of.items():
+        answers.sort(key=lambda answer: _when(answer[0]), reverse=True)
+        (annotation, task, name), older = answers[0], answers[1:]
+        for old, _, old_name in older:
+            result.problems.append(Problem(old_name, "superseded", f"annotation {old.get('id')} is older than "
+                                           f"annotation {annotation.get('id')} of task {task.get('id')} for the same "
+                                           "clip; the latest is imported"))
+        data = task["data"]
         label, problems = schema.check_label(results_to_label(annotation.get("result") or []))
         if problems:
             detail = "; ".join(f"{field_name} {', '.join(msgs)}" for field_name, msgs in problems.items())
@@ -241,7 +273,9 @@ def server_errors(url: str, doing: str) -> Iterator[None]:
             hint = f"it refused the access token in {API_KEY_ENV}"
         else:
             body = err.body if isinstance(err.body, str) else json.dumps(err.body, default=str)
-            hint = f"HTTP {err.status_code}: {' '.join(str(body).split())[:300]}"
+            # a page, not the API's JSON: a wrong URL, or a project that is not there (Label Studio's 404 page)
+            said = "a web page, not the API's answer" if str(body).lstrip().startswith("<") else ' '.join(str(body).split())[:300]
+            hint = f"HTTP {err.status_code}: {said}"
         raise LabelStudioError(f"--label_studio {url}: {doing} failed, {hint}") from None
 
 

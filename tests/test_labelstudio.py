@@ -188,11 +188,13 @@ def test_round_trip_through_a_real_label_studio(media, label_studio, tmp_path, m
     imported = avlabel(["review", "--label_studio", label_studio, "--project", str(project), "--labels_dir", str(root)])
     assert not imported.problems and len(imported.written) == 3
     assert imported.corrected_fields == 0 + 1 + 2
+    assert f"Run the build of {root} again" in capsys.readouterr().out  # the folder the dataset is built from
     # the same export, downloaded as a file, imports the same way
     export = tmp_path / "export.json"
     export.write_text(json.dumps(export_tasks(client, project)))
     again = avlabel(["review", "--annotations", str(export), "--labels_dir", str(tmp_path / "again")])
     assert [p.name for p in again.written] == [p.name for p in imported.written]
+    assert "holds only these labels, so a build of it would hold only these clips" in capsys.readouterr().out
 
     second = build(BuildArguments(input=str(root), output_dir=str(tmp_path / "dataset"), test_size=0, num_proc=1))
     assert second.num_rows == 6 and not second.problems

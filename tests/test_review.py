@@ -206,6 +206,79 @@ def test_import_writes_reviewed_labels_and_the_build_counts_them(clips, tmp_path
     assert "1 label(s) came from review" in card and "corrected 1 field(s)" in card
 
 
+def test_import_keeps_each_clips_latest_answer_and_reports_the_rest(clips, tmp_path):
+    """The clip's tasks imported twice into one project: the latest annotation over both is the label, the older
+    one is reported; a skipped task says so; a clip id that is a path writes nothing anywhere."""
+    root, labels = clips
+    clip_id = sorted(labels)[0]
+    label = labels[clip_id]
+    weather = schema.FIELDS_BY_NAME["weather"]
+    first = dict(label, weather=_wrong(weather, label["weather"]))
+    second = dict(label, weather=next(c for c in weather.choices if c not in (label["weather"], first["weather"])))
+    data = {"clip_id": clip_id, "path": str(root / "videos" / f"{clip_id}{CAMERA_SUFFIX}.mp4"), "model_label": label}
+    export = [
+        {"id": 6, "data": data, "annotations": [{"id": 60, "updated_at": "2025-01-02T00:00:00Z",
+                                                 "result": label_to_results(second)}]},
+        {"id": 10, "data": data, "annotations": [{"id": 100, "updated_at": "2025-01-01T00:00:00Z",
+                                                  "result": label_to_results(first)}]},
+        {"id": 11, "data": {**data, "clip_id": "../../escaped"}, "annotations": [{"id": 110, "result": label_to_results(label)}]},
+        {"id": 12, "data": {**data, "clip_id": "skipped"}, "annotations": [{"id": 120, "was_cancelled": True, "result": []}]},
+    ]
+    out = tmp_path / "deep" / "reviewed"
+    result = import_annotations(export, out)
+    (written,) = result.written
+    assert schema.normalize_label({k: v for k, v in json.loads(written.read_text()).items() if k != "review"}) == second
+    assert result.corrected_fields == 1  # one label, one field
+    reasons = {p.path: (p.stage, p.reason) for p in result.problems}
+    assert reasons[f"export: task 10 (clip {clip_id})"] == (
+        "superseded", "annotation 100 is older than annotation 60 of task 6 for the same clip; the latest is imported")
+    assert reasons["export: task 11 (clip ../../escaped)"][1].startswith("clip id '../../escaped' can't be used as a file name")
+    assert reasons["export: task 12 (clip skipped)"][1].startswith("was skipped by every reviewer")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")) == [
+        f"deep/reviewed/metas/{clip_id}.label.json"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('[{"id": 5, "clip_id": "a", "weather": "Clear skies", "annotator": 1}]', "a JSON-MIN export"),
+    ("[1, 2]", "not a Label Studio JSON export (expected a list of task objects)"),
+    (None, "can't be read (No such file or directory); give the path of the project's JSON export"),
+])
+def test_an_export_of_another_shape_is_named(tmp_path, content, message):
+    export = tmp_path / "export.json"
+    if content is not None:
+        export.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        import_annotations(export, tmp_path / "reviewed")
+    assert str(err.value).startswith(f"{export}: ") and message in str(err.value)
+    assert not (tmp_path / "reviewed").exists()
+
+
+def test_a_clip_outside_the_media_root_is_refused(clips, tmp_path):
+    root, labels = clips
+    clip_id = sorted(labels)[0]
+    entry = {"clip_id": clip_id, "video": str(root / "videos" / f"{clip_id}{CAMERA_SUFFIX}.mp4"), "label": labels[clip_id]}
+    with pytest.raises(ValueError, match=r"is not under --media_root .*: give the folder that holds every clip"):
+        queue_to_tasks([entry], media_root=str(tmp_path))
+
+
+def test_a_run_without_answers_is_reviewed_and_an_empty_run_is_named(clips, tmp_path):
+    """Records whose text held no label (no closed field, so no confidence) are the most urgent: every field
+    unanswered; a run with no records says so."""
+    root, labels = clips
+    run = _write_run(tmp_path / "run", root, labels, dict.fromkeys(labels, 0.9), {})
+    records = [json.loads(line) for line in (run / "captions.jsonl").read_text().splitlines()]
+    records[2].update(label={}, valid=False, confidence={}, clip_confidence=None)
+    (run / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    queue = choose(ReviewArguments(captions=str(run), budget="1"))
+    assert [c.clip_id for c in queue.chosen] == [records[2]["clip_id"]]
+    assert queue.expected_wrong == len(schema.FIELDS)
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "captions.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no caption records to review; caption the clips first"):
+        choose(ReviewArguments(captions=str(tmp_path / "empty"), budget="1"))
+
+
 @pytest.mark.parametrize(("content", "reason"), [
     (b'[{"id": 1, "data": {"clip_id": "a"}, "annotations": [', "Expecting value at line 1 column 54"),  # cut short
     (b"id,clip_id,weather\n1,a,Clear skies\n", "Expecting value at line 1 column 1"),  # the CSV export

@@ -30,7 +30,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from .problems import InputError, Problem
 
@@ -83,6 +83,13 @@ def label_id_of(name: str | Path) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return name
+
+
+def clip_id_problem(clip_id: Any) -> str | None:
+    """Why `clip_id` can't name the clip's files (a path, a hidden name, a name outside the folder), or None."""
+    if not clip_id or not isinstance(clip_id, str) or clip_id.startswith(".") or any(c in clip_id for c in "/\\\0"):
+        return f"clip id {clip_id!r} can't be used as a file name"
+    return None
 
 
 def is_video(path: str | Path) -> bool:
@@ -178,8 +185,8 @@ class _Reader:
     def _claim(self, clip_id: str, name: str, kind: str) -> InputClip | None:
         """The entry `name` (a video or label) goes into, or None when it is set aside for its id."""
         self.inputs.names.append(name)
-        if not clip_id or clip_id.startswith(".") or any(c in clip_id for c in "/\\\0"):
-            self.set_aside(name, f"clip id {clip_id!r} can't be used as a file name")
+        if (problem := clip_id_problem(clip_id)) is not None:
+            self.set_aside(name, problem)
             return None
         clip = self.inputs.clips.setdefault(clip_id, InputClip(clip_id))
         other = clip.video_name if kind == "video" else clip.label_name
