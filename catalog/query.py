@@ -156,7 +156,9 @@ def parse_filter(expression: str) -> Filter:
         return Filter(name, op, values, on_human, expression)
 
     spec = FIELDS_BY_NAME[name]
-    if spec.nullable and text.lower() in ("null", "none") and op in ("=", "!="):
+    if text.lower() in ("null", "none") and op in ("=", "!="):
+        if not spec.nullable:
+            raise QueryError(f"{expression!r}: {name} is a required field, never null; filter on one of its values")
         return Filter(name, op, (None,), on_human, expression)
     if spec.kind == "text":
         if op not in ("=", "!=", "~"):

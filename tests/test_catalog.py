@@ -201,6 +201,7 @@ def test_filters_text_and_meaning_combine_in_one_ranked_query(world):
 
 @pytest.mark.parametrize("where,message", [
     (["weather=Heavy snow"], r"weather: unknown category 'Heavy snow' \(expected one of: Clear skies, .*Heavy rain"),
+    (["weather=none"], r"'weather=none': weather is a required field, never null; filter on one of its values"),
     (["lighting=Dusk*"], r"'Dusk\*' matches none of: Daytime"),
     (["driving_difficulty>=5"], r"driving_difficulty: must be an integer from 1 to 4"),
     (["metaaction=Overtake bicycles"], r"unknown category 'Overtake bicycles'"),
