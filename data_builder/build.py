@@ -102,6 +102,7 @@ class BuildArguments(SamplingArguments):
     def __post_init__(self):
         from avlabel.core.parser import check_input
 
+        super().__post_init__()
         check_input(self.input)  # an --input that is not there is a command-line mistake (exit 2), as in caption
 
     def sampling(self) -> SamplingConfig:

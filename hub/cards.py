@@ -29,7 +29,7 @@ TEST_MODEL_TAGS = ["test-model", "randomly-initialised"]
 # `image_patch_size` (default 14) times its own SPATIAL_MERGE_SIZE (2), whatever the model's merge
 QWEN_VL_UTILS_PATCH_SIZE = 14
 QWEN_VL_UTILS_MERGE_SIZE = 2
-METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (LoRA on a 4-bit quantised base)"}
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (LoRA on a base quantised to {bits} bits)"}
 # Licenses of base models we know; a fine-tune inherits its base model's terms.
 NVIDIA_OPEN_MODEL_LICENSE = {
     "license": "other",
@@ -275,7 +275,10 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     method = str(train.get("method", "full"))
-    method_name = METHOD_NAMES.get(method, method)
+    quantization = (train.get("hyperparameters") or {}).get("quantization") or {}
+    # runs before "bits" was recorded said load_in_4bit
+    bits = quantization.get("bits") or (4 if quantization.get("load_in_4bit", True) else 8)
+    method_name = METHOD_NAMES.get(method, method).format(bits=bits)
     license_data, license_text = resolve_license(base_model_id, license, test_model)
     if base_model_id:
         base_text = f"[{base_model_id}]({hub_link(base_model_id)})"

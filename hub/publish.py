@@ -824,6 +824,23 @@ def make_parser(subparsers=None):
     return ArgumentParser(dataclass_types=[PublishArguments], prog=f"avlabel {NAME}")
 
 
+def check_repo_id(repo_id: str | None, option: str) -> None:
+    """Refuse, before anything is written, a repo id the Hub would refuse (huggingface_hub's own rules), or one
+    without its owner: the cards tell others to load the repo by this id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id is None:
+        return
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        rule = str(err).split(": '")[0]  # huggingface_hub's rule, without the id it repeats
+        raise UsageError(f"{option} {repo_id}: not a Hub repo id ({rule})") from None
+    if "/" not in repo_id:
+        raise UsageError(f"{option} {repo_id}: give owner/name (e.g. your user or organisation/{repo_id}), the id "
+                         "others load it by")
+
+
 def publish(args: PublishArguments) -> list[Published]:
     if not (args.model_dir or args.dataset_dir or args.eval_dir or args.metric_repo):
         raise UsageError("nothing to publish: give --model_dir, --dataset_dir, --eval_dir and/or --metric_repo")
@@ -832,6 +849,8 @@ def publish(args: PublishArguments) -> list[Published]:
             raise UsageError(f"--{option}_dir needs --{option}_repo (the Hub repo to publish it to)")
     if args.eval_dir and not (args.eval_repo or args.model_dir):
         raise UsageError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
+    for option in ("model_repo", "dataset_repo", "eval_repo", "metric_repo"):
+        check_repo_id(getattr(args, option), f"--{option}")
     if args.dry_run:
         from avlabel.core.parser import check_output_dir
 

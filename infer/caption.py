@@ -59,9 +59,11 @@ class CaptionArguments:
         """Refuse what is wrong on the command line itself before anything loads."""
         from avlabel.core.errors import UsageError
         from avlabel.core.layouts import METADATA_NAME
-        from avlabel.core.parser import check_input, check_source
+        from avlabel.core.parser import check_at_least, check_input, check_model, check_source
 
-        check_source(self.model, "--model", "model")
+        check_at_least(1, batch_size=self.batch_size, prefill_batch_size=self.prefill_batch_size, limit=self.limit)
+        check_at_least(0, num_workers=self.num_workers)
+        check_model(self.model, "--model", "--adapter")
         if self.adapter:
             check_source(self.adapter, "--adapter", "adapter")
         layout = check_input(self.input)

@@ -46,6 +46,13 @@ class GenerationSettings(SamplingArguments):
                   "answer_config.json, twice the longest training answer of each field, else 2000)."},
     )
 
+    def __post_init__(self):
+        from avlabel.core.parser import check_at_least
+
+        super().__post_init__()
+        check_at_least(1, max_new_tokens=self.max_new_tokens)
+        check_at_least(0, min_new_tokens=self.min_new_tokens, temperature=self.temperature)
+
     def sampling(self, model_config, model: str | None = None, adapter: str | None = None) -> SamplingConfig:
         """The frames to take: these settings over the sampling saved with the model (an adapter's wins)."""
         return self.resolve_sampling(model_config, adapter, model)

@@ -125,6 +125,47 @@ def test_build_input_that_does_not_exist(tmp_path):
     assert not heavy and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["caption", "--batch_size", "0"], "--batch_size 0: give a number of at least 1"),
+    (["caption", "--prefill_batch_size", "-2"], "--prefill_batch_size -2: give a number of at least 1"),
+    (["caption", "--limit", "-1"], "--limit -1: give a number of at least 1"),
+    (["caption", "--max_new_tokens", "0"], "--max_new_tokens 0: give a number of at least 1"),
+    (["caption", "--temperature", "-0.5"], "--temperature -0.5: give a number of at least 0"),
+    (["caption", "--fps", "0"], "--fps 0.0: give a rate above 0 frames per second"),
+    (["build", "--output_dir", "out", "--max_frames", "0"], "--max_frames 0: give a number of at least 1"),
+    (["train", "--dataset_name", "dataset", "--max_pixels", "-1"], "--max_pixels -1: give a number of at least 1"),
+])
+def test_a_count_or_rate_out_of_range_is_refused(tmp_path, dataset_dir, model_dir, args, fragment):
+    """A zero or negative batch, limit or token budget would caption nothing, or blame every clip for it."""
+    if args[0] == "caption":
+        args = [*args, "--input", str(dataset_dir), "--model", str(model_dir)]
+    if args[0] == "build":
+        args = [*args, "--input", str(dataset_dir)]
+    code, lines, heavy = avlabel(tmp_path, *args)
+    assert_one_line(code, lines, 2, fragment)
+    assert not heavy & set(MODEL_CODE)
+
+
+@pytest.mark.parametrize(("files", "fragment"), [
+    (["adapter_config.json"], "a LoRA adapter, not a model; give its base model"),
+    (["adapter_config.json", "merged/config.json"], "a LoRA adapter, not a model"),  # a LoRA run's own folder
+    (["merged/config.json", "train_results.json"], "a training run; give its merged model, run/merged"),
+    (["notes.txt"], "no config.json, so not a model folder"),
+])
+@pytest.mark.parametrize("command", ["caption", "train"])
+def test_a_folder_that_is_no_model_is_named(tmp_path, dataset_dir, command, files, fragment):
+    for name in files:
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_text("{}")
+    flag, args = ("--model", ["--input", str(dataset_dir)]) if command == "caption" else \
+        ("--model_name_or_path", ["--dataset_name", str(dataset_dir)])
+    code, lines, heavy = avlabel(tmp_path, command, flag, "run", *args)
+    line = assert_one_line(code, lines, 2, f"{flag} run: {fragment}")
+    if "adapter_config.json" in files:  # caption can apply an adapter to its base model; train starts from a model
+        assert ("and this folder as --adapter" in line) == (command == "caption"), line
+    assert not heavy & set(MODEL_CODE)
+
+
 def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     code, lines, heavy = avlabel(tmp_path, "caption", "--input", "empty", "--model", str(model_dir))
@@ -136,6 +177,12 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (["build", "--input", ".", "--output_dir", "."], 2, "--output_dir .: the output folder can't be the input folder"),
     (["compare", "--runs", "captions", "--references", "dataset", "--output_dir", "eval"], 2, "--runs expects NAME=PATH, got 'captions'"),
     (["publish", "--dataset_dir", "dataset"], 2, "--dataset_dir needs --dataset_repo"),
+    (["train", "--dataset_name", "dataset", "--model_name_or_path", "model", "--load_in_8bit", "true"], 2,
+     "--load_in_8bit: quantized weights can't be trained directly; add --use_peft true (QLoRA)"),
+    (["publish", "--metric_repo", "me/tiny av", "--dry_run"], 2, "--metric_repo me/tiny av: not a Hub repo id (Repo id "
+     "must use alphanumeric chars"),
+    (["publish", "--dataset_dir", "dataset", "--dataset_repo", "dashcam", "--dry_run"], 2,
+     "--dataset_repo dashcam: give owner/name"),
     (["review", "--budget", "5%"], 2, "--captions: give the caption run to review"),
     (["search", "--db", "nowhere.sqlite"], 1, "nowhere.sqlite: no catalog here"),
     (["search", "--index", "sft=no/such/run"], 2, "--index sft=no/such/run: no such file or folder"),

@@ -493,8 +493,12 @@ def test_card_of_a_real_base_model_without_a_judge(eval_output):
     assert (data.license, data.license_name) == ("other", "nvidia-open-model-license")
     assert data.base_model == "nvidia/Cosmos-Reason1-7B" and data.base_model_relation == "finetune"
     assert "test-model" not in data.tags and "qlora" in data.tags
-    assert "randomly initialised" not in card.text and "QLoRA" in card.text
+    assert "randomly initialised" not in card.text and "QLoRA (LoRA on a base quantised to 4 bits)" in card.text
     assert "--model me/cosmos-av --short_prompt" in card.text  # how to caption with the prompt it was trained on
+    eight_bit = model_card(repo_id="me/cosmos-av", train={**train, "hyperparameters": {"quantization": {"bits": 8}}},
+                           weights="merged", base_model_id="nvidia/Cosmos-Reason1-7B", base_model_name="Cosmos-Reason1-7B",
+                           dataset_id="me/clips", dataset_name="clips", test_model=False, results=results, eval_run="sft")
+    assert "QLoRA (LoRA on a base quantised to 8 bits)" in eight_bit.text
     assert "No LLM judge was used" in card.text and "### Deterministic metrics" not in card.text
     assert {r.metric_type for r in data.eval_results} == {"accuracy", "f1", "balanced_accuracy", "sentence_chrf"}
     assert len(data.eval_results) == len(schema.FIELD_NAMES)

@@ -326,10 +326,13 @@ def test_a_fleet_folder_builds_and_captions(tiny_model_dir, tmp_path):
     assert records["snapshot"]["status"] == "failed" and still in records["snapshot"]["error"]
 
 
-@pytest.mark.parametrize("command", [["build"], ["caption", "--model", "."]])
+@pytest.mark.parametrize("command", [["build"], ["caption", "--model", "model"]])
 def test_a_bare_stream_given_as_the_input_says_how_to_wrap_it(tmp_path, command):
     """build and caption answer a bare stream given as --input with one line (exit 2): what it is and the command
     that wraps it, quoted for the shell (a camera's names hold spaces)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # a model folder to the checks
+    command = [str(tmp_path / arg) if arg == "model" else arg for arg in command]
     path = write_video(tmp_path / "ch 2.h265", "hevc", "libx265", options={"x265-params": "log-level=error"})
     done = subprocess.run([sys.executable, "-m", "avlabel", *command, "--input", str(path), "--output_dir",
                            str(tmp_path / "out")], capture_output=True, text=True, check=False, cwd=REPO)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,32 @@ def test_a_clip_no_model_takes_is_reported_and_skipped(tiny_model_dir, synthetic
     assert entry["clip_id"] == strip and "aspect ratio 3200x14 is too extreme for the vision encoder" in entry["reason"]
 
 
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"load_in_8bit": True}, {"bits": 8}),
+    ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, {"bits": 4, "quant_type": "nf4"}),
+])
+def test_quantization_summary_says_the_bits_the_layers_hold(tiny_model_dir, settings, expected):
+    """An 8-bit base is recorded as 8-bit (the card names it), not with the 4-bit settings it never used."""
+    from transformers import BitsAndBytesConfig
+
+    from avlabel.families import load_model
+    from avlabel.train.sft import quantization_summary
+
+    model = load_model(tiny_model_dir, dtype="float32", quantization_config=BitsAndBytesConfig(**settings))
+    summary = quantization_summary(model)
+    assert expected.items() <= summary.items() and summary["quantized_layers"] > 0
+    assert ("quant_type" in summary) == ("quant_type" in expected)
+
+
+def test_a_run_whose_every_clip_is_set_aside_says_so(tiny_model_dir, synthetic_dataset_dir, tmp_path):
+    from avlabel.train.sft import train
+
+    with pytest.raises(ValueError, match=r"every training clip was set aside \(why, clip by clip: .*skipped.jsonl\); "
+                                         r"if they are over --max_length 64, raise it"):
+        train(TINY_RECIPE, _overrides(tiny_model_dir, synthetic_dataset_dir, tmp_path / "run", max_length=64))
+    assert len((tmp_path / "run" / "skipped.jsonl").read_text().splitlines()) == 12  # max_train_samples
+
+
 def test_overlong_samples_are_reported_and_skipped_never_cut(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     from avlabel.train.sft import with_lengths
 
@@ -335,7 +362,8 @@ def test_each_method_trains_and_the_loss_falls(runs, family, method):
         assert saved == results["hyperparameters"]["sampling"], folder
     quantization = results["hyperparameters"]["quantization"]
     if method == "qlora":
-        assert quantization["quant_type"] == "nf4" and quantization["double_quant"] and quantization["quantized_layers"] > 0
+        assert quantization["bits"] == 4 and quantization["quant_type"] == "nf4" and quantization["double_quant"]
+        assert quantization["quantized_layers"] > 0
     else:
         assert quantization is None
     assert (out / "adapter" / "adapter_config.json").exists() == (method != "full")
@@ -360,6 +388,8 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
         _overrides(tiny_model_of(family), synthetic_dataset_dir, tmp_path / "resumed",
                    resume_from_checkpoint=str(first / "checkpoint-3"), eval_on_start=False),
     )
+    # its recipe trains a new run as this one was trained, without resuming it (--config reads it back)
+    assert "resume_from_checkpoint" not in yaml.safe_load((resumed / "recipe.yaml").read_text())
     # the resumed log carries steps 1-3 over from the checkpoint and adds 4-6, with the same losses
     expected, got = _logged(first, "loss"), _logged(resumed, "loss")
     assert [step for step, _ in got] == [step for step, _ in expected] == [1, 2, 3, 4, 5, 6]

@@ -177,8 +177,10 @@ def quantization_summary(model) -> dict | None:
         return None
     layers = sum(type(module).__name__ in ("Linear4bit", "Linear8bitLt") for module in model.modules())
     settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if not settings.get("load_in_4bit"):  # 8-bit (LLM.int8): the bnb_4bit_* settings are defaults it never uses
+        return {"bits": 8, "quantized_layers": layers}
     return {
-        "load_in_4bit": settings.get("load_in_4bit"),
+        "bits": 4,
         "quant_type": settings.get("bnb_4bit_quant_type"),
         "double_quant": settings.get("bnb_4bit_use_double_quant"),
         "compute_dtype": str(settings.get("bnb_4bit_compute_dtype")),
@@ -351,6 +353,10 @@ def with_lengths(dataset, collator, report_path: Path | None, strict: bool, is_m
 # ----------------------------------------------------------------------------- run
 
 
+# what this one run was told to do, not how to train: a recipe read back with --config would resume a new run
+RUN_ONLY = ("resume_from_checkpoint",)
+
+
 def _resolved_arguments(*parsed) -> dict:
     """Every argument of the run as one flat mapping that `--config` reads back."""
     resolved: dict[str, Any] = {}
@@ -358,7 +364,8 @@ def _resolved_arguments(*parsed) -> dict:
         # TrainingArguments.to_dict turns enums and nested configs into plain values and hides tokens
         values = args.to_dict() if hasattr(args, "to_dict") else dataclasses.asdict(args)
         for name, value in values.items():
-            if name.startswith("_") or (isinstance(value, str) and value.startswith("<") and value.endswith("_TOKEN>")):
+            if name.startswith("_") or name in RUN_ONLY or (isinstance(value, str) and value.startswith("<")
+                                                             and value.endswith("_TOKEN>")):
                 continue
             resolved[name] = value
     return resolved
@@ -439,6 +446,10 @@ def prepare_datasets(script_args, training_args, collator, output_dir: Path, is_
         if is_main:
             answer.save(output_dir)
         train_dataset = with_lengths(train_dataset, collator, collator.report_path, script_args.strict, is_main)
+        if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:  # TRL would stop on it with StopIteration
+            raise ValueError(f"--dataset_name {script_args.dataset_name}: every training clip was set aside (why, "
+                             f"clip by clip: {collator.report_path}); if they are over --max_length "
+                             f"{training_args.max_length}, raise it or train with --short_prompt")
         collator.spares = train_dataset  # a batch whose every clip fails to decode takes the next usable row
         if eval_dataset is not None:
             eval_dataset = with_lengths(eval_dataset, collator, collator.report_path, script_args.strict, is_main)
@@ -584,15 +595,20 @@ SFT_CONFIG = Deferred("trl:SFTConfig", Path(__file__).with_name("sft_options.jso
 
 
 def check_arguments(values: dict[str, Any]) -> None:
-    """What can be refused before torch loads: no dataset or model, or a resume with nothing to resume."""
+    """What can be refused before torch loads: no dataset or model, quantized weights without an adapter to train,
+    or a resume with nothing to resume."""
     from avlabel.core.errors import UsageError
-    from avlabel.core.parser import check_source
+    from avlabel.core.parser import check_model, check_source
 
     for option, what in (("dataset_name", "the folder `avlabel build` wrote, or a Hub dataset id"),
                          ("model_name_or_path", "a model folder or a Hub model id")):
         if not values.get(option):
             raise UsageError(f"--{option} is required: {what} (on the command line or in the --config recipe)")
-        check_source(values[option], f"--{option}", option.split("_")[0])
+    check_source(values["dataset_name"], "--dataset_name", "dataset")
+    check_model(values["model_name_or_path"], "--model_name_or_path")
+    quantized = [f"--{name}" for name in ("load_in_4bit", "load_in_8bit") if values.get(name)]
+    if quantized and not values.get("use_peft"):  # method_of says so too, but only once torch and the model load
+        raise UsageError(f"{quantized[0]}: quantized weights can't be trained directly; add --use_peft true (QLoRA)")
     resume, output_dir = values.get("resume_from_checkpoint"), values.get("output_dir")
     if resume in (None, "", False) or str(resume).lower() == "false":
         return

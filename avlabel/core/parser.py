@@ -254,6 +254,13 @@ def check_path(value: str, shown: str) -> None:
         raise UsageError(f"{shown}: no such file or folder; check the path")
 
 
+def check_at_least(minimum: float, **values: float | None) -> None:
+    """Refuse an option (given as option_name=value) under `minimum`; None is an unset option and passes."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name} {value}: give a number of at least {minimum:g}")
+
+
 def check_source(value: str, option: str, what: str) -> None:
     """Refuse a `value` that is neither an existing local path nor a Hub id (owner/name) of `what`.
 
@@ -264,3 +271,20 @@ def check_source(value: str, option: str, what: str) -> None:
 
     if not Path(value).expanduser().exists() and not is_hub_id(value, namespaced=False):
         raise UsageError(f"{option} {value}: no such file or folder, and not a Hub {what} id (owner/name); check the path")
+
+
+def check_model(value: str, option: str, adapter_option: str | None = None) -> None:
+    """check_source for a model, and a local folder must be a model's (its config.json): an adapter or a
+    training run given in its place is named, with the folder to give instead."""
+    check_source(value, option, "model")
+    folder = Path(value).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        instead = f" as {option} and this folder as {adapter_option}" if adapter_option else ""
+        raise UsageError(f"{option} {value}: a LoRA adapter, not a model; give its base model{instead}, or the "
+                         "run's merged/ folder as the model")
+    if (folder / "merged" / "config.json").is_file():
+        raise UsageError(f"{option} {value}: a training run; give its merged model, {folder / 'merged'}")
+    raise UsageError(f"{option} {value}: no config.json, so not a model folder; give a model folder or a Hub id")
+

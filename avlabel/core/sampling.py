@@ -86,6 +86,14 @@ class SamplingArguments:
                   f"{_family_budgets('max_pixels')})."},
     )
 
+    def __post_init__(self):
+        from avlabel.core.errors import UsageError
+        from avlabel.core.parser import check_at_least
+
+        check_at_least(1, max_frames=self.max_frames, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        if self.fps is not None and not self.fps > 0:
+            raise UsageError(f"--fps {self.fps}: give a rate above 0 frames per second")
+
     def sampling_overrides(self) -> dict:
         """The flags that were set."""
         return {name: getattr(self, name) for name in SAMPLING_FLAGS if getattr(self, name) is not None}
