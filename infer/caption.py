@@ -230,10 +230,10 @@ def merge_and_summarize(out: Path, clips: list, todo: list, state, start: float,
 def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     import torch
     from accelerate import PartialState
-    from transformers import AutoConfig
 
     from avlabel.core.calibration import Calibration
     from avlabel.core.prompts import load_prompts
+    from avlabel.families import load_config
 
     from . import records
     from .inputs import resolve_inputs
@@ -252,7 +252,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     prompts = load_prompts(args.system_prompt_file, args.user_prompt_file, args.short_prompt)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if state.device.type == "cuda" else "float32")
     # resolved before any record is read: a rerun with the same effective frames resumes however they were given
-    sampling = settings.sampling(AutoConfig.from_pretrained(args.model), args.model, args.adapter)
+    sampling = settings.sampling(load_config(args.model, "--model"), args.model, args.adapter)
     answer = settings.answer(args.model, args.adapter)
     calibration = Calibration.for_model(args.adapter, args.model)
     identity = run_identity(args, settings, prompts, dtype, sampling, answer, calibration)

@@ -166,6 +166,21 @@ def test_a_folder_that_is_no_model_is_named(tmp_path, dataset_dir, command, file
     assert not heavy & set(MODEL_CODE)
 
 
+@pytest.mark.parametrize("command", ["caption", "train"])
+def test_a_hub_model_that_cannot_be_fetched_offline_is_named(tmp_path, dataset_dir, command):
+    """Offline (an air-gapped cluster) with an empty cache: the option and the fix, not only transformers' sentence."""
+    from odd_inputs import write_video
+
+    write_video(tmp_path / "clips" / "a.mp4")
+    flag, args = ("--model", ["--input", "clips"]) if command == "caption" else \
+        ("--model_name_or_path", ["--config", str(ROOT / "recipes" / "tiny" / "sft.yaml"), "--dataset_name",
+                                  str(dataset_dir), "--output_dir", "out"])
+    code, lines, _ = avlabel(tmp_path, command, flag, "nvidia/Cosmos-Reason1-7B", *args,
+                             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_line(code, lines, 1, f"{flag} nvidia/Cosmos-Reason1-7B: can't be loaded (",
+                    "HF_HUB_OFFLINE is set: download it where the Hub can be reached")
+
+
 def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (tmp_path / "empty").mkdir()
     code, lines, heavy = avlabel(tmp_path, "caption", "--input", "empty", "--model", str(model_dir))

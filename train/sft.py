@@ -519,11 +519,11 @@ def run_summary(trainer, train_output, method: str, script_args, training_args, 
 
 def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
     from trl import get_peft_config
 
     from avlabel.core.prompts import load_prompts
-    from avlabel.families import family_of
+    from avlabel.families import family_of, load_config
     from avlabel.families.base import VISION_ATTENTION
 
     from .export import export_model
@@ -533,8 +533,8 @@ def main(script_args: TrainScriptArguments, training_args, model_args) -> Path:
     if not script_args.dataset_name:
         raise ValueError("dataset_name is required: the builder's dataset folder or a Hub dataset id")
     method = method_of(model_args)
-    family = family_of(AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                  trust_remote_code=training_args.trust_remote_code))
+    family = family_of(load_config(model_args.model_name_or_path, "--model_name_or_path", model_args.model_revision,
+                                   training_args.trust_remote_code))
     default_lora_targets(model_args, family)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

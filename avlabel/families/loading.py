@@ -20,6 +20,23 @@ def bnb_quantization(kind: str | None, compute_dtype: str = "bfloat16"):
     raise ValueError(f"quantization must be '4bit' or '8bit', got {kind!r}")
 
 
+def load_config(name_or_path: str | Path, option: str = "model", revision: str | None = None,
+                trust_remote_code: bool = False):
+    """The model's AutoConfig, the first thing read of it: a model that can't be fetched (offline, no network, a
+    private or mistyped repo) is named with the option that gave it, not only with transformers' sentence."""
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    from avlabel.core.errors import one_line
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        offline = (" HF_HUB_OFFLINE is set: download it where the Hub can be reached (`hf download "
+                   f"{name_or_path}`), or give a local folder") if constants.HF_HUB_OFFLINE else ""
+        raise OSError(f"{option} {name_or_path}: can't be loaded ({one_line(err)}){offline}") from None
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -38,11 +55,10 @@ def load_model(
     then it stays on top of them.
     """
     import torch
-    from transformers import AutoConfig
 
     from . import family_of
 
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "config": config,
         "revision": revision,
