@@ -842,6 +842,8 @@ def check_repo_id(repo_id: str | None, option: str) -> None:
 
 
 def publish(args: PublishArguments) -> list[Published]:
+    from avlabel.core.parser import check_path
+
     if not (args.model_dir or args.dataset_dir or args.eval_dir or args.metric_repo):
         raise UsageError("nothing to publish: give --model_dir, --dataset_dir, --eval_dir and/or --metric_repo")
     for folder, repo, option in ((args.model_dir, args.model_repo, "model"), (args.dataset_dir, args.dataset_repo, "dataset")):
@@ -851,6 +853,9 @@ def publish(args: PublishArguments) -> list[Published]:
         raise UsageError("--eval_dir needs --eval_repo, or --model_dir to publish it with the model")
     for option in ("model_repo", "dataset_repo", "eval_repo", "metric_repo"):
         check_repo_id(getattr(args, option), f"--{option}")
+    for option in ("model_dir", "dataset_dir", "eval_dir"):  # a path that is not there: a command-line mistake
+        if getattr(args, option):
+            check_path(getattr(args, option), f"--{option} {getattr(args, option)}")
     if args.dry_run:
         from avlabel.core.parser import check_output_dir
 

@@ -192,6 +192,8 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (["build", "--input", ".", "--output_dir", "."], 2, "--output_dir .: the output folder can't be the input folder"),
     (["compare", "--runs", "captions", "--references", "dataset", "--output_dir", "eval"], 2, "--runs expects NAME=PATH, got 'captions'"),
     (["publish", "--dataset_dir", "dataset"], 2, "--dataset_dir needs --dataset_repo"),
+    (["publish", "--model_dir", "no/such/run", "--model_repo", "me/model", "--dry_run"], 2,
+     "--model_dir no/such/run: no such file or folder"),
     (["train", "--dataset_name", "dataset", "--model_name_or_path", "model", "--load_in_8bit", "true"], 2,
      "--load_in_8bit: quantized weights can't be trained directly; add --use_peft true (QLoRA)"),
     (["publish", "--metric_repo", "me/tiny av", "--dry_run"], 2, "--metric_repo me/tiny av: not a Hub repo id (Repo id "
