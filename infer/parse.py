@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from avlabel.core.schema import FIELDS_BY_NAME, WHOLE_LABEL, check_label
+from avlabel.core.schema import FIELDS_BY_NAME, WHOLE_LABEL, check_label, json_limit_reason
 
 
 _THINK_END = re.compile(r"</think\s*>", re.IGNORECASE)
@@ -103,8 +103,7 @@ def parse_output(raw: str) -> ParsedOutput:
     try:
         found = _first_object(text)
     except (ValueError, RecursionError) as err:  # JSON past a limit of Python's reader: nesting, or a huge integer
-        reason = "nests arrays or objects too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
-        return ParsedOutput(label={}, errors={WHOLE_LABEL: [f"the JSON object can't be read ({reason})"]})
+        return ParsedOutput(label={}, errors={WHOLE_LABEL: [f"the JSON object can't be read ({json_limit_reason(err)})"]})
     if found is None:
         reason = think_problem or "no JSON object in the output"
         return ParsedOutput(label={}, errors={WHOLE_LABEL: [reason]})

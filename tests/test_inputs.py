@@ -130,6 +130,17 @@ def test_strict_refuses_extra_keys(collection, tmp_path):
     assert report["videos/label_with_extra_keys.mp4"]["partner"] == "metas/label_with_extra_keys.label.json"
 
 
+def test_a_manifest_line_past_pythons_json_reader_is_set_aside(collection, tmp_path):
+    """A line json.loads stops on without calling it malformed (nesting past the recursion limit) is one reason, not
+    the end of the build."""
+    manifest = tmp_path / "clips.jsonl"
+    good = {"video": str(collection / "videos" / "mp4_h264.mp4"), "label": str(collection / "metas" / "mp4_h264.label.json")}
+    manifest.write_text(json.dumps(good) + "\n" + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "out"), num_proc=1))
+    assert listed.num_rows == 1
+    assert [p.reason for p in listed.problems] == ["line is not valid JSON (nests arrays or objects too deeply)"]
+
+
 def test_an_empty_input_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"

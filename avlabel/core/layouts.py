@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .problems import InputError, Problem
+from .schema import json_limit_reason
 
 CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after the camera that filmed it
 LABEL_SUFFIX = ".label.json"
@@ -262,7 +263,7 @@ def _manifest_records(manifest: Path):
             yield where, f"line is not valid JSON ({err.msg})"
             continue
         except (ValueError, RecursionError) as err:  # JSON past Python's limits: a huge integer, deep nesting
-            yield where, f"line is not valid JSON ({str(err).split(':')[0]})"
+            yield where, f"line is not valid JSON ({json_limit_reason(err)})"
             continue
         yield where, record if isinstance(record, dict) else "line is not a JSON object"
 

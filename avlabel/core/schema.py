@@ -325,6 +325,13 @@ def split_extra(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return ({k: v for k, v in raw.items() if k in FIELDS_BY_NAME}, {k: v for k, v in raw.items() if k not in FIELDS_BY_NAME})
 
 
+def json_limit_reason(err: ValueError | RecursionError) -> str:
+    """What stopped Python's JSON reader on text that json.loads did not refuse as malformed: nesting past its
+    recursion limit, or an integer of over 4,300 digits (the first clause of its message: the rest advises a
+    Python setting, not a fix of the file)."""
+    return "nests arrays or objects too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+
+
 def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
     """A human label as exports write it: (label, extra keys, None), or (None, {}, why it can't be used).
 
@@ -347,7 +354,7 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
     except RecursionError:
         return None, {}, "nests arrays or objects deeper than Python's JSON reader goes: re-export the label"
     except ValueError as err:  # valid JSON past one of Python's limits, such as an integer of over 4,300 digits
-        return None, {}, f"can't be read as JSON ({str(err).split(':')[0]}): re-export the label"
+        return None, {}, f"can't be read as JSON ({json_limit_reason(err)}): re-export the label"
     if not isinstance(raw, dict):
         return None, {}, f"is not a JSON object (got {type(raw).__name__})"
     fields, extra = split_extra(raw)
