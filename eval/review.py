@@ -39,6 +39,7 @@ from avlabel.core.records import latest_per_clip, read_located, run_files, succe
 
 NAME = "review"
 QUEUE_NAME = "queue.jsonl"
+DEFAULT_BUDGET = "50"
 
 
 @dataclass
@@ -53,7 +54,9 @@ class ReviewArguments:
         default_factory=list,
         metadata={"help": "Catalog filters the clips must match (as `avlabel search --where`), e.g. 'difficulty>=3'."},
     )
-    budget: str = field(default="50", metadata={"help": "Clips to review: a count (50) or a share of the candidates (5%%)."})
+    budget: str | None = field(
+        default=None, metadata={"help": f"Clips to review: a count ({DEFAULT_BUDGET}) or a share of the candidates (5%%)."}
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Where the queue and the Label Studio files go (default: <captions>/review)."}
     )
@@ -206,6 +209,7 @@ class Queue:
     candidates: int
     chosen: list[Candidate]
     problems: list[Problem]
+    short_of_budget: bool = False  # a count --budget asked for more clips than there are
 
     @property
     def expected_wrong(self) -> float | None:
@@ -257,8 +261,8 @@ def choose(args: ReviewArguments) -> Queue:
         raise ReviewError(f"{args.captions}: the records carry no `confidence`; give --other <run> to order by "
                           "disagreement, or --where <filter> to choose by a catalog query")
     ranked = sorted(candidates.values(), key=key)
-    budget = parse_budget(args.budget, len(ranked))
-    return Queue(order, len(ranked), ranked[:budget], problems)
+    budget = parse_budget(args.budget or DEFAULT_BUDGET, len(ranked))
+    return Queue(order, len(ranked), ranked[:budget], problems, short_of_budget=bool(args.budget) and budget > len(ranked))
 
 
 def write_queue(queue: Queue, path: Path) -> None:
@@ -298,6 +302,12 @@ def _import(args: ReviewArguments):
     given = "--annotations" if args.annotations else "--project"
     if args.annotations and args.project is not None:
         raise UsageError("--annotations and --project: give one, the export file or the project to read it from")
+    # these choose a queue; an import writes back what reviewers submitted, so they would silently do nothing
+    ignored = [flag for flag, value in (("--captions", args.captions), ("--other", args.other), ("--where", args.where),
+                                        ("--budget", args.budget), ("--output_dir", args.output_dir)) if value]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} with {given}: these choose a queue, and {given} imports the "
+                         "reviewed annotations; run the two separately")
     if not args.labels_dir:
         raise UsageError(f"{given} needs --labels_dir: the recipe-layout folder to write the label files to")
     if args.annotations:
@@ -338,7 +348,9 @@ def main(args: ReviewArguments):
     (studio / "config.xml").write_text(labeling_config(), encoding="utf-8")
     tasks = queue_to_tasks(entries, media_url=args.media_url, media_root=args.media_root, model_version=captions.name)
     (studio / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"Review queue: {len(queue.chosen)} of {queue.candidates} clip(s), by {queue.order} -> {out / QUEUE_NAME}")
+    print(f"Review queue: {len(queue.chosen)} of {queue.candidates} clip(s), by {queue.order} -> {out / QUEUE_NAME}"
+          + (f" (--budget {args.budget} is more than the {queue.candidates} candidate(s): all are queued)"
+             if queue.short_of_budget else ""))
     if queue.expected_wrong is not None:
         print(f"Expected wrong fields in the queue: {queue.expected_wrong:.1f} "
               f"(sum of 1 - confidence over {queue.with_confidence} clip(s) with a confidence; unanswered fields count 1)")

@@ -77,6 +77,11 @@ def test_confidence_order_budget_and_expected_wrong(clips, tmp_path, capsys):
 
     count = choose(ReviewArguments(captions=str(run), budget="3"))
     assert [c.clip_id for c in count.chosen] == ids[:3]
+    # a count past the candidates queues them all, and says so; the default budget (50) is not the user's ask
+    for budget, said in (("20", True), (None, False)):
+        capsys.readouterr()
+        assert len(main(ReviewArguments(captions=str(run), budget=budget)).chosen) == 8
+        assert ("--budget 20 is more than the 8 candidate(s): all are queued" in capsys.readouterr().out) is said
 
 
 def test_a_failed_or_unanswered_record_counts_its_fields_as_wrong(clips, tmp_path):
@@ -343,6 +348,11 @@ def test_label_studio_problems_are_one_line_and_keep_the_queue(clips, tmp_path, 
         (["review", "--label_studio", nowhere, "--project", "3"], "--project needs --labels_dir"),
         (["review", "--project", "3", "--labels_dir", str(tmp_path / "l")], "--project 3 needs --label_studio"),
         (["review", "--project", "3", "--annotations", "x.json", "--labels_dir", str(tmp_path / "l")], "give one"),
+        # queue choices given to an import would do nothing: named, not ignored
+        (["review", "--annotations", "x.json", "--labels_dir", str(tmp_path / "l"), "--captions", str(run), "--budget", "5"],
+         "--captions, --budget with --annotations: these choose a queue"),
+        (["review", "--label_studio", nowhere, "--project", "3", "--labels_dir", str(tmp_path / "l"), "--where", "difficulty>=3"],
+         "--where with --project: these choose a queue"),
     ]
     for argv, expected in cases:
         capsys.readouterr()
