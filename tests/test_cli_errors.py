@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -376,6 +377,28 @@ def test_resuming_the_last_checkpoint_when_there_is_none(tmp_path, dataset_dir, 
     assert not heavy
     code, lines, heavy = avlabel(tmp_path, *args, "--resume_from_checkpoint", "out/checkpoint-7")
     assert_one_line(code, lines, 2, "out/checkpoint-7: no such checkpoint folder")
+
+
+def test_a_new_run_does_not_write_over_an_earlier_run_or_another_folder(tmp_path, dataset_dir, model_dir):
+    """Without --resume_from_checkpoint the Trainer would replace an earlier run's model and prune its
+    checkpoints, or write its card over a dataset's: refused before torch loads, nothing touched."""
+    args = ["train", "--dataset_name", str(dataset_dir), "--model_name_or_path", str(model_dir), "--output_dir", "out"]
+    out = tmp_path / "out"
+    (out / "checkpoint-40").mkdir(parents=True)
+    (out / "recipe.yaml").write_text("learning_rate: 0.001\n")
+    code, lines, heavy = avlabel(tmp_path, *args)
+    assert_one_line(code, lines, 2, "--output_dir out: it holds an earlier run (checkpoint-40)", "--resume_from_checkpoint last")
+    assert not heavy and (out / "checkpoint-40").is_dir()
+    shutil.rmtree(out / "checkpoint-40")  # a start that saved nothing (Ctrl-C before the first checkpoint) starts again
+    (out / "frame_cache").mkdir()
+    from avlabel.train.sft import check_fresh_run_folder
+
+    check_fresh_run_folder(out)  # no refusal
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "README.md").write_text("a dataset card")
+    code, lines, heavy = avlabel(tmp_path, *args[:-1], "data")
+    assert_one_line(code, lines, 2, "--output_dir data: the folder holds files training did not write")
+    assert (tmp_path / "data" / "README.md").read_text() == "a dataset card"
 
 
 def test_a_rerun_into_a_folder_made_with_other_settings(tmp_path, model_dir):

@@ -414,6 +414,24 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(runs, tiny_mod
 
 
 @pytest.mark.slow
+def test_a_run_resumed_in_its_folder_exports_afresh(runs, tiny_model_of, synthetic_dataset_dir, tmp_path, caplog):
+    """The resumed run's export replaces the earlier one whole: a calibration fitted on the earlier weights
+    would otherwise be applied to the new ones by `caption` and published with them."""
+    from avlabel.core.calibration import CALIBRATION_FILE
+    from avlabel.train.sft import train
+
+    run = shutil.copytree(runs("qwen2_5_vl", "full"), tmp_path / "run")
+    shutil.rmtree(run / "checkpoint-6")  # resume from step 3, in the run's own folder
+    (run / "merged" / CALIBRATION_FILE).write_text("{}")
+    (run / "merged" / "model-00002-of-00002.safetensors").write_text("a shard of an earlier export")
+    train(TINY_RECIPE, _overrides(tiny_model_of("qwen2_5_vl"), synthetic_dataset_dir, run, resume_from_checkpoint="last"))
+    assert not (run / "merged" / CALIBRATION_FILE).exists()
+    assert not (run / "merged" / "model-00002-of-00002.safetensors").exists()
+    assert (run / "merged" / "model.safetensors").is_file()
+    assert f"{run / 'merged' / CALIBRATION_FILE} was fitted on the earlier weights" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_resumed_run_logs_as_the_uninterrupted_run(tiny_model_dir, synthetic_dataset_dir, tmp_path):
     """Learning rate, token count and loss continue across a resume, in the log and in train_results.json,
     from a checkpoint (step 3) that falls between two logging steps (2 and 4)."""

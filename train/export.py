@@ -14,6 +14,7 @@ exported the same way, on the CPU, with
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from avlabel.core.prompts import Prompts
 from avlabel.core.sampling import SamplingConfig
 from avlabel.families import Family, family_of
+
+logger = logging.getLogger(__name__)
 
 
 def save_processor(processor, folder: str | Path, sampling: SamplingConfig, prompts: Prompts, family: Family) -> None:
@@ -39,6 +42,17 @@ def save_processor(processor, folder: str | Path, sampling: SamplingConfig, prom
     processor.save_pretrained(folder)
     sampling.save(folder)
     prompts.save(folder)
+
+
+def clear_export(folder: Path) -> None:
+    """Remove an earlier export from `folder`, saying so when it held a confidence calibration: one fitted on
+    the earlier weights would mis-state this model's confidence, so it has to be fitted again."""
+    from avlabel.core.calibration import CALIBRATION_FILE
+
+    if (folder / CALIBRATION_FILE).is_file():
+        logger.warning(f"{folder / CALIBRATION_FILE} was fitted on the earlier weights and is removed with them; "
+                       f"fit it again for this model (avlabel calibrate --model {folder})")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def merge_adapter(base_model: str, adapter_dir: str | Path, out_dir: str | Path, revision: str = "main") -> Path:
@@ -66,6 +80,9 @@ def export_model(trainer, processor, model_args, output_dir: Path, method: str, 
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     model = trainer.accelerator.unwrap_model(trainer.model)
     family = family_of(model)
+    if is_main:  # a resumed run exports again: nothing of the earlier export may pass for this one's
+        for folder in (output_dir / "adapter", output_dir / "merged"):
+            clear_export(folder)
     if peft:
         adapter_dir = output_dir / "adapter"
         if is_main:

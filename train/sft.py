@@ -611,6 +611,8 @@ def check_arguments(values: dict[str, Any]) -> None:
         raise UsageError(f"{quantized[0]}: quantized weights can't be trained directly; add --use_peft true (QLoRA)")
     resume, output_dir = values.get("resume_from_checkpoint"), values.get("output_dir")
     if resume in (None, "", False) or str(resume).lower() == "false":
+        if output_dir:
+            check_fresh_run_folder(Path(output_dir))
         return
     if str(resume).lower() in ("true", "last"):
         # transformers' get_last_checkpoint looks for these; importing it would load torch
@@ -619,6 +621,27 @@ def check_arguments(values: dict[str, Any]) -> None:
                              "leave the flag out to start the run")
     elif not Path(resume).is_dir():
         raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+
+
+# what a run leaves that a new run in the same folder would silently replace (with save_total_limit, delete)
+FINISHED_OR_SAVED = ("checkpoint-*", "merged", "adapter", "train_results.json")
+
+
+def check_fresh_run_folder(output_dir: Path) -> None:
+    """A run that starts (no --resume_from_checkpoint) writes into a folder that is new, empty, or holds only a start
+    that saved nothing; the Trainer would otherwise overwrite an earlier run's model and prune its checkpoints,
+    or write over a folder training never made (a dataset's card, say)."""
+    from avlabel.core.errors import UsageError
+
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not (output_dir / "recipe.yaml").is_file():  # the first file a run writes
+        raise UsageError(f"--output_dir {output_dir}: the folder holds files training did not write; "
+                         "give a new or empty folder for the run")
+    saved = sorted({path.name for pattern in FINISHED_OR_SAVED for path in output_dir.glob(pattern)})
+    if saved:
+        raise UsageError(f"--output_dir {output_dir}: it holds an earlier run ({', '.join(saved[:3])}); continue it with "
+                         "--resume_from_checkpoint last, or give a new --output_dir (remove the folder to start it over)")
 
 
 def make_parser(subparsers=None):
