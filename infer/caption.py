@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,20 +131,29 @@ def _check_budget(tokenizer, settings: GenerationSettings, answer) -> None:
 
 
 def _clear(out: Path) -> None:
+    """--overwrite: remove what earlier caption runs wrote in `out` (records, summary, their clips' label files),
+    nothing else."""
+    from avlabel.core.layouts import LABEL_SUFFIX
+
     from . import records
 
+    for record in records.read_all(out):
+        (out / records.LABELS / f"{record['clip_id']}{LABEL_SUFFIX}").unlink(missing_ok=True)
     for path in records.record_files(out):
         path.unlink()
     (out / records.SUMMARY).unlink(missing_ok=True)
-    shutil.rmtree(out / records.LABELS, ignore_errors=True)
 
 
 def run_identity(args: CaptionArguments, settings: GenerationSettings, prompts, dtype: str, sampling, answer,
                  calibration) -> dict[str, Any]:
     """What every record of this run carries: a rerun resumes only records with the same identity."""
+    from avlabel.families import weights_fingerprint
+
     return {
         "model": args.model,
         "adapter": args.adapter,
+        # a model retrained into the same folder is another model
+        "weights_sha": {"model": weights_fingerprint(args.model), "adapter": weights_fingerprint(args.adapter)},
         "prompt_sha": prompts.sha,
         "generation": {**settings.to_dict(), **sampling.to_dict(), "dtype": dtype, "quantization": args.quantization,
                        **({"answer": answer.to_dict()} if settings.constrained else {})},
@@ -243,8 +251,6 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     out = Path(args.output_dir)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
-            _clear(out)
     with state.main_process_first():  # the main process writes any clips a Hub dataset stores as bytes
         clips = resolve_inputs(args.input, args.split, cache_dir=out / ".clips")
     clips = clips[: args.limit] if args.limit else clips
@@ -256,7 +262,7 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
     answer = settings.answer(args.model, args.adapter)
     calibration = Calibration.for_model(args.adapter, args.model)
     identity = run_identity(args, settings, prompts, dtype, sampling, answer, calibration)
-    earlier = records.read_all(out)
+    earlier = [] if args.overwrite else records.read_all(out)
     records.check_same_run(earlier, identity, out)
     done = records.done_clip_ids(earlier)
     todo = [clip for clip in clips if clip.clip_id not in done]
@@ -271,6 +277,9 @@ def main(args: CaptionArguments, settings: GenerationSettings) -> dict:
 
     processor = AutoProcessor.from_pretrained(args.model)  # loaded once: its tokenizer is a second or two
     _check_budget(processor.tokenizer, settings, answer)
+    if args.overwrite and state.is_main_process:  # only now: a run refused above leaves the earlier captions as they were
+        _clear(out)
+    state.wait_for_everyone()  # cleared before any process writes
 
     start = time.perf_counter()
     load_seconds = None

@@ -33,7 +33,7 @@ from avlabel.core.schema import FIELD_NAMES, label_to_json
 SUMMARY = "summary.json"
 LABELS = "labels"
 # what must match for an earlier record to count as done by this run
-RUN_KEYS = ("model", "adapter", "prompt_sha", "generation", "calibration")
+RUN_KEYS = ("model", "adapter", "weights_sha", "prompt_sha", "generation", "calibration")
 
 
 def _trim_partial_line(path: Path) -> None:
@@ -47,7 +47,7 @@ def _trim_partial_line(path: Path) -> None:
 def _same(key: str, earlier: Any, now: Any) -> bool:
     """One setting of an earlier record and of this run agree; a model or adapter folder may be named
     another way (`runs/merged`, `./runs/merged`, its absolute path) by the command that resumes."""
-    if earlier == now:
+    if earlier == now or (key == "weights_sha" and earlier is None):  # records from before weights were fingerprinted
         return True
     local = key in ("model", "adapter") and isinstance(earlier, str) and isinstance(now, str)
     return local and Path(earlier).exists() and Path(earlier).resolve() == Path(now).resolve()

@@ -270,9 +270,11 @@ def test_a_finished_run_reruns_without_loading_the_model(tiny_model_dir, synthet
     out = tmp_path / "captions"
     first = _caption(model, input=manifest, output_dir=out, max_new_tokens=16)
     assert first["this_run"]["captioned"] == 2
-    kept = {"config.json", "sampling_config.json", "answer_config.json", "calibration.json"}  # what the run's identity reads
+    # what the run's identity reads (the weights' bytes for their fingerprint, not loaded into a model); without the
+    # tokenizer's files neither the processor nor the model (loaded after it) could load
+    kept = {"config.json", "sampling_config.json", "answer_config.json", "calibration.json", "model.safetensors"}
     moved = [path for path in model.iterdir() if path.name not in kept]
-    assert any(path.suffix == ".safetensors" for path in moved) and any("tokenizer" in path.name for path in moved)
+    assert any("tokenizer" in path.name for path in moved)
     (tmp_path / "moved").mkdir()
     for path in moved:
         path.rename(tmp_path / "moved" / path.name)
@@ -289,6 +291,38 @@ def test_a_finished_run_reruns_without_loading_the_model(tiny_model_dir, synthet
 
 
 @pytest.mark.slow
+def test_a_retrained_model_in_the_same_folder_is_not_resumed_and_overwrite_waits_for_the_checks(
+        tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
+    """Resume goes by the weights, not the folder's name: the captions of the model trained before would pass
+    for the new one's. --overwrite clears them only once the command's checks pass, and only what caption wrote."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from avlabel.core.errors import UsageError
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    manifest = tmp_path / "clips.txt"
+    manifest.write_text(f"{sorted((synthetic_raw_dir / 'videos').glob('*.mp4'))[0]}\n")
+    out = tmp_path / "captions"
+    _caption(model, input=manifest, output_dir=out, max_new_tokens=16)
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1  # trained again, into the same folder
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="captions made with a different weights_sha"):
+        _caption(model, input=manifest, output_dir=out, max_new_tokens=16)
+
+    (out / "labels" / "mine.label.json").write_text("{}")  # the user's, not caption's
+    earlier = (out / "captions.jsonl").read_text()
+    with pytest.raises(UsageError, match="below"):  # refused after the inputs and model are read: nothing is cleared
+        _caption(model, input=manifest, output_dir=out, max_new_tokens=5, constrained=True, overwrite=True)
+    assert (out / "captions.jsonl").read_text() == earlier
+    _caption(model, input=manifest, output_dir=out, max_new_tokens=16, overwrite=True)
+    assert _records(out)[0]["weights_sha"]["model"] != json.loads(earlier)["weights_sha"]["model"]
+    assert (out / "labels" / "mine.label.json").is_file()
+
+
 def test_killed_run_resumes_without_losing_or_repeating_clips(tiny_model_dir, synthetic_raw_dir, tmp_path, one_thread):
     out = tmp_path / "captions"
     command = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Family
-from .loading import bnb_quantization, load_config, load_model
+from .loading import bnb_quantization, load_config, load_model, weights_fingerprint
 from .qwen2_5_vl import QWEN2_5_VL
 from .qwen3_vl import QWEN3_VL
 
@@ -20,7 +20,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (QWEN2_5_
 # the Cosmos recipe's (Reason 1): frames are sampled at its defaults when no model is known
 DEFAULT_FAMILY = QWEN2_5_VL
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "bnb_quantization", "family_of", "load_config", "load_model"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "Family", "bnb_quantization", "family_of", "load_config", "load_model", "weights_fingerprint"]
 
 
 def family_of(source) -> Family:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WHOLE_FILE_BYTES = 64 * 2**20  # an adapter, a tiny model: read whole
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 4096
 
 
 def bnb_quantization(kind: str | None, compute_dtype: str = "bfloat16"):
@@ -18,6 +23,27 @@ def bnb_quantization(kind: str | None, compute_dtype: str = "bfloat16"):
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be '4bit' or '8bit', got {kind!r}")
+
+
+def weights_fingerprint(name_or_path: str | Path | None) -> str | None:
+    """A digest of a local model or adapter folder's weight files that changes when they are trained again, so a
+    caption run resumes only with the weights it began with (a retrain keeps the folder's name). A file over
+    64 MiB is read in 64 blocks spread over it: reading 16 GB whole would take a minute at every start, and
+    training changes nearly every block of a checkpoint. None for a Hub id (its name says which weights)."""
+    if name_or_path is None or not Path(name_or_path).is_dir():
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in Path(name_or_path).iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(handle.read())
+                continue
+            for block in range(SAMPLED_BLOCKS):
+                handle.seek(block * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
+                digest.update(handle.read(BLOCK_BYTES))
+    return digest.hexdigest()
 
 
 def load_config(name_or_path: str | Path, option: str = "model", revision: str | None = None,
