@@ -202,6 +202,7 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     (["publish", "--dataset_dir", "dataset", "--dataset_repo", "dashcam", "--dry_run"], 2,
      "--dataset_repo dashcam: give owner/name"),
     (["review", "--budget", "5%"], 2, "--captions: give the caption run to review"),
+    (["demo", "--output_dir", str(ROOT / "tests")], 2, "/tests: the folder is not empty (an earlier demo?)"),
     (["search", "--db", "nowhere.sqlite"], 1, "nowhere.sqlite: no catalog here"),
     (["search", "--index", "sft=no/such/run"], 2, "--index sft=no/such/run: no such file or folder"),
     (["compare", "--runs", "sft=no/such/run", "--references", ".", "--output_dir", "eval"], 2,

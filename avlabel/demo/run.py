@@ -252,6 +252,10 @@ def search_catalog(dataset: Path, fine_tuned: Path, out: Path, artifacts: dict[s
 
 def main(args: DemoArguments) -> dict:
     out = Path(args.output_dir).resolve()
+    # each step resumes what it finds (a caption run, a build), so an earlier demo's captions would pass for this one's
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--output_dir {args.output_dir}: the folder is not empty (an earlier demo?); the demo starts "
+                         "from nothing: give a new folder, or remove this one")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     artifacts: dict[str, Path] = {}
