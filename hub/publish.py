@@ -651,6 +651,9 @@ def _checked(plan: Plan, scrub: Scrubber) -> Plan:
     return plan
 
 
+COPY_BELOW_BYTES = 2**20
+
+
 def write_folder(plan: Plan, root: str | Path) -> Path:
     """Write the plan to `<root>/<models|datasets|spaces>/<repo id>/`, exactly: stale files there are an error."""
     folder = Path(root) / f"{plan.repo_type}s" / plan.repo_id
@@ -666,7 +669,9 @@ def write_folder(plan: Plan, root: str | Path) -> Path:
             target.unlink(missing_ok=True)  # an earlier run's link: write a new file, not through it
             target.write_bytes(content)
         else:
-            link_or_copy(content, target)
+            # weights and clips are linked (gigabytes); a small file is copied, since a dry run is there to be read
+            # and edited, and an edit through a link would change its source (the installed metric's code, say)
+            link_or_copy(content, target, copy=Path(content).stat().st_size < COPY_BELOW_BYTES)
     return folder
 
 

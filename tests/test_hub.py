@@ -450,6 +450,10 @@ def test_dry_run_writes_the_exact_repo_folder_and_pushes_nothing(hub, request, t
     assert folder == tmp_path / "dry" / "models" / repo_id
     written = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert sorted(written) == published.files
+    # the small files are copies, to edit freely; the weights are links to the run's own
+    assert all(p.stat().st_nlink == 1 for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 2**20)
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size >= 2**20 and weights.stat().st_ino == (train_output / "merged" / "model.safetensors").stat().st_ino
 
     publish_model(train_output, repo_id, eval_dir=eval_output)  # the same plan, pushed
     pushed = hub.files(repo_id, "model")
