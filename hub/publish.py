@@ -615,6 +615,8 @@ def plan_metric(repo_id: str, metric_dir: str | Path | None = None) -> tuple[Pla
     card.data.app_file = card.data.get("app_file") or "app.py"
     tags = list(card.data.get("tags") or [])
     card.data.tags = tags + [tag for tag in ("evaluate", "metric") if tag not in tags]
+    # the folder's card loads the metric from the folder; the Space's visitors load it by its repo id
+    card.text = re.sub(r'evaluate\.load\("[^"]*"\)([ \t]*#[^\n]*)?', f'evaluate.load("{repo_id}")', card.text)
     plan.add("README.md", str(card).encode("utf-8"), str(folder / "README.md"))
     if "app.py" not in plan.files:
         plan.add("app.py", METRIC_APP.format(repo_id=repo_id).encode())

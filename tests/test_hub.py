@@ -697,6 +697,9 @@ def test_published_metric_loads_with_evaluate_by_repo_id(hub, tmp_path):
     card = yaml.safe_load(space["README.md"].decode().split("---")[1])
     assert card["sdk"] == "gradio" and card["app_file"] == "app.py" and {"evaluate", "metric"} <= set(card["tags"])
     assert 'evaluate.load("tester/av_label_metric")' in space["app.py"].decode()
+    # its card's usage loads it as the Space's visitors can: by repo id, not the project's folder
+    assert 'evaluate.load("tester/av_label_metric")' in space["README.md"].decode()
+    assert "eval/av_label_metric" not in space["README.md"].decode()
     # the Space installs what evaluate.load refuses to run the metric without (its own widget needs evaluate)
     assert {"evaluate", "sacrebleu", "rouge_score", "scikit-learn"} <= set(space["requirements.txt"].decode().split())
 

@@ -4,7 +4,8 @@ Load it from this folder or its Hub repository: `evaluate.load("path/to/av_label
 only `evaluate` and the packages imported below. The metrics are the project's own code:
 `field_metrics.py` and `label_schema.py` beside this file are generated from the `avlabel`
 package (`python -m avlabel.eval.metric_bundle`), so they compute what `avlabel metrics` does.
-The optional LLM judge is the project's judge and needs `pip install 'avlabel[judge]'`.
+The optional LLM judge is the project's judge and needs avlabel installed with its `judge` extra
+(in a clone of avlabel, `pip install '.[judge]'`).
 See README.md beside this file for the keys `compute` returns.
 """
 
@@ -44,7 +45,7 @@ Args:
         be a valid label. Keys beyond the schema are set aside, as `avlabel metrics` does.
     judge (dict or avlabel JudgeConfig, optional): judge settings (the `judge_*` options of
         `avlabel judge`, e.g. {"judge_model": "gpt-5", "judge_base_url": ..., "judge_cache": ...}).
-        Needs `pip install 'avlabel[judge]'`. Without it no network is used.
+        Needs avlabel with its `judge` extra. Without it no network is used.
 Returns:
     dict with "n", "json_valid_rate" and, for every field F, "F/<metric>" keys (see README.md),
     plus "F/judge_score" and "judge/*" when a judge is given.
@@ -107,7 +108,8 @@ def _judge_scores(refs: list[dict], preds: list, judge) -> dict[str, Any]:
     try:
         from avlabel.eval.judge import Judge, JudgeConfig, JudgeItem, score_arrays
     except ImportError:
-        raise ImportError("judge=... uses the avlabel LLM judge: pip install 'avlabel[judge]'") from None
+        raise ImportError("judge=... uses the avlabel LLM judge: install avlabel with its judge extra "
+                          "(in a clone of avlabel: pip install '.[judge]')") from None
 
     config = judge if isinstance(judge, JudgeConfig) else JudgeConfig(**judge)
     judge_obj = Judge(config)
