@@ -141,6 +141,12 @@ def test_the_installed_cli_runs_outside_the_repository(installed):
     assert all(command in shown.stdout for command in COMMANDS)
     demo_help = _run(["avlabel", "demo", "--help"], outside, env)
     assert demo_help.returncode == 0 and "--max_steps" in demo_help.stdout, demo_help.stderr
+    # the README's `--config recipes/...` reads the recipes the package ships: a pip install has no recipes/ folder
+    read = _run(["avlabel", "caption", "--config", "recipes/infer/tiny.yaml", "--input", "no_clips_here"], outside, env)
+    assert read.returncode == 2 and "--input no_clips_here" in read.stderr and "--config" not in read.stderr, read.stderr
+    missing = _run(["avlabel", "caption", "--config", "recipes/infer/nope.yaml"], outside, env)
+    shipped = (Path(located.stdout.strip()).parent / "recipes").as_posix()
+    assert missing.returncode == 2 and f"no such file; give the path of a YAML recipe (the installed ones are in {shipped})" in missing.stderr, missing.stderr
 
 
 def test_generic_top_level_names_are_not_installed(installed):

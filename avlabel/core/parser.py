@@ -141,6 +141,7 @@ class ArgumentParser(TrlParser):
             index = args.index(CONFIG_FLAG)
             if index + 1 == len(args):
                 raise UsageError(f"{CONFIG_FLAG} needs a YAML file")
+            args[index + 1] = packaged_recipe(args[index + 1])
             self._check_config(args[index + 1])
         try:
             *parsed, remaining = super().parse_args_and_config(args, return_remaining_strings=True, **kwargs)
@@ -173,7 +174,8 @@ class ArgumentParser(TrlParser):
         try:
             config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UsageError(f"{where}: no such file; give the path of a YAML recipe (see recipes/)") from None
+            raise UsageError(f"{where}: no such file; give the path of a YAML recipe (the installed ones are in "
+                             f"{recipes_folder()})") from None
         except IsADirectoryError:
             raise UsageError(f"{where}: a folder, not a YAML file") from None
         except (OSError, UnicodeDecodeError) as err:
@@ -188,6 +190,23 @@ class ArgumentParser(TrlParser):
         for key in config:
             if key not in known:
                 raise UsageError(f"{where}: unknown argument {key!r}{did_you_mean(str(key), known)}")
+
+
+def recipes_folder() -> Path:
+    """recipes/ of a clone, or avlabel/recipes/ in site-packages for a pip install."""
+    from avlabel import recipes
+
+    return Path(recipes.__file__).parent
+
+
+def packaged_recipe(path: str) -> str:
+    """`recipes/...` as the README writes it: the file there, else the one the package ships, so a pip install
+    (which has no recipes/ folder beside the user) runs the README's commands as a clone does."""
+    parts = Path(path).parts
+    if Path(path).exists() or len(parts) < 2 or parts[0] != "recipes":
+        return path
+    shipped = recipes_folder().joinpath(*parts[1:])
+    return str(shipped) if shipped.is_file() else path
 
 
 def check_input(value: str) -> str:
