@@ -120,6 +120,29 @@ def synthetic_dataset_dir(synthetic_raw_dir, tmp_path_factory):
     return out
 
 
+NETWORK_LOG = "network.log"
+# Python's audit hook sees every host name a process (and the workers it forks) looks up, whichever library asks
+NETWORK_HOOK = """import os, sys
+def _log_lookup(event, args):
+    if event == "socket.getaddrinfo":
+        with open(os.environ["AVLABEL_NETWORK_LOG"], "a") as log:
+            log.write(f"{args[0]}\\n")
+sys.addaudithook(_log_lookup)
+"""
+
+
+def network_logged(log: Path) -> dict[str, str]:
+    """An environment whose Python processes write each host name they look up to `log`. CI is unset: libraries
+    skip their telemetry under CI, which would hide it from the test of a user's run."""
+    import os
+
+    hooks = log.parent / "network_hook"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(NETWORK_HOOK)
+    env = {name: value for name, value in os.environ.items() if name != "CI"}
+    return {**env, "AVLABEL_NETWORK_LOG": str(log), "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="session")
 def demo_of(tmp_path_factory):
     """`avlabel demo --family F` as a newcomer runs it (minutes on 2 cores), made once per family for the tests
@@ -135,7 +158,8 @@ def demo_of(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"demo_{family}") / "demo_output"
             try:
                 done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family",
-                                       family, *options], capture_output=True, text=True, timeout=1200)
+                                       family, *options], capture_output=True, text=True, timeout=1200,
+                                      env=network_logged(out.parent / NETWORK_LOG))
                 runs[key] = (out, done.stdout) if done.returncode == 0 else done.stdout[-3000:] + done.stderr[-3000:]
             except subprocess.TimeoutExpired as timeout:  # its partial output comes as bytes, text=True or not
                 printed = (timeout.stdout or b"")[-3000:] + (timeout.stderr or b"")[-3000:]

@@ -7,6 +7,7 @@ Each run takes minutes on a CPU, over the quick loop's budget: the whole module 
 import json
 
 import pytest
+from conftest import NETWORK_LOG
 
 from avlabel.demo.run import VISUAL_FIELDS
 
@@ -73,6 +74,9 @@ def test_demo_writes_every_artifact_and_says_where(demo, request):
     assert hits > 0 or short_loop
     for artifact in ("report (HTML)", "catalog gallery", "model repo as it would be pushed"):
         assert artifact in stdout
+    # no network, as the README says: no process of the demo looked up a host (tests/conftest.py logs each one)
+    log = out.parent / NETWORK_LOG
+    assert not log.exists(), f"the demo looked up {sorted(set(log.read_text().split()))}"
 
 
 def test_the_artifact_listing_gives_whole_paths(tmp_path, capsys, monkeypatch):

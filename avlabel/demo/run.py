@@ -257,6 +257,8 @@ def main(args: DemoArguments) -> dict:
         raise UsageError(f"--output_dir {args.output_dir}: the folder is not empty (an earlier demo?); the demo starts "
                          "from nothing: give a new folder, or remove this one")
     out.mkdir(parents=True, exist_ok=True)
+    # the demo promises no network; TRL's trainer pings the Hub with usage telemetry unless told not to
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     started = time.perf_counter()
     artifacts: dict[str, Path] = {}
 
