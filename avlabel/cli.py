@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None, commands: dict[str, tuple[str, str]] | N
     commands = COMMANDS if commands is None else commands
     top = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     top.add_argument("--debug", action="store_true", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
+    top.add_argument("--version", action="store_true", help="Print avlabel's version and exit.")
     subparsers = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_line) in commands.items():
         subparsers.add_parser(name, help=help_line)
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None, commands: dict[str, tuple[str, str]] | N
         argv = argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
+        raise SystemExit(0)
+    if argv[0] == "--version":  # what a bug report names
+        from avlabel import __version__
+
+        print(f"avlabel {__version__}")
         raise SystemExit(0)
     if argv[0] not in commands:
         print(f"{prog}: error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} (see {prog} --help)",

@@ -415,6 +415,15 @@ def test_a_rerun_into_a_folder_made_with_other_settings(tmp_path, model_dir):
     assert not heavy & set(MODEL_CODE)
 
 
+def test_version(capsys):
+    from avlabel import __version__
+    from avlabel.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"avlabel {__version__}\n"
+
+
 def test_an_unknown_command(tmp_path):
     code, lines, heavy = avlabel(tmp_path, "trian")
     assert_one_line(code, lines, 2, "unknown command 'trian'; did you mean train?")

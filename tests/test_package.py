@@ -136,6 +136,9 @@ def test_the_installed_cli_runs_outside_the_repository(installed):
     assert located.returncode == 0, located.stderr
     assert Path(located.stdout.strip()).is_relative_to(venv_dir), "the venv's own copy must be the one imported"
 
+    licensed = _run([venv_dir / "bin" / "python", "-c", "import importlib.metadata as m; "
+                     "print(m.distribution('avlabel').read_text('licenses/LICENSE').splitlines()[1].strip())"], outside, env)
+    assert licensed.stdout.strip() == "Version 2.0, January 2004", licensed.stderr  # the licence text travels with the wheel
     shown = _run(["avlabel", "--help"], outside, env)
     assert shown.returncode == 0, shown.stderr
     assert all(command in shown.stdout for command in COMMANDS)
