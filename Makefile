@@ -8,7 +8,7 @@ demo: install
 	avlabel demo
 
 test: install
-	python3 -m pytest -q
+	python3 -m pytest -q --durations=15  # the slowest tests: the suite's time budget is 15 minutes
 
 # the quick loop while working: everything but the tests marked slow (CI runs them all)
 test-fast: install
