@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -253,21 +254,40 @@ def _reencode_losslessly(original, video, copy) -> None:
     copy.mux(stream.encode())
 
 
-def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int):
-    """Yield `function(*job)` for each job, in order, computed on `num_proc` processes, with a progress bar."""
+def _leave_interrupts_to_the_main() -> None:
+    """A pool worker ignores Ctrl-C (the terminal sends it to every process of the group): the main process
+    saves what is done and stops the workers. A worker that caught it would go on with the jobs queued for it;
+    one that died of it while reading the job queue would hold the queue's lock for good."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int, chunked: bool = True):
+    """Yield `function(*job)` for each job, in order, computed on `num_proc` processes, with a progress bar.
+
+    `chunked=False` sends one job at a time: for long jobs (presampling), so each result comes back, and can be
+    recorded, as soon as it is done. Close the generator when stopping early: that stops the workers."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
     if not jobs:
         return
-    with contextlib.ExitStack() as stack:
-        if num_proc > 1 and len(jobs) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(num_proc))
-            results = pool.map(function, *zip(*jobs), chunksize=max(1, min(32, len(jobs) // (num_proc * 4))))
-        else:
-            results = (function(*job) for job in jobs)
-        yield from tqdm(results, total=len(jobs), desc=description, unit="clip", disable=None)
+    bar = dict(total=len(jobs), desc=description, unit="clip", disable=None)
+    if num_proc <= 1 or len(jobs) == 1:
+        yield from tqdm((function(*job) for job in jobs), **bar)
+        return
+    chunksize = max(1, min(32, len(jobs) // (num_proc * 4))) if chunked else 1
+    pool = ProcessPoolExecutor(num_proc, initializer=_leave_interrupts_to_the_main)
+    try:
+        yield from tqdm(pool.map(function, *zip(*jobs), chunksize=chunksize), **bar)
+    except BaseException:
+        # stopped early (Ctrl-C): what the workers are doing would not be recorded, so end them now rather than
+        # wait for the jobs already queued (Python 3.14 calls this ProcessPoolExecutor.terminate_workers)
+        for process in pool._processes.values():
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- build cache
@@ -319,14 +339,16 @@ class _Cache:
 
 
 @contextlib.contextmanager
-def _saved_when_interrupted(cache: _Cache):
-    """Save the cache when Ctrl-C stops the loop inside, so the next build resumes from the last clip done, not
-    from the last checkpoint (up to CHECKPOINT_EVERY presampled clips to encode again)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        cache.save()
-        raise
+def _saved_when_interrupted(cache: _Cache, results):
+    """Save the cache when Ctrl-C stops the loop inside over `results` (a `_run_parallel`), so the next build
+    resumes from the last clip done, not from the last checkpoint (up to CHECKPOINT_EVERY presampled clips to
+    encode again); the workers are stopped at once, whichever way the loop ends."""
+    with contextlib.closing(results):
+        try:
+            yield
+        except KeyboardInterrupt:
+            cache.save()
+            raise
 
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
@@ -462,8 +484,8 @@ def build(args: BuildArguments) -> BuildResult:
     sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)
     probed = _run_parallel(_probe_file, [(sources[key],) for key in todo], "Probing", num_proc)
-    with _saved_when_interrupted(cache):
-        for done, (key, result) in enumerate(zip(todo, probed), 1):
+    with _saved_when_interrupted(cache, probed):
+        for done, (key, result) in enumerate(zip(todo, probed, strict=True), 1):
             cache.probes[key] = result
             if done % CHECKPOINT_EVERY == 0:
                 cache.save()  # a build that is killed resumes from here
@@ -582,13 +604,14 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
     for split in {splits[clip_id] for clip_id, _ in to_write}:
         (out / split).mkdir(exist_ok=True)
     sampling = args.sampling().to_dict()
-    jobs = []  # presampling and remuxing decode or rewrite files: on the pool; links are made here
+    jobs = []  # presampling and remuxing decode or rewrite files: on the pool, one clip a job; links are made here
     for clip_id, name in to_write:
         source, how = str(clips[clip_id].video), recipe(clips[clip_id].video)
         jobs.append((source, str(out / name), how, sampling, args.crf, cache.probes[keys[clip_id]], args.copy))
-    results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1)
-    with _saved_when_interrupted(cache):
-        for done, ((clip_id, name), result) in enumerate(zip(to_write, results), 1):
+    results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1,
+                            chunked=False)
+    with _saved_when_interrupted(cache, results):
+        for done, ((clip_id, name), result) in enumerate(zip(to_write, results, strict=True), 1):
             if "error" in result:
                 problems.append(Problem(clips[clip_id].video_name, "pack", result["error"]))
                 continue

@@ -401,6 +401,39 @@ def test_an_interrupted_presample_resumes_from_the_last_clip_stored(tmp_path, mo
     assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, 3, 6)
 
 
+def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a pool presamples: the command
+    exits with the one line, its workers stop instead of going on with the clips queued for them (which
+    would not be recorded), and the next build stores only the clips the interrupted one did not record."""
+    import signal
+    import time
+
+    root, out = tmp_path / "raw", tmp_path / "out"
+    count = 60
+    synthetic.generate(root, count, seed=0, width=256, height=144, seconds=3.0, fps=10, workers=2, progress=False)
+    command = [sys.executable, "-m", "avlabel", "build", "--input", str(root), "--output_dir", str(out),
+               "--presample", "--test_size", "0", "--num_proc", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("train/*.mp4"))) < 6 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=30)  # a bound on hanging, far above the fraction of a second it takes
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and stderr == "avlabel build: interrupted\n", stderr  # no worker's traceback
+    recorded = (out / build.CACHE_NAME).read_text(encoding="utf-8").count('"output"')
+    # stored and not recorded: at most the clips the pool was given and had not returned, the three its queue
+    # holds (workers + 1) and the one in each worker's hands
+    assert 1 <= recorded <= len(list(out.glob("train/*.mp4"))) <= recorded + 5 < count
+    resumed = build.build(BuildArguments(input=str(root), output_dir=str(out), presample=True, test_size=0,
+                                         num_proc=2))
+    assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, count - recorded, count)
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")
