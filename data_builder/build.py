@@ -398,21 +398,25 @@ def assign_splits(clip_ids: list[str], test_size: float, previous: dict[str, str
     the split it had there.
 
     A fraction holds out each clip whose hash falls below it, so a clip keeps its split when others are
-    added; a count holds out the new clips with the smallest hashes, as many as the count lacks beside the
-    test clips kept. Either way a rebuild that adds clips (labels back from review, say) moves no clip
-    between train and test: a moved test clip would train the next version on what the last one is tested on.
+    added; when that leaves `test` empty (a few clips: 12 at 0.1 often have no hash below it) the new clip
+    with the smallest hash is held out, if another is left to train on. A count holds out the new clips
+    with the smallest hashes, as many as the count lacks beside the test clips kept. Either way a rebuild
+    that adds clips (labels back from review, say) moves no clip between train and test: a moved test clip
+    would train the next version on what the last one is tested on.
     """
     if test_size < 0:
         raise UsageError(f"--test_size {test_size:g}: must be at least 0")
     if test_size >= 1 and test_size != int(test_size):
         raise UsageError(f"--test_size {test_size:g}: 1 or more is a clip count and must be whole")
     kept = {c: previous[c] for c in clip_ids if previous and previous.get(c) in SPLITS}
-    new = [c for c in clip_ids if c not in kept]
+    new = sorted((c for c in clip_ids if c not in kept), key=lambda c: (_hash_unit(c), c))
     if test_size < 1:
         held_out = {c for c in new if _hash_unit(c) < test_size}
+        if test_size > 0 and not held_out and "test" not in kept.values() and len(clip_ids) > 1:
+            held_out = set(new[:1])
     else:
         room = max(0, int(test_size) - sum(split == "test" for split in kept.values()))
-        held_out = set(sorted(new, key=lambda c: (_hash_unit(c), c))[:room])
+        held_out = set(new[:room])
     return {c: kept.get(c) or ("test" if c in held_out else "train") for c in clip_ids}
 
 
@@ -664,6 +668,11 @@ def print_summary(result: BuildResult, file=None) -> None:
     if result.remuxed:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
                       "not list their container; the video is copied, its frames untouched.")
+    if result.test_size > 0 and result.rows and "test" not in result.rows:
+        why, fix = ("a single clip", "add clips") if result.num_rows == 1 else \
+            ("each clip keeps the `train` split an earlier build gave it", "build into a new --output_dir to split afresh")
+        console.print(f"No clip is held out for `test` (--test_size {result.test_size:g}, {why}): the recipes' "
+                      f"evaluation during training and `avlabel caption` read `test` by default; {fix}.")
     if result.kept_splits:
         console.print(f"{result.kept_splits} clip(s) kept the split an earlier build gave them, where --test_size "
                       f"{result.test_size:g} alone would move them: no test clip of one version trains the next "

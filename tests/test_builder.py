@@ -469,6 +469,35 @@ def test_splits_are_deterministic_by_clip_id():
         build.assign_splits(ids, 2.5)
 
 
+def test_a_share_of_a_few_clips_still_holds_one_out(tmp_path):
+    """12 clips none of whose hashes falls below the default 0.1 (seed 1's): `test` gets the one with the smallest
+    hash, which stays there as clips are added; where no clip can go to test, the summary says so."""
+    ids = [synthetic.clip_id(1, i) for i in range(12)]
+    assert min(map(build._hash_unit, ids)) >= build.DEFAULT_TEST_SIZE  # the case itself
+    first = min(ids, key=build._hash_unit)
+    splits = build.assign_splits(ids, build.DEFAULT_TEST_SIZE)
+    assert [c for c in ids if splits[c] == "test"] == [first]
+    more = ids + [f"new{i}" for i in range(30)]
+    grown = build.assign_splits(more, build.DEFAULT_TEST_SIZE, previous=splits)
+    assert grown[first] == "test" and all(grown[c] == "train" for c in ids if c != first)
+    assert build.assign_splits(ids[:1], 0.5) == {ids[0]: "train"}  # nothing left to train on
+    assert build.assign_splits(ids, 0.5, previous=dict.fromkeys(ids, "train")) == dict.fromkeys(ids, "train")
+    assert build.assign_splits(ids, 0) == dict.fromkeys(ids, "train")
+
+    root = tmp_path / "raw"
+    assert _make_recipe_input(root, 12, seed=1) == ids
+    result = build.build(BuildArguments(input=str(root), output_dir=str(tmp_path / "out"), num_proc=1))
+    assert [row["clip_id"] for row in result.rows["test"]] == [first] and len(result.rows["train"]) == 11
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(root / "videos" / f"{first}{SUFFIX}", single / f"{first}.mp4")
+    shutil.copy(root / "metas" / f"{first}.label.json", single / f"{first}.json")
+    alone = build.build(BuildArguments(input=str(single), output_dir=str(tmp_path / "alone"), num_proc=1))
+    printed = io.StringIO()
+    build.print_summary(alone, file=printed)
+    assert "No clip is held out for `test` (--test_size 0.1, a single clip)" in " ".join(printed.getvalue().split())
+
+
 def test_stored_extensions_are_those_videofolder_reads():
     from datasets.packaged_modules.videofolder.videofolder import VideoFolder
 
