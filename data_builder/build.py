@@ -123,6 +123,7 @@ class BuildResult:
     with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
     more_streams: int = 0  # rows whose clip holds more than one video stream (a second camera, a cover picture)
     kept_splits: int = 0  # clips kept in the split an earlier build gave them where --test_size alone would move them
+    left_out: int = 0  # clips of the dataset built before in output_dir that this input no longer holds
     test_size: float = DEFAULT_TEST_SIZE  # the one this build used (given, or the earlier build's)
 
     @property
@@ -507,7 +508,8 @@ def build(args: BuildArguments) -> BuildResult:
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
-    previous = cache.splits or built_splits(out)  # a dataset built before splits were cached has them only in its metadata
+    built = built_splits(out)  # the version this build replaces
+    previous = cache.splits or built  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
     fresh = assign_splits(good, test_size)
     kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)
@@ -554,7 +556,7 @@ def build(args: BuildArguments) -> BuildResult:
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
         more_streams=sum(infos[c]["video_streams"] > 1 for c in stored),
-        kept_splits=kept_splits, test_size=test_size,
+        kept_splits=kept_splits, test_size=test_size, left_out=len(built.keys() - clips.keys()),
     )
 
 
@@ -665,6 +667,10 @@ def print_summary(result: BuildResult, file=None) -> None:
         f"Read {len(result.inputs)} input file(s): {in_rows} in the {result.num_rows} row(s), "
         f"{len(result.set_aside)} set aside."
     )
+    if result.left_out:
+        console.print(f"{result.left_out} clip(s) of the dataset's last version are not in this input and are left "
+                      "out of this one: a build's input is the whole dataset (to keep them, build from a folder "
+                      "holding them all).")
     if result.remuxed:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
                       "not list their container; the video is copied, its frames untouched.")

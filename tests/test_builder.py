@@ -257,6 +257,10 @@ def test_rebuild_is_identical_and_incremental(tmp_path):
     (root / "metas" / f"{ids[0]}.label.json").unlink()
     grown = build.build(args)
     assert grown.probed == 3  # only the new clips
+    assert (first.left_out, again.left_out, grown.left_out) == (0, 0, 1)  # the removed clip is counted
+    printed = io.StringIO()
+    build.print_summary(grown, file=printed)
+    assert "1 clip(s) of the dataset's last version are not in this input" in " ".join(printed.getvalue().split())
     rows = [row["clip_id"] for rows in _metadata(out).values() for row in rows]
     assert sorted(rows) == sorted(ids[1:] + added)
     assert len(_metadata(out)["test"]) == 3
