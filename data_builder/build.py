@@ -445,7 +445,7 @@ def _check_output_dir(out: Path, input_path: Path) -> None:
 
 def build(args: BuildArguments) -> BuildResult:
     """Build (or update) the dataset folder; every input file ends in a row or in the quarantine report."""
-    from .card import write_card
+    from .card import CARD_NAME, PLOT_NAME, write_card
 
     input_path, out = Path(args.input), Path(args.output_dir)
     _check_output_dir(out, input_path)
@@ -540,18 +540,22 @@ def build(args: BuildArguments) -> BuildResult:
     write_if_changed(out / QUARANTINE_NAME, report)
     cache.save(set(keys.values()))
     remuxed = sum(Path(name).suffix != clips[c].video.suffix.lower() for c, (name, _) in stored.items())
-    write_card(
-        out,
-        rows,
-        problems,
-        layout=inputs.layout,
-        test_size=test_size,
-        license=args.license,
-        pretty_name=args.pretty_name,
-        presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
-        source_bytes=sum(clips[c].video.stat().st_size for c in stored),
-        remuxed=0 if args.presample else remuxed,
-    )
+    if rows:
+        write_card(
+            out,
+            rows,
+            problems,
+            layout=inputs.layout,
+            test_size=test_size,
+            license=args.license,
+            pretty_name=args.pretty_name,
+            presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
+            source_bytes=sum(clips[c].video.stat().st_size for c in stored),
+            remuxed=0 if args.presample else remuxed,
+        )
+    else:  # every file set aside: a card over no clips would pass for a dataset (main() makes it an error)
+        for name in (CARD_NAME, PLOT_NAME):
+            (out / name).unlink(missing_ok=True)
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
@@ -658,8 +662,9 @@ def print_summary(result: BuildResult, file=None) -> None:
     console = Console(file=file or sys.stdout, highlight=False)
     counts = ", ".join(f"{len(rows)} {split}" for split, rows in result.rows.items()) or "no clips"
     reused = result.num_rows - result.packed
+    built = "Built" if result.rows else "Nothing built in"
     console.print(
-        f"Built {result.output_dir} ({result.layout} layout): {counts}; probed {result.probed} file(s), wrote "
+        f"{built} {result.output_dir} ({result.layout} layout): {counts}; probed {result.probed} file(s), wrote "
         f"{result.packed} clip(s)" + (f", reused {reused} from the last build." if reused > 0 else ".")
     )
     in_rows = len(result.inputs) - len(result.set_aside)
@@ -714,6 +719,11 @@ def make_parser(subparsers=None):
 def main(args: BuildArguments) -> BuildResult:
     result = build(args)
     print_summary(result)
+    if not result.rows:
+        raise BuildError(
+            f"nothing usable: all {len(result.set_aside)} input file(s) were set aside, for the reasons listed above "
+            f"and in {result.output_dir / QUARANTINE_NAME}; fix them and build again"
+        )
     if args.strict and result.problems:
         raise BuildError(
             f"--strict: {len(result.set_aside)} input file(s) set aside; see {result.output_dir / QUARANTINE_NAME}"

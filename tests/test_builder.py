@@ -360,6 +360,23 @@ def test_strict_makes_problems_an_error(tmp_path):
     assert relaxed.num_rows == 2 and relaxed.set_aside == ["metas/empty.label.json", f"videos/empty{SUFFIX}"]
 
 
+def test_a_build_with_every_file_set_aside_fails_and_leaves_no_dataset(tmp_path):
+    """A glob of the clips alone (no labels): every file is set aside, so the command exits 1 naming the report,
+    and the folder holds the report but no card a reader would take for a dataset."""
+    root, out = tmp_path / "raw", tmp_path / "glob_ds"
+    ids = _make_recipe_input(root, 3)
+    command = [sys.executable, "-m", "avlabel", "build", "--input", str(root / "videos" / "*.mp4"),
+               "--output_dir", str(out), "--num_proc", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "build: error: nothing usable: all 3 input file(s) were set aside" in done.stderr
+    assert str(out / build.QUARANTINE_NAME) in done.stderr
+    assert "clip without a label" in done.stdout  # the table the error points at
+    assert sorted(p.name for p in out.iterdir()) == sorted([build.CACHE_NAME, build.QUARANTINE_NAME])
+    report = [json.loads(line) for line in (out / build.QUARANTINE_NAME).read_text(encoding="utf-8").splitlines()]
+    assert sorted(entry["path"] for entry in report) == sorted(str(root / "videos" / f"{i}{SUFFIX}") for i in ids)
+
+
 def test_presample_stores_the_model_frames(tmp_path):
     """A real 10 s 640x272 street clip, stored at 2 fps and the model's size: the frames come back."""
     source = tmp_path / "flat"
