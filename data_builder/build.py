@@ -43,11 +43,11 @@ from avlabel.core.layouts import (
 )
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import (
-    SamplingArguments, SamplingConfig, VideoError, aspect_problem, missing_file_reason, probe, sample_frames,
-    video_stream,
+    SamplingArguments, SamplingConfig, VideoError, aspect_problem, missing_file_reason, pixel_budget, probe,
+    sample_frames, sampling_flag, video_stream,
 )
 from avlabel.core.schema import label_to_row, read_label
-from avlabel.families import FAMILIES
+from avlabel.families import DEFAULT_FAMILY, FAMILIES
 
 NAME = "build"
 SPLITS = ("train", "test")
@@ -64,6 +64,15 @@ REMUX_SUFFIX = ".mkv"  # Matroska holds any codec, so a stream copy into it alwa
 class BuildArguments(SamplingArguments):
     """The builder's flags; --fps, --max_frames, --min_pixels and --max_pixels (SamplingArguments) apply to --presample."""
 
+    # the sampling flags again, for their help: build reads no model, so unset is the recipe's sampling (SamplingConfig)
+    fps: float | None = sampling_flag("fps", f"--presample; unset: {SamplingConfig.fps:g}")
+    max_frames: int | None = sampling_flag("max_frames", f"--presample; unset: {SamplingConfig.max_frames}")
+    min_pixels: int | None = sampling_flag(
+        "min_pixels", f"--presample; unset: {pixel_budget(DEFAULT_FAMILY, 'min_pixels')}, {DEFAULT_FAMILY.title}'s"
+    )
+    max_pixels: int | None = sampling_flag(
+        "max_pixels", f"--presample; unset: {pixel_budget(DEFAULT_FAMILY, 'max_pixels')}, {DEFAULT_FAMILY.title}'s"
+    )
     input: str = field(
         metadata={"help": "The clips and labels: a folder (recipe or flat layout), a CSV/JSONL manifest, a clip, or a "
                   "dataset built before."}
