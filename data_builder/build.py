@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -42,11 +43,11 @@ from avlabel.core.layouts import (
 )
 from avlabel.core.problems import InputError, Problem
 from avlabel.core.sampling import (
-    SamplingArguments, SamplingConfig, VideoError, aspect_problem, missing_file_reason, probe, sample_frames,
-    video_stream,
+    SamplingArguments, SamplingConfig, VideoError, aspect_problem, missing_file_reason, pixel_budget, probe,
+    sample_frames, sampling_flag, video_stream,
 )
 from avlabel.core.schema import label_to_row, read_label
-from avlabel.families import FAMILIES
+from avlabel.families import DEFAULT_FAMILY, FAMILIES
 
 NAME = "build"
 SPLITS = ("train", "test")
@@ -63,6 +64,15 @@ REMUX_SUFFIX = ".mkv"  # Matroska holds any codec, so a stream copy into it alwa
 class BuildArguments(SamplingArguments):
     """The builder's flags; --fps, --max_frames, --min_pixels and --max_pixels (SamplingArguments) apply to --presample."""
 
+    # the sampling flags again, for their help: build reads no model, so unset is the recipe's sampling (SamplingConfig)
+    fps: float | None = sampling_flag("fps", f"--presample; unset: {SamplingConfig.fps:g}")
+    max_frames: int | None = sampling_flag("max_frames", f"--presample; unset: {SamplingConfig.max_frames}")
+    min_pixels: int | None = sampling_flag(
+        "min_pixels", f"--presample; unset: {pixel_budget(DEFAULT_FAMILY, 'min_pixels')}, {DEFAULT_FAMILY.title}'s"
+    )
+    max_pixels: int | None = sampling_flag(
+        "max_pixels", f"--presample; unset: {pixel_budget(DEFAULT_FAMILY, 'max_pixels')}, {DEFAULT_FAMILY.title}'s"
+    )
     input: str = field(
         metadata={"help": "The clips and labels: a folder (recipe or flat layout), a CSV/JSONL manifest, a clip, or a "
                   "dataset built before."}
@@ -122,6 +132,7 @@ class BuildResult:
     with_extra: int = 0  # rows whose label had keys beyond the schema (kept in the `extra` column)
     more_streams: int = 0  # rows whose clip holds more than one video stream (a second camera, a cover picture)
     kept_splits: int = 0  # clips kept in the split an earlier build gave them where --test_size alone would move them
+    left_out: int = 0  # clips of the dataset built before in output_dir that this input no longer holds
     test_size: float = DEFAULT_TEST_SIZE  # the one this build used (given, or the earlier build's)
 
     @property
@@ -253,21 +264,40 @@ def _reencode_losslessly(original, video, copy) -> None:
     copy.mux(stream.encode())
 
 
-def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int):
-    """Yield `function(*job)` for each job, in order, computed on `num_proc` processes, with a progress bar."""
+def _leave_interrupts_to_the_main() -> None:
+    """A pool worker ignores Ctrl-C (the terminal sends it to every process of the group): the main process
+    saves what is done and stops the workers. A worker that caught it would go on with the jobs queued for it;
+    one that died of it while reading the job queue would hold the queue's lock for good."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int, chunked: bool = True):
+    """Yield `function(*job)` for each job, in order, computed on `num_proc` processes, with a progress bar.
+
+    `chunked=False` sends one job at a time: for long jobs (presampling), so each result comes back, and can be
+    recorded, as soon as it is done. Close the generator when stopping early: that stops the workers."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
     if not jobs:
         return
-    with contextlib.ExitStack() as stack:
-        if num_proc > 1 and len(jobs) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(num_proc))
-            results = pool.map(function, *zip(*jobs), chunksize=max(1, min(32, len(jobs) // (num_proc * 4))))
-        else:
-            results = (function(*job) for job in jobs)
-        yield from tqdm(results, total=len(jobs), desc=description, unit="clip", disable=None)
+    bar = dict(total=len(jobs), desc=description, unit="clip", disable=None)
+    if num_proc <= 1 or len(jobs) == 1:
+        yield from tqdm((function(*job) for job in jobs), **bar)
+        return
+    chunksize = max(1, min(32, len(jobs) // (num_proc * 4))) if chunked else 1
+    pool = ProcessPoolExecutor(num_proc, initializer=_leave_interrupts_to_the_main)
+    try:
+        yield from tqdm(pool.map(function, *zip(*jobs), chunksize=chunksize), **bar)
+    except BaseException:
+        # stopped early (Ctrl-C): what the workers are doing would not be recorded, so end them now rather than
+        # wait for the jobs already queued (Python 3.14 calls this ProcessPoolExecutor.terminate_workers)
+        for process in pool._processes.values():
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- build cache
@@ -319,14 +349,16 @@ class _Cache:
 
 
 @contextlib.contextmanager
-def _saved_when_interrupted(cache: _Cache):
-    """Save the cache when Ctrl-C stops the loop inside, so the next build resumes from the last clip done, not
-    from the last checkpoint (up to CHECKPOINT_EVERY presampled clips to encode again)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        cache.save()
-        raise
+def _saved_when_interrupted(cache: _Cache, results):
+    """Save the cache when Ctrl-C stops the loop inside over `results` (a `_run_parallel`), so the next build
+    resumes from the last clip done, not from the last checkpoint (up to CHECKPOINT_EVERY presampled clips to
+    encode again); the workers are stopped at once, whichever way the loop ends."""
+    with contextlib.closing(results):
+        try:
+            yield
+        except KeyboardInterrupt:
+            cache.save()
+            raise
 
 
 def _write_metadata(path: Path, rows: list[dict]) -> None:
@@ -376,21 +408,25 @@ def assign_splits(clip_ids: list[str], test_size: float, previous: dict[str, str
     the split it had there.
 
     A fraction holds out each clip whose hash falls below it, so a clip keeps its split when others are
-    added; a count holds out the new clips with the smallest hashes, as many as the count lacks beside the
-    test clips kept. Either way a rebuild that adds clips (labels back from review, say) moves no clip
-    between train and test: a moved test clip would train the next version on what the last one is tested on.
+    added; when that leaves `test` empty (a few clips: 12 at 0.1 often have no hash below it) the new clip
+    with the smallest hash is held out, if another is left to train on. A count holds out the new clips
+    with the smallest hashes, as many as the count lacks beside the test clips kept. Either way a rebuild
+    that adds clips (labels back from review, say) moves no clip between train and test: a moved test clip
+    would train the next version on what the last one is tested on.
     """
     if test_size < 0:
         raise UsageError(f"--test_size {test_size:g}: must be at least 0")
     if test_size >= 1 and test_size != int(test_size):
         raise UsageError(f"--test_size {test_size:g}: 1 or more is a clip count and must be whole")
     kept = {c: previous[c] for c in clip_ids if previous and previous.get(c) in SPLITS}
-    new = [c for c in clip_ids if c not in kept]
+    new = sorted((c for c in clip_ids if c not in kept), key=lambda c: (_hash_unit(c), c))
     if test_size < 1:
         held_out = {c for c in new if _hash_unit(c) < test_size}
+        if test_size > 0 and not held_out and "test" not in kept.values() and len(clip_ids) > 1:
+            held_out = set(new[:1])
     else:
         room = max(0, int(test_size) - sum(split == "test" for split in kept.values()))
-        held_out = set(sorted(new, key=lambda c: (_hash_unit(c), c))[:room])
+        held_out = set(new[:room])
     return {c: kept.get(c) or ("test" if c in held_out else "train") for c in clip_ids}
 
 
@@ -418,7 +454,7 @@ def _check_output_dir(out: Path, input_path: Path) -> None:
 
 def build(args: BuildArguments) -> BuildResult:
     """Build (or update) the dataset folder; every input file ends in a row or in the quarantine report."""
-    from .card import write_card
+    from .card import CARD_NAME, PLOT_NAME, write_card
 
     input_path, out = Path(args.input), Path(args.output_dir)
     _check_output_dir(out, input_path)
@@ -462,8 +498,8 @@ def build(args: BuildArguments) -> BuildResult:
     sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)
     probed = _run_parallel(_probe_file, [(sources[key],) for key in todo], "Probing", num_proc)
-    with _saved_when_interrupted(cache):
-        for done, (key, result) in enumerate(zip(todo, probed), 1):
+    with _saved_when_interrupted(cache, probed):
+        for done, (key, result) in enumerate(zip(todo, probed, strict=True), 1):
             cache.probes[key] = result
             if done % CHECKPOINT_EVERY == 0:
                 cache.save()  # a build that is killed resumes from here
@@ -481,7 +517,8 @@ def build(args: BuildArguments) -> BuildResult:
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
-    previous = cache.splits or built_splits(out)  # a dataset built before splits were cached has them only in its metadata
+    built = built_splits(out)  # the version this build replaces
+    previous = cache.splits or built  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
     fresh = assign_splits(good, test_size)
     kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)
@@ -512,23 +549,27 @@ def build(args: BuildArguments) -> BuildResult:
     write_if_changed(out / QUARANTINE_NAME, report)
     cache.save(set(keys.values()))
     remuxed = sum(Path(name).suffix != clips[c].video.suffix.lower() for c, (name, _) in stored.items())
-    write_card(
-        out,
-        rows,
-        problems,
-        layout=inputs.layout,
-        test_size=test_size,
-        license=args.license,
-        pretty_name=args.pretty_name,
-        presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
-        source_bytes=sum(clips[c].video.stat().st_size for c in stored),
-        remuxed=0 if args.presample else remuxed,
-    )
+    if rows:
+        write_card(
+            out,
+            rows,
+            problems,
+            layout=inputs.layout,
+            test_size=test_size,
+            license=args.license,
+            pretty_name=args.pretty_name,
+            presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
+            source_bytes=sum(clips[c].video.stat().st_size for c in stored),
+            remuxed=0 if args.presample else remuxed,
+        )
+    else:  # every file set aside: a card over no clips would pass for a dataset (main() makes it an error)
+        for name in (CARD_NAME, PLOT_NAME):
+            (out / name).unlink(missing_ok=True)
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
         more_streams=sum(infos[c]["video_streams"] > 1 for c in stored),
-        kept_splits=kept_splits, test_size=test_size,
+        kept_splits=kept_splits, test_size=test_size, left_out=len(built.keys() - clips.keys()),
     )
 
 
@@ -582,13 +623,14 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
     for split in {splits[clip_id] for clip_id, _ in to_write}:
         (out / split).mkdir(exist_ok=True)
     sampling = args.sampling().to_dict()
-    jobs = []  # presampling and remuxing decode or rewrite files: on the pool; links are made here
+    jobs = []  # presampling and remuxing decode or rewrite files: on the pool, one clip a job; links are made here
     for clip_id, name in to_write:
         source, how = str(clips[clip_id].video), recipe(clips[clip_id].video)
         jobs.append((source, str(out / name), how, sampling, args.crf, cache.probes[keys[clip_id]], args.copy))
-    results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1)
-    with _saved_when_interrupted(cache):
-        for done, ((clip_id, name), result) in enumerate(zip(to_write, results), 1):
+    results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1,
+                            chunked=False)
+    with _saved_when_interrupted(cache, results):
+        for done, ((clip_id, name), result) in enumerate(zip(to_write, results, strict=True), 1):
             if "error" in result:
                 problems.append(Problem(clips[clip_id].video_name, "pack", result["error"]))
                 continue
@@ -629,8 +671,9 @@ def print_summary(result: BuildResult, file=None) -> None:
     console = Console(file=file or sys.stdout, highlight=False)
     counts = ", ".join(f"{len(rows)} {split}" for split, rows in result.rows.items()) or "no clips"
     reused = result.num_rows - result.packed
+    built = "Built" if result.rows else "Nothing built in"
     console.print(
-        f"Built {result.output_dir} ({result.layout} layout): {counts}; probed {result.probed} file(s), wrote "
+        f"{built} {result.output_dir} ({result.layout} layout): {counts}; probed {result.probed} file(s), wrote "
         f"{result.packed} clip(s)" + (f", reused {reused} from the last build." if reused > 0 else ".")
     )
     in_rows = len(result.inputs) - len(result.set_aside)
@@ -638,9 +681,18 @@ def print_summary(result: BuildResult, file=None) -> None:
         f"Read {len(result.inputs)} input file(s): {in_rows} in the {result.num_rows} row(s), "
         f"{len(result.set_aside)} set aside."
     )
+    if result.left_out:
+        console.print(f"{result.left_out} clip(s) of the dataset's last version are not in this input and are left "
+                      "out of this one: a build's input is the whole dataset (to keep them, build from a folder "
+                      "holding them all).")
     if result.remuxed:
         console.print(f"{result.remuxed} clip(s) remuxed into Matroska ({REMUX_SUFFIX}): datasets' videofolder does "
                       "not list their container; the video is copied, its frames untouched.")
+    if result.test_size > 0 and result.rows and "test" not in result.rows:
+        why, fix = ("a single clip", "add clips") if result.num_rows == 1 else \
+            ("each clip keeps the `train` split an earlier build gave it", "build into a new --output_dir to split afresh")
+        console.print(f"No clip is held out for `test` (--test_size {result.test_size:g}, {why}): the recipes' "
+                      f"evaluation during training and `avlabel caption` read `test` by default; {fix}.")
     if result.kept_splits:
         console.print(f"{result.kept_splits} clip(s) kept the split an earlier build gave them, where --test_size "
                       f"{result.test_size:g} alone would move them: no test clip of one version trains the next "
@@ -676,6 +728,11 @@ def make_parser(subparsers=None):
 def main(args: BuildArguments) -> BuildResult:
     result = build(args)
     print_summary(result)
+    if not result.rows:
+        raise BuildError(
+            f"nothing usable: all {len(result.set_aside)} input file(s) were set aside, for the reasons listed above "
+            f"and in {result.output_dir / QUARANTINE_NAME}; fix them and build again"
+        )
     if args.strict and result.problems:
         raise BuildError(
             f"--strict: {len(result.set_aside)} input file(s) set aside; see {result.output_dir / QUARANTINE_NAME}"

@@ -195,7 +195,8 @@ def _split_rule(test_size: float, clips: dict[str, int]) -> str:
     if test_size <= 0:
         rule = "none: every new clip goes to `train`"
     elif test_size < 1:
-        rule = f"those whose hash falls below {test_size:g} (a fraction {test_size:g} of them on average)"
+        rule = (f"those whose hash falls below {test_size:g} (a fraction {test_size:g} of them on average), or the "
+                "one with the smallest hash when none did and `test` would be empty")
     else:
         rule = f"those with the smallest hashes, up to {int(test_size)} clips in `test`"
     return (

@@ -169,8 +169,8 @@ def _read_export(export: str | Path, where: str) -> Any:
     except UnicodeDecodeError:
         raise ValueError(f"{where}: not a Label Studio JSON export (not UTF-8); export the project as JSON") from None
     except json.JSONDecodeError as err:  # a CSV export, or a download cut short
-        raise ValueError(f"{where}: not a Label Studio JSON export ({err.msg} at line {err.lineno} column "
-                         f"{err.colno}); export the project as JSON") from None
+        raise ValueError(f"{where}: not a Label Studio JSON export ({schema.json_error_reason(err)}); export the "
+                         "project as JSON") from None
 
 
 def import_annotations(export: str | Path | list[dict[str, Any]], labels_dir: str | Path,

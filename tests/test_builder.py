@@ -257,6 +257,10 @@ def test_rebuild_is_identical_and_incremental(tmp_path):
     (root / "metas" / f"{ids[0]}.label.json").unlink()
     grown = build.build(args)
     assert grown.probed == 3  # only the new clips
+    assert (first.left_out, again.left_out, grown.left_out) == (0, 0, 1)  # the removed clip is counted
+    printed = io.StringIO()
+    build.print_summary(grown, file=printed)
+    assert "1 clip(s) of the dataset's last version are not in this input" in " ".join(printed.getvalue().split())
     rows = [row["clip_id"] for rows in _metadata(out).values() for row in rows]
     assert sorted(rows) == sorted(ids[1:] + added)
     assert len(_metadata(out)["test"]) == 3
@@ -356,6 +360,23 @@ def test_strict_makes_problems_an_error(tmp_path):
     assert relaxed.num_rows == 2 and relaxed.set_aside == ["metas/empty.label.json", f"videos/empty{SUFFIX}"]
 
 
+def test_a_build_with_every_file_set_aside_fails_and_leaves_no_dataset(tmp_path):
+    """A glob of the clips alone (no labels): every file is set aside, so the command exits 1 naming the report,
+    and the folder holds the report but no card a reader would take for a dataset."""
+    root, out = tmp_path / "raw", tmp_path / "glob_ds"
+    ids = _make_recipe_input(root, 3)
+    command = [sys.executable, "-m", "avlabel", "build", "--input", str(root / "videos" / "*.mp4"),
+               "--output_dir", str(out), "--num_proc", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "build: error: nothing usable: all 3 input file(s) were set aside" in done.stderr
+    assert str(out / build.QUARANTINE_NAME) in done.stderr
+    assert "clip without a label" in done.stdout  # the table the error points at
+    assert sorted(p.name for p in out.iterdir()) == sorted([build.CACHE_NAME, build.QUARANTINE_NAME])
+    report = [json.loads(line) for line in (out / build.QUARANTINE_NAME).read_text(encoding="utf-8").splitlines()]
+    assert sorted(entry["path"] for entry in report) == sorted(str(root / "videos" / f"{i}{SUFFIX}") for i in ids)
+
+
 def test_presample_stores_the_model_frames(tmp_path):
     """A real 10 s 640x272 street clip, stored at 2 fps and the model's size: the frames come back."""
     source = tmp_path / "flat"
@@ -401,6 +422,39 @@ def test_an_interrupted_presample_resumes_from_the_last_clip_stored(tmp_path, mo
     assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, 3, 6)
 
 
+def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a pool presamples: the command
+    exits with the one line, its workers stop instead of going on with the clips queued for them (which
+    would not be recorded), and the next build stores only the clips the interrupted one did not record."""
+    import signal
+    import time
+
+    root, out = tmp_path / "raw", tmp_path / "out"
+    count = 60
+    synthetic.generate(root, count, seed=0, width=256, height=144, seconds=3.0, fps=10, workers=2, progress=False)
+    command = [sys.executable, "-m", "avlabel", "build", "--input", str(root), "--output_dir", str(out),
+               "--presample", "--test_size", "0", "--num_proc", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("train/*.mp4"))) < 6 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=30)  # a bound on hanging, far above the fraction of a second it takes
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and stderr == "avlabel build: interrupted\n", stderr  # no worker's traceback
+    recorded = (out / build.CACHE_NAME).read_text(encoding="utf-8").count('"output"')
+    # stored and not recorded: at most the clips the pool was given and had not returned, the three its queue
+    # holds (workers + 1) and the one in each worker's hands
+    assert 1 <= recorded <= len(list(out.glob("train/*.mp4"))) <= recorded + 5 < count
+    resumed = build.build(BuildArguments(input=str(root), output_dir=str(out), presample=True, test_size=0,
+                                         num_proc=2))
+    assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, count - recorded, count)
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")
@@ -434,6 +488,35 @@ def test_splits_are_deterministic_by_clip_id():
     assert all(resplit[i] == by_fraction[i] for i in ids) and any(resplit[c] == "test" for c in more[400:])
     with pytest.raises(UsageError, match="--test_size 2.5: 1 or more is a clip count and must be whole"):
         build.assign_splits(ids, 2.5)
+
+
+def test_a_share_of_a_few_clips_still_holds_one_out(tmp_path):
+    """12 clips none of whose hashes falls below the default 0.1 (seed 1's): `test` gets the one with the smallest
+    hash, which stays there as clips are added; where no clip can go to test, the summary says so."""
+    ids = [synthetic.clip_id(1, i) for i in range(12)]
+    assert min(map(build._hash_unit, ids)) >= build.DEFAULT_TEST_SIZE  # the case itself
+    first = min(ids, key=build._hash_unit)
+    splits = build.assign_splits(ids, build.DEFAULT_TEST_SIZE)
+    assert [c for c in ids if splits[c] == "test"] == [first]
+    more = ids + [f"new{i}" for i in range(30)]
+    grown = build.assign_splits(more, build.DEFAULT_TEST_SIZE, previous=splits)
+    assert grown[first] == "test" and all(grown[c] == "train" for c in ids if c != first)
+    assert build.assign_splits(ids[:1], 0.5) == {ids[0]: "train"}  # nothing left to train on
+    assert build.assign_splits(ids, 0.5, previous=dict.fromkeys(ids, "train")) == dict.fromkeys(ids, "train")
+    assert build.assign_splits(ids, 0) == dict.fromkeys(ids, "train")
+
+    root = tmp_path / "raw"
+    assert _make_recipe_input(root, 12, seed=1) == ids
+    result = build.build(BuildArguments(input=str(root), output_dir=str(tmp_path / "out"), num_proc=1))
+    assert [row["clip_id"] for row in result.rows["test"]] == [first] and len(result.rows["train"]) == 11
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(root / "videos" / f"{first}{SUFFIX}", single / f"{first}.mp4")
+    shutil.copy(root / "metas" / f"{first}.label.json", single / f"{first}.json")
+    alone = build.build(BuildArguments(input=str(single), output_dir=str(tmp_path / "alone"), num_proc=1))
+    printed = io.StringIO()
+    build.print_summary(alone, file=printed)
+    assert "No clip is held out for `test` (--test_size 0.1, a single clip)" in " ".join(printed.getvalue().split())
 
 
 def test_stored_extensions_are_those_videofolder_reads():

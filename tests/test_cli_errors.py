@@ -72,6 +72,22 @@ def model_dir(tmp_path):
 # ----------------------------------------------------------------------------- the bad command lines
 
 
+def test_build_help_says_what_an_unset_sampling_flag_presamples_with():
+    """build reads no model: its sampling flags' help gives the recipe's values, not "the model's own", while
+    caption's, which has a model, keeps it."""
+    from avlabel.core.sampling import SamplingConfig
+    from avlabel.data_builder.build import make_parser as build_parser
+    from avlabel.infer.caption import make_parser as caption_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "model's own" not in text
+    assert "Frames sampled per second of video (--presample; unset: 2)" in text
+    assert "Most frames taken from one clip (--presample; unset: 768)" in text
+    assert "Fewest pixels a frame is resized to (--presample; unset: 128*28*28, Qwen2.5-VL (Cosmos Reason 1)'s)" in text
+    assert 128 * 28 * 28 == SamplingConfig.min_pixels and 144 * 28 * 28 == SamplingConfig.max_pixels
+    assert "(unset: the model's own, else 2)" in " ".join(caption_parser().format_help().split())
+
+
 @pytest.mark.parametrize("command", ["train", "caption", "build"])
 def test_help_names_the_config_flag(command):
     """The README's commands pass --config; argparse alone would leave it out of --help (TrlParser reads it)."""

@@ -130,6 +130,19 @@ def test_strict_refuses_extra_keys(collection, tmp_path):
     assert report["videos/label_with_extra_keys.mp4"]["partner"] == "metas/label_with_extra_keys.label.json"
 
 
+def test_json_cut_short_in_a_string_is_named_once_with_its_place(collection, tmp_path):
+    """A label and a manifest line that end inside a string: json's "Unterminated string starting at" reads with
+    the position once ("starting at line 3 column 16"), not "at at"."""
+    label = tmp_path / "torn.json"
+    label.write_text('{\n  "weather": "Clear skies",\n  "lighting": "Dayl', encoding="utf-8")
+    assert schema.read_label(label)[2] == "is not valid JSON (Unterminated string starting at line 3 column 15)"
+    manifest = tmp_path / "clips.jsonl"
+    good = {"video": str(collection / "videos" / "mp4_h264.mp4"), "label": str(collection / "metas" / "mp4_h264.label.json")}
+    manifest.write_text(json.dumps(good) + '\n{"video": "a.mp4", "label": "metas/a.lab\n', encoding="utf-8")
+    listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "out"), num_proc=1))
+    assert [str(p) for p in listed.problems] == ["clips.jsonl:2: line is not valid JSON (Unterminated string starting at column 29)"]
+
+
 def test_a_manifest_line_past_pythons_json_reader_is_set_aside(collection, tmp_path):
     """A line json.loads stops on without calling it malformed (nesting past the recursion limit) is one reason, not
     the end of the build."""

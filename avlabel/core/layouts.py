@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .problems import InputError, Problem
-from .schema import json_limit_reason
+from .schema import json_error_reason, json_limit_reason
 
 CAMERA_SUFFIX = ".camera_front_wide_120fov"  # the recipe names each clip after the camera that filmed it
 LABEL_SUFFIX = ".label.json"
@@ -260,7 +260,7 @@ def _manifest_records(manifest: Path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            yield where, f"line is not valid JSON ({err.msg})"
+            yield where, f"line is not valid JSON ({json_error_reason(err, one_line=True)})"
             continue
         except (ValueError, RecursionError) as err:  # JSON past Python's limits: a huge integer, deep nesting
             yield where, f"line is not valid JSON ({json_limit_reason(err)})"

@@ -55,10 +55,28 @@ class VideoError(RuntimeError):
 SAMPLING_FLAGS = ("fps", "max_frames", "min_pixels", "max_pixels")
 
 
+def pixel_budget(family, name: str) -> str:
+    """A family's default `min_pixels` or `max_pixels` as tokens x factor x factor ("128*28*28"), for the help."""
+    defaults = family.sampling_defaults()
+    return f"{defaults[name] // defaults['factor'] ** 2}*{defaults['factor']}*{defaults['factor']}"
+
+
+SAMPLING_HELP = {
+    "fps": "Frames sampled per second of video",
+    "max_frames": "Most frames taken from one clip",
+    "min_pixels": "Fewest pixels a frame is resized to",
+    "max_pixels": "Most pixels a frame is resized to",
+}
+
+
+def sampling_flag(name: str, unset: str):
+    """The field of one of SAMPLING_FLAGS, its help ending in what applies when it is not given."""
+    return field(default=None, metadata={"help": f"{SAMPLING_HELP[name]} ({unset})."})
+
+
 def _family_budgets(name: str) -> str:
-    """Each family's default `min_pixels` or `max_pixels` as tokens x factor x factor, for the flags' help."""
-    return ", ".join(f"{defaults[name] // defaults['factor'] ** 2}*{defaults['factor']}*{defaults['factor']} for {family.title}"
-                     for family in FAMILIES.values() for defaults in [family.sampling_defaults()])
+    """Each family's default `min_pixels` or `max_pixels`, for the flags' help."""
+    return ", ".join(f"{pixel_budget(family, name)} for {family.title}" for family in FAMILIES.values())
 
 
 @dataclass
@@ -66,24 +84,17 @@ class SamplingArguments:
     """The frame-sampling flags of `build`, `train` and `caption` (their argument dataclasses inherit these).
 
     Unset, a model's own sampling applies (`sampling_config.json`, saved with it by training), else
-    the recipe's defaults (`SamplingConfig`); what is set overrides either.
+    the recipe's defaults (`SamplingConfig`); what is set overrides either. `build` reads no model, and
+    says so in its own help.
     """
 
-    fps: float | None = field(
-        default=None, metadata={"help": "Frames sampled per second of video (unset: the model's own, else 2)."}
+    fps: float | None = sampling_flag("fps", "unset: the model's own, else 2")
+    max_frames: int | None = sampling_flag("max_frames", "unset: the model's own, else 768")
+    min_pixels: int | None = sampling_flag(
+        "min_pixels", f"unset: the model's own, else its family's: {_family_budgets('min_pixels')}"
     )
-    max_frames: int | None = field(
-        default=None, metadata={"help": "Most frames taken from one clip (unset: the model's own, else 768)."}
-    )
-    min_pixels: int | None = field(
-        default=None,
-        metadata={"help": "Fewest pixels a frame is resized to (unset: the model's own, else its family's: "
-                  f"{_family_budgets('min_pixels')})."},
-    )
-    max_pixels: int | None = field(
-        default=None,
-        metadata={"help": "Most pixels a frame is resized to (unset: the model's own, else its family's: "
-                  f"{_family_budgets('max_pixels')})."},
+    max_pixels: int | None = sampling_flag(
+        "max_pixels", f"unset: the model's own, else its family's: {_family_budgets('max_pixels')}"
     )
 
     def __post_init__(self):

@@ -332,6 +332,14 @@ def json_limit_reason(err: ValueError | RecursionError) -> str:
     return "nests arrays or objects too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
 
 
+def json_error_reason(err: json.JSONDecodeError, one_line: bool = False) -> str:
+    """Why and where json.loads refused text: "Expecting value at line 3 column 9" ("... at column 9" for
+    `one_line`, a manifest's line, say). Some of its messages end in "at", ready for the position
+    ("Unterminated string starting at"): that one is not said twice."""
+    where = f"column {err.colno}" if one_line else f"line {err.lineno} column {err.colno}"
+    return f"{err.msg.removesuffix(' at')} at {where}"
+
+
 def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
     """A human label as exports write it: (label, extra keys, None), or (None, {}, why it can't be used).
 
@@ -350,7 +358,7 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
     except UnicodeDecodeError:
         return None, {}, "is not UTF-8 text"
     except json.JSONDecodeError as err:
-        return None, {}, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        return None, {}, f"is not valid JSON ({json_error_reason(err)})"
     except RecursionError:
         return None, {}, "nests arrays or objects deeper than Python's JSON reader goes: re-export the label"
     except ValueError as err:  # valid JSON past one of Python's limits, such as an integer of over 4,300 digits
