@@ -454,7 +454,7 @@ def _check_output_dir(out: Path, input_path: Path) -> None:
 
 def build(args: BuildArguments) -> BuildResult:
     """Build (or update) the dataset folder; every input file ends in a row or in the quarantine report."""
-    from .card import CARD_NAME, PLOT_NAME, write_card
+    from .card import write_card
 
     input_path, out = Path(args.input), Path(args.output_dir)
     _check_output_dir(out, input_path)
@@ -517,6 +517,13 @@ def build(args: BuildArguments) -> BuildResult:
     good = sorted(clip_id for clip_id in labels if clip_id in infos)
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
+    if not good:  # nothing usable (a disk not mounted, clips without their labels): the version there stays as it was
+        problems = sorted(set(problems), key=lambda p: (p.path, p.stage, p.reason))
+        write_if_changed(out / QUARANTINE_NAME, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems))
+        cache.save()
+        return BuildResult(out, inputs.layout, {}, problems, sorted(set(inputs.names)), probed=len(todo), packed=0,
+                           remuxed=0, with_extra=0, more_streams=0, kept_splits=0, test_size=test_size,
+                           left_out=0)
     built = built_splits(out)  # the version this build replaces
     previous = cache.splits or built  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
@@ -549,22 +556,18 @@ def build(args: BuildArguments) -> BuildResult:
     write_if_changed(out / QUARANTINE_NAME, report)
     cache.save(set(keys.values()))
     remuxed = sum(Path(name).suffix != clips[c].video.suffix.lower() for c, (name, _) in stored.items())
-    if rows:
-        write_card(
-            out,
-            rows,
-            problems,
-            layout=inputs.layout,
-            test_size=test_size,
-            license=args.license,
-            pretty_name=args.pretty_name,
-            presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
-            source_bytes=sum(clips[c].video.stat().st_size for c in stored),
-            remuxed=0 if args.presample else remuxed,
-        )
-    else:  # every file set aside: a card over no clips would pass for a dataset (main() makes it an error)
-        for name in (CARD_NAME, PLOT_NAME):
-            (out / name).unlink(missing_ok=True)
+    write_card(
+        out,
+        rows,
+        problems,
+        layout=inputs.layout,
+        test_size=test_size,
+        license=args.license,
+        pretty_name=args.pretty_name,
+        presampled=args.sampling().to_dict() | {"crf": args.crf} if args.presample else None,
+        source_bytes=sum(clips[c].video.stat().st_size for c in stored),
+        remuxed=0 if args.presample else remuxed,
+    )
     return BuildResult(
         out, inputs.layout, rows, problems, sorted(set(inputs.names)), probed=len(todo), packed=packed,
         remuxed=0 if args.presample else remuxed, with_extra=sum(bool(extras[c]) for c in stored),
@@ -731,7 +734,7 @@ def main(args: BuildArguments) -> BuildResult:
     if not result.rows:
         raise BuildError(
             f"nothing usable: all {len(result.set_aside)} input file(s) were set aside, for the reasons listed above "
-            f"and in {result.output_dir / QUARANTINE_NAME}; fix them and build again"
+            f"and in {result.output_dir / QUARANTINE_NAME}; fix them and build again (any dataset there is left as it was)"
         )
     if args.strict and result.problems:
         raise BuildError(

@@ -376,6 +376,17 @@ def test_a_build_with_every_file_set_aside_fails_and_leaves_no_dataset(tmp_path)
     report = [json.loads(line) for line in (out / build.QUARANTINE_NAME).read_text(encoding="utf-8").splitlines()]
     assert sorted(entry["path"] for entry in report) == sorted(str(root / "videos" / f"{i}{SUFFIX}") for i in ids)
 
+    # over a dataset built before (the clips' disk not mounted, say), nothing of it is touched
+    shutil.rmtree(out)
+    build.build(build.BuildArguments(input=str(root), output_dir=str(out), num_proc=1))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != build.QUARANTINE_NAME
+              and p.name != build.CACHE_NAME}
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "any dataset there is left as it was" in done.stderr, done.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != build.QUARANTINE_NAME
+             and p.name != build.CACHE_NAME}
+    assert after == before and any(p.name == "README.md" for p in after)
+
 
 def test_presample_stores_the_model_frames(tmp_path):
     """A real 10 s 640x272 street clip, stored at 2 fps and the model's size: the frames come back."""
