@@ -276,6 +276,12 @@ def main(args: CalibrateArguments) -> Calibration:
               "will look better than it is; hold out other clips", file=sys.stderr)
     if not any(prediction.confidence_raw for prediction in run.predictions.values()):
         labels = args.labels + (f" ({args.split})" if args.split else "")
+        answers = [run.predictions[clip_id] for clip_id in run.clip_ids if clip_id not in run.missing]
+        # a record gives a confidence only to fields it answered: with no valid answer, captioning again won't help
+        if answers and not any(prediction.label for prediction in answers):
+            raise UsageError(f"--captions {args.captions}: none of the {len(answers)} answers for clips of {labels} is "
+                             "schema-valid, so no record gives a confidence to fit; calibrate a model that answers in "
+                             "the label format (see the records' `errors`)")
         raise UsageError(f"--captions {args.captions}: no record gives a confidence for any clip of {labels}; "
                          "caption those clips with `avlabel caption` first")
     calibration, left_out = fit(run, args.bins, args.min_clips)

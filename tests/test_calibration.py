@@ -169,6 +169,28 @@ def test_calibrate_reads_the_only_split_of_a_built_dataset_and_asks_among_severa
         2, f"avlabel caption: error: --split validation: --input {held_out} has the split(s) train\n")
 
 
+def test_answers_none_of_them_valid_are_named_as_the_reason_no_record_gives_a_confidence(labeled, tmp_path):
+    """Captions of every clip, none schema-valid (a model not answering in the label format): that is the cause,
+    not clips left uncaptioned."""
+    root, references, _ = labeled
+    (tmp_path / "held_out").mkdir()
+    (tmp_path / "held_out" / "captions.jsonl").write_text("".join(
+        json.dumps({"clip_id": clip, "raw": "no label here", "label": {}, "valid": False, "status": "ok",
+                    "errors": {"<label>": ["no JSON object in the output"]}, "confidence": {}, "confidence_raw": {}}) + "\n"
+        for clip in references))
+    (tmp_path / "model").mkdir()
+    args = CalibrateArguments(captions=str(tmp_path / "held_out"), labels=str(root / "refs"), model=str(tmp_path / "model"))
+    with pytest.raises(UsageError) as caught:
+        main(args)
+    assert str(caught.value) == (
+        f"--captions {tmp_path / 'held_out'}: none of the 40 answers for clips of {root / 'refs'} is schema-valid, so "
+        "no record gives a confidence to fit; calibrate a model that answers in the label format (see the records' "
+        "`errors`)")
+    write_labels(tmp_path / "labels_only", references)  # valid answers, but label files carry no confidence
+    with pytest.raises(UsageError, match="no record gives a confidence for any clip of .*refs; caption those clips"):
+        main(CalibrateArguments(**{**vars(args), "captions": str(tmp_path / "labels_only")}))
+
+
 # `avlabel calibrate` in a fresh interpreter that lists every opening of a caption record file (an audit hook)
 _COUNTING_ENTRY = """\
 import json, sys
