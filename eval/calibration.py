@@ -277,8 +277,9 @@ def main(args: CalibrateArguments) -> Calibration:
     if not any(prediction.confidence_raw for prediction in run.predictions.values()):
         labels = args.labels + (f" ({args.split})" if args.split else "")
         answers = [run.predictions[clip_id] for clip_id in run.clip_ids if clip_id not in run.missing]
-        # a record gives a confidence only to fields it answered: with no valid answer, captioning again won't help
-        if answers and not any(prediction.label for prediction in answers):
+        # read_run leaves at least one answer; a record gives a confidence only to fields it answered, so with no
+        # valid answer captioning again would not help
+        if not any(prediction.label for prediction in answers):
             raise UsageError(f"--captions {args.captions}: none of the {len(answers)} answers for clips of {labels} is "
                              "schema-valid, so no record gives a confidence to fit; calibrate a model that answers in "
                              "the label format (see the records' `errors`)")

@@ -41,6 +41,7 @@ from .data import (
     REFERENCES_HELP,
     SPLIT_HELP,
     Run,
+    check_overlap,
     load_references,
     load_run,
     print_problems,
@@ -101,6 +102,7 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     loaded: dict[str, Run] = {}
     for name, path in runs.items():
         loaded[name] = load_run(name, path, refs)
+        check_overlap(loaded[name], path, references, split)
         print_problems(loaded[name])
     for problem in problems:
         print(f"set aside: {problem}", file=sys.stderr)
