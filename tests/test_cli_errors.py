@@ -315,7 +315,7 @@ def locked_run(tmp_path):
          "--labels_dir notes.txt/labels: notes.txt is a file, not a folder"),
         (["export", "--checkpoint", "shared/checkpoint-4"],
          "the default --output_dir shared/checkpoint-4/merged: shared/checkpoint-4 can't be written"),
-        (["calibrate", "--captions", "shared/run", "--labels", "dataset", "--model", "shared/model"],
+        (["calibrate", "--captions", "shared/run", "--labels", "dataset", "--split", "train", "--model", "shared/model"],
          "--model shared/model: shared/model/calibration.json can't be written"),
         (["search", "--db", "notes.txt/catalog.db", "--index", "shared/run"],
          "--db notes.txt/catalog.db: notes.txt is a file, not a folder"),
