@@ -48,10 +48,20 @@ def _without_bitsandbytes(values: dict) -> None:
         sys.modules.setdefault("bitsandbytes", None)
 
 
+def _started_as(name: str) -> str:
+    """How the command `name` was started, for its messages: `python -m <module>` when Python runs the command's
+    module as the script (`python -m avlabel.eval.metrics`, `python -m eval.metrics` in a clone), else `avlabel <name>`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and COMMANDS[name][0] in (spec.name, f"avlabel.{spec.name}"):
+        return f"python -m {spec.name}"
+    return f"avlabel {name}"
+
+
 def run_command(name: str, argv: list[str] | None = None, prog: str | None = None):
-    """Parse `argv` for the command `name` and run it; every error ends as one line on stderr."""
+    """Parse `argv` for the command `name` and run it; every error ends as one line on stderr. A package's
+    `__main__` gives its `prog` (`python -m {__package__}`)."""
     module_name = COMMANDS[name][0]
-    prog = prog or f"avlabel {name}"
+    prog = prog or _started_as(name)
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def parse_and_run():

@@ -2,4 +2,4 @@
 
 from avlabel.cli import run_command
 
-run_command("search", prog="python -m catalog")
+run_command("search", prog=f"python -m {__package__}")

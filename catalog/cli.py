@@ -64,7 +64,9 @@ class SearchArguments:
     html: str | None = field(default=None, metadata={"help": "Write the self-contained HTML gallery of the hits here."})
     json_out: str | None = field(default=None, metadata={"help": "Write the result (hits, counts, query) as JSON here."})
     export: str | None = field(
-        default=None, metadata={"help": "Build a dataset of every matching clip into this folder (through `avlabel build`)."}
+        default=None,
+        metadata={"help": "Build a dataset of every matching clip into this folder (through `avlabel build`; the "
+                  "manifest it read stays there as .export_manifest.jsonl)."},
     )
     export_labels: LabelChoice = field(
         default="prefer_human",

@@ -3,7 +3,8 @@
 Export hands the matching clips to `data_builder.build` as a JSONL manifest (video path +
 label), so the new dataset is made exactly like any other: probed, validated, split by clip
 id, with the same dataset card and the same `Video` feature, and anything unusable in the
-quarantine report. Slices run `eval.metrics` (the same deterministic per-field metrics as
+quarantine report. The manifest stays in the dataset folder as `.export_manifest.jsonl`, hidden
+like the builder's cache, so publishing the folder leaves it out (it names local paths). Slices run `eval.metrics` (the same deterministic per-field metrics as
 `avlabel metrics`) on the clips of a run that match each slice's filters, against their
 human labels, so a user sees where a model is weak (night against day, rain against dry).
 """
@@ -11,8 +12,10 @@ human labels, so a user sees where a model is weak (night against day, rain agai
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -20,6 +23,7 @@ from typing import Any, Literal, Sequence
 from .query import Hit, QueryError, search
 
 LabelChoice = Literal["prefer_human", "human", "caption"]
+MANIFEST_NAME = ".export_manifest.jsonl"
 
 
 @dataclass
@@ -54,7 +58,6 @@ def export_dataset(hits: Sequence[Hit], output_dir: str | Path, labels: LabelCho
     from avlabel.data_builder.build import BuildArguments, build
 
     out = Path(output_dir)
-    manifest = out.parent / f"{out.name}.manifest.jsonl"
     records, skipped, seen = [], [], set()
     counts = {"human": 0, "caption": 0}
     for hit in hits:
@@ -69,12 +72,18 @@ def export_dataset(hits: Sequence[Hit], output_dir: str | Path, labels: LabelCho
         video = str(Path(hit.video).resolve()) if hit.video else ""
         records.append({"clip_id": hit.clip_id, "video": video, "label": json.dumps(label, ensure_ascii=False)})
     if not records:
-        raise QueryError(f"nothing to export: {len(seen)} matching clip(s), none with a usable label ({'; '.join(skipped[:3])})")
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    result = build(BuildArguments(input=str(manifest), output_dir=str(out), layout="manifest", test_size=test_size,
-                                  pretty_name=pretty_name, license=license))
-    return ExportResult(result, manifest, len(records), counts["human"], counts["caption"], skipped)
+        why = f"none of the {len(seen)} matching clip(s) has a usable label ({'; '.join(skipped[:3])})" if seen else (
+            "no clip matches")
+        raise QueryError(f"nothing to export: {why}")
+    # written to a temporary folder, and moved in once the builder has taken the output folder: one it refuses
+    # (not its own) stays untouched
+    with tempfile.TemporaryDirectory(prefix="avlabel-export-") as staging:
+        manifest = Path(staging) / MANIFEST_NAME
+        manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        result = build(BuildArguments(input=str(manifest), output_dir=str(out), layout="manifest", test_size=test_size,
+                                      pretty_name=pretty_name, license=license))
+        shutil.move(manifest, out / MANIFEST_NAME)
+    return ExportResult(result, out / MANIFEST_NAME, len(records), counts["human"], counts["caption"], skipped)
 
 
 def parse_slice(text: str) -> tuple[str, list[str]]:

@@ -3,4 +3,4 @@
 from avlabel.cli import COMMANDS, main
 
 if __name__ == "__main__":
-    main(commands={name: COMMANDS[name] for name in ("build", "synth")}, prog="python -m data_builder")
+    main(commands={name: COMMANDS[name] for name in ("build", "synth")}, prog=f"python -m {__package__}")

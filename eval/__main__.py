@@ -4,4 +4,4 @@ from avlabel.cli import COMMANDS, main
 
 if __name__ == "__main__":
     main(commands={name: COMMANDS[name] for name in ("metrics", "judge", "compare", "calibrate", "review")},
-         prog="python -m eval")
+         prog=f"python -m {__package__}")

@@ -14,9 +14,10 @@ the answers, so a softmax temperature can't be refitted; a temperature on that l
 it gets right less than half the time. The intercept b brings it down; the slope a (kept >= 0, so the
 order of answers never flips) spreads or squeezes the rest.
 
-Fit on held-out labeled clips, never on the test split the report reads:
+Fit on held-out labeled clips, never on the test split the report reads (HELD_OUT: a folder of clips and labels,
+or a dataset of one split, `train` when `avlabel build --test_size 0` made it):
 
-    avlabel caption --model MODEL --input HELD_OUT --output_dir captions/held_out
+    avlabel caption --model MODEL --input HELD_OUT --split train --output_dir captions/held_out
     avlabel calibrate --captions captions/held_out --labels HELD_OUT --model MODEL
 
 writes MODEL/calibration.json; `avlabel caption` then applies it, and `avlabel compare` shows the test
@@ -198,7 +199,11 @@ class CalibrateArguments:
                   "made by the model to calibrate; never the test split you report on."}
     )
     labels: str = field(metadata={"help": f"The human labels of those clips: {REFERENCES_HELP}."})
-    split: str = field(default="validation", metadata={"help": "Split of --labels holding the held-out clips, when it is a dataset."})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Split of --labels holding the held-out clips, when it is a dataset (default: its only split; "
+                  "one of several splits, or of a Hub dataset, must be named)."},
+    )
     model: str | None = field(
         default=None,
         metadata={"help": f"Model (or adapter) folder to write {CALIBRATION_FILE} into (default: the folder the captions "
@@ -208,10 +213,11 @@ class CalibrateArguments:
     min_clips: int = field(default=10, metadata={"help": "Fields with fewer answers than this are left uncalibrated."})
 
     def __post_init__(self):
-        from avlabel.core.parser import check_path, check_source
+        from avlabel.core.parser import check_path, check_source, check_split
 
         check_path(self.captions, f"--captions {self.captions}")
         check_source(self.labels, "--labels", "dataset")
+        self.split = check_split(self.labels, self.split, "--labels")
         if self.model is not None:
             _check_model_folder(self.model, f"--model {self.model}")
 
@@ -269,8 +275,16 @@ def main(args: CalibrateArguments) -> Calibration:
         print(f"warning: fitting on the test split of {args.labels}: the report's ECE after calibration on that split "
               "will look better than it is; hold out other clips", file=sys.stderr)
     if not any(prediction.confidence_raw for prediction in run.predictions.values()):
-        raise UsageError(f"--captions {args.captions}: no record gives a confidence for any clip of {args.labels} "
-                         f"({args.split}); caption those clips with `avlabel caption` first")
+        labels = args.labels + (f" ({args.split})" if args.split else "")
+        answers = [run.predictions[clip_id] for clip_id in run.clip_ids if clip_id not in run.missing]
+        # read_run leaves at least one answer; a record gives a confidence only to fields it answered, so with no
+        # valid answer captioning again would not help
+        if not any(prediction.label for prediction in answers):
+            raise UsageError(f"--captions {args.captions}: none of the {len(answers)} answers for clips of {labels} is "
+                             "schema-valid, so no record gives a confidence to fit; calibrate a model that answers in "
+                             "the label format (see the records' `errors`)")
+        raise UsageError(f"--captions {args.captions}: no record gives a confidence for any clip of {labels}; "
+                         "caption those clips with `avlabel caption` first")
     calibration, left_out = fit(run, args.bins, args.min_clips)
     calibration.fitted_on = {"captions": run_path.name, "labels": Path(args.labels).name, "split": args.split,
                              "clips": len(run.clip_ids)}

@@ -15,6 +15,8 @@ permutation p-value and per-clip wins/ties/losses. Outputs in `output_dir`:
                         beside the ECE table: before and after calibration when the records are calibrated
     per_clip.jsonl      one record per clip, field and run: answers, scores, the judge's reason
 
+A chart an earlier comparison left in `output_dir` that this one does not draw is removed; other files stay.
+
 Command: `avlabel compare --runs baseline=out/base sft=out/sft --references DATASET --output_dir DIR [--judge]`.
 Python (the demo): `compare_runs({"baseline": path, "sft": path}, references, out_dir, judge=JudgeConfig(...))`.
 """
@@ -41,6 +43,7 @@ from .data import (
     REFERENCES_HELP,
     SPLIT_HELP,
     Run,
+    check_overlap,
     load_references,
     load_run,
     print_problems,
@@ -55,6 +58,7 @@ from .trust import TrustConfig, judge_trust, trust_items
 CONFIDENCE = 0.95
 TEMPLATE = Path(__file__).parent / "report.html.jinja"
 JUDGE_SCALE = "{}-{}".format(*SCORE_RANGE)  # as the charts and tables name it
+CHARTS = ("judge_scores.png", "deterministic.png", "reliability.png")  # every chart compare_runs can draw
 
 
 @dataclass
@@ -101,6 +105,7 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     loaded: dict[str, Run] = {}
     for name, path in runs.items():
         loaded[name] = load_run(name, path, refs)
+        check_overlap(loaded[name], path, references, split)
         print_problems(loaded[name])
     for problem in problems:
         print(f"set aside: {problem}", file=sys.stderr)
@@ -197,6 +202,10 @@ def compare_runs(runs: Mapping[str, str | Path], references: str | Path, out_dir
     out.mkdir(parents=True, exist_ok=True)
     for file_name, png in charts.items():
         (out / file_name).write_bytes(png)
+    # a chart an earlier comparison drew here and this one does not (run without --judge, or without confidence)
+    # would be read, and published, as this run's; only compare's own names, never a user's other files
+    for file_name in set(CHARTS) - set(charts):
+        (out / file_name).unlink(missing_ok=True)
     records = _per_clip(loaded, metrics, judgments, clip_ids)
     with (out / "per_clip.jsonl").open("w", encoding="utf-8") as handle:
         for record in records:

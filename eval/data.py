@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from avlabel.core import schema
-from avlabel.core.layouts import InputClip, read_inputs
+from avlabel.core.layouts import InputClip, detect_layout, read_inputs
 from avlabel.core.problems import InputError, Problem, warn
 from avlabel.core.records import latest_per_clip, read_located, record_files, succeeded
 
@@ -119,7 +119,7 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
     return predictions, problems
 
 
-def load_references(path: str | Path, split: str = "test") -> tuple[dict[str, dict[str, Any]], list[Problem]]:
+def load_references(path: str | Path, split: str | None = "test") -> tuple[dict[str, dict[str, Any]], list[Problem]]:
     """Read the human labels; returns ({clip_id: normalised label}, problems)."""
     references: dict[str, dict[str, Any]] = {}
     problems: list[Problem] = []
@@ -161,12 +161,24 @@ def load_run(name: str, predictions: str | Path, references: dict[str, dict[str,
     return join(name, references, preds, problems)
 
 
-def read_run(predictions: str | Path, references: str | Path, split: str = "test") -> Run:
+def check_overlap(run: Run, predictions: str | Path, references: str | Path, split: str | None) -> None:
+    """Refuse a run that shares no clip with the references: every clip would score as a missing answer, a
+    table of zeros that reads as a real score. A wrong split or folder is the usual cause."""
+    if len(run.missing) < len(run.clip_ids):
+        return
+    dataset = split is not None and detect_layout(str(references)) == "dataset"
+    raise InputError(f"{predictions}: no clip has both a prediction here ({len(run.extra)} clips) and a reference in "
+                     f"{references}{f', split {split}' if dataset else ''} ({len(run.clip_ids)} clips); check "
+                     f"{'--split and ' if dataset else ''}that both folders hold the same clips")
+
+
+def read_run(predictions: str | Path, references: str | Path, split: str | None = "test") -> Run:
     """One run as the commands read it (named after its folder), with every problem printed."""
     refs, problems = load_references(references, split)
     path = Path(predictions)
     run = load_run((path.parent if path.is_file() else path).name, path, refs)
     run.problems[:0] = problems
+    check_overlap(run, predictions, references, split)  # before the per-clip warnings: its one line says it all
     print_problems(run)
     return run
 

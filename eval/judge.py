@@ -479,8 +479,9 @@ class Judge:
             bar.update(len(group))
             failed += len(group) - len(rows)
             if failed >= self.config.judge_max_failures:
-                raise JudgeError(f"{failed} judgments got no answer from {self.describe()['base_url']}; "
-                                 f"last error: {outcome[group[-1].key].reason}. Judgments so far are cached; rerun to continue.")
+                # the error's own text last: it ends its sentence itself ("Connection error.")
+                raise JudgeError(f"{failed} judgments got no answer from {self.describe()['base_url']} (judgments so far "
+                                 f"are cached; rerun to continue); last error: {outcome[group[-1].key].reason}")
 
         try:
             if client is not None:

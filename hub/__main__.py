@@ -3,4 +3,4 @@
 from avlabel.cli import COMMANDS, main
 
 if __name__ == "__main__":
-    main(commands={name: COMMANDS[name] for name in ("publish",)}, prog="python -m hub")
+    main(commands={name: COMMANDS[name] for name in ("publish",)}, prog=f"python -m {__package__}")

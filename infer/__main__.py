@@ -2,4 +2,4 @@
 
 from avlabel.cli import run_command
 
-run_command("caption", prog="python -m infer")
+run_command("caption", prog=f"python -m {__package__}")

@@ -56,19 +56,15 @@ class CaptionArguments:
 
     def __post_init__(self):
         """Refuse what is wrong on the command line itself before anything loads."""
-        from avlabel.core.errors import UsageError
-        from avlabel.core.layouts import METADATA_NAME
-        from avlabel.core.parser import check_at_least, check_input, check_model, check_source
+        from avlabel.core.parser import check_at_least, check_input, check_model, check_source, check_split
 
         check_at_least(1, batch_size=self.batch_size, prefill_batch_size=self.prefill_batch_size, limit=self.limit)
         check_at_least(0, num_workers=self.num_workers)
         check_model(self.model, "--model", "--adapter")
         if self.adapter:
             check_source(self.adapter, "--adapter", "adapter")
-        layout = check_input(self.input)
-        built = sorted(path.parent.name for path in Path(self.input).glob(f"*/{METADATA_NAME}"))
-        if layout == "dataset" and built and self.split not in built:  # a Hub dataset's splits are known once loaded
-            raise UsageError(f"--split {self.split}: {self.input} has the split(s) {', '.join(built)}")
+        check_input(self.input)
+        check_split(self.input, self.split, "--input")
 
 
 def make_parser(subparsers=None):

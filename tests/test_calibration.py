@@ -125,7 +125,7 @@ def test_calibrate_command_writes_the_fit_into_the_model_folder(labeled, tmp_pat
     assert platt(0.99, weather["a"], weather["b"]) == pytest.approx(0.5, abs=0.02)  # sure, right half the time
     assert platt(0.99, lighting["a"], lighting["b"]) > 0.97  # sure and always right
     assert weather["ece_before"] == pytest.approx(0.49) and weather["ece_after"] < 0.02
-    assert saved["fitted_on"] == {"captions": "held_out", "labels": "refs", "split": "validation", "clips": 40}
+    assert saved["fitted_on"] == {"captions": "held_out", "labels": "refs", "split": None, "clips": 40}  # label files
     assert "Platt calibration per field" in capsys.readouterr().out
 
     (tmp_path / "nowhere").mkdir()
@@ -134,6 +134,61 @@ def test_calibrate_command_writes_the_fit_into_the_model_folder(labeled, tmp_pat
                          ({"captions": str(tmp_path / "nowhere")}, "no captions.jsonl, and no label files")):
         with pytest.raises((UsageError, FileNotFoundError), match=message):
             main(CalibrateArguments(**{**vars(args), **bad}))
+
+
+def test_calibrate_reads_the_only_split_of_a_built_dataset_and_asks_among_several(synthetic_raw_dir, synthetic_dataset_dir,
+                                                                                 tmp_path):
+    """A held-out dataset built with --test_size 0 has one split, read without --split (the README's command);
+    among several, or a split the dataset lacks, --split is a command-line mistake (exit 2), worded as caption's."""
+    import subprocess
+
+    from avlabel.data_builder.build import BuildArguments, build
+    from avlabel.eval.data import load_references
+
+    held_out = tmp_path / "held_out"
+    assert not build(BuildArguments(input=str(synthetic_raw_dir), output_dir=str(held_out), test_size=0)).problems
+    references, _ = load_references(held_out, "train")
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "captions.jsonl").write_text(_records(references, references, 0.9))
+    model = tmp_path / "model"
+    model.mkdir()
+    main(CalibrateArguments(captions=str(tmp_path / "captions"), labels=str(held_out), model=str(model)))
+    fitted_on = json.loads((model / CALIBRATION_FILE).read_text())["fitted_on"]
+    assert fitted_on["split"] == "train" and fitted_on["clips"] == len(references) == 24
+
+    several = f"--labels {synthetic_dataset_dir} has the split"
+    for split, line in (((), f"--split: {several}s test, train; name the one to read with --split"),
+                        (("--split", "validation"), f"--split validation: {several}(s) test, train")):
+        done = subprocess.run([sys.executable, "-m", "avlabel", "calibrate", "--captions", str(tmp_path / "captions"),
+                               "--labels", str(synthetic_dataset_dir), "--model", str(model), *split],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert (done.returncode, done.stderr) == (2, f"avlabel calibrate: error: {line}\n")
+    done = subprocess.run([sys.executable, "-m", "avlabel", "caption", "--input", str(held_out), "--split", "validation"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert (done.returncode, done.stderr) == (
+        2, f"avlabel caption: error: --split validation: --input {held_out} has the split(s) train\n")
+
+
+def test_answers_none_of_them_valid_are_named_as_the_reason_no_record_gives_a_confidence(labeled, tmp_path):
+    """Captions of every clip, none schema-valid (a model not answering in the label format): that is the cause,
+    not clips left uncaptioned."""
+    root, references, _ = labeled
+    (tmp_path / "held_out").mkdir()
+    (tmp_path / "held_out" / "captions.jsonl").write_text("".join(
+        json.dumps({"clip_id": clip, "raw": "no label here", "label": {}, "valid": False, "status": "ok",
+                    "errors": {"<label>": ["no JSON object in the output"]}, "confidence": {}, "confidence_raw": {}}) + "\n"
+        for clip in references))
+    (tmp_path / "model").mkdir()
+    args = CalibrateArguments(captions=str(tmp_path / "held_out"), labels=str(root / "refs"), model=str(tmp_path / "model"))
+    with pytest.raises(UsageError) as caught:
+        main(args)
+    assert str(caught.value) == (
+        f"--captions {tmp_path / 'held_out'}: none of the 40 answers for clips of {root / 'refs'} is schema-valid, so "
+        "no record gives a confidence to fit; calibrate a model that answers in the label format (see the records' "
+        "`errors`)")
+    write_labels(tmp_path / "labels_only", references)  # valid answers, but label files carry no confidence
+    with pytest.raises(UsageError, match="no record gives a confidence for any clip of .*refs; caption those clips"):
+        main(CalibrateArguments(**{**vars(args), "captions": str(tmp_path / "labels_only")}))
 
 
 # `avlabel calibrate` in a fresh interpreter that lists every opening of a caption record file (an audit hook)

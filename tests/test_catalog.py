@@ -227,6 +227,7 @@ def test_command_line_query_writes_json_and_rejects_unknown_values(world, tmp_pa
         (["--where", "weather=Sunny"], 2, "error: weather: unknown category 'Sunny'"),
         # an --export folder that holds something else: one line, exit 1, the folder untouched
         (["--export", str(tmp_path)], 1, f"error: {tmp_path}: not empty and not made by `avlabel build`"),
+        (["--text", "zyxwvu", "--export", str(tmp_path / "none")], 2, "error: nothing to export: no clip matches"),
     ]:
         with pytest.raises(SystemExit) as exited:
             cli.main(["search", "--db", str(world["db"]), *argv])
@@ -351,15 +352,24 @@ def test_export_builds_a_dataset_of_the_matching_clips(world, tmp_path):
     from avlabel.catalog.use import export_dataset
 
     result = _all(world["db"], where=["human.lighting=Night*"])
-    exported = export_dataset(result.hits, tmp_path / "night", labels="human", test_size=0)
+    exported = export_dataset(result.hits, tmp_path / "night cases", labels="human", test_size=0)
     assert exported.clips == len(_ids(result)) and exported.human_labels == exported.clips
-    loaded = datasets.load_dataset(str(tmp_path / "night"), cache_dir=str(tmp_path / "hf_cache"))
+    # the manifest the build read is inside the dataset folder, hidden (it names local paths): nothing beside it,
+    # and publishing the folder leaves it out
+    assert [path.name for path in tmp_path.iterdir()] == ["night cases"]
+    assert exported.manifest == tmp_path / "night cases" / ".export_manifest.jsonl"
+    assert len(exported.manifest.read_text().splitlines()) == exported.clips
+    from avlabel.hub.publish import publish_dataset
+
+    published = publish_dataset(tmp_path / "night cases", "tester/night-cases", dry_run_dir=tmp_path / "dry_run")
+    assert "README.md" in published.files and not any("manifest" in name for name in published.files)
+    loaded = datasets.load_dataset(str(tmp_path / "night cases"), cache_dir=str(tmp_path / "hf_cache"))
     rows = loaded["train"]
     assert isinstance(rows.features["video"], datasets.Video)
     assert set(rows["clip_id"]) == {c for c, h in world["humans"].items() if h["lighting"].startswith("Night")}
     for row in rows.select_columns(["clip_id", *schema.FIELD_NAMES]):
         assert schema.row_to_label(row) == world["humans"][row["clip_id"]]
-    assert (tmp_path / "night" / "README.md").is_file()
+    assert (tmp_path / "night cases" / "README.md").is_file()
 
 
 def test_slice_metrics_match_hand_counts(world):

@@ -333,7 +333,7 @@ def locked_run(tmp_path):
          "--labels_dir notes.txt/labels: notes.txt is a file, not a folder"),
         (["export", "--checkpoint", "shared/checkpoint-4"],
          "the default --output_dir shared/checkpoint-4/merged: shared/checkpoint-4 can't be written"),
-        (["calibrate", "--captions", "shared/run", "--labels", "dataset", "--model", "shared/model"],
+        (["calibrate", "--captions", "shared/run", "--labels", "dataset", "--split", "train", "--model", "shared/model"],
          "--model shared/model: shared/model/calibration.json can't be written"),
         (["search", "--db", "notes.txt/catalog.db", "--index", "shared/run"],
          "--db notes.txt/catalog.db: notes.txt is a file, not a folder"),
@@ -519,3 +519,14 @@ def test_the_light_check_and_the_full_parse_read_a_command_line_alike(tmp_path, 
     recipe = yaml.safe_load((ROOT / "recipes" / "tiny" / "sft.yaml").read_text())
     assert training_args.learning_rate == recipe["learning_rate"] != SFTConfig.learning_rate  # from the recipe
     assert model_args.use_peft is True and model_args.lora_target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("started", [["avlabel.train"], ["train"], ["avlabel.infer"], ["avlabel.eval", "metrics"],
+                                     ["avlabel.eval.metrics"], ["eval.metrics"], ["avlabel.catalog"]], ids=" ".join)
+def test_a_command_run_with_python_m_is_named_as_it_was_started(tmp_path, started):
+    """`python -m avlabel.train` (installed), `python -m train` (a clone), a command's own module: each error
+    names the command the way the user typed it, not another package's name."""
+    done = subprocess.run([sys.executable, "-m", *started, "--no_such_flag", "1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    prog = f"python -m {' '.join(started)}"
+    assert_one_line(done.returncode, done.stderr.splitlines(), 2, f"{prog}: error: unrecognized argument --no_such_flag")

@@ -222,3 +222,25 @@ print(json.dumps({"plain": plain, "as_exported": as_exported, "judged": judged})
     assert plain["rule_violation/accuracy"] == pytest.approx(1 / 3)
     assert judged["weather/judge_score"] < 5 and judged["lighting/judge_score"] == 5
     assert judged["judge/model"] == "gpt-5" and judged["judge/calls"] > 0 and judged["judge/cost_usd"] > 0
+
+
+def test_a_second_comparison_into_the_folder_leaves_no_chart_of_the_first(runs, tmp_path):
+    """A judged comparison, then one without --judge into the same folder: the judge's chart goes (publish would
+    carry it as this run's), a user's own file stays."""
+    from avlabel.hub.publish import publish_eval
+
+    out = tmp_path / "out"
+    run_paths = {"baseline": runs / "baseline", "tuned": runs / "tuned"}
+    with OpenAIServer() as srv:
+        judged = compare.compare_runs(run_paths, runs / "refs", out, bootstrap_samples=50, trust=None,
+                             judge=JudgeConfig(judge_base_url=srv.base_url, judge_api_key="test", judge_progress=False,
+                                               judge_cache=str(tmp_path / "cache.sqlite")))
+    assert (out / "judge_scores.png").is_file() and set(judged["artifacts"]["charts"]) <= set(compare.CHARTS)
+    (out / "notes.md").write_text("what I make of it\n")
+    results = compare.compare_runs(run_paths, runs / "refs", out, bootstrap_samples=50)
+    assert results["artifacts"]["charts"] == ["deterministic.png"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "deterministic.png", "notes.md", "per_clip.jsonl", "report.html", "report.md", "results.json"]
+    published = publish_eval(out, "tester/eval-run", dry_run_dir=tmp_path / "dry_run")
+    assert "judge_scores.png" not in published.files and "notes.md" in published.files
+    assert not any(published.folder.rglob("judge_scores.png"))

@@ -238,6 +238,22 @@ def test_an_endpoint_that_keeps_failing_stops_the_run(server, tmp_path):
     judge.close()
 
 
+def test_an_endpoint_that_cannot_be_reached_is_named_with_the_error_as_it_reads(server, tmp_path):
+    """Nothing listens on the port: openai's own 'Connection error.' ends the line, not followed by another period."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago, and nothing listens on now
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    judge = Judge(config(server, tmp_path, judge_base_url=url, judge_concurrency=1, judge_max_retries=0,
+                         judge_max_failures=1))
+    with pytest.raises(JudgeError) as caught:
+        judge.judge([JudgeItem("clip", REFERENCE, REFERENCE, fields=("weather",))])
+    assert str(caught.value) == (f"1 judgments got no answer from {url} (judgments so far are cached; rerun to "
+                                 "continue); last error: APIConnectionError: Connection error.")
+    judge.close()
+
+
 def test_the_server_refuses_a_request_without_a_key_as_openai_does(server):
     import urllib.error
     import urllib.request

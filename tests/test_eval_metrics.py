@@ -223,3 +223,27 @@ def test_builder_dataset_references_match_the_raw_labels(synthetic_dataset_dir, 
     result = metrics.evaluate_run(run)
     assert result.json_valid_rate == 1
     assert all(res.value == pytest.approx(1.0) for res in result.fields.values())
+
+
+def test_no_clip_in_common_is_an_error_not_a_table_of_zeros(synthetic_dataset_dir, tmp_path):
+    """Answers for the train clips scored against the test split (a wrong --split): metrics and compare stop with
+    one line, exit 1, and write nothing; the right split scores them."""
+    import subprocess
+    import sys
+
+    train, _ = data.load_references(synthetic_dataset_dir, split="train")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "captions.jsonl").write_text("".join(
+        json.dumps({"clip_id": clip, "label": label, "valid": True, "status": "ok"}) + "\n" for clip, label in train.items()))
+    line = (f"{tmp_path / 'run'}: no clip has both a prediction here ({len(train)} clips) and a reference in "
+            f"{synthetic_dataset_dir}, split test ({SYNTHETIC_TEST_CLIPS} clips); check --split and that both folders "
+            "hold the same clips")
+    for command in (["metrics", "--predictions", str(tmp_path / "run")], ["compare", "--runs", f"run={tmp_path / 'run'}"]):
+        done = subprocess.run([sys.executable, "-m", "avlabel", *command, "--references", str(synthetic_dataset_dir),
+                               "--split", "test", "--output_dir", str(tmp_path / command[0])],
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+        assert (done.returncode, done.stderr) == (1, f"avlabel {command[0]}: error: {line}\n")
+        assert not (tmp_path / command[0]).exists()
+    written = metrics.main(metrics.MetricsArguments(predictions=str(tmp_path / "run"), references=str(synthetic_dataset_dir),
+                                                    split="train", output_dir=str(tmp_path / "metrics")))
+    assert written["n"] == len(train) and written["fields"]["weather"]["value"] == 1

@@ -7,6 +7,7 @@ sizes; nothing here is a stand-in for the thing it checks.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,29 @@ def test_recipes_parse_with_their_command(recipe, tmp_path):
         generation = recipe.parent.name.split("_")[1][-1]  # reason2 -> 2
         assert model_args.model_name_or_path == f"nvidia/Cosmos-Reason{generation}-{size}"
         assert training_args.output_dir.endswith(f"{recipe.parent.name}-{recipe.stem}")
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")), ids=lambda path: path.name)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_accelerate_configs_shard_each_decoder_layer_and_vision_block_of_every_family(family, config, model_of,
+                                                                                         monkeypatch):
+    """The FSDP configs the recipes launch with, as `accelerate launch` hands them to the training process (its
+    environment), and accelerate's own FSDP2 auto-wrap policy on the model: one shard unit per decoder layer and
+    vision block. A class list naming one family's layers fails on the other ('Could not find the transformer
+    layer class'); without one, accelerate wraps the model's _no_split_modules."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "train.py"]))
+    for name in [name for name in os.environ if name.startswith(("FSDP_", "ACCELERATE_"))]:  # a launcher's, not these
+        monkeypatch.delenv(name)
+    for name, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(name, value)
+    model = model_of(family)
+    policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), model)
+    wrapped = [module for module in model.modules() if policy(module)]
+    expected = [*model.model.language_model.layers, *model.model.visual.blocks]
+    assert len(expected) >= 4 and {id(module) for module in wrapped} == {id(module) for module in expected}

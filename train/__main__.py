@@ -2,4 +2,4 @@
 
 from avlabel.cli import run_command
 
-run_command("train", prog="python -m train")
+run_command("train", prog=f"python -m {__package__}")

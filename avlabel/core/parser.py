@@ -292,6 +292,25 @@ def check_source(value: str, option: str, what: str) -> None:
         raise UsageError(f"{option} {value}: no such file or folder, and not a Hub {what} id (owner/name); check the path")
 
 
+def check_split(source: str, split: str | None, option: str) -> str | None:
+    """The split of the dataset `source` (given with `option`) to read: `split`, which a folder `avlabel build`
+    wrote must have; None: that folder's only split (a dataset of several must be told which). A Hub dataset's
+    splits are known only once it loads, so None there must be a split; anything that is no dataset has none."""
+    from .layouts import METADATA_NAME, is_hub_id
+
+    built = sorted(path.parent.name for path in Path(source).glob(f"*/{METADATA_NAME}"))
+    if split is not None:
+        if built and split not in built:
+            raise UsageError(f"--split {split}: {option} {source} has the split(s) {', '.join(built)}")
+        return split
+    if len(built) == 1:
+        return built[0]
+    if built or is_hub_id(source):
+        has = f"has the splits {', '.join(built)}" if built else "is a Hub dataset"
+        raise UsageError(f"--split: {option} {source} {has}; name the one to read with --split")
+    return None
+
+
 def check_model(value: str, option: str, adapter_option: str | None = None) -> None:
     """check_source for a model, and a local folder must be a model's (its config.json): an adapter or a
     training run given in its place is named, with the folder to give instead."""
