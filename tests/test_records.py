@@ -58,7 +58,7 @@ def test_a_resumed_run_may_name_its_model_folder_another_way(tmp_path, monkeypat
     (tmp_path / "runs" / "merged").mkdir(parents=True)
     (tmp_path / "runs" / "other").mkdir()
     monkeypatch.chdir(tmp_path)
-    identity = {"model": "runs/merged", "adapter": None, "prompt_sha": "p", "generation": {}, "calibration": None}
+    identity = {"model": "runs/merged", "adapter": None, "weights_sha": {"model": None, "adapter": None}, "prompt_sha": "p", "generation": {}, "calibration": None}
     for earlier in ("./runs/merged", str(tmp_path / "runs" / "merged"), "runs/merged/"):
         caption_records.check_same_run([{**identity, "model": earlier, "clip_id": "a"}], identity, tmp_path)
     for earlier in ("runs/other", "org/merged"):
