@@ -44,6 +44,7 @@ from .data import (
     SPLIT_HELP,
     Run,
     check_overlap,
+    check_references,
     load_references,
     load_run,
     print_problems,
@@ -450,6 +451,9 @@ class CompareArguments:
     bootstrap_samples: int = field(default=1000, metadata={"help": "bootstrap resamples and permutations per statistic"})
     seed: int = field(default=0, metadata={"help": "seed of resampling and of the trust sample"})
     disagreements: int = field(default=20, metadata={"help": "clips per field in the report's disagreement browser"})
+
+    def __post_init__(self):
+        check_references(self)
 
 
 def make_parser(subparsers=None):

@@ -155,6 +155,21 @@ class RunArguments:
     output_dir: str = field(metadata={"help": "where the outputs are written"})
     split: str = field(default="test", metadata={"help": SPLIT_HELP})
 
+    def __post_init__(self):
+        from avlabel.core.parser import check_path
+
+        check_path(self.predictions, f"--predictions {self.predictions}")
+        check_references(self)
+
+
+def check_references(args) -> None:
+    """`--references` and `--split` of an evaluation command: a path that isn't there, or a split its dataset
+    lacks, is a command-line mistake (exit 2), said before anything is read."""
+    from avlabel.core.parser import check_source, check_split  # the parser imports TRL: not at module import
+
+    check_source(args.references, "--references", "dataset")
+    args.split = check_split(args.references, args.split, "--references")
+
 
 def load_run(name: str, predictions: str | Path, references: dict[str, dict[str, Any]]) -> Run:
     preds, problems = load_predictions(predictions)

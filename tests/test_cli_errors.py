@@ -205,6 +205,23 @@ def test_caption_input_that_holds_no_clips(tmp_path, model_dir):
     assert not heavy & set(MODEL_CODE)  # found out by reading the folder, before the model
 
 
+@pytest.mark.parametrize("command", ["metrics", "judge", "compare"])
+def test_evaluation_commands_refuse_a_missing_path_or_split_before_reading(tmp_path, dataset_dir, command):
+    """As the README says: a path that is not there, or a split the dataset lacks, is a command-line mistake."""
+    (tmp_path / "run").mkdir()
+    run = ["--runs", "a=run"] if command == "compare" else ["--predictions", "run"]
+    for args, fragment in (
+        ([*run, "--references", "no/such/refs"], "--references no/such/refs: no such file or folder"),
+        ([*run, "--references", str(dataset_dir), "--split", "validation"],
+         f"--split validation: --references {dataset_dir} has the split(s) test, train"),
+    ):
+        code, lines, _ = avlabel(tmp_path, command, *args, "--output_dir", "out")
+        assert_one_line(code, lines, 2, fragment)
+    if command != "compare":
+        code, lines, _ = avlabel(tmp_path, command, "--predictions", "nope", "--references", str(dataset_dir), "--output_dir", "out")
+        assert_one_line(code, lines, 2, "--predictions nope: no such file or folder")
+
+
 @pytest.mark.parametrize(("args", "code", "fragment"), [
     (["build", "--input", ".", "--output_dir", "."], 2, "--output_dir .: the output folder can't be the input folder"),
     (["compare", "--runs", "captions", "--references", "dataset", "--output_dir", "eval"], 2, "--runs expects NAME=PATH, got 'captions'"),
