@@ -116,6 +116,10 @@ def test_a_config_key_that_no_command_reads(tmp_path):
     (["build", "--input", "clips", "--output_dir", "out", "--tset_size", "3"], "--tset_size", "--test_size"),
     (["caption", "--input", "clips", "--temprature", "0.2"], "--temprature", "--temperature"),
     (["train", "--dataset_name", "data", "--lerning_rate", "1e-4"], "--lerning_rate", "--learning_rate"),
+    # a flag cut short: its whole, not the look-alike difflib ranks first (--layout, --input, --fps)
+    (["build", "--input", "clips", "--out", "ds"], "--out", "--output_dir"),
+    (["caption", "--input", "clips", "--out", "caps"], "--out", "--output_dir"),
+    (["build", "--input", "clips", "--output_dir", "ds", "--pres"], "--pres", "--presample"),
 ])
 def test_a_misspelled_flag_gets_a_suggestion(tmp_path, args, flag, suggestion):
     code, lines, heavy = avlabel(tmp_path, *args)

@@ -27,7 +27,10 @@ class UsageError(ValueError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """'; did you mean X?' for the closest of `choices`, or '' when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    # a flag cut short (--out for --output_dir) is nearer its whole than any look-alike difflib would rank first
+    close = [choice for choice in choices if len(word) > 2 and choice.startswith(word)][:1] or \
+        difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 
 
