@@ -518,12 +518,10 @@ def build(args: BuildArguments) -> BuildResult:
     test_size = args.test_size if args.test_size is not None else cache.test_size if cache.test_size is not None \
         else DEFAULT_TEST_SIZE
     if not good:  # nothing usable (a disk not mounted, clips without their labels): the version there stays as it was
-        problems = sorted(set(problems), key=lambda p: (p.path, p.stage, p.reason))
-        write_if_changed(out / QUARANTINE_NAME, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems))
+        problems = _reported(out, problems, clips, {})
         cache.save()
         return BuildResult(out, inputs.layout, {}, problems, sorted(set(inputs.names)), probed=len(todo), packed=0,
-                           remuxed=0, with_extra=0, more_streams=0, kept_splits=0, test_size=test_size,
-                           left_out=0)
+                           test_size=test_size)
     built = built_splits(out)  # the version this build replaces
     previous = cache.splits or built  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
@@ -544,7 +542,6 @@ def build(args: BuildArguments) -> BuildResult:
         row.update({column: info[column] for column in PROBE_COLUMNS})
         rows[splits[clip_id]].append(row)
     rows = {split: split_rows for split, split_rows in rows.items() if split_rows}
-    problems = sorted(set(problems + _partners(clips, stored, problems)), key=lambda p: (p.path, p.stage, p.reason))
 
     for split in SPLITS:
         metadata = out / split / METADATA_NAME
@@ -552,8 +549,7 @@ def build(args: BuildArguments) -> BuildResult:
             _write_metadata(metadata, rows[split])
         else:
             metadata.unlink(missing_ok=True)
-    report = "".join(json.dumps(problem.to_dict(), ensure_ascii=False) + "\n" for problem in problems)
-    write_if_changed(out / QUARANTINE_NAME, report)
+    problems = _reported(out, problems, clips, stored)
     cache.save(set(keys.values()))
     remuxed = sum(Path(name).suffix != clips[c].video.suffix.lower() for c, (name, _) in stored.items())
     write_card(
@@ -574,6 +570,13 @@ def build(args: BuildArguments) -> BuildResult:
         more_streams=sum(infos[c]["video_streams"] > 1 for c in stored),
         kept_splits=kept_splits, test_size=test_size, left_out=len(built.keys() - clips.keys()),
     )
+
+
+def _reported(out: Path, problems: list[Problem], clips: dict[str, InputClip], stored: dict) -> list[Problem]:
+    """Every problem, with the partners of the files set aside, in report order, as the quarantine report writes them."""
+    problems = sorted(set(problems + _partners(clips, stored, problems)), key=lambda p: (p.path, p.stage, p.reason))
+    write_if_changed(out / QUARANTINE_NAME, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in problems))
+    return problems
 
 
 def _partners(clips: dict[str, InputClip], stored: dict, problems: list[Problem]) -> list[Problem]:

@@ -387,6 +387,12 @@ def test_a_build_with_every_file_set_aside_fails_and_leaves_no_dataset(tmp_path)
              and p.name != build.CACHE_NAME}
     assert after == before and any(p.name == "README.md" for p in after)
 
+    # every label broken: the clips they leave without a label are reported too, not only the labels
+    for label in (root / "metas").glob("*.label.json"):
+        label.write_text("{")
+    result = build.build(build.BuildArguments(input=str(root), output_dir=str(tmp_path / "broken"), num_proc=1))
+    assert not result.rows and len(result.set_aside) == len(result.inputs) == 2 * len(ids)
+
 
 def test_presample_stores_the_model_frames(tmp_path):
     """A real 10 s 640x272 street clip, stored at 2 fps and the model's size: the frames come back."""
