@@ -28,6 +28,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 from avlabel.core import schema
+from avlabel.core.errors import one_line
 from avlabel.core.files import link_or_copy
 from avlabel.core.layouts import CAMERA_SUFFIX, LABEL_SUFFIX, clip_id_of, clip_id_problem, is_video
 from avlabel.core.problems import Problem
@@ -274,7 +275,7 @@ def server_errors(url: str, doing: str) -> Iterator[None]:
         else:
             body = err.body if isinstance(err.body, str) else json.dumps(err.body, default=str)
             # a page, not the API's JSON: a wrong URL, or a project that is not there (Label Studio's 404 page)
-            said = "a web page, not the API's answer" if str(body).lstrip().startswith("<") else ' '.join(str(body).split())[:300]
+            said = "a web page, not the API's answer" if str(body).lstrip().startswith("<") else one_line(body)[:300]
             hint = f"HTTP {err.status_code}: {said}"
         raise LabelStudioError(f"--label_studio {url}: {doing} failed, {hint}") from None
 
