@@ -175,10 +175,12 @@ class Published:
     files: list[str]
     skipped: list[str] = field(default_factory=list)
     url: str | None = None  # the commit, after a push
+    up_to_date: bool = False  # the push found every file there already and made no commit
     folder: Path | None = None  # the repo folder, after a dry run
 
     def describe(self) -> str:
-        where = f"wrote {self.folder}" if self.folder else f"pushed {self.url}"
+        where = (f"wrote {self.folder}" if self.folder else
+                 f"up to date, nothing pushed: {self.url}" if self.up_to_date else f"pushed {self.url}")
         return f"{self.repo_type} {self.repo_id}@{self.revision}: {len(self.files)} files, {where}"
 
 
@@ -698,8 +700,9 @@ def _unchanged(operation, remote: dict) -> bool:
 
 def push(plan: Plan, *, private: bool = False, revision: str = "main", create_repo: bool = True,
          create_branch: bool = True, commit_message: str | None = None,
-         files_per_commit: int = FILES_PER_COMMIT) -> str:
-    """Commit the plan as the branch's whole content, `files_per_commit` files a commit; returns the last commit's URL."""
+         files_per_commit: int = FILES_PER_COMMIT) -> tuple[str, bool]:
+    """Commit the plan as the branch's whole content, `files_per_commit` files a commit; returns the last commit's URL
+    and whether anything was committed."""
     from huggingface_hub import (
         CommitOperationAdd,
         CommitOperationDelete,
@@ -745,7 +748,7 @@ def push(plan: Plan, *, private: bool = False, revision: str = "main", create_re
         if not operations:  # the branch is the plan already: its head commit, as huggingface_hub answers then
             head = api.repo_info(plan.repo_id, repo_type=plan.repo_type, revision=revision).sha
             prefix = constants.REPO_TYPES_URL_PREFIXES.get(plan.repo_type, "")
-            return f"{api.endpoint}/{prefix}{plan.repo_id}/commit/{head}"
+            return f"{api.endpoint}/{prefix}{plan.repo_id}/commit/{head}", False
         batches = [operations[start:start + files_per_commit] for start in range(0, len(operations), files_per_commit)]
         message = commit_message or f"Publish {plan.repo_type} with avlabel"
         file_bars = not are_progress_bars_disabled()
@@ -770,7 +773,7 @@ def push(plan: Plan, *, private: bool = False, revision: str = "main", create_re
         raise PublishError(f"{where} has no branch '{revision}': {fix}") from None
     except HfHubHTTPError as err:
         raise PublishError(f"{where}: the Hub refused the push: {err}") from None
-    return info.commit_url
+    return info.commit_url, True
 
 
 def _run(plan: Plan, scrub: Scrubber, revision: str, dry_run_dir, **push_args) -> Published:
@@ -779,7 +782,8 @@ def _run(plan: Plan, scrub: Scrubber, revision: str, dry_run_dir, **push_args) -
     if dry_run_dir is not None:
         published.folder = write_folder(plan, dry_run_dir)
     else:
-        published.url = push(plan, revision=revision, **push_args)
+        published.url, committed = push(plan, revision=revision, **push_args)
+        published.up_to_date = not committed
     return published
 
 

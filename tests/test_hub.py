@@ -369,7 +369,11 @@ def test_push_merged_model_with_eval_and_load_back(hub, request, train_output, e
 
     repo_id = _repo_id("merged", request)
     published = publish_model(train_output, repo_id, eval_dir=eval_output, dataset_repo="tester/dashcam-clips")
-    assert published.url and "/commit/" in published.url
+    assert published.url and "/commit/" in published.url and "pushed" in published.describe()
+    commits = len(hub.commits)
+    again = publish_model(train_output, repo_id, eval_dir=eval_output, dataset_repo="tester/dashcam-clips")
+    assert len(hub.commits) == commits and again.url == published.url  # nothing changed: no commit, the same head
+    assert "up to date, nothing pushed" in again.describe()
 
     model = AutoModelForImageTextToText.from_pretrained(repo_id)
     processor = AutoProcessor.from_pretrained(repo_id)
