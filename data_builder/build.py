@@ -267,8 +267,10 @@ def _reencode_losslessly(original, video, copy) -> None:
 def _leave_interrupts_to_the_main() -> None:
     """A pool worker ignores Ctrl-C (the terminal sends it to every process of the group): the main process
     saves what is done and stops the workers. A worker that caught it would go on with the jobs queued for it;
-    one that died of it while reading the job queue would hold the queue's lock for good."""
+    one that died of it while reading the job queue would hold the queue's lock for good. SIGTERM, which the
+    main process turns into an interrupt (`errors.run`), ends a worker at once: that is how the main stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int, chunked: bool = True):

@@ -439,10 +439,12 @@ def test_an_interrupted_presample_resumes_from_the_last_clip_stored(tmp_path, mo
     assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, 3, 6)
 
 
-def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a pool presamples: the command
-    exits with the one line, its workers stop instead of going on with the clips queued for them (which
-    would not be recorded), and the next build stores only the clips the interrupted one did not record."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path, stop):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it), or SIGTERM to the group (a scheduler
+    preempting the job) while a pool presamples: the command exits with the one line, its workers stop instead
+    of going on with the clips queued for them (which would not be recorded), and the next build stores only the
+    clips the interrupted one did not record."""
     import signal
     import time
 
@@ -456,7 +458,7 @@ def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path):
     deadline = time.monotonic() + 120
     while len(list(out.glob("train/*.mp4"))) < 6 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, getattr(signal, stop))
     try:
         _, stderr = process.communicate(timeout=30)  # a bound on hanging, far above the fraction of a second it takes
     finally:

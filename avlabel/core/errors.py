@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterable
 
 from avlabel.extras import MissingExtra
@@ -42,8 +44,18 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(function: Callable[..., Any], *args: Any, prog: str) -> Any:
-    """`function(*args)`, with any error it raises printed as one line and turned into an exit code."""
+    """`function(*args)`, with any error it raises printed as one line and turned into an exit code.
+
+    SIGTERM (a cluster's scheduler preempting the job, `kill`, a container stopping) stops the command as Ctrl-C
+    does: what is done is saved on the way out and the rerun resumes from it, where the default would end the
+    process on the spot."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return function(*args)
     except KeyboardInterrupt:
