@@ -143,33 +143,73 @@ def network_logged(log: Path) -> dict[str, str]:
     return {**env, "AVLABEL_NETWORK_LOG": str(log), "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))}
 
 
+# The default demo is the suite's longest setup (minutes of training on 2 cores), and it runs in a process of its
+# own: when a selected test reads it, it starts with the session and runs beside the other tests, which mostly keep
+# one core busy, instead of holding the whole suite while it trains.
+DEFAULT_DEMO = ("qwen2_5_vl",)
+
+
+def _reads_default_demo(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return "demo_run" in item.fixturenames or bool(callspec and callspec.params.get("demo") == DEFAULT_DEMO[0])
+
+
+def pytest_collection_finish(session):
+    """Note whether a selected test reads the default demo (after -k and -m have deselected theirs)."""
+    session.config.reads_default_demo = any(_reads_default_demo(item) for item in session.items)
+
+
 @pytest.fixture(scope="session")
 def demo_of(tmp_path_factory):
     """`avlabel demo --family F` as a newcomer runs it (minutes on 2 cores), made once per family for the tests
     that read its output. Returns a function of the family giving (output folder, what it printed)."""
     import subprocess
     import sys
+    import time
 
-    runs = {}
+    started, runs = {}, {}
 
-    def run(family: str = "qwen2_5_vl", *options: str):
+    def start(family: str = DEFAULT_DEMO[0], *options: str) -> None:
+        key = (family, *options)
+        if key not in started:
+            out = tmp_path_factory.mktemp(f"demo_{family}") / "demo_output"
+            printed = out.parent / "printed.log"  # a file, not a pipe: nobody reads a pipe while tests run beside it
+            with open(printed, "w") as log:
+                process = subprocess.Popen([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family",
+                                            family, *options], stdout=log, stderr=subprocess.STDOUT, text=True,
+                                           env=network_logged(out.parent / NETWORK_LOG))
+            started[key] = (process, out, printed, time.monotonic())
+
+    def run(family: str = DEFAULT_DEMO[0], *options: str):
         key = (family, *options)
         if key not in runs:
-            out = tmp_path_factory.mktemp(f"demo_{family}") / "demo_output"
+            start(family, *options)
+            process, out, printed, since = started[key]
             try:
-                done = subprocess.run([sys.executable, "-m", "avlabel", "demo", "--output_dir", str(out), "--family",
-                                       family, *options], capture_output=True, text=True, timeout=1200,
-                                      env=network_logged(out.parent / NETWORK_LOG))
-                runs[key] = (out, done.stdout) if done.returncode == 0 else done.stdout[-3000:] + done.stderr[-3000:]
-            except subprocess.TimeoutExpired as timeout:  # its partial output comes as bytes, text=True or not
-                printed = (timeout.stdout or b"")[-3000:] + (timeout.stderr or b"")[-3000:]
-                runs[key] = f"the demo did not finish in {timeout.timeout:.0f} s; its last lines:\n" + printed.decode(errors="replace")
+                process.wait(timeout=max(1, 1800 - (time.monotonic() - since)))
+                done = process.returncode == 0
+                runs[key] = (out, printed.read_text()) if done else printed.read_text()[-6000:]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                runs[key] = "the demo did not finish in 1800 s; its last lines:\n" + printed.read_text()[-6000:]
         # a failed demo fails every test that reads it, once: running it again for each would repeat minutes of work
         if isinstance(runs[key], str):
             pytest.fail(f"avlabel demo --family {' '.join(key)} failed: {runs[key]}", pytrace=False)
         return runs[key]
 
-    return run
+    run.start = start
+    yield run
+    for process, *_ in started.values():  # a session that ends first (-x, Ctrl-C) leaves no demo training
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_demo_started_early(request, caches_of_this_session, demo_of):
+    if getattr(request.config, "reads_default_demo", False):
+        demo_of.start(*DEFAULT_DEMO)
 
 
 @pytest.fixture(scope="session")
