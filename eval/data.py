@@ -112,10 +112,18 @@ def load_predictions(path: str | Path) -> tuple[dict[str, Prediction], list[Prob
         raise FileNotFoundError(f"{path}: no captions.jsonl, and no label files ({err})") from None
     predictions = {}
     for clip in clips:
-        if isinstance(clip.label, Path):
-            predictions[clip.clip_id] = prediction_from_json(clip.clip_id, clip.label.read_bytes(), clip.label_name)
-        else:
+        if not isinstance(clip.label, Path):
             predictions[clip.clip_id] = prediction_from_raw(clip.clip_id, clip.label)
+            continue
+        try:
+            text = clip.label.read_bytes()
+        except OSError as err:  # a broken link, a file without read permission: named, and the clip scored as missing
+            problems.append(Problem(clip.label_name, "read", f"can't be read ({err.strerror or err})"))
+            continue
+        predictions[clip.clip_id] = prediction = prediction_from_json(clip.clip_id, text, clip.label_name)
+        # label files are someone's deliverable, not a model's free output: one that isn't a JSON label is named too
+        for reason in prediction.errors.get(schema.WHOLE_LABEL, []):
+            problems.append(Problem(clip.label_name, "read", reason.removeprefix(f"{clip.label_name}: ")))
     return predictions, problems
 
 

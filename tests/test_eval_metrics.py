@@ -168,21 +168,31 @@ def test_label_folders_join_missing_and_extra(tmp_path):
     (tmp_path / "preds" / "c2.label.json").write_text("{ this is not json")
     (tmp_path / "preds" / "c3.label.json").write_text('{"weather": ' + "[" * 5000 + "]" * 5000 + "}")  # past Python's reader
     (tmp_path / "preds" / "zz.label.json").write_text(json.dumps(reference))
+    for clip in ("c4", "c5", "c6"):
+        (tmp_path / "refs" / "metas" / f"{clip}.label.json").write_text(json.dumps(reference))
+    (tmp_path / "preds" / "c4.label.json").symlink_to("/mnt/not-mounted/c4.label.json")  # a disk that is not there
+    (tmp_path / "preds" / "c5.label.json").write_text("")
+    (tmp_path / "preds" / "c6.label.json").write_text(json.dumps([reference]))
 
     references, problems = data.load_references(tmp_path / "refs")
-    assert sorted(references) == ["c1", "c2", "c3"]
+    assert sorted(references) == ["c1", "c2", "c3", "c4", "c5", "c6"]
     assert [(Path(p.path).name, p.reason.split(" (")[0]) for p in problems] == [
         ("bad.label.json", "weather unknown category 'Sandstorm'"),
         ("deep.label.json", "nests arrays or objects deeper than Python's JSON reader goes: re-export the label")]
 
     run = data.load_run("model", tmp_path / "preds", references)
-    assert run.missing == [] and run.extra == ["zz"]
+    # a prediction file that can't be read is named and its clip scored as missing; the rest are still read
+    assert run.missing == ["c4"] and run.extra == ["zz"]
     assert run.predictions["c1"].valid
-    for clip in ("c2", "c3"):  # invalid JSON is an invalid answer
+    for clip in ("c2", "c3", "c5", "c6"):  # invalid JSON is an invalid answer, and the file is named
         assert not run.predictions[clip].valid and run.predictions[clip].label == {}
+    named = {p.path: p.reason for p in run.problems}
+    assert set(named) == {f"c{i}.label.json" for i in range(2, 7)}, named
+    assert named["c4.label.json"] == "can't be read (No such file or directory)"
+    assert named["c6.label.json"] == "must be a JSON object, got list"
     result = metrics.evaluate_run(run)
-    assert result.json_valid_rate == pytest.approx(1 / 3)
-    assert result.fields["weather"].value == pytest.approx(1 / 3)
+    assert result.json_valid_rate == pytest.approx(1 / 6)
+    assert result.fields["weather"].value == pytest.approx(1 / 6)
 
 
 def test_references_from_a_dataset_folder(tmp_path):
