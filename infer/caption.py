@@ -201,7 +201,7 @@ def merge_and_summarize(out: Path, clips: list, todo: list, state, start: float,
     from . import records
 
     merged = records.merge(out, [clip.clip_id for clip in clips])
-    records.write_labels(out, merged)
+    unwritten = records.write_labels(out, merged)
     status = {r["clip_id"]: r.get("status") for r in merged}
     todo_ids = {clip.clip_id for clip in todo}
     this_run = {
@@ -221,6 +221,8 @@ def merge_and_summarize(out: Path, clips: list, todo: list, state, start: float,
         f"{summary['captioned']}/{len(clips)} clips captioned ({this_run['captioned']} now, {this_run['skipped']} "
         f"skipped as done), {summary['failed']} failed, schema-valid rate {summary['valid_rate']}; wrote {out}"
     )
+    for path, reason in list(unwritten.items())[:FAILURES_SHOWN]:
+        print(f"warning: {path}: not written ({reason}); the clip's label is in {out / records.CAPTIONS}")
     failed = [r for r in merged if r["clip_id"] in todo_ids and r.get("status") == "failed"]
     for record in failed[:FAILURES_SHOWN]:
         print(f"failed: {record['video']}: {record['error']}")

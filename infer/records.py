@@ -111,19 +111,22 @@ def merge(out_dir: Path, clip_order: list[str]) -> list[dict[str, Any]]:
     return ordered
 
 
-def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> int:
-    """`labels/<clip_id>.label.json` for every valid record (the recipe's label files)."""
+def write_labels(out_dir: Path, records: list[dict[str, Any]]) -> dict[str, str]:
+    """`labels/<clip_id>.label.json` for every valid record (the recipe's label files); returns {file: why} for
+    those the file system refused (a name past its 255 bytes), whose labels stay in captions.jsonl alone."""
     folder = out_dir / LABELS
     folder.mkdir(parents=True, exist_ok=True)
-    written = 0
+    refused = {}
     for record in records:
         target = folder / f"{record['clip_id']}{LABEL_SUFFIX}"
-        if succeeded(record) and record.get("valid"):
-            target.write_text(label_to_json(record["label"], indent=2) + "\n", encoding="utf-8")
-            written += 1
-        elif target.exists():  # an older run's label for a clip that is no longer valid
-            target.unlink()
-    return written
+        try:
+            if succeeded(record) and record.get("valid"):
+                target.write_text(label_to_json(record["label"], indent=2) + "\n", encoding="utf-8")
+            elif target.exists():  # an older run's label for a clip that is no longer valid
+                target.unlink()
+        except OSError as err:
+            refused[str(target)] = err.strerror or str(err)
+    return refused
 
 
 def summarize(records: list[dict[str, Any]], inputs: int, this_run: dict[str, int], identity: dict[str, Any]) -> dict:

@@ -145,6 +145,22 @@ def test_records_survive_a_torn_last_line(tmp_path):
         read_records(path)
 
 
+def test_a_label_file_the_file_system_refuses_is_named_and_the_others_are_written(tmp_path):
+    """A clip whose id is past 244 bytes (82 CJK characters) names a label file past the 255 bytes a file name may
+    have: its label stays in captions.jsonl, the others are written, and the run can finish (a rerun, too)."""
+    from avlabel.infer.records import write_labels
+    from eval_labels import load_label_file
+
+    label = load_label_file(Path(__file__).parent / "fixtures" / "reference.label.json")
+    long_id = "\u8def" * 82  # 246 bytes in UTF-8
+    records = [{"clip_id": clip_id, "status": "ok", "valid": True, "label": label} for clip_id in ("short", long_id)]
+    for _ in range(2):
+        refused = write_labels(tmp_path, records)
+        assert list(refused) == [str(tmp_path / "labels" / f"{long_id}.label.json")]
+        assert refused[str(tmp_path / "labels" / f"{long_id}.label.json")] == "File name too long"
+        assert json.loads((tmp_path / "labels" / "short.label.json").read_text(encoding="utf-8")) == label
+
+
 # ----------------------------------------------------------------------------- engine
 
 
