@@ -91,6 +91,23 @@ def test_a_refused_label_file_says_why(tmp_path):
     assert label is None and extra == {} and reason.startswith("is not valid JSON (")
     bad.write_text('["a list"]')
     assert schema.read_label(bad)[2] == "is not a JSON object (got list)"
+    bad.write_text("")
+    assert schema.read_label(bad)[2] == "empty file (0 bytes)"
+    bad.write_text(" \n")
+    assert schema.read_label(bad)[2] == "holds only white space, no JSON"
+
+
+def test_a_label_giving_a_field_two_values_is_refused(tmp_path):
+    """json.loads would keep the last value without a word; a repeat of the same value is harmless."""
+    text = REFERENCE.read_text()
+    path = tmp_path / "x.label.json"
+    path.write_text(text.replace('"weather": ', '"weather": "Heavy rain", "weather": ', 1))
+    label, _, reason = schema.read_label(path)
+    assert label is None
+    assert reason.startswith("gives 'weather' twice, as 'Heavy rain' and as ") and reason.endswith(": keep the right one")
+    same = json.loads(text)["weather"]
+    path.write_text(text.replace('"weather": ', f'"weather": {json.dumps(same)}, "weather": ', 1))
+    assert schema.read_label(path)[0] == load_label_file(REFERENCE)
 
 
 def test_rows_round_trip_and_json_keeps_schema_order():
