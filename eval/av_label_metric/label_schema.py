@@ -342,6 +342,21 @@ def json_error_reason(err: json.JSONDecodeError, one_line: bool = False) -> str:
     return f"{err.msg.removesuffix(' at')} at {where}"
 
 
+class _ConflictingKey(ValueError):
+    """A JSON object that gives one key two different values."""
+
+
+def _refuse_conflicting_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of a repeated key without a word; in a hand-edited label the two values are two
+    annotators' or two edits' answers, and which one is right is the user's call (a repeat of one value is harmless)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj and obj[key] != value:
+            raise _ConflictingKey(f"gives {key!r} twice, as {obj[key]!r} and as {value!r}: keep the right one")
+        obj[key] = value
+    return obj
+
+
 def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any], str | None]:
     """A human label as exports write it: (label, extra keys, None), or (None, {}, why it can't be used).
 
@@ -354,7 +369,9 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
         if isinstance(raw, Path):
             raw = raw.read_bytes().decode("utf-8")
         if isinstance(raw, str):
-            raw = json.loads(raw.removeprefix("\ufeff"))
+            if not raw.strip():
+                return None, {}, "empty file (0 bytes)" if not raw else "holds only white space, no JSON"
+            raw = json.loads(raw.removeprefix("\ufeff"), object_pairs_hook=_refuse_conflicting_keys)
     except OSError as err:
         return None, {}, f"can't be read ({err.strerror})"
     except UnicodeDecodeError:
@@ -363,6 +380,8 @@ def read_label(source: str | Path | dict, strict: bool = False) -> tuple[dict[st
         return None, {}, f"is not valid JSON ({json_error_reason(err)})"
     except RecursionError:
         return None, {}, "nests arrays or objects deeper than Python's JSON reader goes: re-export the label"
+    except _ConflictingKey as err:
+        return None, {}, str(err)
     except ValueError as err:  # valid JSON past one of Python's limits, such as an integer of over 4,300 digits
         return None, {}, f"can't be read as JSON ({json_limit_reason(err)}): re-export the label"
     if not isinstance(raw, dict):
