@@ -185,10 +185,14 @@ def stored_suffix(source: Path, presample: bool) -> str:
 
 
 def _probe_file(path: str) -> dict:
+    """The clip's probe, or why it failed; a failure of the system (permissions, I/O), which a fix outside the file
+    ends, is marked `os_error` and not cached: the next build probes the file afresh, as the report says it will."""
     try:
         return {"info": asdict(probe(path))}
     except VideoError as err:
-        return {"error": err.reason}
+        return {"error": err.reason, **({"os_error": True} if err.from_os else {})}
+    except OSError as err:
+        return {"error": f"can't be read ({err.strerror or err})", "os_error": True}
     except Exception as err:  # noqa: BLE001 - one odd file must not stop the build; its reason is kept
         return {"error": f"unexpected {type(err).__name__} while probing: {err}"}
 
@@ -341,7 +345,7 @@ class _Cache:
 
     def save(self, used_probes: set[str] | None = None) -> None:
         """Write the cache, keeping only `used_probes` when given (the final save of a build)."""
-        keys = sorted(self.probes if used_probes is None else used_probes)
+        keys = sorted(self.probes if used_probes is None else used_probes & self.probes.keys())
         lines = [json.dumps({"probe": key, **self.probes[key]}, sort_keys=True) for key in keys]
         lines += [json.dumps({"output": name, **self.outputs[name]}, sort_keys=True) for name in sorted(self.outputs)]
         lines += [json.dumps({"clip": clip_id, "split": self.splits[clip_id]}) for clip_id in sorted(self.splits)]
@@ -500,14 +504,15 @@ def build(args: BuildArguments) -> BuildResult:
     sources = {keys[c]: str(clips[c].video) for c in keys}
     todo = sorted(key for key in sources if key not in cache.probes)
     probed = _run_parallel(_probe_file, [(sources[key],) for key in todo], "Probing", num_proc)
+    refused_by_os: dict[str, dict] = {}
     with _saved_when_interrupted(cache, probed):
         for done, (key, result) in enumerate(zip(todo, probed, strict=True), 1):
-            cache.probes[key] = result
+            (refused_by_os if result.get("os_error") else cache.probes)[key] = result
             if done % CHECKPOINT_EVERY == 0:
                 cache.save()  # a build that is killed resumes from here
     infos: dict[str, dict] = {}
     for clip_id, key in keys.items():
-        result = cache.probes[key]
+        result = refused_by_os.get(key) or cache.probes[key]
         # checked here, not in the cached probe, so a clip probed by an earlier version is checked too: a clip no
         # model of the families can take would pass, and stop training when its length is estimated
         reason = result.get("error") or aspect_problem(result["info"]["height"], result["info"]["width"])

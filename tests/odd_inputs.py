@@ -47,6 +47,8 @@ SET_ASIDE = {
     "metas/label_not_utf8.label.json": ("label", "is not UTF-8 text"),
     "metas/label_nested_too_deep.label.json": ("label", "nests arrays or objects deeper than Python's JSON reader goes"),
     "metas/label_huge_number.label.json": ("label", "can't be read as JSON (Exceeds the limit (4300 digits)"),
+    "metas/label_white_space.label.json": ("label", "holds only white space, no JSON"),
+    "metas/label_conflicting_key.label.json": ("label", "gives 'weather' twice, as 'Heavy rain' and as "),
     "metas/no_clip.label.json": ("scan", "label without a clip"),
     "metas/notes.md": ("scan", "not a label file"),
 }
@@ -57,7 +59,7 @@ PARTNERS = {
         ("audio_only", "mp4"), ("still_image", "mp4"), ("extreme_aspect_3200x14", "mp4"))},
     **{f"videos/{name}.mp4": f"metas/{name}.label.json" for name in (
         "label_missing_field", "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8",
-        "label_nested_too_deep", "label_huge_number")},
+        "label_nested_too_deep", "label_huge_number", "label_white_space", "label_conflicting_key")},
 }
 EXTRA_KEYS = {"objects": [{"class": "car", "track_id": 3}], "annotator": "A-17"}
 
@@ -176,7 +178,7 @@ def write_videos(videos: Path) -> None:
     write_video(videos / "duplicate_id.mp4")  # the .mov sorts first and keeps the id
     for name in ("label_with_bom", "label_with_extra_keys", "label_normalized_values", "label_missing_field",
                  "label_wrong_value", "label_invalid_json", "label_not_an_object", "label_not_utf8",
-                 "label_nested_too_deep", "label_huge_number", "no_label"):
+                 "label_nested_too_deep", "label_huge_number", "label_white_space", "label_conflicting_key", "no_label"):
         write_video(videos / f"{name}.mp4")
     write_video(videos / "extreme_aspect_3200x14.mp4", width=3200, height=14)  # decodes; no Qwen-VL model takes it
     (videos / "zero_bytes.mp4").write_bytes(b"")
@@ -206,6 +208,9 @@ def write_labels(metas: Path) -> None:
         # valid JSON past what Python's reader takes (a broken exporter's output)
         "label_nested_too_deep": json.dumps(label)[:-1] + ', "objects": ' + "[" * 5000 + "]" * 5000 + "}",
         "label_huge_number": json.dumps(label)[:-1] + ', "track_id": ' + "9" * 5000 + "}",
+        "label_white_space": "\n  \n",
+        # two edits of one label: json.loads would keep the last without a word
+        "label_conflicting_key": '{"weather": "Heavy rain", ' + json.dumps(label)[1:],
     }
     unlabelled = {"no_label", "notes", "mdvr_channel1"}
     labelled = ROWS | {Path(path).name.split(".")[0] for path in [*SET_ASIDE, *PARTNERS]} - unlabelled

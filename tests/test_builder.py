@@ -474,6 +474,29 @@ def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path, stop):
     assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, count - recorded, count)
 
 
+def test_a_clip_the_system_refused_is_read_afresh_by_the_next_build(tmp_path):
+    """A clip without read permission (or on a disk with I/O errors) is set aside, and once the permission is fixed
+    the next build reads it, as the report promises: the refusal says nothing of the file's bytes, so it is not
+    cached with the probes (its size and time, the cache's key, did not change)."""
+    root = tmp_path / "raw"
+    ids = _make_recipe_input(root, 3)
+    locked = root / "videos" / f"{ids[0]}{SUFFIX}"
+    locked.chmod(0)
+    command = [sys.executable, "-m", "avlabel", "build", "--input", str(root), "--output_dir", str(tmp_path / "out"),
+               "--test_size", "0"]
+    if os.geteuid() == 0:  # root reads any file: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv, which could drop root's right to read any file")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    quarantine = [json.loads(line) for line in (tmp_path / "out" / build.QUARANTINE_NAME).read_text().splitlines()]
+    assert [(q["path"], q["stage"]) for q in quarantine if q["stage"] == "probe"] == [(f"videos/{locked.name}", "probe")]
+    assert "Permission denied" in refused.stdout + refused.stderr
+    locked.chmod(0o644)
+    again = build.build(BuildArguments(input=str(root), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    assert again.probed == 1 and again.problems == [] and len(again.rows["train"]) == 3
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")

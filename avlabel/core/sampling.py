@@ -46,9 +46,10 @@ TEMPORAL_PATCH = 2  # Qwen2.5-VL / Qwen3-VL merge two consecutive frames into on
 class VideoError(RuntimeError):
     """A clip that can't be decoded; the message names the file and the reason."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str, from_os: bool = False):
         self.path = str(path)
         self.reason = reason
+        self.from_os = from_os  # the system refused the file (permissions, I/O): nothing said of its bytes
         super().__init__(f"{path}: {reason}")
 
 
@@ -304,7 +305,9 @@ def _open(path: Path):
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
-        raise VideoError(path, f"not a readable video container ({_ffmpeg_reason(err)})") from None
+        # FFmpeg's errors of the system (av.error.PermissionError, ...) are OSErrors; those of the bytes are not
+        raise VideoError(path, f"not a readable video container ({_ffmpeg_reason(err)})",
+                         from_os=isinstance(err, OSError)) from None
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]  # before close(), which empties streams
         container.close()
