@@ -474,6 +474,25 @@ def test_debug_shows_the_traceback(tmp_path):
     assert code == 1 and any("Traceback" in line for line in lines)
 
 
+def test_an_unexpected_error_names_the_reason_a_library_wrapped(capsys):
+    """A library's wrapper ("An error occurred while generating the dataset") says nothing of why: the line adds
+    the innermost cause it was raised from."""
+    from avlabel.core.errors import run
+
+    def fails():
+        try:
+            raise RuntimeError("Could not load libtorchcodec.\n  Likely causes: ...")
+        except RuntimeError as err:
+            raise LookupError("An error occurred while generating the dataset") from err
+
+    with pytest.raises(SystemExit) as stopped:
+        run(fails, prog="avlabel caption")
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "avlabel caption: error: LookupError: An error occurred while generating the dataset (because RuntimeError: "
+        "Could not load libtorchcodec. Likely causes: ...) (rerun with AVLABEL_DEBUG=1 for the traceback)\n")
+
+
 # ----------------------------------------------------------------------------- a quick start
 
 

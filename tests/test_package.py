@@ -299,3 +299,27 @@ def test_the_metric_loads_and_computes_with_only_its_declared_requirements(tmp_p
         assert standalone[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
     assert expected["json_valid_rate"] == pytest.approx(28 / 30)
     assert _run([python, "-c", "import avlabel"], tmp_path, env).returncode != 0
+
+
+@pytest.mark.slow
+def test_a_torchcodec_built_for_another_torch_is_named_with_its_fix(synthetic_dataset_dir, tmp_path):
+    """torchcodec declares no torch requirement, so pip accepts any release beside any torch; torchcodec 0.7 (torch
+    2.8's build, the floor) does not load with this torch. datasets reports that only as "An error occurred while
+    generating the dataset": the command names torchcodec, the torch it met and the fix, in one line."""
+    import torch
+
+    if torch.__version__.startswith("2.8."):
+        pytest.skip("torchcodec 0.7 is this torch's own build")
+    wheels = tmp_path / "wheels"
+    assert _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--cache-dir", PIP_CACHE, "-d", wheels,
+                 "torchcodec==0.7.0"], tmp_path, os.environ).returncode == 0
+    older = tmp_path / "older"  # a wheel is a zip of what pip would install: the old torchcodec, ahead of this one
+    zipfile.ZipFile(next(wheels.glob("*.whl"))).extractall(older)
+    env = _outside_env(tmp_path) | {"PYTHONPATH": os.pathsep.join([str(older), str(ROOT)])}
+    done = _run([sys.executable, "-m", "avlabel", "metrics", "--predictions", synthetic_dataset_dir, "--references",
+                 synthetic_dataset_dir, "--output_dir", tmp_path / "out"], tmp_path, env)
+    line = done.stderr.splitlines()[-1]  # after datasets' progress bars
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert line.startswith(f"avlabel metrics: error: torchcodec 0.7.0 can't be loaded, and the dataset's clips are "
+                           f"read through it: it is not the build for torch {torch.__version__}: "), line
+    assert "https://github.com/pytorch/torchcodec#installing-torchcodec" in line

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterable
 
-from avlabel.extras import MissingExtra
+from avlabel.extras import DependencyError
 
 DEBUG_ENV = "AVLABEL_DEBUG"
 
@@ -69,7 +69,12 @@ def run(function: Callable[..., Any], *args: Any, prog: str) -> Any:
         message = one_line(err) or type(err).__name__
         # errors the user can cause are ValueErrors (ours), OSErrors (a file) or a missing extra (its
         # message names the pip command); anything else is ours to fix
-        if not isinstance(err, (ValueError, OSError, MissingExtra)):
+        if not isinstance(err, (ValueError, OSError, DependencyError)):
+            cause = err
+            while cause.__cause__ is not None:  # a library's wrapper ("An error occurred while ...") hides the reason
+                cause = cause.__cause__
+            if cause is not err:
+                message += f" (because {type(cause).__name__}: {one_line(cause)[:300]})"
             message = f"{type(err).__name__}: {message} (rerun with {DEBUG_ENV}=1 for the traceback)"
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(getattr(err, "exit_code", 1)) from None

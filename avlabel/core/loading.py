@@ -41,9 +41,17 @@ def load_clip_dataset(source: str | Path, split: str | None = None, *, name: str
     """`datasets.load_dataset` of a builder folder or Hub id (a DatasetDict when `split` is None)."""
     import datasets
 
+    from avlabel.extras import require_video_decoder
+
     folder = Path(source)
     cache_dir = _cache_dir(folder) if folder.is_dir() else None
-    return datasets.load_dataset(str(source), name=name, split=split, streaming=streaming, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(str(source), name=name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except Exception:
+        # preparing the Video column imports torchcodec, and datasets reports its failure to load only as "An error
+        # occurred while generating the dataset": name it and its fix (checked only now: the import takes seconds)
+        require_video_decoder()
+        raise
 
 
 def saved_with_model(sources: Iterable[str | Path | None], file_name: str, what: str,
