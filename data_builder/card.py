@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pprint
 from collections import Counter
 from pathlib import Path
 
@@ -225,6 +226,22 @@ def _storage(presampled: dict | None, stored_bytes: int, source_bytes: int, remu
     )
 
 
+def _label_snippet() -> str:
+    """Lines that turn a row into the recipe's JSON label without avlabel installed (what schema.row_to_label does;
+    tests/test_builder.py checks that the two agree), written from the schema."""
+    names = [spec.name for spec in FIELDS]
+    booleans = [spec.name for spec in FIELDS if spec.kind == "boolean"]
+    lists = [spec.name for spec in FIELDS if spec.kind == "multi_category"]
+    return "\n".join([
+        "# the row's label as the recipe's JSON object: its booleans are the strings \"True\" and \"False\", an empty",
+        "# list is null",
+        "FIELDS = " + pprint.pformat(names, width=110, compact=True).replace("\n", "\n" + " " * len("FIELDS = ")),
+        "label = {name: row[name] for name in FIELDS}",
+        f"label |= {{name: str(row[name]) for name in {booleans!r}}}",
+        f"label |= {{name: row[name] or None for name in {lists!r}}}",
+    ])
+
+
 def _columns() -> str:
     body = [
         ["`video`", "Video", "the clip (decoded with torchcodec when read)"],
@@ -351,8 +368,7 @@ dataset = load_dataset("path/to/this/folder")  # or the Hub repo id; add streami
 row = dataset["train"][0]
 row["video"]  # a torchcodec VideoDecoder
 
-from avlabel.core.schema import row_to_label  # from the avlabel repository
-label = row_to_label(row)  # the row's label as the recipe's JSON object
+{_label_snippet()}
 ```
 
 ## Columns

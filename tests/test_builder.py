@@ -195,6 +195,21 @@ def test_card_has_yaml_and_statistics_from_the_data(acceptance):
     assert (out / "statistics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_cards_loading_snippet_runs_without_avlabel(acceptance):
+    """Another project loads the dataset as the card says, with datasets alone: its snippet gives each row's label
+    as schema.row_to_label does, with avlabel not importable."""
+    root, _, result = acceptance
+    text = (result.output_dir / "README.md").read_text(encoding="utf-8")
+    snippet = text.split("## How to load")[1].split("```python\n")[1].split("```")[0]
+    code = "\n".join(["import json, sys", "sys.modules['avlabel'] = None  # import avlabel fails",
+                      snippet.replace('"path/to/this/folder"', repr(str(result.output_dir))),
+                      "print(json.dumps([row['clip_id'], label]))"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clip_id, label = json.loads(done.stdout.splitlines()[-1])
+    assert label == load_label_file(root / "metas" / f"{clip_id}.label.json")
+
+
 def test_folder_is_self_contained(acceptance, tmp_path):
     """No local path in what would be pushed, and the folder loads from anywhere."""
     import datasets
