@@ -530,7 +530,7 @@ def build(args: BuildArguments) -> BuildResult:
         return BuildResult(out, inputs.layout, {}, problems, sorted(set(inputs.names)), probed=len(todo), packed=0,
                            test_size=test_size)
     built = built_splits(out)  # the version this build replaces
-    previous = cache.splits or built  # a dataset built before splits were cached has them only in its metadata
+    previous = dict(cache.splits or built)  # a dataset built before splits were cached has them only in its metadata
     splits = assign_splits(good, test_size, previous)
     fresh = assign_splits(good, test_size)
     kept_splits = sum(splits[c] != fresh[c] for c in good if c in previous)
@@ -538,6 +538,10 @@ def build(args: BuildArguments) -> BuildResult:
     cache.test_size = test_size
     cache.save()  # the splits are on record before any metadata names them
     stored, packed = _pack(args, out, cache, clips, keys, splits, num_proc, problems)
+    for clip_id in set(good) - stored.keys() - previous.keys():
+        del cache.splits[clip_id]  # a new clip set aside while stored keeps no split: fixed, it is drawn as a new one
+    if any(splits[c] == "test" and c not in stored for c in good):
+        _hold_out_again(out, cache, stored, splits, test_size, previous)
 
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for clip_id in good:
@@ -577,6 +581,23 @@ def build(args: BuildArguments) -> BuildResult:
         more_streams=sum(infos[c]["video_streams"] > 1 for c in stored),
         kept_splits=kept_splits, test_size=test_size, left_out=len(built.keys() - clips.keys()),
     )
+
+
+def _hold_out_again(out: Path, cache: _Cache, stored: dict, splits: dict[str, str], test_size: float,
+                    previous: dict[str, str]) -> None:
+    """A clip held out for `test` was set aside while being stored (corrupt past the frames its probe decodes): the
+    split is drawn again over the clips stored, and a clip new in this build that it now holds out moves from
+    train/ to test/. A clip of an earlier version never moves, as in `assign_splits`."""
+    again = assign_splits(sorted(stored), test_size, previous)
+    for clip_id, (name, info) in list(stored.items()):
+        if again[clip_id] == "test" and splits[clip_id] == "train" and clip_id not in previous:
+            moved = f"test/{Path(name).name}"
+            (out / "test").mkdir(exist_ok=True)
+            os.replace(out / name, out / moved)
+            stored[clip_id] = (moved, info)
+            cache.outputs[moved] = cache.outputs.pop(name)
+            splits[clip_id] = cache.splits[clip_id] = "test"
+    cache.save()
 
 
 def _reported(out: Path, problems: list[Problem], clips: dict[str, InputClip], stored: dict) -> list[Problem]:
@@ -642,6 +663,7 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
         jobs.append((source, str(out / name), how, sampling, args.crf, cache.probes[keys[clip_id]], args.copy))
     results = _run_parallel(_store_file, jobs, "Storing", num_proc if any(j[2] != "original" for j in jobs) else 1,
                             chunked=False)
+    written = 0
     with _saved_when_interrupted(cache, results):
         for done, ((clip_id, name), result) in enumerate(zip(to_write, results, strict=True), 1):
             if "error" in result:
@@ -649,6 +671,7 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
                 continue
             kept[name] = {"source": keys[clip_id], "recipe": recipe(clips[clip_id].video), "info": result["info"]}
             stored[clip_id] = (name, result["info"])
+            written += 1
             if done % CHECKPOINT_EVERY == 0:
                 cache.save()
 
@@ -662,7 +685,7 @@ def _pack(args, out, cache, clips, keys, splits, num_proc, problems) -> tuple[di
                     path.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()
-    return stored, len(to_write)
+    return stored, written
 
 
 def _store_file(source: str, target: str, how: str, sampling: dict, crf: int, probed: dict, copy: bool) -> dict:

@@ -99,6 +99,19 @@ def write_video(path: Path, container: str | None = None, codec: str = "libx264"
     return path
 
 
+def write_damaged_recording(path: Path) -> Path:
+    """An HEVC MPEG-TS recording with a stretch of zeroed data in the middle (a failing memory card): every packet is
+    there, so a probe (the packets and the first frame) passes it, but the frames whose data was hit don't decode."""
+    write_video(path, "mpegts", "libx265", count=40, width=160, height=96, fps=10,
+                options={"crf": "18", "x265-params": "log-level=error:keyint=10:min-keyint=10:scenecut=0"})
+    data = bytearray(path.read_bytes())
+    packets = len(data) // 188
+    for k in range(packets * 4 // 10, packets // 2):
+        data[k * 188 + 4 : (k + 1) * 188] = bytes(184)  # the payload, not the 4-byte header
+    path.write_bytes(data)
+    return path
+
+
 def write_with_cover(path: Path, count: int = 8) -> Path:
     """A Matroska clip with a one-frame cover picture (MJPEG) muxed in before the video, as some exports write."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -512,6 +512,33 @@ def test_a_clip_the_system_refused_is_read_afresh_by_the_next_build(tmp_path):
     assert again.probed == 1 and again.problems == [] and len(again.rows["train"]) == 3
 
 
+def test_a_test_clip_set_aside_while_stored_is_replaced_by_a_usable_one(tmp_path):
+    """The clip the split holds out is corrupt past the frames its probe decodes, so --presample sets it aside while
+    storing it: another clip new in this build is held out in its place (its file moved to test/), the summary
+    counts only the clips written, and a rebuild keeps the splits."""
+    from odd_inputs import write_damaged_recording
+
+    root, out = tmp_path / "raw", tmp_path / "out"
+    ids = _make_recipe_input(root, 4)
+    held_out = next(c for c, split in build.assign_splits(ids, 1).items() if split == "test")
+    (root / "videos" / f"{held_out}{SUFFIX}").unlink()
+    damaged = write_damaged_recording(root / "videos" / f"{held_out}{CAMERA_SUFFIX}.ts")
+    args = BuildArguments(input=str(root), output_dir=str(out), test_size=1, presample=True, num_proc=1)
+    result = build.build(args)
+    assert [(p.path, p.stage) for p in result.problems] == [
+        (f"metas/{held_out}.label.json", "partner"), (f"videos/{damaged.name}", "pack")]
+    assert result.packed == 3 and {split: len(rows) for split, rows in result.rows.items()} == {"train": 2, "test": 1}
+    assert held_out not in {row["clip_id"] for rows in result.rows.values() for row in rows}
+    on_disk = {split: sorted(p.name for p in (out / split).glob("*.mp4")) for split in build.SPLITS}
+    assert on_disk == {split: sorted(row["file_name"] for row in rows) for split, rows in result.rows.items()}
+    summary = io.StringIO()
+    build.print_summary(result, file=summary)
+    assert "wrote 3 clip(s)" in summary.getvalue() and "No clip is held out" not in summary.getvalue()
+
+    again = build.build(args)
+    assert again.packed == 0 and again.rows == result.rows
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from avlabel.core.sampling import SamplingConfig, VideoError, probe, sample_frames
-from odd_inputs import mux_tone
+from odd_inputs import mux_tone, write_damaged_recording
 
 # qwen-vl-utils reads this when imported; torchcodec is its backend that works with torchvision >= 0.26
 os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "torchcodec")
@@ -524,16 +524,7 @@ def test_an_mpeg_ts_recording_cut_by_a_power_loss_ends_where_its_frames_do(tmp_p
 
 
 def _damaged(tmp_path: Path) -> Path:
-    """An HEVC MPEG-TS recording with a stretch of zeroed data in the middle (a failing memory card): every packet is
-    there, but the frames whose data was hit no longer decode."""
-    path = _write(tmp_path / "damaged.ts", 40, codec="libx265",
-                  options={"x265-params": "log-level=error:keyint=10:min-keyint=10:scenecut=0"})
-    data = bytearray(path.read_bytes())
-    packets = len(data) // 188
-    for k in range(packets * 4 // 10, packets // 2):
-        data[k * 188 + 4 : (k + 1) * 188] = bytes(184)  # the payload, not the 4-byte header
-    path.write_bytes(data)
-    return path
+    return write_damaged_recording(tmp_path / "damaged.ts")
 
 
 @pytest.mark.parametrize(
