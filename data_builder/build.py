@@ -272,9 +272,16 @@ def _leave_interrupts_to_the_main() -> None:
     """A pool worker ignores Ctrl-C (the terminal sends it to every process of the group): the main process
     saves what is done and stops the workers. A worker that caught it would go on with the jobs queued for it;
     one that died of it while reading the job queue would hold the queue's lock for good. SIGTERM, which the
-    main process turns into an interrupt (`errors.run`), ends a worker at once: that is how the main stops them."""
+    main process turns into an interrupt (`errors.run`), ends a worker at once: that is how the main stops them.
+    A main process killed outright (SIGKILL, the OOM killer) can stop no one: on Linux the kernel sends its workers
+    SIGTERM then (prctl's PR_SET_PDEATHSIG, which neither concurrent.futures nor multiprocessing sets); they would
+    otherwise wait on the job queue for good, holding their memory."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _run_parallel(function, jobs: list[tuple], description: str, num_proc: int, chunked: bool = True):

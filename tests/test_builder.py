@@ -489,6 +489,43 @@ def test_ctrl_c_stops_a_presample_on_a_pool_at_once(tmp_path, stop):
     assert (resumed.probed, resumed.packed, resumed.num_rows) == (0, count - recorded, count)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_a_presample_killed_outright_leaves_no_worker_running(tmp_path):
+    """SIGKILL (or the OOM killer) to the build's main process alone: its pool workers end too, where they waited on
+    the job queue for good, each holding its memory."""
+    import signal
+    import time
+
+    root, out = tmp_path / "raw", tmp_path / "out"
+    synthetic.generate(root, 40, seed=0, width=256, height=144, seconds=3.0, fps=10, workers=2, progress=False)
+    process = subprocess.Popen([sys.executable, "-m", "avlabel", "build", "--input", str(root), "--output_dir", str(out),
+                                "--presample", "--test_size", "0", "--num_proc", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("train/*.mp4"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    workers = [int(pid) for pid in children.read_text().split()]
+    assert len(workers) >= 2, workers  # the pool's (a resource tracker may be among them)
+    process.kill()
+    process.wait()
+
+    def running(pid: int) -> bool:  # a zombie, dead but not yet reaped by whoever adopted it, is not running
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
 def test_a_clip_the_system_refused_is_read_afresh_by_the_next_build(tmp_path):
     """A clip without read permission (or on a disk with I/O errors) is set aside, and once the permission is fixed
     the next build reads it, as the report promises: the refusal says nothing of the file's bytes, so it is not
