@@ -576,6 +576,25 @@ def test_a_test_clip_set_aside_while_stored_is_replaced_by_a_usable_one(tmp_path
     assert again.packed == 0 and again.rows == result.rows
 
 
+def test_a_clip_and_its_label_pair_whichever_unicode_form_names_them(tmp_path):
+    """macOS writes file names decomposed (NFD: e + a combining accent), most tools composed (NFC): a clip copied off
+    a Mac and a label written elsewhere name one clip id."""
+    import unicodedata
+
+    root = tmp_path / "raw"
+    ids = _make_recipe_input(root, 2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for clip_id, (video_form, label_form) in zip(ids, [("NFD", "NFC"), ("NFC", "NFD")]):
+        name = f"café_{clip_id[:6]}"
+        shutil.copy(root / "videos" / f"{clip_id}{SUFFIX}", flat / f"{unicodedata.normalize(video_form, name)}.mp4")
+        shutil.copy(root / "metas" / f"{clip_id}.label.json", flat / f"{unicodedata.normalize(label_form, name)}.json")
+    result = build.build(BuildArguments(input=str(flat), output_dir=str(tmp_path / "out"), test_size=0, num_proc=1))
+    assert result.problems == []
+    assert sorted(row["clip_id"] for row in result.rows["train"]) == sorted(
+        unicodedata.normalize("NFC", f"café_{clip_id[:6]}") for clip_id in ids)
+
+
 def test_a_corrupt_build_cache_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "clip.json").write_text(REFERENCE.read_text(encoding="utf-8"), encoding="utf-8")

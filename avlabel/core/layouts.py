@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -71,19 +72,21 @@ EXPECTED_VIDEO = {"recipe": f"videos/{{id}}{CAMERA_SUFFIX}.mp4", "flat": "{id}.m
 
 
 def clip_id_of(name: str | Path) -> str:
-    """A clip id from its video's file name: without the extension and the recipe's camera suffix."""
+    """A clip id from its video's file name: without the extension and the recipe's camera suffix. Ids are in
+    Unicode's composed form (NFC): macOS writes names decomposed (NFD), most tools composed, and a clip and its
+    label written by the two must still pair."""
     stem = Path(name).name.rsplit(".", 1)[0]
-    return stem.removesuffix(CAMERA_SUFFIX)
+    return unicodedata.normalize("NFC", stem.removesuffix(CAMERA_SUFFIX))
 
 
 def label_id_of(name: str | Path) -> str:
     """A clip id from its label's file name: `<id>.label.json` or `<id>.json`, the suffix in any case (as
-    `is_label` reads it)."""
+    `is_label` reads it), in the composed form `clip_id_of` gives."""
     name = Path(name).name
     for suffix in (".json", ".label"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
-    return name
+    return unicodedata.normalize("NFC", name)
 
 
 def clip_id_problem(clip_id: Any) -> str | None:
