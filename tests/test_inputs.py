@@ -154,6 +154,18 @@ def test_a_manifest_line_past_pythons_json_reader_is_set_aside(collection, tmp_p
     assert [p.reason for p in listed.problems] == ["line is not valid JSON (nests arrays or objects too deeply)"]
 
 
+def test_a_manifest_from_a_windows_tool_reads_its_backslashes_as_folders(collection, tmp_path):
+    """An export written on Windows names `videos\\clip.mp4`; on Linux that is one file name, which no file has."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "metas").mkdir()
+    shutil.copy(collection / "videos" / "mp4_h264.mp4", tmp_path / "videos" / "clip.mp4")
+    shutil.copy(collection / "metas" / "mp4_h264.label.json", tmp_path / "metas" / "clip.label.json")
+    manifest = tmp_path / "clips.csv"
+    manifest.write_text("video,label\r\nvideos\\clip.mp4,metas\\clip.label.json\r\n", encoding="utf-8")
+    listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "out"), num_proc=1, test_size=0))
+    assert listed.problems == [] and [row["clip_id"] for row in listed.rows["train"]] == ["clip"]
+
+
 def test_an_empty_input_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
@@ -465,10 +477,11 @@ def test_readme_table_matches_what_the_builder_prints(collection, built, tmp_pat
     printed += [p.reason for p in strict.problems]
     manifest = tmp_path / "clips.jsonl"
     good = {"video": str(collection / "videos" / "mp4_h264.mp4"), "label": str(collection / "metas" / "mp4_h264.label.json")}
-    bad_lines = '{"video": "a.mp4"\n[1]\n{"clip_id": "x"}\n{"video": "b.mp4", "clip_id": "../b"}\n'
+    bad_lines = ('{"video": "a.mp4"\n[1]\n{"clip_id": "x"}\n{"video": "b.mp4", "clip_id": "../b"}\n'
+                 '{"video": "s3://fleet-bucket/c.mp4", "label": "c.json"}\n')
     manifest.write_text(json.dumps(good) + "\n" + bad_lines, encoding="utf-8")
     listed = build.build(BuildArguments(input=str(manifest), output_dir=str(tmp_path / "manifest"), num_proc=1))
-    assert listed.num_rows == 1 and len(listed.problems) == 4
+    assert listed.num_rows == 1 and len(listed.problems) == 5
     printed += [p.reason for p in listed.problems]
     linked = build.build(BuildArguments(input=str(_write_links(tmp_path)), output_dir=str(tmp_path / "linked_out"),
                                         test_size=0, num_proc=1))

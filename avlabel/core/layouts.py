@@ -271,23 +271,36 @@ def _manifest_records(manifest: Path):
         yield where, record if isinstance(record, dict) else "line is not a JSON object"
 
 
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _manifest_path(base: Path, text: str) -> Path:
+    """A path a manifest line gives, relative to the manifest; a Windows tool's backslashes separate folders."""
+    path = base / text
+    if "\\" in text and not path.exists():
+        path = base / text.replace("\\", "/")
+    return path
+
+
 def _read_manifest(reader: _Reader, manifest: Path) -> None:
     base = manifest.parent
     for where, record in _manifest_records(manifest):
-        if isinstance(record, str):
+        if isinstance(record, str):  # the line's problem
             reader.inputs.names.append(where)
             reader.set_aside(where, record)
             continue
         video = record.get("video") or record.get("path") or None
         label = record.get("label")
         label = None if label in (None, "") else label
-        if isinstance(label, str) and not label.lstrip().startswith("{"):
-            label = base / label  # a label file; anything else is the label itself
-        if video is None and label is None:
+        remote = next((str(text) for text in (video, label) if URL.match(str(text or ""))), None)
+        if remote or (video is None and label is None):
             reader.inputs.names.append(where)
-            reader.set_aside(where, "names neither a video nor a label")
+            reader.set_aside(where, "names neither a video nor a label" if not remote else
+                             f"names a URL ({remote}): give local paths, with the clips downloaded or the bucket mounted")
             continue
-        video_path = base / str(video) if video is not None else None
+        if isinstance(label, str) and not label.lstrip().startswith("{"):
+            label = _manifest_path(base, label)  # a label file; anything else is the label itself
+        video_path = _manifest_path(base, str(video)) if video is not None else None
         clip_id = str(record.get("clip_id") or "") or (
             clip_id_of(video_path) if video_path else label_id_of(label) if isinstance(label, Path) else "")
         if video_path is not None:
