@@ -283,8 +283,8 @@ def test_a_batch_left_empty_takes_the_next_usable_training_row(tiny_model_dir, s
 
 @pytest.mark.slow
 def test_one_bad_clip_does_not_stop_a_run_at_micro_batch_one(tiny_model_dir, synthetic_dataset_dir, tmp_path):
-    """A clip that passed the build but no longer decodes is reported in skipped.jsonl, and training and its
-    evaluation go on."""
+    """A clip that passed the build but no longer decodes, or is no longer there, is reported in skipped.jsonl,
+    and training and its evaluation go on."""
     from avlabel.train.sft import train
 
     dataset = tmp_path / "dataset"
@@ -296,6 +296,8 @@ def test_one_bad_clip_does_not_stop_a_run_at_micro_batch_one(tiny_model_dir, syn
     for row in (*rows, *test_rows):
         if row["clip_id"] in wrecked:
             _wreck(Path(row["video"]["path"]))
+    for row in (rows[0], test_rows[0]):  # deleted since the build (or on a disk that is not mounted)
+        Path(row["video"]["path"]).unlink()
     out = train(TINY_RECIPE, _overrides(tiny_model_dir, dataset, tmp_path / "run", per_device_train_batch_size=1,
                                         per_device_eval_batch_size=1, max_steps=4, eval_steps=4, eval_on_start=False,
                                         save_strategy="no", export_merged=False))

@@ -118,7 +118,10 @@ class FrameCache:
             digest.update(video["bytes"])
         else:
             path = Path(video["path"]).resolve()
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as err:  # deleted since the build, or on a disk that is not mounted: skipped like a bad clip
+                raise VideoError(video["path"], f"can't be read ({err.strerror or err})") from None
             digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
 
